@@ -1,0 +1,1 @@
+"""trtflow's Prefect flow and command line."""

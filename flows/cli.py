@@ -1,0 +1,191 @@
+"""Command line of trtflow.
+
+    trtflow run                              # bundled digits, fp32 + fp16 + int8, backend auto
+    trtflow run --epochs 10 --precisions fp16,int8 --max-batch 128
+    trtflow run --dataset my.npz --model mypkg.models:make_net
+    trtflow run --refresh verify             # recompute one stage and what depends on it
+    trtflow run --task-runner dask           # stages on a local Dask cluster (pip install ".[dask]")
+    trtflow serve --cron "0 2 * * *"         # a deployment served from this process (see flows/serve.py)
+    trtflow --help
+
+Exit status: 0 when every precision verified, 1 when a stage failed, 2 for invalid options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Backend, Stage
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trtflow", description="Turn a PyTorch model into verified inference engines (a Prefect flow).")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (cached stages are reused)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = run.add_argument_group("data and model")
+    g.add_argument("--dataset", type=Path, help=".npz with x (N×C×H×W) and y (N); default: bundled digits")
+    g.add_argument("--model", help="model factory 'package.module:callable' (default tasks.models:SmallCNN)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="training mini-batch size")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--seed", type=int, help="seed of split, init and shuffling")
+    g.add_argument("--threads", type=int, help="CPU threads for training and ONNX Runtime")
+    g = run.add_argument_group("engines")
+    g.add_argument("--precisions", help="comma-separated: fp32,fp16,int8 (default all three)")
+    g.add_argument("--backend", choices=[b.value for b in Backend], help="default auto")
+    g.add_argument("--min-batch", type=int)
+    g.add_argument("--opt-batch", type=int)
+    g.add_argument("--max-batch", type=int)
+    g.add_argument("--calibration-samples", type=int, help="training samples that calibrate int8")
+    g.add_argument("--no-tf32", action="store_true", help="strict fp32 in TensorRT engines")
+    g.add_argument("--no-profile", action="store_true", help="skip timing the engines against PyTorch (the profile stage)")
+    g.add_argument("--tolerance", action="append", default=[], metavar="PRECISION.METRIC=VALUE", help="override a threshold, e.g. fp16.atol=0.02 (repeatable)")
+    g = run.add_argument_group("run")
+    g.add_argument("--artifacts-dir", type=Path, help="where outputs and the cache live (default ./artifacts)")
+    g.add_argument("--refresh", action="append", default=[], choices=[s.value for s in Stage], help="recompute this stage and its dependents (repeatable)")
+    g.add_argument("--config", type=Path, help="a JSON file of PipelineConfig; options given here override it")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    from flows.serve import add_runner_options, add_serve_parser
+
+    add_runner_options(run)
+    add_serve_parser(sub)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Build a validated PipelineConfig from the options (and an optional JSON file).
+
+    Raises:
+        ConfigError: invalid values, with every problem named.
+    """
+    from pydantic import ValidationError
+
+    from tasks.config import PipelineConfig, parse_precisions
+    from tasks.errors import ConfigError
+
+    raw: dict[str, Any] = {}
+    if args.config:
+        try:
+            raw = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(got=f"config file {args.config} ({exc})", expected="a readable JSON object", because="--config is parsed as PipelineConfig", fix="fix the file or drop --config") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(got=f"config file {args.config} holding a JSON {type(raw).__name__}", expected="a JSON object of PipelineConfig fields", because="--config is parsed as PipelineConfig", fix='write it as {"train": {"epochs": 5}, ...} or drop --config')
+
+    def put(path: str, value: Any) -> None:
+        if value is None:
+            return
+        node = raw
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+
+    put("data.dataset", str(args.dataset) if args.dataset else None)
+    put("data.seed", args.seed)
+    put("train.model", args.model)
+    put("train.epochs", args.epochs)
+    put("train.batch_size", args.batch_size)
+    put("train.lr", args.lr)
+    put("train.seed", args.seed)
+    put("train.threads", args.threads)
+    put("engine.threads", args.threads)
+    put("precisions", [p.value for p in parse_precisions(args.precisions)] if args.precisions else None)
+    put("backend", args.backend)
+    put("batch.min", args.min_batch)
+    put("batch.opt", args.opt_batch)
+    put("batch.max", args.max_batch)
+    put("calibration_samples", args.calibration_samples)
+    put("engine.tf32", False if args.no_tf32 else None)
+    put("profile.enabled", False if args.no_profile else None)
+    put("artifacts_dir", str(args.artifacts_dir) if args.artifacts_dir else None)
+    put("refresh", args.refresh or None)
+    try:
+        config = PipelineConfig.model_validate(raw)
+        for item in args.tolerance:
+            name, _, value = item.partition("=")
+            prec, _, metric = name.partition(".")
+            tol = config.tolerance(parse_precisions(prec)[0])
+            if metric not in type(tol).model_fields or not value:
+                raise ConfigError(got=f"--tolerance {item}", expected=f"PRECISION.METRIC=VALUE with METRIC one of {sorted(type(tol).model_fields)}", because="only those thresholds exist", fix="e.g. --tolerance fp16.atol=0.02")
+            config.tolerances[parse_precisions(prec)[0]] = type(tol).model_validate({**tol.model_dump(), metric: None if value.lower() == "none" else value})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(got=problems, expected="valid options", because="the run cannot start with them", fix="fix the options named above (see trtflow run --help)") from None
+    return config
+
+
+def _print_summary(report: dict[str, Any], root: Path) -> None:
+    print(f"\ntrtflow: {report['backend']}")
+    print(f"{'precision':<10}{'passed':<8}{'accuracy':>10}{'top-1 agree':>13}{'min cosine':>12}{'max abs err':>13}  engine")
+    for p, r in report["precisions"].items():
+        if "error" in r:
+            print(f"{p:<10}{'no':<8}  {r['failed_stage']} failed")
+            continue
+        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{r['accuracy']:>10.4f}{r['top1_agreement']:>13.4f}{r['min_cosine']:>12.6f}{r['max_abs']:>13.3g}  {root / r['engine']}")
+    for p, r in report["precisions"].items():
+        if s := r.get("profile"):
+            speed = f"profile failed: {s['error']}" if "error" in s else (
+                f"p50 {s['latency_ms']['p50']:.3f} ms at batch {s['latency_batch']}, {s['samples_per_s']:.0f} samples/s at batch "
+                f"{s['throughput_batch']}, {s['speedup']['throughput'] or 0:.2f}x PyTorch throughput"
+            )
+            print(f"speed {p:<5} {speed}")
+    print(f"report: {root / 'report.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``trtflow`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    # Like `python -m`: model factories in the current folder are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from tasks.errors import ConfigError, TrtflowError
+
+    if args.command == "serve":
+        from flows.serve import serve
+
+        try:
+            return serve(args)
+        except ConfigError as exc:
+            print(f"trtflow: invalid options: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"trtflow: invalid options: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from flows.serve import pipeline_on
+
+    try:
+        report = pipeline_on(args.task_runner, args.dask_address, args.dask_workers)(config)
+    except ConfigError as exc:
+        print(f"trtflow: invalid options: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrtflowError as exc:
+        print(f"trtflow: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        # A full disk or an I/O failure outside a stage's staging folder: say so without a traceback.
+        print(f"trtflow: storage error: {exc.strerror or exc} ({exc.filename or config.artifacts_dir}); "
+              "finished stages stay cached: fix the disk and run the same command again", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("trtflow: interrupted; finished stages stay cached, run the same command to resume", file=sys.stderr)
+        return 130
+    root = Path(config.artifacts_dir).expanduser().resolve()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_summary(report, root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""What a run shows in the Prefect UI besides the summary: progress, file links, training curve, confusion matrix.
+
+The UI cannot read files of the machine that ran the flow, so the figures are written as PNG files under
+``<artifacts>/reports/`` and also embedded in markdown artifacts as base64 data URIs. Links name files
+relative to the artifacts folder, never by absolute (home-directory) paths.
+
+Used by ``flows.pipeline``; every function is a no-op outside a flow run except the plain ones
+(``confusion_matrix``, ``training_curve_png``, ``confusion_matrix_png``, ``image_markdown``)::
+
+    from flows.ui import confusion_matrix
+    confusion_matrix([0, 1, 1], [0, 1, 0], num_classes=2)   # [[1, 0], [1, 1]]
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+
+log = logging.getLogger("trtflow.ui")
+
+REPORTS = "reports"
+CURVE_PNG = "training-curve.png"
+CONFUSION_PNG = "confusion-matrix.png"
+
+
+def _in_flow_run() -> bool:
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """A progress artifact of the run: stages finished / stages planned, updated as stages finish.
+
+    Outside a flow run every method does nothing, so the flow stays callable as a plain function.
+    """
+
+    def __init__(self, total: int) -> None:
+        """Create the artifact at 0 %.
+
+        Args:
+            total: the number of stages the run will finish (shared stages + branch stages).
+        """
+        self.total = max(total, 1)
+        self.done = 0
+        self.id: UUID | None = None
+        if _in_flow_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self.id = create_progress_artifact(progress=0.0, key="trtflow-progress", description=f"0/{self.total} stages")
+
+    def expect(self, total: int) -> None:
+        """Correct the number of planned stages once the branches are known (never below those done)."""
+        self.total = max(total, self.done, 1)
+
+    def step(self, what: str) -> None:
+        """Count one stage as finished and update the artifact.
+
+        Args:
+            what: the stage that finished, e.g. "train" or "verify fp16 (failed)".
+        """
+        self.done = min(self.done + 1, self.total)
+        if self.id is None:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(self.id, progress=100.0 * self.done / self.total, description=f"{self.done}/{self.total} stages; last: {what}")
+        except Exception as exc:  # noqa: BLE001 - the UI's progress bar must never fail a run
+            log.warning("could not update the progress artifact: %s", exc)
+
+
+# --- plain figure helpers -------------------------------------------------------------------------
+
+
+def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    """Count (true class, predicted class) pairs.
+
+    Args:
+        y_true: true labels, ints in [0, num_classes).
+        y_pred: predicted labels, same length.
+        num_classes: size of the matrix.
+
+    Returns:
+        An int64 array ``m`` of shape (num_classes, num_classes): ``m[t, p]`` samples of class t predicted as p.
+
+    Raises:
+        ValueError: lengths differ or a label is outside [0, num_classes).
+    """
+    t = np.asarray(y_true, dtype=np.int64).ravel()
+    p = np.asarray(y_pred, dtype=np.int64).ravel()
+    if len(t) != len(p):
+        raise ValueError(f"got {len(t)} true and {len(p)} predicted labels, expected the same number")
+    if len(t) and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
+        raise ValueError(f"got labels outside [0, {num_classes}), expected class indices")
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (t, p), 1)
+    return m
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    # Agg: no display on servers and workers; must be chosen before pyplot is imported.
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curve_png(history: Sequence[Mapping[str, float]], path: Path) -> Path:
+    """Plot loss and accuracy per epoch (train and validation) into a PNG.
+
+    Args:
+        history: the train artifact's ``history.json`` rows (epoch, train_loss, train_acc, val_loss, val_acc).
+        path: the PNG to write (parent folders are created).
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for ax, metric, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            values = [r.get(f"{split}_{metric}") for r in history]
+            ax.plot(epochs, values, style, label=split)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def confusion_matrix_png(matrices: Mapping[str, np.ndarray], path: Path) -> Path:
+    """Draw one confusion matrix per engine side by side into a PNG.
+
+    Args:
+        matrices: title (e.g. "fp32 (accuracy 0.97)") -> matrix from ``confusion_matrix``.
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    n = max(len(matrices), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4), dpi=100, squeeze=False)
+    for ax, (title, m) in zip(axes[0], matrices.items()):
+        ax.imshow(m, cmap="Blues")
+        k = m.shape[0]
+        for i in range(k):
+            for j in range(k):
+                if m[i, j]:
+                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7, color="white" if m[i, j] > m.max() / 2 else "black")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def image_markdown(path: Path, title: str, note: str = "") -> str:
+    """Markdown that shows a PNG inline as a base64 data URI (the UI cannot read local files)."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"## {title}\n\n![{title}](data:image/png;base64,{data})\n\n{note}".rstrip() + "\n"
+
+
+# --- what the flow publishes ------------------------------------------------------------------------
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return Path(path).name
+
+
+def engine_confusion(engine: Any, data: Any) -> tuple[np.ndarray, float]:
+    """Run the test split through one built engine and count its confusions.
+
+    Args:
+        engine: a ``build`` ArtifactRef.
+        data: the ``data`` ArtifactRef.
+
+    Returns:
+        (confusion matrix, accuracy) on the test split.
+    """
+    from tasks.data import load_splits
+    from tasks.engine import runner_from_build
+    from tasks.verify import outputs_in_batches
+
+    splits = load_splits(data)
+    x, y = splits["x_test"], splits["y_test"]
+    num_classes = int(data.meta["num_classes"])
+    with runner_from_build(engine) as runner:
+        name = runner.input_specs()[0].name
+        info = engine.meta.get("batch") or {}
+        b = int(info.get("opt", 32)) if isinstance(info, Mapping) else 32
+        lo = int(info.get("min", 1)) if isinstance(info, Mapping) else 1
+        logits = next(iter(outputs_in_batches(runner, name, x, b, lo).values()))
+    pred = logits.argmax(axis=1)
+    return confusion_matrix(y, pred, num_classes), float((pred == y).mean())
+
+
+def publish_figures(root: Path, checkpoint: Any, data: Any, engines: Mapping[str, Any]) -> dict[str, str]:
+    """Write the training curve and the confusion matrices as PNGs and show them in the UI.
+
+    A figure that cannot be made is logged and skipped: pictures never fail a run.
+
+    Args:
+        root: the artifacts folder.
+        checkpoint: the ``train`` ArtifactRef (its ``history.json``).
+        data: the ``data`` ArtifactRef (its test split).
+        engines: precision name -> ``build`` ArtifactRef of the engines that verified.
+
+    Returns:
+        Figure name -> PNG path relative to ``root``.
+    """
+    out: dict[str, str] = {}
+    figures: list[tuple[str, str, Path, str]] = []
+    reports = root / REPORTS
+    try:
+        history = json.loads(checkpoint.path("history.json").read_text())
+        png = training_curve_png(history, reports / CURVE_PNG)
+        last = history[-1]
+        figures.append(("trtflow-training-curve", "Training curve", png, f"{len(history)} epochs; final validation accuracy {last['val_acc']:.4f}, loss {last['val_loss']:.4f}."))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("training curve not drawn: %s", exc)
+    try:
+        matrices: dict[str, np.ndarray] = {}
+        for precision, engine in engines.items():
+            m, acc = engine_confusion(engine, data)
+            matrices[f"{precision} engine (accuracy {acc:.3f})"] = m
+        if matrices:
+            png = confusion_matrix_png(matrices, reports / CONFUSION_PNG)
+            figures.append(("trtflow-confusion-matrix", "Confusion matrix (test split)", png, "Rows: true class; columns: the engine's prediction."))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("confusion matrix not drawn: %s", exc)
+    for key, title, png, note in figures:
+        out[png.stem] = _rel(png, root)
+        if _in_flow_run():
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(key=key, markdown=image_markdown(png, title, f"{note} File: `{_rel(png, root)}` in the artifacts folder."), description=title)
+    return out
+
+
+def publish_links(report: Mapping[str, Any]) -> None:
+    """Create one link artifact per produced file (engines, ONNX model, checkpoint, report).
+
+    Links are paths relative to the artifacts folder: the UI runs in a browser that cannot open the
+    worker's files anyway, and absolute paths would leak the machine's layout (home directories).
+    """
+    if not _in_flow_run():
+        return
+    from prefect.artifacts import create_link_artifact
+
+    files: list[tuple[str, str, str]] = [
+        ("trtflow-report", "report.json", "The run report (JSON)"),
+        ("trtflow-onnx", report["model"]["onnx"], f"ONNX model, opset {report['model']['opset']}"),
+        ("trtflow-checkpoint", report["model"]["checkpoint"], "PyTorch checkpoint"),
+    ]
+    for p, r in report["precisions"].items():
+        if "engine" in r:
+            files.append((f"trtflow-engine-{p}", r["engine"], f"{p} engine ({r.get('backend')}), sha256 {r['engine_sha256'][:12]}…"))
+    for key, rel, what in files:
+        create_link_artifact(key=key, link=rel, link_text=rel, description=f"{what}; path relative to the artifacts folder")

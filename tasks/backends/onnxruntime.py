@@ -1,0 +1,155 @@
+"""ONNX Runtime backend: the engine that runs everywhere (CPU), and in CI.
+
+"Building" an ONNX Runtime engine means running its offline graph optimizer once and saving the
+result, so each session later loads an already-fused graph, mirroring TensorRT's build/run split.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, TensorSpec
+from tasks.errors import EngineBuildError, InferenceError
+
+ENGINE_FILE = "engine.onnx"
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def session_options(threads: int | None, optimize: bool):
+    """Return ORT session options with a fixed thread count (results and timings depend on it)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    return so
+
+
+def _specs(nodes: list[Any]) -> list[TensorSpec]:
+    return [
+        TensorSpec(n.name, _ORT_DTYPES.get(n.type, n.type), tuple(d if isinstance(d, int) else -1 for d in n.shape))
+        for n in nodes
+    ]
+
+
+class OnnxRuntimeBuilder(EngineBuilder):
+    """Optimizes an ONNX file with ONNX Runtime's portable (extended) graph optimizations."""
+
+    name = "onnxruntime"
+
+    def availability(self) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed; do: pip install onnxruntime"
+        return None
+
+    def environment(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {"onnxruntime": version("onnxruntime"), "cpu": _cpu_name(), "machine": platform.machine()}
+
+    def engine_from_onnx(
+        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any]
+    ) -> BuildResult:
+        import onnxruntime as ort
+
+        so = session_options(options.get("threads"), optimize=True)
+        # EXTENDED fusions are valid on any CPU; layout (NCHWc) ones are applied again at load time.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(out_dir / ENGINE_FILE)
+        try:
+            sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped errors
+            raise EngineBuildError(
+                got=f"ONNX Runtime error: {exc}",
+                expected="a model ONNX Runtime can load",
+                because=f"{onnx_path.name} uses something this onnxruntime does not support",
+                fix="check the opset and operators (the validate stage reports them), or upgrade onnxruntime",
+            ) from exc
+        return BuildResult(
+            engine_file=ENGINE_FILE,
+            info={
+                "backend": self.name,
+                "providers": sess.get_providers(),
+                "inputs": [s.__dict__ for s in _specs(sess.get_inputs())],
+                "outputs": [s.__dict__ for s in _specs(sess.get_outputs())],
+                "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+                "graph_optimization": "extended (saved) + all (at load)",
+            },
+        )
+
+    def runner_from_engine(self, engine_path: Path, info: Mapping[str, Any]) -> BaseRunner:
+        batch = info.get("batch", {})
+        return OnnxRuntimeRunner(engine_path, threads=info.get("threads"), max_batch=batch.get("max"), min_batch=batch.get("min"))
+
+
+class OnnxRuntimeRunner(BaseRunner):
+    """Runs an ONNX file with ONNX Runtime's CPU provider."""
+
+    def __init__(
+        self,
+        onnx_path: Path,
+        threads: int | None = None,
+        optimize: bool = True,
+        min_batch: int | None = None,
+        max_batch: int | None = None,
+    ) -> None:
+        super().__init__(f"onnxruntime:{Path(onnx_path).name}")
+        self.onnx_path = Path(onnx_path)
+        self.threads = threads or min(os.cpu_count() or 1, 8)
+        self.optimize = optimize
+        self.min_batch, self.max_batch = min_batch, max_batch
+        self._sess: Any = None
+
+    def activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        self._sess = ort.InferenceSession(
+            str(self.onnx_path), session_options(self.threads, self.optimize), providers=["CPUExecutionProvider"]
+        )
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, arr in feed.items():
+            n = arr.shape[0] if arr.ndim else 0
+            lo, hi = self.min_batch or 1, self.max_batch or n
+            if not lo <= n <= hi:
+                raise InferenceError(
+                    got=f"batch {n} for input '{name}'",
+                    expected=f"a batch in [{lo}, {hi}]",
+                    because="the engine was built for that batch range",
+                    fix="split the input into smaller batches or rebuild with a larger --max-batch",
+                )
+        names = [o.name for o in self._sess.get_outputs()]
+        outs = self._sess.run(names, {k: np.ascontiguousarray(v) for k, v in feed.items()})
+        return dict(zip(names, outs, strict=True))
+
+    def deactivate_impl(self) -> None:
+        self._sess = None
+
+    def input_specs(self) -> list[TensorSpec]:
+        return _specs(self._sess.get_inputs())
+
+    def output_specs(self) -> list[TensorSpec]:
+        return _specs(self._sess.get_outputs())

@@ -1,0 +1,173 @@
+"""Compare engine outputs with the PyTorch reference: statistics, thresholds, one verdict.
+
+Every output of every batch is checked and every failing check collected before anything is raised,
+so one run shows the whole picture (unlike tools that stop at the first mismatch or only warn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tasks.config import Tolerance
+from tasks.metrics import balanced_accuracy
+
+_EPS = 1e-12
+
+
+@dataclass
+class OutputStats:
+    """Error statistics of one output tensor against its reference."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    min_cosine: float
+    mean_cosine: float
+    within_tolerance: float | None
+    top1_agreement: float | None
+    accuracy_reference: float | None = None
+    accuracy: float | None = None
+    # Mean per-class recall: on skewed test data a collapsed engine can keep plain accuracy high.
+    balanced_accuracy_reference: float | None = None
+    balanced_accuracy: float | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.accuracy is None or self.accuracy_reference is None:
+            return None
+        return self.accuracy_reference - self.accuracy
+
+
+@dataclass
+class Check:
+    """One threshold applied to one statistic."""
+
+    output: str
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    relation: str  # "<=" or ">="
+
+    def describe(self) -> str:
+        return f"{self.output}.{self.metric} = {self.value:.6g} (threshold {self.relation} {self.threshold:.6g})"
+
+
+@dataclass
+class ComparisonResult:
+    """Statistics and checks of one candidate against the reference."""
+
+    label: str
+    outputs: dict[str, OutputStats] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[str]:
+        """Describe every failing check, prefixed with the label (e.g. 'fp16 batch 256')."""
+        return [f"{self.label}: {c.describe()}" for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: {**asdict(v), "accuracy_drop": v.accuracy_drop} for k, v in self.outputs.items()}
+        return {"label": self.label, "passed": self.passed, "outputs": out, "checks": [asdict(c) for c in self.checks]}
+
+
+def output_stats(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None) -> OutputStats:
+    """Compute the statistics of one output.
+
+    Args:
+        name: output name.
+        ref: reference values (PyTorch fp32).
+        out: candidate values, same shape.
+        tol: tolerance (for the share of elements within atol + rtol·|ref|).
+        labels: ground-truth class per sample, for accuracy and balanced accuracy (2-D logits only).
+
+    Returns:
+        The statistics; cosine is per sample (row), so one bad sample cannot hide in an average.
+    """
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    diff = np.abs(out64 - ref64)
+    rel = diff / np.maximum(np.abs(ref64), _EPS)
+    a, b = ref64.reshape(len(ref64), -1), out64.reshape(len(out64), -1)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), _EPS)
+    within = None
+    if tol.atol is not None or tol.rtol is not None:
+        within = float(np.mean(diff <= (tol.atol or 0.0) + (tol.rtol or 0.0) * np.abs(ref64)))
+    top1 = acc_ref = acc = bal_ref = bal = None
+    if ref.ndim == 2:
+        top1 = float(np.mean(ref.argmax(1) == out.argmax(1)))
+        if labels is not None:
+            acc_ref = float(np.mean(ref.argmax(1) == labels))
+            acc = float(np.mean(out.argmax(1) == labels))
+            # Labels beyond the logits cannot be predicted; count them as classes so recall says so.
+            n_cls = max(ref.shape[1], int(labels.max()) + 1)
+            bal_ref = balanced_accuracy(labels, ref.argmax(1), n_cls)
+            bal = balanced_accuracy(labels, out.argmax(1), n_cls)
+    return OutputStats(
+        name=name,
+        max_abs=float(diff.max()),
+        mean_abs=float(diff.mean()),
+        max_rel=float(rel.max()),
+        mean_rel=float(rel.mean()),
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+        within_tolerance=within,
+        top1_agreement=top1,
+        accuracy_reference=acc_ref,
+        accuracy=acc,
+        balanced_accuracy_reference=bal_ref,
+        balanced_accuracy=bal,
+    )
+
+
+def compare_outputs(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    tol: Tolerance,
+    label: str,
+    labels: np.ndarray | None = None,
+) -> ComparisonResult:
+    """Compare every output of a candidate with the reference under one precision's tolerance.
+
+    Args:
+        reference: output name -> PyTorch values.
+        candidate: output name -> engine values.
+        tol: the precision's thresholds.
+        label: names the comparison in messages (e.g. 'int8 batch 32').
+        labels: ground-truth classes, for accuracy.
+
+    Returns:
+        The result with statistics and every check; nothing is raised here.
+    """
+    result = ComparisonResult(label=label)
+    for name, ref in reference.items():
+        if name not in candidate:
+            result.checks.append(Check(name, "present", 0.0, 1.0, False, ">="))
+            continue
+        out = candidate[name]
+        if out.shape != ref.shape:
+            result.checks.append(Check(name, f"shape {out.shape} vs {ref.shape}", 0.0, 1.0, False, ">="))
+            continue
+        if not np.isfinite(out).all():
+            result.checks.append(Check(name, "finite share", float(np.isfinite(out).mean()), 1.0, False, ">="))
+            continue
+        s = output_stats(name, ref, out, tol, labels)
+        result.outputs[name] = s
+        add = result.checks.append
+        if s.within_tolerance is not None:
+            # allclose semantics: every element within atol + rtol·|ref|.
+            add(Check(name, f"share within atol={tol.atol} rtol={tol.rtol}", s.within_tolerance, 1.0, s.within_tolerance >= 1.0, ">="))
+        add(Check(name, "min_cosine", s.min_cosine, tol.min_cosine, s.min_cosine >= tol.min_cosine, ">="))
+        if s.top1_agreement is not None:
+            add(Check(name, "top1_agreement", s.top1_agreement, tol.min_top1_agreement, s.top1_agreement >= tol.min_top1_agreement, ">="))
+        if s.accuracy_drop is not None:
+            add(Check(name, "accuracy_drop", s.accuracy_drop, tol.max_accuracy_drop, s.accuracy_drop <= tol.max_accuracy_drop + 1e-12, "<="))
+    return result

@@ -1,0 +1,280 @@
+"""Typed configuration of a trtflow run.
+
+These pydantic models are the flow's parameters, so the Prefect UI renders them as a form with named,
+typed, described fields; each artifact stores the part of the config that made it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+
+class Precision(str, Enum):
+    """Numeric precision of an engine; each has its own ONNX variant and tolerances."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Backend(str, Enum):
+    """Inference backend that builds and runs engines."""
+
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class Stage(str, Enum):
+    """Pipeline stages in execution order."""
+
+    data = "data"
+    train = "train"
+    export = "export"
+    validate = "validate"
+    precision = "precision"
+    build = "build"
+    verify = "verify"
+    profile = "profile"
+
+    def and_after(self) -> list[Stage]:
+        """Return this stage and every stage that depends on it."""
+        order = list(Stage)
+        return order[order.index(self) :]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+
+class DataConfig(_Strict):
+    """Where the data comes from and how it is split."""
+
+    dataset: Path | None = Field(
+        None,
+        description="A .npz file with x (N×C×H×W float) and y (N int labels); "
+        "empty: scikit-learn's bundled digits, upscaled to 3×32×32.",
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples held out for verification.")
+    seed: int = Field(0, ge=0, description="Seed of the stratified split (and of the imbalance subsampling).")
+    imbalance: float | None = Field(
+        None,
+        description="Make the training split imbalanced on purpose, to rehearse skewed real data: class "
+        "'majority_class' becomes this share of the TRAINING split (e.g. 0.8 = 80%) by dropping samples of "
+        "the other classes (each keeps at least one), or of the majority class if it is already above the "
+        "share; seeded. Validation and test keep their natural distribution. Empty: no change.",
+    )
+    majority_class: int = Field(0, ge=0, description="The class that 'imbalance' makes the majority.")
+
+    @field_validator("imbalance")
+    @classmethod
+    def _imbalance_share(cls, v: float | None) -> float | None:
+        # pydantic's own bound message ("greater than 0") does not say what the number means.
+        if v is not None and not 0 < v < 1:
+            raise ValueError(
+                f"got imbalance {v}, expected a share strictly between 0 and 1 (e.g. 0.8: the majority class is "
+                "80% of the training split), because 0 or 1 would drop a class or every other class; "
+                "pass e.g. --imbalance 0.8, or omit it to keep the natural distribution"
+            )
+        return v
+
+
+class CollapseGate(_Strict):
+    """Thresholds that fail the train stage when the model collapsed onto one class.
+
+    Judged on the validation split (natural distribution). With k the most-predicted class, p its share
+    of the predictions and t its true share, the gate fails when either holds:
+
+    - p > max(max_majority_prediction_share, t + majority_share_margin): one class takes most of the
+      predictions AND clearly more than it deserves; a legitimately 90%-one-class dataset whose model
+      predicts that class 90% of the time passes, since t + margin >= 1 there.
+    - balanced accuracy < 1 / num_classes + min_balanced_accuracy_over_chance: the mean per-class recall
+      is barely above what always answering one class gets (exactly 1 / num_classes); this catches a
+      collapse the share rule cannot see because the collapsed-on class truly dominates.
+    """
+
+    enabled: bool = Field(True, description="Check the trained model for collapse; off ships whatever trained.")
+    max_majority_prediction_share: float = Field(
+        0.8, gt=0, le=1, description="Largest share of validation predictions one class may take (if also over its true share + margin)."
+    )
+    majority_share_margin: float = Field(
+        0.2, ge=0, le=1, description="How far the most-predicted class's share may exceed its true share before it counts."
+    )
+    min_balanced_accuracy_over_chance: float = Field(
+        0.1, ge=0, lt=1, description="Balanced accuracy must be at least 1/num_classes plus this."
+    )
+
+
+class TrainConfig(_Strict):
+    """How the PyTorch model is made and trained."""
+
+    model: str = Field(
+        "tasks.models:SmallCNN",
+        description="Model factory as 'package.module:callable', called with num_classes=..., in_channels=....",
+    )
+    epochs: int = Field(5, ge=1, le=1000, description="Training epochs.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Training mini-batch size.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate.")
+    seed: int = Field(0, ge=0, description="Seed of weight init and shuffling.")
+    threads: int = Field(2, ge=1, le=256, description="torch CPU threads; results depend on it.")
+    balance: Literal["none", "class_weight", "oversample"] = Field(
+        "none",
+        description="Counter an imbalanced training split. none: plain cross-entropy. class_weight: "
+        "cross-entropy weighted by N / (classes * count of the class), so every class weighs the same in "
+        "the loss. oversample: each epoch draws as many samples as the split has, with replacement, with "
+        "probability 1/count of its class (seeded), so batches are balanced on average.",
+    )
+    collapse_gate: CollapseGate = Field(
+        default_factory=CollapseGate, description="Fail training when the model collapsed onto one class."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, v: str) -> str:
+        mod, sep, attr = v.partition(":")
+        if not sep or not mod or not attr:
+            raise ValueError(
+                f"got model '{v}', expected 'package.module:callable' (e.g. tasks.models:SmallCNN)"
+            )
+        return v
+
+
+class BatchProfile(_Strict):
+    """Batch sizes the engines are built for (TensorRT's optimization profile) and verified at."""
+
+    min: int = Field(1, ge=1, description="Smallest batch an engine accepts.")
+    opt: int = Field(32, ge=1, description="Batch the engine is tuned for.")
+    max: int = Field(256, ge=1, le=1 << 20, description="Largest batch an engine accepts.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchProfile:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(
+                f"got batch sizes min={self.min}, opt={self.opt}, max={self.max}, "
+                "expected min <= opt <= max; reorder them"
+            )
+        return self
+
+
+class Tolerance(_Strict):
+    """Pass/fail thresholds of one precision. A None threshold is not checked.
+
+    An element passes when |engine - torch| <= atol + rtol * |torch| (numpy.allclose semantics).
+    """
+
+    atol: float | None = Field(None, ge=0, description="Absolute error allowed per element.")
+    rtol: float | None = Field(None, ge=0, description="Relative error allowed per element.")
+    min_cosine: float = Field(0.999, ge=-1, le=1, description="Lowest cosine similarity per sample (worst sample).")
+    min_top1_agreement: float = Field(0.99, ge=0, le=1, description="Lowest share of samples with the same argmax.")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest accuracy loss against PyTorch.")
+
+
+def default_tolerances() -> dict[Precision, Tolerance]:
+    """Per-precision defaults; see README's 'Tolerances' for where they come from."""
+    return {
+        # ORT vs eager differs by <= 5e-6 on the seed CNN; 1e-4 leaves room for other CPUs/GPUs (TF32).
+        Precision.fp32: Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1_agreement=0.999, max_accuracy_drop=0.002),
+        # fp16 keeps ~3 decimal digits; NVIDIA's samples use 1e-2.
+        Precision.fp16: Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.9999, min_top1_agreement=0.99, max_accuracy_drop=0.01),
+        # Elementwise error says little for int8: judge by the task metric on real data.
+        Precision.int8: Tolerance(atol=None, rtol=None, min_cosine=0.99, min_top1_agreement=0.97, max_accuracy_drop=0.02),
+    }
+
+
+class EngineOptions(_Strict):
+    """Backend build and run options."""
+
+    threads: int = Field(2, ge=1, le=256, description="CPU threads of ONNX Runtime sessions.")
+    workspace_mib: int = Field(1024, ge=16, description="TensorRT builder workspace limit (MiB).")
+    tf32: bool = Field(True, description="Allow TF32 in TensorRT fp32 engines; off for strict fp32.")
+
+
+class ProfileConfig(_Strict):
+    """How each engine and PyTorch eager are timed (the ``profile`` stage).
+
+    Each measurement runs ``warmup`` untimed batches, then timed ones until both ``min_seconds`` of
+    timed work and ``min_iterations`` runs are reached; ``max_seconds`` caps a slow measurement, which
+    then stops with fewer runs (the report states how many).
+    """
+
+    enabled: bool = Field(True, description="Time every engine and PyTorch eager (latency at batch 1, throughput at max batch).")
+    min_seconds: float = Field(0.5, ge=0, le=600, description="Timed work per measurement, at least (seconds).")
+    min_iterations: int = Field(50, ge=1, le=1_000_000, description="Timed runs per measurement, at least.")
+    max_seconds: float = Field(1.0, gt=0, le=3600, description="Stop adding runs after this many seconds per measurement.")
+    warmup: int = Field(5, ge=0, le=10_000, description="Untimed runs before each measurement.")
+
+
+class PipelineConfig(_Strict):
+    """Everything a trtflow run needs. Defaults run the bundled example end to end on a CPU."""
+
+    artifacts_dir: Path = Field(Path("artifacts"), description="Folder for every output and the cache.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    precisions: list[Precision] = Field(
+        default_factory=lambda: [Precision.fp32, Precision.fp16, Precision.int8],
+        min_length=1,
+        description="Engines to build and verify.",
+    )
+    backend: Backend = Field(Backend.auto, description="auto: TensorRT when it and a GPU are present, else ONNX Runtime.")
+    batch: BatchProfile = Field(default_factory=BatchProfile)
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+    calibration_samples: int = Field(256, ge=1, le=100000, description="Training samples used to calibrate int8.")
+    tolerances: dict[Precision, Tolerance] = Field(
+        default_factory=default_tolerances, description="Per-precision pass/fail thresholds."
+    )
+    refresh: list[Stage] = Field(
+        default_factory=list, description="Stages to recompute even when cached (their dependents follow)."
+    )
+    profile: ProfileConfig = Field(default_factory=ProfileConfig, description="Speed measurement of every engine.")
+
+    @field_validator("precisions")
+    @classmethod
+    def _unique(cls, v: list[Precision]) -> list[Precision]:
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _complete_tolerances(self) -> PipelineConfig:
+        defaults = default_tolerances()
+        for p in self.precisions:
+            self.tolerances.setdefault(p, defaults[p])
+        return self
+
+    def tolerance(self, precision: Precision) -> Tolerance:
+        """Return the thresholds of one precision."""
+        return self.tolerances[precision]
+
+    def refreshed(self) -> set[Stage]:
+        """Return every stage to recompute: the ones asked for and all that depend on them."""
+        out: set[Stage] = set()
+        for s in self.refresh:
+            out.update(s.and_after())
+        return out
+
+
+def parse_precisions(text: str) -> list[Precision]:
+    """Parse 'fp32,fp16' into precisions.
+
+    Raises:
+        ConfigError: an unknown precision name.
+    """
+    out = []
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            out.append(Precision(name))
+        except ValueError:
+            raise ConfigError(
+                got=f"precision '{name}'",
+                expected="one of " + ", ".join(p.value for p in Precision),
+                because="only those have an ONNX variant and tolerances",
+                fix="fix --precisions, e.g. --precisions fp32,fp16,int8",
+            ) from None
+    if not out:
+        raise ConfigError(got="no precision", expected="at least one", because="there is nothing to build", fix="pass --precisions fp32")
+    return out

@@ -1,0 +1,262 @@
+"""Stage ``data``: load the dataset, check it, and split it (train / validation / test).
+
+Every check runs here, before any training, so a bad dataset fails in seconds with a message naming
+the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.artifacts import ArtifactRef, load_ref, sha256_file, staging
+from tasks.config import DataConfig
+from tasks.errors import ConfigError, DatasetError
+from tasks.caching import stage_task
+from tasks.stage import StageSpec, stage_key
+from tasks.locking import exclusive
+
+log = logging.getLogger("trtflow.data")
+
+def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    # The user's file enters the key by content, so editing it in place re-runs everything after.
+    cfg: DataConfig = inputs["cfg"]
+    if cfg.dataset is None:
+        return {"cfg": cfg}
+    path = Path(cfg.dataset).expanduser()
+    return {"cfg": cfg.model_copy(update={"dataset": None}), "source_digest": sha256_file(path) if path.is_file() else "missing"}
+
+
+SPEC = StageSpec("data", modules=("data.py",), libraries=("numpy", "scikit-learn"), key_inputs=_key_inputs)
+SPLITS_FILE = "splits.npz"
+SPLITS = ("train", "val", "test")
+_NPZ_FIX = "save it with numpy.savez(path, x=images, y=labels), x shaped N×C×H×W (float) and y shaped N (int)"
+
+
+def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (1797 8×8 images, 10 classes), upscaled to 3×32×32 in [0, 1].
+
+    Returns:
+        x as float32 (N, 3, 32, 32) and y as int64 (N,).
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = (d.images / 16.0).astype(np.float32)  # (N, 8, 8)
+    # Bilinear upscaling by 4 (half-pixel centres, edge clamped), in numpy to avoid importing torch.
+    src = (np.arange(32) + 0.5) / 4 - 0.5
+    lo = np.clip(np.floor(src).astype(int), 0, 7)
+    hi = np.clip(lo + 1, 0, 7)
+    w = np.clip(src - lo, 0, 1).astype(np.float32)
+    rows = img[:, lo, :] * (1 - w)[None, :, None] + img[:, hi, :] * w[None, :, None]
+    full = rows[:, :, lo] * (1 - w)[None, None, :] + rows[:, :, hi] * w[None, None, :]
+    x = np.repeat(full[:, None], 3, axis=1).astype(np.float32)
+    return x, d.target.astype(np.int64)
+
+
+def arrays_from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read x and y from a user's .npz file, without unpickling anything.
+
+    Raises:
+        DatasetError: missing file, not an npz, missing keys.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        because = "it is a folder, not a file" if path.is_dir() else "the file does not exist"
+        raise DatasetError(got=f"dataset path {path}", expected="an existing .npz file", because=because, fix="check --dataset, or omit it to use the bundled digits")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise DatasetError(got=f"dataset path {path} ({exc.strerror})", expected="a readable .npz file", because="the file cannot be read", fix="check its permissions") from exc
+    if magic.startswith(b"\x93NUMPY"):
+        raise DatasetError(got=f"{path}, a single array written by numpy.save (.npy)", expected="a .npz archive holding two arrays, x and y", because="trtflow needs the images and their labels", fix=_NPZ_FIX)
+    if not magic.startswith(b"PK"):
+        raise DatasetError(got=f"{path}, which is not a .npz (zip) archive (it starts with {magic!r})", expected="a .npz file", because="trtflow reads datasets with numpy.load, without unpickling", fix=_NPZ_FIX)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            if not {"x", "y"} <= keys:
+                raise DatasetError(got=f"arrays {sorted(keys)} in {path}", expected="arrays named 'x' and 'y'", because="trtflow reads images from x and labels from y", fix=_NPZ_FIX)
+            return np.asarray(z["x"]), np.asarray(z["y"])
+    except DatasetError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DatasetError(got=f"{path} ({type(exc).__name__}: {exc})", expected="a readable .npz file", because="the file is not a numpy archive or is damaged", fix=_NPZ_FIX) from exc
+
+
+def check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check shapes, types, values and labels; return x as float32 and y as int64.
+
+    Raises:
+        DatasetError: naming the first problem and how to fix it.
+    """
+    def fail(got: str, expected: str, because: str) -> DatasetError:
+        return DatasetError(got=f"{got} in {source}", expected=expected, because=because, fix=_NPZ_FIX)
+
+    if x.ndim != 4:
+        raise fail(f"x of shape {x.shape}", "x of rank 4 (N×C×H×W)", "the model takes batches of images")
+    if y.ndim != 1:
+        raise fail(f"y of shape {y.shape}", "y of rank 1 (N labels)", "each image has one class label")
+    if len(x) != len(y):
+        raise fail(f"{len(x)} images and {len(y)} labels", "as many labels as images", "each image needs its label")
+    if len(x) == 0:
+        raise fail("an empty dataset", "at least a few samples per class", "nothing can be trained on zero samples")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise fail(f"x of dtype {x.dtype}", "real numbers", "images are real-valued tensors")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=(1, 2, 3)).sum())
+        raise fail(f"NaN or inf values in {bad} image(s)", "finite values only", "one NaN poisons every weight it reaches")
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+        raise fail(f"labels of dtype {y.dtype}", "integer class indices", "labels index the logits")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise fail(f"label {int(y.min())}", "labels in 0..num_classes-1", "labels index the logits and cannot be negative")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) >= 2 and len(classes) < int(classes[-1]) + 1:
+        missing = sorted(set(range(int(classes[-1]) + 1)) - set(classes.tolist()))
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DatasetError(
+            got=f"labels up to {int(classes[-1])} with no sample of class(es) {shown} in {source}",
+            expected="labels 0..K-1 with every class present",
+            because="the model gets one logit per label value, and a class without samples can be neither trained nor verified",
+            fix="renumber the labels, e.g. y = numpy.unique(y, return_inverse=True)[1]",
+        )
+    if len(classes) < 2:
+        raise fail(f"a single class ({int(classes[0])})", "at least two classes", "a classifier with one class learns nothing")
+    if counts.min() < 3:
+        rare = classes[counts < 3].tolist()
+        raise fail(f"classes {rare} with fewer than 3 samples", "at least 3 samples per class", "the split keeps every class in train, validation and test")
+    return x, y
+
+
+def split_indices(y: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Stratified train / validation / test indices, fixed by the seed."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=y, random_state=cfg.seed)
+    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+    train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=cfg.seed)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def imbalanced_train(train: np.ndarray, y: np.ndarray, cfg: DataConfig, num_classes: int) -> np.ndarray:
+    """Subsample the training indices so that ``cfg.majority_class`` makes up ``cfg.imbalance`` of them.
+
+    The other classes are thinned in proportion to their counts (largest remainder, so the total is
+    exact up to the one-sample-per-class floor that keeps every class trainable); if the majority class
+    is already above the share, it is thinned instead. Which samples stay is fixed by ``cfg.seed``.
+
+    Args:
+        train: training indices into ``y`` (sorted).
+        y: every label.
+        cfg: ``imbalance`` (None: return ``train`` unchanged), ``majority_class`` and ``seed``.
+        num_classes: number of classes of the dataset.
+
+    Returns:
+        The kept training indices, sorted.
+
+    Raises:
+        ConfigError: ``majority_class`` is not a class of the dataset.
+    """
+    if cfg.imbalance is None:
+        return train
+    m, share = cfg.majority_class, cfg.imbalance
+    if m >= num_classes:
+        raise ConfigError(
+            got=f"majority class {m}",
+            expected=f"a label in 0..{num_classes - 1}",
+            because=f"the dataset has {num_classes} classes and imbalance needs one of them as the majority",
+            fix=f"pass --majority-class between 0 and {num_classes - 1}",
+        )
+    rng = np.random.default_rng(cfg.seed)
+    y_tr = y[train]
+    counts = np.bincount(y_tr, minlength=num_classes)
+    n_major, n_other = int(counts[m]), int(len(train) - counts[m])
+    keep = counts.copy()
+    if n_major / len(train) < share:
+        target = round(n_major * (1 - share) / share)
+        others = np.array([c for c in range(num_classes) if c != m and counts[c] > 0])
+        quota = counts[others] * target / n_other
+        base = np.floor(quota).astype(np.int64)
+        # Largest remainder: hand the leftover samples to the classes that lost most to rounding down.
+        for i in np.argsort(-(quota - base), kind="stable")[: target - int(base.sum())]:
+            base[i] += 1
+        keep[others] = np.maximum(base, 1)
+    else:
+        keep[m] = max(1, round(n_other * share / (1 - share)))
+    kept = [
+        rng.choice(train[y_tr == c], size=int(keep[c]), replace=False) if keep[c] < counts[c] else train[y_tr == c]
+        for c in range(num_classes)
+        if counts[c]
+    ]
+    return np.sort(np.concatenate(kept))
+
+
+def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
+    """Read the split arrays of a ``data`` artifact, after checking its digest."""
+    ref.verify()
+    with np.load(ref.path(SPLITS_FILE), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@exclusive(SPEC)
+def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
+    """Load and check the dataset, split it, and store the splits.
+
+    Args:
+        cfg: dataset path (or None for the bundled digits) and split settings.
+        artifacts_dir: root of the artifact store.
+        refresh: recompute even if an intact artifact exists.
+
+    Returns:
+        The ``data`` artifact: ``splits.npz`` with x_/y_ train, val, test; meta has shapes and class counts.
+
+    Raises:
+        DatasetError: the dataset is missing, garbled or unusable.
+    """
+    key = stage_key(SPEC, {"cfg": cfg})
+    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
+        return ref
+
+    if cfg.dataset is None:
+        x, y = digits_dataset()
+        source = "scikit-learn digits (bundled), upscaled to 3x32x32"
+    else:
+        x, y = arrays_from_npz(Path(cfg.dataset))
+        source = f"npz file {Path(cfg.dataset).name} (sha256 {_key_inputs({'cfg': cfg})['source_digest']})"
+    x, y = check_arrays(x, y, source)
+    parts = split_indices(y, cfg)
+    num_classes = int(y.max()) + 1
+    # Only the training split is skewed: validation and test keep the natural distribution, so
+    # balanced accuracy there measures what the model learnt about every class.
+    parts["train"] = imbalanced_train(parts["train"], y, cfg, num_classes)
+    meta: dict[str, Any] = {
+        "config": cfg.model_dump(mode="json"),
+        "source": source,
+        "sample_shape": list(x.shape[1:]),
+        "num_classes": num_classes,
+        "sizes": {k: int(len(v)) for k, v in parts.items()},
+        "class_counts": {k: np.bincount(y[v], minlength=num_classes).tolist() for k, v in parts.items()},
+    }
+    if cfg.imbalance is not None:
+        meta["train_majority_share"] = float(np.mean(y[parts["train"]] == cfg.majority_class))
+    with staging(artifacts_dir, SPEC.name, key) as st:
+        arrays = {}
+        for k, v in parts.items():
+            arrays[f"x_{k}"], arrays[f"y_{k}"] = x[v], y[v]
+        np.savez(st.dir / SPLITS_FILE, **arrays)
+        ref = st.commit(meta)
+    log.info("data: %s, %s samples, %d classes", source, meta["sizes"], num_classes)
+    return ref
+
+
+data_task = stage_task(splits_from_dataset, SPEC)
+"""Prefect task of ``splits_from_dataset``: content-cached, transient failures retried."""

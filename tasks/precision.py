@@ -1,0 +1,150 @@
+"""Stage ``precision``: one ONNX file per precision, the files every backend builds from.
+
+Precision lives in the graph itself (fp16 tensors, int8 Q/DQ pairs), which is what a strongly typed
+TensorRT network consumes on TensorRT 10 and 11 alike, and what ONNX Runtime runs directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.config import Precision
+from tasks.caching import stage_task
+from tasks.stage import StageSpec, stage_key
+from tasks.locking import exclusive
+
+log = logging.getLogger("trtflow.precision")
+
+def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Only int8 reads the data (calibration): fp32 and fp16 stay cached when the data changes.
+    if Precision(inputs["precision"]) is Precision.int8:
+        return inputs
+    return {k: v for k, v in inputs.items() if k not in ("data", "calibration_samples")}
+
+
+SPEC = StageSpec("precision", modules=("precision.py",), libraries=("onnx", "onnxruntime", "numpy"), key_inputs=_key_inputs)
+ONNX_FILE = "model.onnx"
+
+
+def topologically_sorted(graph: Any) -> None:
+    """Sort a GraphProto's nodes in place so every node follows its producers.
+
+    ``convert_float_to_float16`` appends its input/output Casts at the end of the node list, which
+    ``onnx.checker`` rejects ("Nodes in a graph must be topologically sorted").
+    """
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            names = [n.name for n in pending[:5]]
+            raise ValueError(f"graph has a cycle or dangling inputs at nodes {names}")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def fp16_from_onnx(src: Path, dst: Path) -> dict[str, Any]:
+    """Convert weights and activations to fp16, keeping fp32 inputs and outputs."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    topologically_sorted(model.graph)
+    onnx.save(model, str(dst))
+    return {"io_types": "float32", "weights": "float16"}
+
+
+class _Calibration:
+    """Feeds calibration batches to ``quantize_static`` (its CalibrationDataReader protocol)."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray) -> dict[str, Any]:
+    """Static Q/DQ int8 quantization calibrated on real samples, in the form TensorRT parses.
+
+    Symmetric per-channel int8 weights and activations, biases left in float: TensorRT's parser
+    rejects the int32 biases that ``quantize_static`` makes by default.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    quantize_static(
+        str(src),
+        str(dst),
+        _Calibration(name, calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+    )
+    return {"format": "QDQ", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric", "calibration_samples": int(len(calibration))}
+
+
+@exclusive(SPEC)
+def variant_from_onnx(
+    model: ArtifactRef,
+    data: ArtifactRef,
+    precision: Precision,
+    calibration_samples: int,
+    artifacts_dir: Path,
+    refresh: bool = False,
+) -> ArtifactRef:
+    """Make the ONNX file of one precision from the exported fp32 file.
+
+    Args:
+        model: the ``export`` artifact.
+        data: the ``data`` artifact (int8 calibrates on the first samples of its training split).
+        precision: fp32 (a copy), fp16 or int8.
+        calibration_samples: how many training samples calibrate int8.
+        artifacts_dir: root of the artifact store.
+        refresh: recompute even if an intact artifact exists.
+
+    Returns:
+        The ``precision`` artifact with ``model.onnx``.
+    """
+    precision = Precision(precision)
+    key = stage_key(SPEC, {"model": model, "data": data, "precision": precision, "calibration_samples": calibration_samples})
+    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
+        return ref
+    model.verify()
+    src = model.path(ONNX_FILE)
+    with staging(artifacts_dir, SPEC.name, key) as st:
+        dst = st.dir / ONNX_FILE
+        if precision is Precision.fp32:
+            shutil.copyfile(src, dst)
+            details: dict[str, Any] = {"weights": "float32"}
+        elif precision is Precision.fp16:
+            details = fp16_from_onnx(src, dst)
+        else:
+            from tasks.data import load_splits
+
+            details = int8_from_onnx(src, dst, load_splits(data)["x_train"][:calibration_samples])
+        meta = {**model.meta, "precision": precision.value, "conversion": details, "source_digest": model.digest}
+        ref = st.commit(meta)
+    log.info("precision: %s variant written (%s)", precision.value, details)
+    return ref
+
+
+precision_task = stage_task(variant_from_onnx, SPEC)
+"""Prefect task of ``variant_from_onnx``: content-cached, transient failures retried."""

@@ -1,0 +1,452 @@
+"""Stage ``profile``: how fast each engine is, next to PyTorch eager on the same inputs.
+
+For every engine it measures latency (p50/p90/p99) at batch 1 and throughput (samples/s) at the
+profile's maximum batch, after warm-up, with as many runs as ``ProfileConfig`` asks for (adaptive: at
+least ``min_seconds`` of timed work and ``min_iterations`` runs, capped at ``max_seconds``). PyTorch
+eager is measured once per checkpoint, batch, thread count and machine, in its own artifact
+(``profile-torch``), so three precisions share one reference measurement.
+
+Timings belong to a machine: both keys include the CPU model, the usable cores and the thread counts
+(and the engine's own environment, e.g. the GPU). Engines are timed through ``BaseRunner.time_infer``
+(wall clock by default; a GPU runner overrides it with device events). Measurements in one process
+never overlap (a lock), because two timings sharing 2 cores measure each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.caching import stage_task
+from tasks.config import BatchProfile, ProfileConfig
+from tasks.stage import StageSpec, stage_key
+
+log = logging.getLogger("trtflow.profile")
+
+REPORT = "profile.json"
+PERCENTILES = (50, 90, 99)
+#: a measurement never runs more than this many timed iterations, whatever the settings
+MAX_ITERATIONS = 100_000
+#: serialises measurements in this process: concurrent timings on a 2-core CPU distort each other
+_LOCK = threading.Lock()
+#: PyTorch references measured in this process: a refresh of three precisions measures torch once
+_MEASURED: set[str] = set()
+
+
+def machine() -> dict[str, str]:
+    """What a CPU timing depends on besides the code: CPU model, usable cores, architecture."""
+    return dict(_machine())
+
+
+@lru_cache(maxsize=1)
+def _machine() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": str(cores), "machine": platform.machine()}
+
+
+def _settings_in_key(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    # 'enabled' decides whether the stage runs at all, not what it measures.
+    out = dict(inputs)
+    settings = out.get("settings")
+    if isinstance(settings, ProfileConfig):
+        out["settings"] = settings.model_dump(exclude={"enabled"})
+    return out
+
+
+def _engine_environment(inputs: Mapping[str, Any]) -> dict[str, str]:
+    engine = inputs["engine"]
+    env = {f"engine.{k}": str(v) for k, v in sorted((engine.meta.get("environment") or {}).items())}
+    return {**machine(), **env}
+
+
+def _torch_environment(inputs: Mapping[str, Any]) -> dict[str, str]:
+    return dict(machine())
+
+
+SPEC = StageSpec(
+    "profile",
+    modules=("profile.py", "engine.py", "backends/base.py", "backends/onnxruntime.py", "backends/tensorrt.py", "backends/cuda_buffers.py"),
+    libraries=("numpy", "onnxruntime", "tensorrt"),
+    environment=_engine_environment,
+    key_inputs=_settings_in_key,
+)
+TORCH_SPEC = StageSpec(
+    "profile-torch",
+    modules=("profile.py", "train.py", "models.py"),
+    libraries=("torch", "numpy"),
+    environment=_torch_environment,
+    key_inputs=_settings_in_key,
+)
+
+
+def percentiles(times_ms: Sequence[float], qs: Sequence[int] = PERCENTILES) -> dict[str, float]:
+    """Percentiles of durations (linear interpolation, as numpy's default).
+
+    Args:
+        times_ms: durations, any order, at least one.
+        qs: percentiles in 0..100.
+
+    Returns:
+        ``{"p50_ms": ..., ...}`` for each q.
+
+    Raises:
+        ValueError: no durations.
+    """
+    if not len(times_ms):
+        raise ValueError("percentiles of no durations")
+    values = np.percentile(np.asarray(times_ms, dtype=np.float64), list(qs))
+    return {f"p{q}_ms": float(v) for q, v in zip(qs, values, strict=True)}
+
+
+def timed_runs(run: Callable[[int], list[float]], settings: ProfileConfig) -> list[float]:
+    """Warm up, then time runs in chunks until the settings' budget is met.
+
+    Stops once there are at least ``min_iterations`` runs and ``min_seconds`` of timed work, or when
+    ``max_seconds`` of timed work is reached (then possibly with fewer runs), or at ``MAX_ITERATIONS``.
+    Chunk sizes are estimated from the warm-up (or the runs so far), so a slow model does not overrun
+    the cap by more than about one run.
+
+    Args:
+        run: ``run(n)`` executes ``n`` runs and returns their durations in ms (e.g. ``time_infer``).
+        settings: warm-up and budget.
+
+    Returns:
+        The timed durations (warm-up excluded), in ms.
+    """
+    min_ms, max_ms = settings.min_seconds * 1e3, settings.max_seconds * 1e3
+    estimate = None
+    if settings.warmup:
+        estimate = float(np.median(run(settings.warmup)))
+    times: list[float] = []
+    while True:
+        total = float(sum(times))
+        if times and ((total >= min_ms and len(times) >= settings.min_iterations) or total >= max_ms or len(times) >= MAX_ITERATIONS):
+            return times
+        per = total / len(times) if times else estimate
+        if per is None:
+            chunk = 1
+        else:
+            per = max(per, 1e-6)
+            want = max(settings.min_iterations - len(times), math.ceil((min_ms - total) / per))
+            room = math.floor((max_ms - total) / per)
+            chunk = max(1, min(want, room, MAX_ITERATIONS - len(times)))
+        times.extend(run(chunk))
+
+
+def measurement(times_ms: Sequence[float], batch: int) -> dict[str, Any]:
+    """Summarise one measurement: percentiles, mean, extremes and throughput.
+
+    Throughput is samples over the summed duration of the timed runs (not over wall time between
+    them), so it matches the latencies it is computed from.
+    """
+    total_ms = float(sum(times_ms))
+    return {
+        "batch": int(batch),
+        "iterations": len(times_ms),
+        **percentiles(times_ms),
+        "mean_ms": total_ms / len(times_ms),
+        "min_ms": float(min(times_ms)),
+        "max_ms": float(max(times_ms)),
+        "timed_s": total_ms / 1e3,
+        "samples_per_s": batch * len(times_ms) / (total_ms / 1e3) if total_ms > 0 else None,
+    }
+
+
+def speedup(engine: Mapping[str, Any], torch: Mapping[str, Any]) -> dict[str, float | None]:
+    """How many times faster the engine is than PyTorch eager.
+
+    Args:
+        engine: ``{"latency": measurement, "throughput": measurement}`` of the engine.
+        torch: the same for PyTorch eager.
+
+    Returns:
+        ``latency_p50``: torch p50 / engine p50 at the latency batch; ``throughput``: engine samples/s
+        over torch samples/s at the max batch. None where a value is missing or zero.
+    """
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {
+        "latency_p50": ratio(torch["latency"]["p50_ms"], engine["latency"]["p50_ms"]),
+        "throughput": ratio(engine["throughput"]["samples_per_s"], torch["throughput"]["samples_per_s"]),
+    }
+
+
+def inputs_of(data: ArtifactRef, batches: Sequence[int]) -> dict[int, np.ndarray]:
+    """Real test samples at each batch size (the test split tiled when a batch is larger)."""
+    from tasks.data import load_splits
+
+    x = load_splits(data)["x_test"]
+    out = {}
+    for b in batches:
+        reps = -(-b // len(x))
+        out[b] = np.ascontiguousarray(np.concatenate([x] * reps)[:b] if reps > 1 else x[:b], dtype=np.float32)
+    return out
+
+
+def batches_of(batch: BatchProfile) -> tuple[int, int]:
+    """(latency batch, throughput batch): batch 1, or the profile's minimum when that is larger; and its maximum."""
+    return max(1, batch.min), batch.max
+
+
+def _torch_device(engine: ArtifactRef) -> str:
+    # A GPU engine against PyTorch on the CPU would flatter the engine: compare on the same device.
+    return "cuda" if engine.meta.get("backend") == "tensorrt" else "cpu"
+
+
+def torch_profile(
+    checkpoint: ArtifactRef,
+    data: ArtifactRef,
+    batch: BatchProfile,
+    settings: ProfileConfig,
+    threads: int,
+    device: str,
+    artifacts_dir: Path,
+    refresh: bool = False,
+) -> ArtifactRef:
+    """Measure PyTorch eager (``inference_mode``) on the same inputs as the engines.
+
+    Args:
+        checkpoint: the ``train`` artifact.
+        data: the ``data`` artifact (test samples are the inputs).
+        batch: latency at ``batches_of(batch)[0]``, throughput at ``batch.max``.
+        settings: warm-up and budget.
+        threads: ``torch.set_num_threads`` during the measurement (restored after).
+        device: ``cpu`` or ``cuda`` (falls back to the CPU, and says so, when torch has no CUDA).
+        artifacts_dir: root of the artifact store.
+        refresh: measure again even if a result exists.
+
+    Returns:
+        The ``profile-torch`` artifact; ``meta`` holds the measurements.
+    """
+    key = stage_key(TORCH_SPEC, {"checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads, "device": device})
+    if (not refresh or key in _MEASURED) and (ref := load_ref(artifacts_dir, TORCH_SPEC.name, key)) and not ref.problems():
+        return ref
+    import torch
+
+    from tasks.train import module_from_checkpoint
+
+    used = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+    model = module_from_checkpoint(checkpoint).to(used)
+    lat_b, thr_b = batches_of(batch)
+    xs = {b: torch.from_numpy(a).to(used) for b, a in inputs_of(data, (lat_b, thr_b)).items()}
+
+    def runner(x: Any) -> Callable[[int], list[float]]:
+        def run(n: int) -> list[float]:
+            times = []
+            with torch.inference_mode():
+                if used == "cuda":
+                    for _ in range(n):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        model(x)
+                        end.record()
+                        end.synchronize()
+                        times.append(float(start.elapsed_time(end)))
+                else:
+                    for _ in range(n):
+                        t0 = time.perf_counter_ns()
+                        model(x)
+                        times.append((time.perf_counter_ns() - t0) / 1e6)
+            return times
+
+        return run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        latency = measurement(timed_runs(runner(xs[lat_b]), settings), lat_b)
+        throughput = measurement(timed_runs(runner(xs[thr_b]), settings), thr_b)
+    finally:
+        torch.set_num_threads(before)
+    meta = {
+        "runtime": f"PyTorch {torch.__version__} eager (inference_mode)",
+        "device": used if used == device else f"{used} (asked {device}: torch has no CUDA)",
+        "timer": "cuda_events" if used == "cuda" else "perf_counter_ns",
+        "threads": threads,
+        "machine": machine(),
+        "latency": latency,
+        "throughput": throughput,
+        "checkpoint_digest": checkpoint.digest,
+    }
+    with staging(artifacts_dir, TORCH_SPEC.name, key) as st:
+        (st.dir / REPORT).write_text(json.dumps(meta, indent=2))
+        ref = st.commit(meta)
+    _MEASURED.add(key)
+    return ref
+
+
+def profile_of_engine(
+    engine: ArtifactRef,
+    checkpoint: ArtifactRef,
+    data: ArtifactRef,
+    batch: BatchProfile,
+    settings: ProfileConfig,
+    threads: int,
+    artifacts_dir: Path,
+    refresh: bool = False,
+) -> ArtifactRef:
+    """Time one engine and PyTorch eager on the same real inputs.
+
+    Args:
+        engine: the ``build`` artifact.
+        checkpoint: the ``train`` artifact (the PyTorch reference).
+        data: the ``data`` artifact (test samples are the inputs).
+        batch: latency at batch 1 (or the profile's min), throughput at its max.
+        settings: warm-up and budget per measurement.
+        threads: PyTorch's CPU threads (the engine runs with the threads it was built with; the
+            report states both).
+        artifacts_dir: root of the artifact store.
+        refresh: measure again (the PyTorch reference too) even if results exist.
+
+    Returns:
+        The ``profile`` artifact with ``profile.json``; ``meta`` is the summary the run report shows.
+
+    Raises:
+        InferenceError: the engine cannot run the inputs.
+    """
+    from tasks.engine import runner_from_build
+
+    key = stage_key(SPEC, {"engine": engine, "checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads})
+    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
+        return ref
+    with _LOCK:
+        reference = torch_profile(checkpoint, data, batch, settings, threads, _torch_device(engine), artifacts_dir, refresh=refresh)
+        lat_b, thr_b = batches_of(batch)
+        xs = inputs_of(data, (lat_b, thr_b))
+        with runner_from_build(engine) as runner:
+            name = runner.input_specs()[0].name
+            latency = measurement(timed_runs(lambda n: runner.time_infer({name: xs[lat_b]}, n), settings), lat_b)
+            throughput = measurement(timed_runs(lambda n: runner.time_infer({name: xs[thr_b]}, n), settings), thr_b)
+            timer, engine_threads = runner.timer, getattr(runner, "threads", None)
+    measured = {"latency": latency, "throughput": throughput}
+    report = {
+        "precision": engine.meta.get("precision"),
+        "backend": engine.meta.get("backend"),
+        "timer": timer,
+        "machine": machine(),
+        "threads": {"engine": engine_threads, "torch": threads},
+        "settings": settings.model_dump(),
+        "engine": measured,
+        "torch": {k: reference.meta[k] for k in ("runtime", "device", "timer", "threads", "latency", "throughput")},
+        "speedup": speedup(measured, reference.meta),
+        "engine_digest": engine.digest,
+    }
+    with staging(artifacts_dir, SPEC.name, key) as st:
+        (st.dir / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        ref = st.commit(summary_of(report))
+    s = ref.meta
+    log.info(
+        "profile: %s p50 %.3f ms at batch %d, %.0f samples/s at batch %d (%.2fx PyTorch)",
+        s["precision"], s["latency_ms"]["p50"], lat_b, s["samples_per_s"] or 0, thr_b, s["speedup"]["throughput"] or 0,
+    )
+    return ref
+
+
+def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Condense a profile report to what the run report shows per precision."""
+
+    def lat(m: Mapping[str, Any]) -> dict[str, float]:
+        return {"p50": m["p50_ms"], "p90": m["p90_ms"], "p99": m["p99_ms"]}
+
+    engine, torch = report["engine"], report["torch"]
+    return {
+        "precision": report["precision"],
+        "backend": report["backend"],
+        "timer": report["timer"],
+        "machine": report["machine"],
+        "threads": report["threads"],
+        "latency_batch": engine["latency"]["batch"],
+        "latency_ms": lat(engine["latency"]),
+        "throughput_batch": engine["throughput"]["batch"],
+        "samples_per_s": engine["throughput"]["samples_per_s"],
+        "torch": {
+            "device": torch["device"],
+            "latency_ms": lat(torch["latency"]),
+            "samples_per_s": torch["throughput"]["samples_per_s"],
+        },
+        "speedup": report["speedup"],
+        "iterations": {"latency": engine["latency"]["iterations"], "throughput": engine["throughput"]["iterations"]},
+    }
+
+
+def table_columns(summary: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The speed columns of one precision's row in the Prefect table (empty when not profiled)."""
+    if not summary:
+        return {}
+    if "error" in summary:
+        return {"profile": f"failed: {str(summary['error'])[:200]}"}
+    return {
+        f"p50 ms (b{summary['latency_batch']})": round(summary["latency_ms"]["p50"], 4),
+        f"p99 ms (b{summary['latency_batch']})": round(summary["latency_ms"]["p99"], 4),
+        f"samples/s (b{summary['throughput_batch']})": round(summary["samples_per_s"] or 0.0, 1),
+        "x torch (latency)": _round(summary["speedup"]["latency_p50"]),
+        "x torch (throughput)": _round(summary["speedup"]["throughput"]),
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
+
+
+def speed_markdown(precisions: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines of the speed table of a run report (no lines when nothing was profiled)."""
+    rows = [(p, r["profile"]) for p, r in precisions.items() if r.get("profile")]
+    if not rows:
+        return []
+    first = next((s for _, s in rows if "error" not in s), None)
+    lines = ["", "## Speed", ""]
+    if first is not None:
+        lines.append(
+            f"Machine: {first['machine']['cpu']} ({first['machine']['cores']} cores); engine threads "
+            f"{first['threads']['engine']}, PyTorch threads {first['threads']['torch']} on {first['torch']['device']}; "
+            f"timer {first['timer']}."
+        )
+        lines.append("")
+    lines += [
+        "| precision | p50 / p90 / p99 ms (batch) | samples/s (batch) | PyTorch p50 ms | PyTorch samples/s | speed-up latency | speed-up throughput |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p, s in rows:
+        if "error" in s:
+            lines.append(f"| {p} | profile failed: {str(s['error'])[:200]} | | | | | |")
+            continue
+        la, t = s["latency_ms"], s["torch"]
+        lines.append(
+            f"| {p} | {la['p50']:.3f} / {la['p90']:.3f} / {la['p99']:.3f} ({s['latency_batch']}) | "
+            f"{(s['samples_per_s'] or 0):.0f} ({s['throughput_batch']}) | {t['latency_ms']['p50']:.3f} | "
+            f"{(t['samples_per_s'] or 0):.0f} | {_fmt_x(s['speedup']['latency_p50'])} | {_fmt_x(s['speedup']['throughput'])} |"
+        )
+    return lines
+
+
+def _fmt_x(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}×"
+
+
+profile_task = stage_task(profile_of_engine, SPEC)
+"""Prefect task of ``profile_of_engine``: content-cached (per machine), transient failures retried."""

@@ -1,0 +1,156 @@
+"""Stage ``verify``: engine outputs against PyTorch on the held-out test split.
+
+Each engine runs at batch min, opt and max (the batches its profile was built for); each run is
+compared with PyTorch fp32 under the precision's tolerances. Every failing check is collected, the
+report is written either way (a failed verification keeps its evidence), and then the stage fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.compare import compare_outputs
+from tasks.config import BatchProfile, Precision, Tolerance
+from tasks.errors import VerificationError
+from tasks.caching import stage_task
+from tasks.stage import StageSpec, stage_key
+from tasks.locking import exclusive
+
+log = logging.getLogger("trtflow.verify")
+
+SPEC = StageSpec("verify", modules=("verify.py", "compare.py", "metrics.py", "train.py"), libraries=("torch", "numpy"))
+REPORT = "verification.json"
+
+
+def batch_sizes(batch: BatchProfile) -> list[int]:
+    """The batches verified: the profile's min, opt and max, without repeats."""
+    return sorted({batch.min, batch.opt, batch.max})
+
+
+def outputs_in_batches(runner: Any, input_name: str, x: np.ndarray, b: int, min_batch: int) -> dict[str, np.ndarray]:
+    """Run ``x`` through a runner in batches of ``b``; a short last batch is padded up to ``min_batch``."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(x), b):
+        part = x[i : i + b]
+        n = len(part)
+        if n < min_batch:
+            part = np.concatenate([part, np.repeat(part[-1:], min_batch - n, axis=0)])
+        for name, arr in runner.infer({input_name: part}).items():
+            chunks.setdefault(name, []).append(arr[:n])
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a JSON report atomically (a reader never sees half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+@exclusive(SPEC)
+def verification_of_engine(
+    engine: ArtifactRef,
+    checkpoint: ArtifactRef,
+    data: ArtifactRef,
+    precision: Precision,
+    tolerance: Tolerance,
+    batch: BatchProfile,
+    artifacts_dir: Path,
+    refresh: bool = False,
+) -> ArtifactRef:
+    """Verify one engine against PyTorch on the test split.
+
+    Args:
+        engine: the ``build`` artifact.
+        checkpoint: the ``train`` artifact (the PyTorch reference).
+        data: the ``data`` artifact (its test split).
+        precision: the engine's precision (names it in messages).
+        tolerance: thresholds of that precision.
+        batch: the profile; verified at its min, opt and max.
+        artifacts_dir: root of the artifact store.
+        refresh: re-verify even if an intact result exists.
+
+    Returns:
+        The ``verify`` artifact with ``verification.json``.
+
+    Raises:
+        VerificationError: listing every failing check (precision, batch, metric, value, threshold).
+    """
+    from tasks.data import load_splits
+    from tasks.engine import runner_from_build
+    from tasks.train import module_from_checkpoint, predict_logits
+
+    precision = Precision(precision)
+    key = stage_key(SPEC, {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch})
+    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
+        return ref
+    splits = load_splits(data)
+    x, y = splits["x_test"], splits["y_test"]
+    model = module_from_checkpoint(checkpoint)
+    input_name = "input"
+    reference = {engine.meta["outputs"][0]["name"]: predict_logits(model, x)}
+    results = []
+    with runner_from_build(engine) as runner:
+        input_name = runner.input_specs()[0].name
+        for b in batch_sizes(batch):
+            got = outputs_in_batches(runner, input_name, x, b, batch.min)
+            results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y))
+    failures = [f for r in results for f in r.failures()]
+    report = {
+        "precision": precision.value,
+        "backend": engine.meta["backend"],
+        "passed": not failures,
+        "failures": failures,
+        "samples": int(len(x)),
+        "tolerance": tolerance.model_dump(),
+        "batches": [r.to_dict() for r in results],
+        "engine_digest": engine.digest,
+        "checkpoint_digest": checkpoint.digest,
+    }
+    latest = Path(artifacts_dir) / "reports" / f"verify-{precision.value}.json"
+    write_report(latest, report)
+    if failures:
+        raise VerificationError(failures, str(latest))
+    with staging(artifacts_dir, SPEC.name, key) as st:
+        (st.dir / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        ref = st.commit(summary_of(report))
+    log.info("verify: %s passed on %d samples at batches %s", precision.value, len(x), batch_sizes(batch))
+    return ref
+
+
+def summary_of(report: dict[str, Any]) -> dict[str, Any]:
+    """Condense a verification report to the worst value of each metric over all batches."""
+    stats = [o for b in report["batches"] for o in b["outputs"].values()]
+
+    def worst(key: str, fn: Any) -> float | None:
+        vals = [s[key] for s in stats if s.get(key) is not None]
+        return fn(vals) if vals else None
+
+    return {
+        "precision": report["precision"],
+        "backend": report["backend"],
+        "passed": report["passed"],
+        "samples": report["samples"],
+        "max_abs": worst("max_abs", max),
+        "mean_abs": worst("mean_abs", max),
+        "max_rel": worst("max_rel", max),
+        "min_cosine": worst("min_cosine", min),
+        "top1_agreement": worst("top1_agreement", min),
+        "accuracy_reference": worst("accuracy_reference", max),
+        "accuracy": worst("accuracy", min),
+        "accuracy_drop": worst("accuracy_drop", max),
+        "balanced_accuracy_reference": worst("balanced_accuracy_reference", max),
+        "balanced_accuracy": worst("balanced_accuracy", min),
+    }
+
+
+verify_task = stage_task(verification_of_engine, SPEC)
+"""Prefect task of ``verification_of_engine``: content-cached, transient failures retried."""

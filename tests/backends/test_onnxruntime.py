@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from tasks.backends.onnxruntime import OnnxRuntimeBuilder, OnnxRuntimeRunner
+from tasks.backends.registry import builder_for, choose_backend
+from tasks.config import Backend
+from tasks.data import load_splits
+from tasks.errors import BackendUnavailableError, InferenceError
+from tasks.train import module_from_checkpoint, predict_logits
+
+
+@pytest.fixture(scope="module")
+def engine(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort")
+    result = OnnxRuntimeBuilder().engine_from_onnx(trained.onnx.path("model.onnx"), out, (1, 4, 16), {"threads": 1})
+    return out / result.engine_file, result.info
+
+
+def test_runner_matches_pytorch(trained, engine):
+    path, info = engine
+    x = load_splits(trained.data)["x_test"][:16]
+    ref = predict_logits(module_from_checkpoint(trained.checkpoint), x)
+    with OnnxRuntimeBuilder().runner_from_engine(path, info) as runner:
+        assert [s.name for s in runner.input_specs()] == ["input"]
+        assert runner.input_specs()[0].shape[0] == -1  # dynamic batch
+        for n in (1, 5, 16):
+            out = runner.infer({"input": x[:n]})
+            assert list(out) == ["logits"]
+            np.testing.assert_allclose(out["logits"], ref[:n], atol=1e-4)
+    assert not runner.is_active
+
+
+def test_runner_refuses_misuse(trained, engine):
+    path, info = engine
+    x = load_splits(trained.data)["x_test"][:32]
+    runner = OnnxRuntimeBuilder().runner_from_engine(path, info)
+    with pytest.raises(InferenceError, match="context manager"):
+        runner.infer({"input": x[:1]})
+    with runner:
+        with pytest.raises(InferenceError, match=r"batch in \[1, 16\]"):
+            runner.infer({"input": x})
+        with pytest.raises(InferenceError, match="inputs"):
+            runner.infer({"images": x[:1]})
+    runner.deactivate()  # idempotent
+
+
+def test_outputs_are_not_overwritten_by_later_calls(trained, engine):
+    path, _ = engine
+    x = load_splits(trained.data)["x_test"][:4]
+    with OnnxRuntimeRunner(path) as runner:
+        first = runner.infer({"input": x[:2]})["logits"]
+        keep = first.copy()
+        runner.infer({"input": x[2:4]})
+    np.testing.assert_array_equal(first, keep)
+
+
+def test_environment_names_versions_and_cpu():
+    env = OnnxRuntimeBuilder().environment()
+    assert {"onnxruntime", "cpu", "machine"} <= set(env)
+
+
+def test_auto_falls_back_to_onnxruntime_with_reason():
+    builder, why = choose_backend("auto")
+    if builder_for(Backend.tensorrt).availability() is None:
+        pytest.skip("TensorRT is usable here; the fallback is not taken")
+    assert builder.name == "onnxruntime"
+    assert "TensorRT cannot run here" in why
+
+
+def test_explicit_tensorrt_without_it_fails_with_hint():
+    if builder_for(Backend.tensorrt).availability() is None:
+        pytest.skip("TensorRT is usable here")
+    with pytest.raises(BackendUnavailableError, match="--backend auto"):
+        choose_backend("tensorrt")

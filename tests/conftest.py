@@ -1,0 +1,68 @@
+"""Shared fixtures: a Prefect test server, a fast config, and one tiny trained pipeline per session."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trtflow")
+
+from tasks.artifacts import ArtifactRef  # noqa: E402
+from tasks.config import BatchProfile, DataConfig, PipelineConfig, TrainConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One isolated Prefect database and API for the whole session (its start costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_config_for(root: Path, **overrides: object) -> PipelineConfig:
+    """A config that runs the whole pipeline in seconds: one epoch, small batches."""
+    base: dict[str, object] = {
+        "artifacts_dir": root,
+        "data": DataConfig(),
+        "train": TrainConfig(epochs=1, batch_size=64),
+        "batch": BatchProfile(min=1, opt=8, max=64),
+        "calibration_samples": 64,
+    }
+    base.update(overrides)
+    return PipelineConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> PipelineConfig:
+    return tiny_config_for(tmp_path / "artifacts")
+
+
+@dataclass
+class Trained:
+    """The shared upstream artifacts of one tiny pipeline (plain functions, no Prefect)."""
+
+    root: Path
+    config: PipelineConfig
+    data: ArtifactRef
+    checkpoint: ArtifactRef
+    onnx: ArtifactRef
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """data -> train -> export once per session; tests must not modify these artifacts."""
+    from tasks.data import splits_from_dataset
+    from tasks.export import onnx_from_checkpoint
+    from tasks.train import checkpoint_from_splits
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config_for(root)
+    data = splits_from_dataset(cfg.data, root)
+    ckpt = checkpoint_from_splits(data, cfg.train, root)
+    onnx = onnx_from_checkpoint(ckpt, root)
+    return Trained(root, cfg, data, ckpt, onnx)

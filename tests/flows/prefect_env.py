@@ -1,0 +1,200 @@
+"""Helpers of the deployment tests: start/stop Prefect processes, talk to the test server.
+
+Fixtures that use them are in conftest.py; test modules import the helpers with ``from prefect_env import ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "trtflow-local"
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prefect_bin() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def stop(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started."""
+    if proc is None or proc.poll() is not None and not _group_alive(proc.pid):
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(proc.pid):
+                return
+            time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+@dataclass
+class Server:
+    """A running ``prefect server start`` and the environment that points subprocesses at it."""
+
+    url: str
+    home: Path
+    env: dict[str, str]
+    log: Path
+    procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/api"
+
+    def start(self, args: list[str], log_name: str, cwd: Path = REPO, extra_env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
+        """Start a long-running child (worker, serve) in its own process group; ``stop`` ends it."""
+        out = open(self.home / log_name, "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, cwd=cwd, env={**self.env, **(extra_env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, cwd: Path = REPO, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a ``prefect`` CLI command against this server."""
+        res = subprocess.run([prefect_bin(), *args], cwd=cwd, env={**self.env, "PWD": str(cwd)}, capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return res
+
+
+def _env(home: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+        PREFECT_LOGGING_EXTRA_LOGGERS="trtflow",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class Worker:
+    """A ``prefect worker start`` process of the test server; restartable (a test may kill it)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.proc: subprocess.Popen[Any] | None = None
+
+    def start(self) -> Worker:
+        self.proc = self.server.start([prefect_bin(), "worker", "start", "--pool", POOL, "--type", "process", "--limit", "2"], "worker.log")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every flow-run process it started (a crashed machine)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+class Api:
+    """Prefect's client pointed at the test server (sync), with the few queries the tests need."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Api:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        self._stack.enter_context(temporary_settings(updates={PREFECT_API_URL: self.server.api}))
+        self.client = self._stack.enter_context(get_client(sync_client=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def deployment_id(self, name: str) -> UUID:
+        return self.client.read_deployment_by_name(name).id
+
+    def run(self, deployment: str, config: dict[str, Any]) -> UUID:
+        """Create a run of ``trtflow/<deployment>`` with ``config`` (the API call behind the UI's Run)."""
+        return self.client.create_flow_run_from_deployment(self.deployment_id(f"trtflow/{deployment}"), parameters={"config": config}).id
+
+    def wait(self, run_id: UUID, timeout: float = 240, until: set[str] = FINAL) -> Any:
+        """Poll a flow run until its state type is in ``until``; returns the flow run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fr = self.client.read_flow_run(run_id)
+            if fr.state is not None and fr.state.type.value in until:
+                return fr
+            if time.monotonic() > deadline:
+                raise AssertionError(f"flow run {run_id} still {fr.state.name if fr.state else None} after {timeout} s; worker log:\n{_tail(self.server.home / 'worker.log')}")
+            time.sleep(1)
+
+    def task_states(self, run_id: UUID) -> dict[str, list[str]]:
+        """Stage name -> the final state names of its task runs in this flow run (e.g. 'Cached')."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        runs = self.client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        out: dict[str, list[str]] = {}
+        for r in runs:
+            out.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name if r.state else "?")
+        return {k: sorted(v) for k, v in out.items()}
+
+    def artifacts(self, run_id: UUID) -> dict[str, Any]:
+        """Artifacts of a flow run by key (keyless ones, like progress, by type)."""
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        arts = self.client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        return {a.key or a.type: a for a in arts}
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def tiny(root: Path, **over: Any) -> dict[str, Any]:
+    """A config (as the JSON the UI sends) that runs the whole pipeline in seconds."""
+    cfg: dict[str, Any] = {
+        "artifacts_dir": str(root),
+        "train": {"epochs": 1},
+        "precisions": ["fp32", "int8"],
+        "batch": {"min": 1, "opt": 16, "max": 64},
+        "calibration_samples": 64,
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return json.loads(json.dumps(cfg))

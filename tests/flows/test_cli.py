@@ -1,0 +1,113 @@
+"""The `trtflow` command: options, exit codes, one-line reasons, and a real run in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flows.cli import EXIT_FAILED, EXIT_USAGE, config_from_args, main, _parser
+from tasks.config import Precision
+
+TINY = ["--epochs", "1", "--min-batch", "1", "--opt-batch", "8", "--max-batch", "64", "--calibration-samples", "64"]
+
+
+def test_help_lists_the_main_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--epochs", "--precisions", "--backend", "--max-batch", "--dataset", "--model", "--artifacts-dir", "--refresh"):
+        assert flag in out
+
+
+def test_options_map_onto_the_config(tmp_path):
+    args = _parser().parse_args(["run", "--precisions", "fp16,int8", "--max-batch", "128", "--threads", "1", "--tolerance", "fp16.atol=0.05", "--tolerance", "int8.min_cosine=0.9", "--artifacts-dir", str(tmp_path), "--refresh", "verify"])
+    cfg = config_from_args(args)
+    assert cfg.precisions == [Precision.fp16, Precision.int8]
+    assert cfg.batch.max == 128 and cfg.train.threads == 1 and cfg.engine.threads == 1
+    assert cfg.tolerance(Precision.fp16).atol == 0.05 and cfg.tolerance(Precision.int8).min_cosine == 0.9
+    assert cfg.artifacts_dir == tmp_path and [s.value for s in cfg.refresh] == ["verify"]
+
+
+def test_config_file_is_overridden_by_options(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train": {"epochs": 9, "lr": 0.01}, "precisions": ["fp32"]}))
+    cfg = config_from_args(_parser().parse_args(["run", "--config", str(path), "--epochs", "2"]))
+    assert cfg.train.epochs == 2 and cfg.train.lr == 0.01 and cfg.precisions == [Precision.fp32]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--precisions", "fp32,bf8"], "precision 'bf8'"),
+        (["--min-batch", "64", "--max-batch", "8"], "min <= opt <= max"),
+        (["--tolerance", "fp16.atol=-1"], "greater than or equal to 0"),
+        (["--tolerance", "fp16.speed=1"], "METRIC one of"),
+        (["--epochs", "0"], "train.epochs"),
+        (["--model", "no_colon"], "package.module:callable"),
+        (["--config", "/nonexistent/c.json"], "config file"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line_reason(argv, message, capsys):
+    assert main(["run", *argv]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("trtflow: invalid options: got")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["--dataset", "/nonexistent/data.npz"], EXIT_FAILED, "DatasetError: got dataset path"),
+        (["--model", "no_such_pkg_xyz.models:Net"], EXIT_FAILED, "ModelError: got model 'no_such_pkg_xyz.models:Net'"),
+        (["--backend", "tensorrt"], EXIT_FAILED, "BackendUnavailableError"),
+    ],
+)
+def test_bad_input_fails_before_any_work(argv, code, message, tmp_path, capsys):
+    from tasks.backends.registry import builder_for
+
+    if "tensorrt" in argv and builder_for("tensorrt").availability() is None:
+        pytest.skip("TensorRT is usable here")
+    art = tmp_path / "art"
+    assert main(["run", "--artifacts-dir", str(art), *TINY, *argv]) == code
+    assert message in capsys.readouterr().err
+    assert not (art / "train").exists()  # nothing was trained
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_labels_out_of_range_for_model(tmp_path, capsys):
+    x = np.random.default_rng(0).random((30, 3, 32, 32), dtype=np.float32)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.arange(30) % 3)
+    (tmp_path / "fixed_head.py").write_text(
+        "from tasks.models import SmallCNN\n"
+        "def Net(num_classes, in_channels):\n    return SmallCNN(num_classes=2, in_channels=in_channels)\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        code = main(["run", "--artifacts-dir", str(tmp_path / "art"), "--dataset", str(path), "--model", "fixed_head:Net", *TINY])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert code == EXIT_FAILED
+    assert "logits of shape (N, 3)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fresh_processes_run_then_reuse_everything(tmp_path):
+    """The README's command, twice, each in a new process with its own temporary Prefect server."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": ""}
+    env.pop("PREFECT_API_URL")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--artifacts-dir", str(tmp_path / "art"), *TINY]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "fp32" in first.stdout and "report:" in first.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    finished = [line for line in log.splitlines() if "Task run" in line and "Finished in state" in line]
+    assert len(finished) == 16 and all("Cached" in line for line in finished), "\n".join(finished)

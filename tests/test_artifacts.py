@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.artifacts import MANIFEST, ArtifactRef, ensure_writable, load_ref, sha256_file, staging
+from tasks.errors import ArtifactError, ConfigError
+
+
+def _make(root: Path, key: str = "k" * 64, content: bytes = b"hello") -> ArtifactRef:
+    with staging(root, "demo", key) as st:
+        (st.dir / "a.bin").write_bytes(content)
+        (st.dir / "sub").mkdir()
+        (st.dir / "sub" / "b.txt").write_text("x")
+        return st.commit({"config": {"n": 1}})
+
+
+def test_commit_records_digests_and_manifest(tmp_path):
+    ref = _make(tmp_path)
+    assert ref.dir == tmp_path / "demo" / ("k" * 16)
+    assert ref.files == {"a.bin": sha256_file(ref.dir / "a.bin"), "sub/b.txt": sha256_file(ref.dir / "sub" / "b.txt")}
+    assert load_ref(tmp_path, "demo", "k" * 64) == ref
+    assert (ref.dir / MANIFEST).is_file()
+    assert ref.problems() == []
+    # nothing left behind but the artifact
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["k" * 16]
+
+
+def test_failed_stage_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with staging(tmp_path, "demo", "f" * 64) as st:
+            (st.dir / "half.bin").write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert list((tmp_path / "demo").iterdir()) == []
+    assert load_ref(tmp_path, "demo", "f" * 64) is None
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "modify"])
+def test_damage_is_detected(tmp_path, damage):
+    ref = _make(tmp_path)
+    target = ref.dir / "a.bin"
+    if damage == "delete":
+        target.unlink()
+    elif damage == "truncate":
+        target.write_bytes(b"he")
+    else:
+        target.write_bytes(b"HELLO")
+    assert ref.problems()
+    with pytest.raises(ArtifactError, match="run the same command again"):
+        ref.verify()
+
+
+def test_recommit_replaces_damaged_artifact(tmp_path):
+    ref = _make(tmp_path)
+    (ref.dir / "a.bin").unlink()
+    again = _make(tmp_path)
+    assert again.problems() == [] and again.digest == ref.digest
+
+
+def test_digest_is_content_address(tmp_path):
+    a = _make(tmp_path / "1", key="a" * 64)
+    b = _make(tmp_path / "2", key="b" * 64)
+    c = _make(tmp_path / "3", key="a" * 64, content=b"other")
+    assert a.digest == b.digest != c.digest
+
+
+def test_unknown_file_name_is_clear(tmp_path):
+    ref = _make(tmp_path)
+    with pytest.raises(ArtifactError, match="no such file"):
+        ref.path("nope.onnx")
+
+
+def test_unwritable_artifacts_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="--artifacts-dir"):
+        ensure_writable(blocker / "artifacts")

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from tasks.config import DataConfig
+from tasks.data import SPLITS_FILE, check_arrays, digits_dataset, load_splits, splits_from_dataset
+from tasks.errors import DatasetError
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _good(n=60, classes=3, shape=(3, 8, 8)):
+    rng = np.random.default_rng(0)
+    return rng.random((n, *shape), dtype=np.float32), np.arange(n) % classes
+
+
+def test_digits_are_real_images_in_unit_range():
+    x, y = digits_dataset()
+    assert x.shape == (1797, 3, 32, 32) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert sorted(np.unique(y)) == list(range(10))
+
+
+def test_split_is_stratified_disjoint_and_seeded(tmp_path):
+    ref = splits_from_dataset(DataConfig(), tmp_path)
+    s = load_splits(ref)
+    n = sum(len(s[f"y_{k}"]) for k in ("train", "val", "test"))
+    assert n == 1797
+    for k in ("train", "val", "test"):
+        assert len(np.unique(s[f"y_{k}"])) == 10  # every class in every split
+    assert ref.meta["sizes"]["test"] == pytest.approx(0.15 * 1797, abs=2)
+    again = splits_from_dataset(DataConfig(), tmp_path / "other")
+    assert again.files[SPLITS_FILE] == ref.files[SPLITS_FILE]
+    other_seed = splits_from_dataset(DataConfig(seed=1), tmp_path / "seed1")
+    assert other_seed.files[SPLITS_FILE] != ref.files[SPLITS_FILE]
+
+
+def test_user_npz_is_keyed_by_content(tmp_path):
+    x, y = _good()
+    path = _npz(tmp_path, x=x, y=y)
+    a = splits_from_dataset(DataConfig(dataset=path), tmp_path / "art")
+    assert a.meta["num_classes"] == 3 and a.meta["sample_shape"] == [3, 8, 8]
+    np.savez(path, x=x * 0.5, y=y)
+    b = splits_from_dataset(DataConfig(dataset=path), tmp_path / "art")
+    assert a.key != b.key
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"images": np.zeros((4, 3, 8, 8))}, "arrays named 'x' and 'y'"),
+        ({"x": np.zeros((6, 8, 8)), "y": np.zeros(6)}, "rank 4"),
+        ({"x": np.zeros((6, 3, 8, 8)), "y": np.zeros((6, 1))}, "rank 1"),
+        ({"x": np.zeros((6, 3, 8, 8)), "y": np.zeros(5)}, "as many labels as images"),
+        ({"x": np.zeros((0, 3, 8, 8)), "y": np.zeros(0)}, "empty dataset"),
+        ({"x": np.full((6, 3, 8, 8), np.nan), "y": np.arange(6) % 2}, "NaN or inf"),
+        ({"x": np.zeros((6, 3, 8, 8)), "y": np.array([0, 1, -1, 0, 1, 0])}, "cannot be negative"),
+        ({"x": np.zeros((6, 3, 8, 8)), "y": np.zeros(6)}, "single class"),
+        ({"x": np.zeros((6, 3, 8, 8)), "y": np.array([0.5, 1, 0, 1, 0, 1])}, "integer class indices"),
+        ({"x": np.zeros((7, 3, 8, 8)), "y": np.array([0, 0, 0, 1, 1, 1, 2])}, "fewer than 3 samples"),
+    ],
+)
+def test_bad_arrays_are_named(tmp_path, arrays, message):
+    path = _npz(tmp_path, **arrays)
+    with pytest.raises(DatasetError, match=message) as err:
+        splits_from_dataset(DataConfig(dataset=path), tmp_path / "art")
+    assert "numpy.savez" in str(err.value)  # the fix is part of the message
+    assert not (tmp_path / "art" / "data").exists() or not any((tmp_path / "art" / "data").iterdir())
+
+
+def test_missing_and_garbled_files(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        splits_from_dataset(DataConfig(dataset=tmp_path / "nope.npz"), tmp_path)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"this is not a zip archive")
+    with pytest.raises(DatasetError, match="not a numpy archive"):
+        splits_from_dataset(DataConfig(dataset=junk), tmp_path)
+
+
+def test_check_arrays_converts_types():
+    x, y = check_arrays(np.zeros((9, 1, 4, 4), dtype=np.float64), np.array([0, 1, 2] * 3, dtype=np.int32), "test")
+    assert x.dtype == np.float32 and y.dtype == np.int64

@@ -1,0 +1,28 @@
+import onnx
+import pytest
+import torch
+
+from tasks.errors import ExportError
+from tasks.export import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, onnx_from_module
+
+
+def test_export_is_self_contained_with_dynamic_batch(trained):
+    ref = trained.onnx
+    assert list(ref.files) == [ONNX_FILE]  # no .onnx.data beside it
+    proto = onnx.load(str(ref.path(ONNX_FILE)))
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    assert ref.meta["inputs"] == [INPUT_NAME] and ref.meta["outputs"] == [OUTPUT_NAME]
+    assert ref.meta["opset"] >= 17
+
+
+class _DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not exportable
+            return x.flatten(1)[:, :3]
+        return -x.flatten(1)[:, :3]
+
+
+def test_untraceable_model_gets_a_clear_error(tmp_path):
+    with pytest.raises(ExportError, match="make forward\\(\\) traceable"):
+        onnx_from_module(_DataDependent(), (3, 8, 8), tmp_path / "m.onnx")

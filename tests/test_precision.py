@@ -1,0 +1,50 @@
+import onnx
+import pytest
+
+from tasks.config import Precision
+from tasks.precision import topologically_sorted, variant_from_onnx
+from tasks.validate import validated_onnx
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_variants_are_valid_and_typed(trained, tmp_path, precision):
+    ref = variant_from_onnx(trained.onnx, trained.data, precision, 64, tmp_path)
+    validated_onnx(ref, trained.data, tmp_path)
+    model = onnx.load(str(ref.path("model.onnx")))
+    types = {t.data_type for t in model.graph.initializer}
+    ops = {n.op_type for n in model.graph.node}
+    io = {i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}
+    assert io == {onnx.TensorProto.FLOAT}  # callers always feed and read fp32
+    if precision is Precision.fp16:
+        assert onnx.TensorProto.FLOAT16 in types
+    if precision is Precision.int8:
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert onnx.TensorProto.INT8 in types
+        assert onnx.TensorProto.INT32 not in types  # TensorRT rejects int32 biases
+
+
+def test_only_int8_depends_on_the_data(trained, tmp_path):
+    from dataclasses import replace
+
+    from tasks.precision import SPEC
+    from tasks.stage import stage_key
+
+    other_data = trained.data.model_copy(update={"files": {"splits.npz": "0" * 64}})
+    for p in Precision:
+        a = stage_key(SPEC, {"model": trained.onnx, "data": trained.data, "precision": p, "calibration_samples": 64})
+        b = stage_key(SPEC, {"model": trained.onnx, "data": other_data, "precision": p, "calibration_samples": 32})
+        assert (a == b) == (p is not Precision.int8)
+    del replace
+
+
+def test_topological_sort_fixes_appended_casts():
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    second = helper.make_node("Relu", ["t"], ["y"])
+    first = helper.make_node("Neg", ["x"], ["t"])
+    graph = helper.make_graph([second, first], "g", [x], [y])
+    topologically_sorted(graph)
+    assert [n.op_type for n in graph.node] == ["Neg", "Relu"]
+    onnx.checker.check_model(helper.make_model(graph))
