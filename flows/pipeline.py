@@ -51,6 +51,8 @@ class _Runner:
 
 
 def _error_of(future: Any) -> BaseException | None:
+    # wait() keeps the final state on the future; .state alone asks the API server (one call each).
+    future.wait()
     state = future.state
     if state.is_completed():
         return None
@@ -125,6 +127,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     names = {f.task_run_id: f"{s.value} {p.value}" for p, b in branches.items() for s, f in b.items()}
     progress.expect(4 + len(names))
     for done in as_completed([f for b in branches.values() for f in b.values()]):
+        done.wait()  # the final state without an API call
         state = done.state
         progress.step(names[done.task_run_id] + ("" if state.is_completed() else f" ({state.name})"))
 
@@ -150,6 +153,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         }
         progress.expect(progress.total + len(timed))
         for done in as_completed(list(timed.values())):
+            done.wait()  # the final state without an API call
             progress.step("profile" + ("" if done.state.is_completed() else f" ({done.state.name})"))
         for p, f in timed.items():
             if (e := _error_of(f)) is None:

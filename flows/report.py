@@ -113,6 +113,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _round(v: Any) -> Any:
+    # Four significant digits: the UI's table prints every digit of a float (0.0000021457672119140625).
+    return float(f"{v:.4g}") if isinstance(v, float) else v
+
+
 def publish(report: dict[str, Any], root: Path) -> None:
     """Create the Prefect table and markdown artifacts of a run (no-op outside a flow run)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -121,7 +126,7 @@ def publish(report: dict[str, Any], root: Path) -> None:
     if FlowRunContext.get() is None:
         return
     rows = [
-        {"precision": p, "passed": r.get("passed"), **({k: r.get(k) for k in METRICS} if "error" not in r else {"error": r["error"][:300]}), **table_columns(r.get("profile"))}
+        {"precision": p, "passed": r.get("passed"), **({k: _round(r.get(k)) for k in METRICS} if "error" not in r else {"error": r["error"][:300]}), **table_columns(r.get("profile"))}
         for p, r in report["precisions"].items()
     ]
     create_table_artifact(key="trtflow-verification", table=rows, description="Per-precision verification against PyTorch")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 TaskRunnerName = Literal["threads", "dask"]
 TASK_RUNNERS: tuple[TaskRunnerName, ...] = ("threads", "dask")
@@ -55,7 +55,7 @@ def pipeline_on(task_runner: TaskRunnerName = "threads", dask_address: str | Non
     if task_runner != "dask":
         raise ConfigError(got=f"task runner '{task_runner}'", expected="threads or dask", because="those are the runners trtflow supports", fix="pass --task-runner threads or --task-runner dask")
     try:
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask.task_runners import DaskTaskRunner
     except ImportError:
         raise ConfigError(got="--task-runner dask without prefect-dask", expected="prefect-dask installed", because="it provides Prefect's Dask task runner", fix='pip install ".[dask]"') from None
     if dask_workers < 1:
@@ -65,7 +65,8 @@ def pipeline_on(task_runner: TaskRunnerName = "threads", dask_address: str | Non
     else:
         # Processes, one thread each: stages hold the GIL (torch, onnx) and ORT/torch pick their own threads.
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "processes": True, "threads_per_worker": 1, "dashboard_address": None})
-    return pipeline.with_options(task_runner=runner)
+    # cast: prefect's annotation of with_options is invariant in the future type, DaskTaskRunner's is narrower.
+    return pipeline.with_options(task_runner=cast(Any, runner))
 
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -109,6 +110,20 @@ def default_parameters(config_file: Path | None) -> dict[str, Any]:
     return {"config": raw}
 
 
+def _resolve_annotations(fn: Any) -> None:
+    """Replace the flow function's string annotations by the classes they name.
+
+    ``serve`` runs each flow run in a spawned process that receives the flow by cloudpickle, by value:
+    the function's globals shrink to the names its body uses, so the string annotation
+    "PipelineConfig" (``from __future__ import annotations``) can no longer be resolved there and
+    Prefect's parameter validation fails with "PipelineModel is not fully defined". Real classes
+    travel by reference. Workers are unaffected: they import the flow from its entrypoint.
+    """
+    import typing
+
+    fn.__annotations__ = typing.get_type_hints(fn)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Serve the pipeline until interrupted (Ctrl-C); returns the exit status.
 
@@ -116,6 +131,7 @@ def serve(args: argparse.Namespace) -> int:
         ConfigError: invalid --config or task-runner options.
     """
     flow = pipeline_on(args.task_runner, args.dask_address, args.dask_workers)
+    _resolve_annotations(flow.fn)
     flow.serve(
         name=args.name,
         cron=args.cron,

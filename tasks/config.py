@@ -205,10 +205,10 @@ class ProfileConfig(_Strict):
     """
 
     enabled: bool = Field(True, description="Time every engine and PyTorch eager (latency at batch 1, throughput at max batch).")
-    min_seconds: float = Field(0.5, ge=0, le=600, description="Timed work per measurement, at least (seconds).")
+    min_seconds: float = Field(0.3, ge=0, le=600, description="Timed work per measurement, at least (seconds).")
     min_iterations: int = Field(50, ge=1, le=1_000_000, description="Timed runs per measurement, at least.")
-    max_seconds: float = Field(1.0, gt=0, le=3600, description="Stop adding runs after this many seconds per measurement.")
-    warmup: int = Field(5, ge=0, le=10_000, description="Untimed runs before each measurement.")
+    max_seconds: float = Field(0.6, gt=0, le=3600, description="Stop adding runs after this many seconds per measurement.")
+    warmup: int = Field(3, ge=0, le=10_000, description="Untimed runs before each measurement.")
 
 
 class PipelineConfig(_Strict):

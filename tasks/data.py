@@ -7,6 +7,7 @@ the problem and the fix.
 from __future__ import annotations
 
 import logging
+import threading
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,7 +78,7 @@ def arrays_from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if magic.startswith(b"\x93NUMPY"):
         raise DatasetError(got=f"{path}, a single array written by numpy.save (.npy)", expected="a .npz archive holding two arrays, x and y", because="trtflow needs the images and their labels", fix=_NPZ_FIX)
     if not magic.startswith(b"PK"):
-        raise DatasetError(got=f"{path}, which is not a .npz (zip) archive (it starts with {magic!r})", expected="a .npz file", because="trtflow reads datasets with numpy.load, without unpickling", fix=_NPZ_FIX)
+        raise DatasetError(got=f"{path}, which is not a numpy archive (a .npz is a zip file; this one starts with {magic!r})", expected="a .npz file", because="trtflow reads datasets with numpy.load, without unpickling", fix=_NPZ_FIX)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
@@ -141,9 +142,21 @@ def split_indices(y: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
-    rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=y, random_state=cfg.seed)
-    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=cfg.seed)
+    try:
+        rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=y, random_state=cfg.seed)
+        val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=cfg.seed)
+    except ValueError as exc:
+        # scikit-learn refuses a stratified split whose test or validation part is smaller than the
+        # number of classes; say so in the dataset's terms.
+        k = len(np.unique(y))
+        need = int(np.ceil(k / min(cfg.val_fraction, cfg.test_fraction)))
+        raise DatasetError(
+            got=f"{len(y)} samples in {k} classes ({exc})",
+            expected=f"at least about {need} samples, so that validation ({cfg.val_fraction:g}) and test ({cfg.test_fraction:g}) each get a sample of every class",
+            because="the splits are stratified: every class must appear in train, validation and test",
+            fix="add samples, or raise data.val_fraction / data.test_fraction (in a --config file)",
+        ) from exc
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
@@ -200,11 +213,34 @@ def imbalanced_train(train: np.ndarray, y: np.ndarray, cfg: DataConfig, num_clas
     return np.sort(np.concatenate(kept))
 
 
+#: the latest splits read (file identity -> arrays); see ``load_splits``
+_SPLITS: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+_SPLITS_LOCK = threading.Lock()
+
+
 def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
-    """Read the split arrays of a ``data`` artifact, after checking its digest."""
-    ref.verify()
-    with np.load(ref.path(SPLITS_FILE), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Read the split arrays of a ``data`` artifact, after checking its digest.
+
+    A cold run reads the splits in about 15 stage calls; within a process an unchanged file (same
+    digest, size, inode, mtime and ctime, which any rewrite changes) is hashed and read once, and
+    each caller gets its own copies (cheaper than re-reading, and safe to modify).
+    """
+    path = ref.path(SPLITS_FILE)
+    try:
+        st = path.stat()
+        identity: tuple[Any, ...] | None = (str(path), ref.digest, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        identity = None  # verify() below names the problem
+    with _SPLITS_LOCK:
+        arrays = _SPLITS.get(identity) if identity else None
+        if arrays is None:
+            ref.verify()
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            _SPLITS.clear()  # keep only the latest dataset in memory
+            if identity:
+                _SPLITS[identity] = arrays
+    return {k: v.copy() for k, v in arrays.items()}
 
 
 @exclusive(SPEC)

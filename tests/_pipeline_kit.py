@@ -141,11 +141,11 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_child(cfg: PipelineConfig, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the plain pipeline in a child process and wait for it."""
+def run_child(cfg: PipelineConfig, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the plain pipeline in a child process (with extra environment ``env``) and wait for it."""
     return subprocess.run(
         [sys.executable, "-c", CHILD, cfg.model_dump_json()],
-        cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout,
     )
 
 

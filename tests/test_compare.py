@@ -1,9 +1,4 @@
-"""Output statistics of an engine against the reference, thresholds, and one verdict.
-
-NOTE for the lead: the issue-7 helper overwrote this file by accident (a race with its creation). The
-first seven tests are RECONSTRUCTED from their names in .pytest_cache; replace them with your original
-if you still have it, and keep the balanced-accuracy tests at the end.
-"""
+"""Output statistics of an engine against the reference, thresholds, and one verdict."""
 
 import json
 

@@ -43,7 +43,7 @@ def test_unknown_field_rejected():
 
 def test_refresh_includes_dependents():
     cfg = PipelineConfig(refresh=[Stage.build])
-    assert cfg.refreshed() == {Stage.build, Stage.verify}
+    assert cfg.refreshed() == {Stage.build, Stage.verify, Stage.profile}
     assert PipelineConfig(refresh=[Stage.train]).refreshed() >= {Stage.export, Stage.precision, Stage.verify}
 
 

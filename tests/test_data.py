@@ -68,7 +68,8 @@ def test_bad_arrays_are_named(tmp_path, arrays, message):
     with pytest.raises(DatasetError, match=message) as err:
         splits_from_dataset(DataConfig(dataset=path), tmp_path / "art")
     assert "numpy.savez" in str(err.value)  # the fix is part of the message
-    assert not (tmp_path / "art" / "data").exists() or not any((tmp_path / "art" / "data").iterdir())
+    assert not list((tmp_path / "art").glob("data/*/manifest.json"))  # no artifact, nothing half-written
+    assert not list((tmp_path / "art").glob("data/.tmp-*"))
 
 
 def test_missing_and_garbled_files(tmp_path):

@@ -92,6 +92,7 @@ def _set_timing_cache(
     status = "created"
     if warning:
         warnings.append(warning)
+        status = "replaced"
     if data:
         try:
             errors_before = len(logger.errors)

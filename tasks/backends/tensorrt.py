@@ -497,6 +497,7 @@ class TensorRTBuilder(EngineBuilder):
         import pycuda  # pyright: ignore[reportMissingImports]
         import pycuda.driver as cuda  # pyright: ignore[reportMissingImports]
         import tensorrt as trt
+
         dev = cuda.Device(0)  # TensorRT and the runner both use device 0 of CUDA_VISIBLE_DEVICES
         major, minor = dev.compute_capability()
         driver = int(cuda.get_driver_version())

@@ -306,6 +306,22 @@ def test_auto_falls_back_to_onnxruntime_with_the_reason(monkeypatch: pytest.Monk
     assert "TensorRT cannot run here" in why and INSTALL_HINT in why
 
 
+# Names gone in TensorRT 10 (8.x bindings API) or in 11 (precision flags, calibrators, implicit batch).
+# pyright with the 10.13 stubs catches the first group but not the second (still declared there).
+REMOVED_TENSORRT_API = (
+    "get_binding_shape", "binding_is_input", "max_batch_size", "num_bindings", "execute_async_v2",
+    "build_engine(", "max_workspace_size", "BuilderFlag.FP16", "BuilderFlag.INT8", "BuilderFlag.BF16",
+    "BuilderFlag.FP8", "EXPLICIT_BATCH", "int8_calibrator", "IInt8EntropyCalibrator",
+)
+
+
+def test_no_removed_tensorrt_api() -> None:
+    for module in ("tensorrt.py", "_trt_build.py", "cuda_buffers.py"):
+        source = (REPO / "tasks" / "backends" / module).read_text()
+        used = [name for name in REMOVED_TENSORRT_API if name in source]
+        assert not used, f"{module} uses TensorRT API removed in 10.x/11.x: {used}"
+
+
 def test_build_options_defaults_and_validation() -> None:
     opts = trtb._build_options({"threads": 2})  # other backends' keys are ignored
     assert opts == {
@@ -668,3 +684,131 @@ def test_gpu_large_pinned_round_trip() -> None:
         buf.free()
         stream.release()
 
+
+
+class _FakeTRT:
+    """Just enough of the TensorRT runtime API for TensorRTRunner: an engine computing
+    ``y = 2 * relu(x).reshape(N, -1)`` with torch on the stream the runner passes, so the runner's
+    own pycuda code (buffers sized from the profile, addresses, shapes, copies) runs on a real GPU
+    where no TensorRT runs (TensorRT-RTX refuses sm_90)."""
+
+    class _Enum:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class TensorIOMode:
+        INPUT = "INPUT"
+        OUTPUT = "OUTPUT"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity: int) -> None:
+            self.severity = severity
+
+    Builder = object
+    __version__ = "fake-10"
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, plan: bytes) -> Any:
+            return _FakeEngine() if plan == b"fake-engine" else None
+
+
+class _FakeEngine:
+    num_io_tensors = 2
+    PROFILE = ((1, 3, 4, 4), (8, 3, 4, 4), (32, 3, 4, 4))
+
+    def get_tensor_name(self, i: int) -> str:
+        return ["x", "y"][i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "INPUT" if name == "x" else "OUTPUT"
+
+    def get_tensor_dtype(self, name: str) -> Any:
+        return _FakeTRT._Enum("FLOAT")
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return (-1, 3, 4, 4) if name == "x" else (-1, 48)
+
+    def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
+        assert index == 0
+        return list(self.PROFILE)
+
+    def create_execution_context(self) -> Any:
+        return _FakeContext()
+
+
+class _FakeContext:
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = (-1, 3, 4, 4)
+        self.addresses: dict[str, int] = {}
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shape = tuple(shape)
+        return _FakeEngine.PROFILE[0][0] <= self.shape[0] <= _FakeEngine.PROFILE[2][0]
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shape if name == "x" else (self.shape[0], 48)
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        import torch
+
+        def tensor(ptr: int, shape: tuple[int, ...]) -> Any:
+            cai = types.SimpleNamespace(
+                __cuda_array_interface__={"shape": shape, "typestr": "<f4", "data": (ptr, False), "version": 3}
+            )
+            return torch.as_tensor(cai, device="cuda")
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream_handle)):
+            x = tensor(self.addresses["x"], self.shape)
+            y = tensor(self.addresses["y"], (self.shape[0], 48))
+            y.copy_(torch.relu(x).reshape(self.shape[0], -1) * 2)
+        return True
+
+
+@pytest.mark.gpu
+def test_gpu_runner_buffers_and_streams_with_a_fake_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_pycuda_and_torch_cuda()
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT)
+    monkeypatch.setattr(trtb, "_LOGGER", None)
+    engine = tmp_path / "engine.plan"
+    engine.write_bytes(b"fake-engine")
+    runner = trtb.TensorRTRunner(engine)
+    rng = np.random.default_rng(0)
+    with runner:
+        assert runner.batch_range == (1, 32)
+        assert [(s.name, s.dtype, s.shape) for s in runner.output_specs()] == [("y", "float32", (-1, 48))]
+        outs = []
+        for n in (32, 1, 5, 32):
+            x = rng.standard_normal((n, 3, 4, 4)).astype(np.float32)
+            out = runner.infer({"x": x})
+            assert out["y"].shape == (n, 48)
+            np.testing.assert_array_equal(out["y"], 2 * np.maximum(x, 0).reshape(n, -1))
+            outs.append((out["y"], out["y"].copy()))
+        assert all(np.array_equal(a, b) for a, b in outs)  # earlier outputs untouched by later calls
+        x = rng.standard_normal((3, 3, 4, 4)).astype(np.float64)  # cast into the float32 buffer
+        got: list[Any] = []
+        worker = threading.Thread(target=lambda: got.append(runner.infer({"x": x})))
+        worker.start()
+        worker.join()
+        assert got, "infer from another thread failed"
+        np.testing.assert_allclose(got[0]["y"], 2 * np.maximum(x, 0).reshape(3, -1), rtol=1e-6)
+        with pytest.raises(InferenceError, match=r"a batch in \[1, 32\]"):
+            runner.infer({"x": np.zeros((33, 3, 4, 4), np.float32)})
+        with pytest.raises(InferenceError, match="dtype"):
+            runner.infer({"x": np.zeros((2, 3, 4, 4), np.complex64)})
+    assert not runner.is_active and runner._buffers == {}
+    runner.activate()  # reusable after deactivate
+    np.testing.assert_array_equal(runner.infer({"x": np.ones((2, 3, 4, 4), np.float32)})["y"], np.full((2, 48), 2.0))
+    runner.deactivate()
+
+    engine.write_bytes(b"stale engine")
+    with pytest.raises(InferenceError, match="cannot load"):
+        trtb.TensorRTRunner(engine).activate()

@@ -19,6 +19,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -56,6 +57,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 
 
 @pytest.fixture(scope="session")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifacts folder shared by the tests that only need *a* run to complete: their upstream
+    stages come back Cached from each other (keys are content addresses, so sharing is safe)."""
+    return tmp_path_factory.mktemp("shared") / "artifacts"
+
+
+@pytest.fixture(scope="session")
 def deployed(prefect_server: Server) -> dict[str, UUID]:
     """The repo's prefect.yaml deployed as an operator would: pool created, ``deploy --all`` from the root."""
     prefect_server.cli("work-pool", "create", POOL, "--type", "process")
@@ -71,3 +79,11 @@ def worker(prefect_server: Server, deployed: dict[str, UUID]) -> Iterator[Worker
         yield w
     finally:
         w.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Expose each phase's report as ``item.rep_<phase>`` (the browser fixture screenshots failures)."""
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{rep.when}", rep)

@@ -161,14 +161,24 @@ class Api:
                 raise AssertionError(f"flow run {run_id} still {fr.state.name if fr.state else None} after {timeout} s; worker log:\n{_tail(self.server.home / 'worker.log')}")
             time.sleep(1)
 
-    def task_states(self, run_id: UUID) -> dict[str, list[str]]:
-        """Stage name -> the final state names of its task runs in this flow run (e.g. 'Cached')."""
+    def task_states(self, run_id: UUID, attempt: int | None = None) -> dict[str, list[str]]:
+        """Stage name -> the state names of its task runs in this flow run (e.g. 'Cached').
+
+        Args:
+            run_id: the flow run.
+            attempt: only task runs of this attempt of the flow run (1 = first run, 2 = first Retry);
+                None: the latest attempt.
+        """
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         runs = self.client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        if attempt is None:
+            attempt = max((r.flow_run_run_count for r in runs), default=0)
         out: dict[str, list[str]] = {}
         for r in runs:
-            out.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name if r.state else "?")
+            if r.flow_run_run_count != attempt:
+                continue
+            out.setdefault(r.name.rsplit("-", 1)[0], []).append((r.state.name if r.state else None) or "?")
         return {k: sorted(v) for k, v in out.items()}
 
     def artifacts(self, run_id: UUID) -> dict[str, Any]:
@@ -176,7 +186,7 @@ class Api:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         arts = self.client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
-        return {a.key or a.type: a for a in arts}
+        return {a.key or a.type or "?": a for a in arts}
 
 
 def _tail(path: Path, n: int = 4000) -> str:

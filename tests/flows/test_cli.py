@@ -51,6 +51,8 @@ def test_config_file_is_overridden_by_options(tmp_path):
         (["--epochs", "0"], "train.epochs"),
         (["--model", "no_colon"], "package.module:callable"),
         (["--config", "/nonexistent/c.json"], "config file"),
+        (["--imbalance", "1.5"], "data.imbalance"),
+        (["--balance", "none", "--max-majority-share", "0"], "max_majority_prediction_share"),
     ],
 )
 def test_bad_options_exit_2_with_one_line_reason(argv, message, capsys):

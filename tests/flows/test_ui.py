@@ -1,0 +1,84 @@
+"""flows/ui.py: confusion matrix, figures as PNG and as data-URI markdown, progress outside a run."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.ui import Progress, confusion_matrix, confusion_matrix_png, engine_confusion, image_markdown, publish_figures, training_curve_png
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_confusion_matrix_counts_true_by_predicted() -> None:
+    m = confusion_matrix([0, 1, 1, 2, 2, 2], [0, 1, 0, 2, 2, 1], num_classes=3)
+    assert m.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 2]]
+    assert m.sum() == 6 and np.trace(m) == 4
+    assert confusion_matrix([], [], num_classes=2).tolist() == [[0, 0], [0, 0]]
+
+
+def test_confusion_matrix_rejects_bad_labels() -> None:
+    with pytest.raises(ValueError, match="same number"):
+        confusion_matrix([0, 1], [0], num_classes=2)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix([0, 2], [0, 1], num_classes=2)
+
+
+def test_figures_are_pngs_and_embed_as_data_uris(tmp_path: Path) -> None:
+    history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 10, "val_loss": 1.1 / e, "val_acc": 0.45 + e / 10} for e in (1, 2, 3)]
+    curve = training_curve_png(history, tmp_path / "r" / "curve.png")
+    cm = confusion_matrix_png({"fp32": np.eye(3, dtype=np.int64) * 5, "int8": np.ones((3, 3), dtype=np.int64)}, tmp_path / "cm.png")
+    for png in (curve, cm):
+        assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 1000
+    md = image_markdown(curve, "Training curve", "3 epochs")
+    assert md.startswith("## Training curve\n")
+    uri = md.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(uri) == curve.read_bytes()
+    assert md.rstrip().endswith("3 epochs")
+
+
+def test_progress_is_a_no_op_outside_a_flow_run() -> None:
+    p = Progress(4)
+    assert p.id is None
+    for stage in ("data", "train", "export", "validate", "extra"):
+        p.step(stage)
+    assert p.done == 4  # never above the total
+    p.expect(12)
+    assert p.total == 12
+
+
+def test_publish_figures_from_real_artifacts(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tasks.config import Backend, BatchProfile, Precision
+    from tasks.engine import engine_from_variant
+    from tasks.precision import variant_from_onnx
+
+    root = trained.root
+    variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp32, 16, root)
+    engine = engine_from_variant(variant, Backend.onnxruntime, BatchProfile(min=1, opt=8, max=64), trained.config.engine.model_dump(), root)
+    m, acc = engine_confusion(engine, trained.data)
+    n_test = trained.data.meta["sizes"]["test"] if isinstance(trained.data.meta["sizes"], dict) else None
+    if n_test is not None:
+        assert m.sum() == n_test
+    assert 0 <= acc <= 1 and abs(np.trace(m) / m.sum() - acc) < 1e-9
+
+    out = publish_figures(root, trained.checkpoint, trained.data, {"fp32": engine})
+    assert out == {"training-curve": "reports/training-curve.png", "confusion-matrix": "reports/confusion-matrix.png"}
+    assert (root / out["confusion-matrix"]).read_bytes().startswith(PNG_MAGIC)
+    history = json.loads(trained.checkpoint.path("history.json").read_text())
+    assert len(history) == trained.config.train.epochs
+
+
+def test_publish_figures_never_fails_the_run(tmp_path: Path, trained) -> None:  # type: ignore[no-untyped-def]
+    class Broken:
+        meta: dict[str, object] = {}
+        digest = "0" * 64
+
+        def path(self, name: str) -> Path:
+            return tmp_path / "missing" / name
+
+    # A missing history and an unusable engine: logged and skipped, nothing raised.
+    assert publish_figures(tmp_path, Broken(), trained.data, {"fp32": Broken()}) == {}
