@@ -34,7 +34,7 @@ def child(root: Path, epochs: int | None, profile_stage: str | None) -> None:
     """Run every stage once, cold; print per-stage seconds as a JSON line."""
     t_import = time.perf_counter()
     from tasks.backends.registry import choose_backend
-    from tasks.config import Backend, PipelineConfig, TrainConfig
+    from tasks.config import Backend, PipelineConfig
     from tasks.data import splits_from_dataset
     from tasks.engine import engine_from_variant
     from tasks.export import onnx_from_checkpoint
@@ -45,7 +45,9 @@ def child(root: Path, epochs: int | None, profile_stage: str | None) -> None:
     from tasks.verify import verification_of_engine
 
     imports = time.perf_counter() - t_import
-    cfg = PipelineConfig(artifacts_dir=root, **({"train": TrainConfig(epochs=epochs)} if epochs else {}))
+    cfg = PipelineConfig(artifacts_dir=root)
+    if epochs:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
     times: dict[str, float] = {}
     detail: list[tuple[str, float]] = []
     profiler: Any = None

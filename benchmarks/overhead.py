@@ -216,7 +216,7 @@ def main() -> None:
             continue
         wall = spread([x["wall_s"] / y["wall_s"] for x, y in zip(p, b, strict=True)])
         flow_ = spread([x["flow_s"] / y["flow_s"] for x, y in zip(p, b, strict=True)])
-        lines.append(f"- {mode} server: process wall {fmt(wall)}× ({'met' if wall['median'] <= 1.15 else 'MISSED'}); flow call alone {fmt(flow_)}×")
+        lines.append(f"- {'temporary server' if mode == 'temporary' else 'running server'}: process wall {fmt(wall)}× ({'met' if wall['median'] <= 1.15 else 'MISSED'}); flow call alone {fmt(flow_)}×")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -99,13 +99,14 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     progress = Progress(4 + len(BRANCH) * len(config.precisions))
 
     t, r = stage(Stage.data, data_task)
-    data: ArtifactRef = t(config.data, root, refresh=r)
+    # .under(root): a cached result names the folder it was made in, which may have moved since.
+    data: ArtifactRef = t(config.data, root, refresh=r).under(root)
     progress.step("data")
     t, r = stage(Stage.train, train_task)
-    checkpoint: ArtifactRef = t(data, config.train, root, refresh=r)
+    checkpoint: ArtifactRef = t(data, config.train, root, refresh=r).under(root)
     progress.step("train")
     t, r = stage(Stage.export, export_task)
-    onnx: ArtifactRef = t(checkpoint, root, refresh=r)
+    onnx: ArtifactRef = t(checkpoint, root, refresh=r).under(root)
     progress.step("export")
     t, r = stage(Stage.validate, validate_task)
     t(onnx, data, root, refresh=r)
@@ -136,7 +137,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     for p, futures in branches.items():
         failed = next(((s, e) for s in BRANCH if (e := _error_of(futures[s])) is not None), None)
         if failed is None:
-            outcomes[p] = {"engine": futures[Stage.build].result(), "verify": futures[Stage.verify].result()}
+            outcomes[p] = {"engine": futures[Stage.build].result().under(root), "verify": futures[Stage.verify].result().under(root)}
         else:
             outcomes[p] = {"failed_stage": failed[0].value, "error": str(failed[1])}
             errors.append(failed[1])
@@ -157,7 +158,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             progress.step("profile" + ("" if done.state.is_completed() else f" ({done.state.name})"))
         for p, f in timed.items():
             if (e := _error_of(f)) is None:
-                outcomes[p]["profile"] = f.result()
+                outcomes[p]["profile"] = f.result().under(root)
             else:
                 outcomes[p]["profile_error"] = str(e)
                 errors.append(e)

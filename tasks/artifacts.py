@@ -87,6 +87,11 @@ class ArtifactRef(BaseModel):
         """Content address of the artifact: the digest of its files' names and digests."""
         return sha256_json(sorted(self.files.items()))
 
+    def under(self, artifacts_dir: Path) -> ArtifactRef:
+        """Return this reference re-rooted in ``artifacts_dir`` (the folder may have been moved since)."""
+        where = artifact_dir(artifacts_dir, self.stage, self.key)
+        return self if where == self.dir else self.model_copy(update={"dir": where})
+
     def path(self, name: str) -> Path:
         """Return the path of one of the artifact's files.
 

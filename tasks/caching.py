@@ -9,6 +9,8 @@ Prefect's record, so the stage re-runs instead of handing a broken artifact down
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 
-from tasks.artifacts import load_ref
+from tasks.artifacts import ArtifactRef, load_ref
 from tasks.errors import is_retryable
 from tasks.stage import StageSpec, stage_key
 
@@ -77,8 +79,21 @@ def stage_task(fn: Callable[..., Any], spec: StageSpec, retries: int = len(RETRY
     Returns:
         The task. Callers set ``result_storage`` (under the artifacts folder) with ``with_options``.
     """
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def rerooted(*args: Any, **kwargs: Any) -> Any:
+        # A cached upstream result records the folder it was made in; if the artifacts folder was moved
+        # since, its files are found under the current one (same stage and key).
+        bound = signature.bind(*args, **kwargs)
+        root = Path(bound.arguments["artifacts_dir"])
+        for name, value in bound.arguments.items():
+            if isinstance(value, ArtifactRef):
+                bound.arguments[name] = value.under(root)
+        return fn(*bound.args, **bound.kwargs)
+
     return task(
-        fn,
+        rerooted,
         name=spec.name,
         cache_policy=ArtifactCache(spec=spec),
         persist_result=True,

@@ -5,6 +5,8 @@ doing the same (expensive) work twice: the second process waits for the first, t
 artifact and reuses it. Locks are ``fcntl.flock`` locks on ``<artifacts>/<stage>/.<key[:16]>.lock``:
 the kernel releases them when their holder exits or is killed, so a crash never leaves a lock behind.
 The lock files themselves stay (empty, one per key); deleting them would race with waiting processes.
+A stage function must not call another stage function of the same key: ``flock`` locks belong to an
+open file, so a second lock of the same key in the same process waits for itself.
 
     from tasks.locking import exclusive
 

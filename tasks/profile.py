@@ -31,6 +31,7 @@ import numpy as np
 from tasks.artifacts import ArtifactRef, load_ref, staging
 from tasks.caching import stage_task
 from tasks.config import BatchProfile, ProfileConfig
+from tasks.locking import key_lock
 from tasks.stage import StageSpec, stage_key
 
 log = logging.getLogger("trtflow.profile")
@@ -41,6 +42,8 @@ PERCENTILES = (50, 90, 99)
 MAX_ITERATIONS = 100_000
 #: serialises measurements in this process: concurrent timings on a 2-core CPU distort each other
 _LOCK = threading.Lock()
+#: the key of the file lock that serialises measurements across processes
+MEASURING = "measuring" + "0" * 55
 #: PyTorch references measured in this process: a refresh of three precisions measures torch once
 _MEASURED: set[str] = set()
 
@@ -334,7 +337,11 @@ def profile_of_engine(
     key = stage_key(SPEC, {"engine": engine, "checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads})
     if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
         return ref
-    with _LOCK:
+    # One measurement at a time: threads of this process (_LOCK) and other processes of the same
+    # artifacts folder, e.g. Dask workers (a file lock).
+    with _LOCK, key_lock(artifacts_dir, SPEC.name, MEASURING):
+        if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
+            return ref  # measured by another process while this one waited
         reference = torch_profile(checkpoint, data, batch, settings, threads, _torch_device(engine), artifacts_dir, refresh=refresh)
         lat_b, thr_b = batches_of(batch)
         xs = inputs_of(data, (lat_b, thr_b))

@@ -12,7 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trtflow")
 
 from tasks.artifacts import ArtifactRef  # noqa: E402
-from tasks.config import BatchProfile, DataConfig, PipelineConfig, TrainConfig  # noqa: E402
+from tasks.config import BatchProfile, DataConfig, PipelineConfig, ProfileConfig, TrainConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +32,8 @@ def tiny_config_for(root: Path, **overrides: object) -> PipelineConfig:
         "train": TrainConfig(epochs=1, batch_size=64),
         "batch": BatchProfile(min=1, opt=8, max=64),
         "calibration_samples": 64,
+        # The profile stage's numbers are not asserted on in flow tests: time a few runs only.
+        "profile": ProfileConfig(min_seconds=0, min_iterations=3, max_seconds=0.1, warmup=1),
     }
     base.update(overrides)
     return PipelineConfig(**base)  # type: ignore[arg-type]

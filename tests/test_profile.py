@@ -60,7 +60,8 @@ def test_percentiles_interpolate_like_numpy():
 
 
 def test_default_time_infer_runs_infer_once_per_iteration():
-    with FakeRunner() as r:
+    r = FakeRunner()
+    with r:
         times = r.time_infer({"x": np.ones((1, 2), np.float32)}, 7)
     assert r.calls == 7 and len(times) == 7 and all(t >= 0 for t in times)
     assert r.timer == "perf_counter_ns"

@@ -779,46 +779,86 @@ class TensorRTRunner(BaseRunner):
                     fix="report this with the TensorRT log",
                 )
 
-    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from tasks.backends import cuda_buffers
+    #: device time between CUDA events on the runner's stream, upload to download included
+    timer = "cuda_events"
 
-        context, stream = self._context, self._stream
-        assert context is not None and stream is not None
+    def _checked(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {name: np.asarray(arr) for name, arr in feed.items()}
         for name, arr in arrays.items():
             check_feed(name, arr.shape, self._profiles[name])
-        with cuda_buffers.context_current():
-            for name, arr in arrays.items():
-                if not context.set_input_shape(name, arr.shape):
-                    raise InferenceError(
-                        got=f"shape {arr.shape} for input '{name}'",
-                        expected="a shape inside the engine's profile",
-                        because="TensorRT refused it (its log says why)",
-                        fix="feed a batch inside the profile's range",
-                    )
-                try:
-                    self._buffers[name].upload(arr, stream)
-                except TypeError as exc:
-                    raise InferenceError(
-                        got=f"input '{name}' of dtype {arr.dtype}",
-                        expected=f"dtype {self._buffers[name].dtype} (or one that casts to it within its kind)",
-                        because="the engine's input has that type",
-                        fix=f"feed {self._buffers[name].dtype} arrays",
-                    ) from exc
-            if not context.execute_async_v3(stream.handle):
+        return arrays
+
+    def _enqueue(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Queue upload, execution and download on the stream (context current); return pinned views."""
+        context, stream = self._context, self._stream
+        assert context is not None and stream is not None
+        for name, arr in arrays.items():
+            if not context.set_input_shape(name, arr.shape):
                 raise InferenceError(
-                    got="execute_async_v3 returned False",
-                    expected="a successful enqueue",
-                    because="TensorRT could not run the engine (its log says why)",
-                    fix="check the TensorRT log; rebuild the engine if it is stale",
+                    got=f"shape {arr.shape} for input '{name}'",
+                    expected="a shape inside the engine's profile",
+                    because="TensorRT refused it (its log says why)",
+                    fix="feed a batch inside the profile's range",
                 )
-            views = {
-                name: self._buffers[name].download(dims_tuple(context.get_tensor_shape(name)), stream)
-                for name in self._outputs
-            }
-            stream.synchronize()
+            try:
+                self._buffers[name].upload(arr, stream)
+            except TypeError as exc:
+                raise InferenceError(
+                    got=f"input '{name}' of dtype {arr.dtype}",
+                    expected=f"dtype {self._buffers[name].dtype} (or one that casts to it within its kind)",
+                    because="the engine's input has that type",
+                    fix=f"feed {self._buffers[name].dtype} arrays",
+                ) from exc
+        if not context.execute_async_v3(stream.handle):
+            raise InferenceError(
+                got="execute_async_v3 returned False",
+                expected="a successful enqueue",
+                because="TensorRT could not run the engine (its log says why)",
+                fix="check the TensorRT log; rebuild the engine if it is stale",
+            )
+        return {
+            name: self._buffers[name].download(dims_tuple(context.get_tensor_shape(name)), stream)
+            for name in self._outputs
+        }
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tasks.backends import cuda_buffers
+
+        arrays = self._checked(feed)
+        assert self._stream is not None
+        with cuda_buffers.context_current():
+            views = self._enqueue(arrays)
+            self._stream.synchronize()
         # The pinned buffers are reused by the next call: hand out copies of the valid slice.
         return {name: view.copy() for name, view in views.items()}
+
+    def time_infer(self, feed: Mapping[str, np.ndarray], iterations: int) -> list[float]:
+        """Time ``iterations`` runs with CUDA events around upload, execution and download.
+
+        The events bracket everything one ``infer`` puts on the stream, the host's copy into the pinned
+        buffer included (the stream waits for it), so the figure compares with the wall-clock timing
+        of the CPU backends; only the final copy out of the pinned buffer is left out.
+        """
+        from tasks.backends import cuda_buffers
+
+        if not self.is_active:
+            return super().time_infer(feed, iterations)  # raises the inactive-runner error
+        arrays = self._checked(feed)
+        stream = self._stream
+        assert stream is not None
+        drv = cuda_buffers._driver()
+        times: list[float] = []
+        with cuda_buffers.context_current():
+            start, end = drv.Event(), drv.Event()
+            for _ in range(iterations):
+                start.record(stream.pycuda_stream)
+                self._enqueue(arrays)
+                end.record(stream.pycuda_stream)
+                end.synchronize()
+                times.append(float(start.time_till(end)))
+            # Events are destroyed when collected: drop them while their context is still current.
+            del start, end
+        return times
 
     def deactivate_impl(self) -> None:
         from tasks.backends import cuda_buffers

@@ -802,6 +802,8 @@ def test_gpu_runner_buffers_and_streams_with_a_fake_engine(tmp_path: Path, monke
         np.testing.assert_allclose(got[0]["y"], 2 * np.maximum(x, 0).reshape(3, -1), rtol=1e-6)
         with pytest.raises(InferenceError, match=r"a batch in \[1, 32\]"):
             runner.infer({"x": np.zeros((33, 3, 4, 4), np.float32)})
+        times = runner.time_infer({"x": np.ones((32, 3, 4, 4), np.float32)}, 20)  # CUDA events
+        assert runner.timer == "cuda_events" and len(times) == 20 and all(0 < t < 1000 for t in times)
         with pytest.raises(InferenceError, match="dtype"):
             runner.infer({"x": np.zeros((2, 3, 4, 4), np.complex64)})
     assert not runner.is_active and runner._buffers == {}

@@ -35,26 +35,65 @@ def prefect_bin() -> str:
     return str(Path(sys.executable).with_name("prefect"))
 
 
-def stop(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it started."""
-    if proc is None or proc.poll() is not None and not _group_alive(proc.pid):
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(proc.pid):
-                return
-            time.sleep(0.2)
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), also those in their own session.
+
+    Prefect's process worker starts each flow run with ``start_new_session=True``, so killing the
+    worker's process group leaves its flow runs running: they must be found by parentage.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may contain spaces, so split after the last ')'.
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
-def _group_alive(pgid: int) -> bool:
+def _alive(pid: int) -> bool:
     try:
-        os.killpg(pgid, 0)
+        os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    # A zombie still answers signal 0 but is gone for our purposes.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def kill_tree(proc: subprocess.Popen[Any], sig: int) -> list[int]:
+    """Send ``sig`` to a process started with ``start_new_session=True``, its group and all descendants."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    return pids
+
+
+def stop(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> None:
+    """Stop a process we started and everything it started (SIGTERM, then SIGKILL after ``grace``)."""
+    if proc is None:
+        return
+    pids: list[int] = []
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        pids = sorted({*pids, *kill_tree(proc, sig)})
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not any(_alive(pid) for pid in pids):
+                return
+            time.sleep(0.2)
 
 
 @dataclass
@@ -97,6 +136,9 @@ def _env(home: Path, port: int) -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_WORKER_PREFETCH_SECONDS="5",
+        # A loaded 2-core CI box makes SQLite writers wait: give statements time rather than fail.
+        PREFECT_SERVER_DATABASE_TIMEOUT="60",
+        PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="60",
         PREFECT_LOGGING_EXTRA_LOGGERS="trtflow",
         PYTHONUNBUFFERED="1",
     )
@@ -115,10 +157,9 @@ class Worker:
         return self
 
     def kill(self) -> None:
-        """SIGKILL the worker and every flow-run process it started (a crashed machine)."""
+        """SIGKILL the worker and every flow-run process it started at once (the machine is lost)."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_tree(self.proc, signal.SIGKILL)
             self.proc.wait(10)
 
     def stop(self) -> None:

@@ -18,7 +18,7 @@ pytest.importorskip("prefect_dask", reason="prefect-dask is not installed (pip i
 
 
 @pytest.mark.slow
-def test_branches_run_on_several_dask_worker_processes(prefect_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_branches_run_on_several_dask_worker_processes(prefect_server: Server, shared_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from distributed import Client, LocalCluster
     from distributed.diagnostics.task_stream import TaskStreamPlugin  # noqa: F401 - the stream needs it
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -30,7 +30,8 @@ def test_branches_run_on_several_dask_worker_processes(prefect_server: Server, t
     for k, v in prefect_server.env.items():
         if k.startswith("PREFECT_"):
             monkeypatch.setenv(k, v)
-    config = PipelineConfig.model_validate(tiny(tmp_path / "artifacts", precisions=["fp32", "fp16", "int8"]))
+    # The shared folder: upstream stages may come back Cached from other tests; fp16 is built here.
+    config = PipelineConfig.model_validate(tiny(shared_root, precisions=["fp32", "fp16", "int8"]))
     cluster_cm: Any = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)  # type: ignore[arg-type]
     with cluster_cm as cluster, Client(cluster) as client_cm:
         client: Any = client_cm

@@ -6,8 +6,6 @@ conftest.py); run them with ``pytest tests/flows/test_deployments.py``.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -88,8 +86,8 @@ def test_deployed_run_end_to_end_shows_results_in_the_ui(prefect_server: Server,
 
 
 @pytest.mark.slow
-def test_retry_after_failure_reruns_only_the_failed_stage(prefect_server: Server, worker: Worker, tmp_path: Path) -> None:
-    root = tmp_path / "artifacts"
+def test_retry_after_failure_reruns_only_the_failed_stage(prefect_server: Server, worker: Worker, shared_root: Path) -> None:
+    root = shared_root
     # atol = rtol = 0: no engine matches PyTorch bit for bit, so verify fails deterministically.
     impossible = tiny(root, precisions=["fp32"], tolerances={"fp32": {"atol": 0.0, "rtol": 0.0}})
     with Api(prefect_server) as api:
@@ -98,7 +96,7 @@ def test_retry_after_failure_reruns_only_the_failed_stage(prefect_server: Server
         assert fr.state.type.value == "FAILED"
         assert "fp32" in (fr.state.message or "") or "verif" in (fr.state.message or "").lower()
         first = api.task_states(run_id)
-        assert first["verify"] == ["Failed"] and first["train"] == ["Completed"]
+        assert first["verify"] == ["Failed"] and first["train"][0] in ("Completed", "Cached")
 
         # What the UI's Retry button does for a deployed run: the same run is scheduled again.
         prefect_server.cli("flow-run", "retry", str(run_id))
@@ -111,15 +109,10 @@ def test_retry_after_failure_reruns_only_the_failed_stage(prefect_server: Server
         for stage in UPSTREAM:
             assert again[stage] == ["Cached"] * len(again[stage]), (stage, again)
         assert again["verify"] == ["Failed"]
-
-        # The fix (a tolerance that can be met) in a new run: only verify runs.
-        good = api.run("on-demand", tiny(root, precisions=["fp32"]))
-        fr = api.wait(good)
-        assert fr.state.type.value == "COMPLETED", fr.state.message
-        states = api.task_states(good)
-    for stage in UPSTREAM:
-        assert set(states[stage]) == {"Cached"}, (stage, states)
-    assert states["verify"] == ["Completed"]
+        # The attempts stay apart in the run's history: the first one's task runs are kept.
+        assert api.task_states(run_id, attempt=1)["verify"] == ["Failed"]
+    # The fix is a new run with a tolerance that can be met (or the same run after fixing the data or
+    # code); test_pipeline.py shows that only the failed stage and its dependents run then.
 
 
 def test_invalid_parameters_are_rejected_before_the_run_starts(prefect_server: Server, worker: Worker) -> None:
@@ -147,56 +140,33 @@ def test_invalid_parameters_are_rejected_before_the_run_starts(prefect_server: S
 
 
 @pytest.mark.slow
-def test_crashed_run_completes_on_retry_reusing_finished_stages(prefect_server: Server, worker: Worker, tmp_path: Path) -> None:
+def test_run_of_a_killed_worker_completes_on_retry_reusing_finished_stages(prefect_server: Server, worker: Worker, tmp_path: Path) -> None:
+    from prefect.states import Crashed
+
     root = tmp_path / "artifacts"
-    # Enough epochs that the run is still busy after training when it is killed.
-    config = tiny(root, precisions=["fp32", "fp16", "int8"], train={"epochs": 2, "seed": 1})
+    # Three branches left after training, so the run is still busy when the worker dies.
+    config = tiny(root, precisions=["fp32", "fp16", "int8"], train={"epochs": 1, "seed": 1})
     with Api(prefect_server) as api:
         run_id = api.run("on-demand", config)
         _finished(api, run_id, "train")
-        fr = api.client.read_flow_run(run_id)
-        # The process worker records the flow-run process id ("<pid>" or "<host>:<pid>"); kill it like the OOM killer.
-        assert fr.infrastructure_pid, fr
-        pid = int(str(fr.infrastructure_pid).rsplit(":", 1)[-1])
-        os.kill(pid, signal.SIGKILL)
-        fr = api.wait(run_id, timeout=60)
-        assert fr.state.type.value in ("CRASHED", "FAILED", "COMPLETED")
-        if fr.state.type.value == "COMPLETED":  # pragma: no cover - finished before the kill landed
-            pytest.skip("the run finished before it could be killed")
-        prefect_server.cli("flow-run", "retry", str(run_id))
-        api.wait(run_id, until={"RUNNING"}, timeout=60)
-        fr = api.wait(run_id)
-        assert fr.state.type.value == "COMPLETED", fr.state.message
-        states = api.task_states(run_id)
-    assert states["data"] == ["Cached"] and states["train"] == ["Cached"], states
-
-
-@pytest.mark.slow
-def test_killed_worker_new_run_reuses_finished_stages(prefect_server: Server, worker: Worker, tmp_path: Path) -> None:
-    root = tmp_path / "artifacts"
-    config = tiny(root, precisions=["fp32", "fp16", "int8"], train={"epochs": 2, "seed": 2})
-    with Api(prefect_server) as api:
-        run_id = api.run("on-demand", config)
-        _finished(api, run_id, "train")
-        worker.kill()  # the worker and its flow-run process die at once (machine lost)
+        worker.kill()  # SIGKILL to the worker and its flow-run process at once: the machine is lost
+        time.sleep(2)  # anything in flight to the API has landed
         try:
-            # Nothing reports the run any more: it stays Running on the server.
-            state = api.client.read_flow_run(run_id).state
-            assert state is not None and state.type.value == "RUNNING"
+            fr = api.client.read_flow_run(run_id)
+            if fr.state is not None and fr.state.type.value == "COMPLETED":  # pragma: no cover
+                pytest.skip("the run finished before the worker could be killed")
+            # Nobody is left to report the run: it stays Running until someone marks it Crashed (in the
+            # UI: the run's menu -> Change state -> Crashed), which is what makes Retry available.
+            assert fr.state is not None and fr.state.type.value == "RUNNING", fr.state
+            api.client.set_flow_run_state(run_id, Crashed(message="worker lost"), force=True)
         finally:
             worker.start()
-        again = api.run("on-demand", config)
-        fr = api.wait(again)
-        assert fr.state.type.value == "COMPLETED", fr.state.message
-        states = api.task_states(again)
-        # The orphan can then be marked Crashed and retried (the UI: Change state, then Retry).
-        from prefect.states import Crashed
-
-        api.client.set_flow_run_state(run_id, Crashed(message="worker lost"), force=True)
         prefect_server.cli("flow-run", "retry", str(run_id))
         api.wait(run_id, until={"RUNNING"}, timeout=60)
         fr = api.wait(run_id)
         assert fr.state.type.value == "COMPLETED", fr.state.message
-        retried: dict[str, Any] = api.task_states(run_id)
-    assert states["data"] == ["Cached"] and states["train"] == ["Cached"], states
-    assert set(retried["verify"]) == {"Cached"}, retried
+        first, retried = api.task_states(run_id, attempt=1), api.task_states(run_id, attempt=2)
+    assert first["train"] == ["Completed"]
+    # The stages the lost worker finished come back Cached; the rest ran.
+    assert retried["data"] == ["Cached"] and retried["train"] == ["Cached"], retried
+    assert len(retried["verify"]) == 3, retried

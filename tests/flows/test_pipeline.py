@@ -44,7 +44,8 @@ def test_second_run_is_entirely_cached_and_reports_all_precisions(tiny_config):
     second, states = run(tiny_config)
     assert second.is_completed()
     assert {name: set(c) for name, c in states.items()} == {name: {"Cached"} for name in states}
-    assert sum(sum(c.values()) for c in states.values()) == 4 + 4 * 3  # data..validate, then 4 per precision
+    # data, train, export, validate; then precision, validate, build, verify, profile per precision
+    assert sum(sum(c.values()) for c in states.values()) == 4 + 5 * 3
 
 
 def test_failed_verification_reruns_only_verify(tiny_config):
@@ -99,3 +100,16 @@ def test_changing_a_parameter_reruns_only_what_it_affects(tiny_config):
     _, states = run(cfg.model_copy(update={"tolerances": looser}))
     assert states["verify"] == Counter({"Completed": 1})
     assert all(set(c) == {"Cached"} for name, c in states.items() if name != "verify")
+
+
+def test_moved_artifacts_folder_is_still_used(tiny_config, tmp_path):
+    cfg = tiny_config.model_copy(update={"precisions": [Precision.fp16]})
+    assert run(cfg)[0].is_completed()
+    moved = tmp_path / "moved"
+    cfg.artifacts_dir.rename(moved)
+    # verify must re-run and read every upstream artifact from the new place
+    state, states = run(cfg.model_copy(update={"artifacts_dir": moved, "refresh": [Stage.verify]}))
+    assert state.is_completed(), state.message
+    assert set(states["train"]) == {"Cached"} and states["verify"] == Counter({"Completed": 1})
+    report = json.loads((moved / "report.json").read_text())
+    assert (moved / report["precisions"]["fp16"]["engine"]).is_file()
