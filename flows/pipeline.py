@@ -25,7 +25,7 @@ from tasks.backends.registry import choose_backend
 from tasks.config import Backend, PipelineConfig, Precision, Stage
 from tasks.data import arrays_from_npz, data_task
 from tasks.engine import build_task
-from tasks.errors import TrtflowError, VerificationError
+from tasks.errors import VerificationError
 from tasks.export import export_task
 from tasks.models import factory_from_path
 from tasks.precision import precision_task
@@ -171,5 +171,5 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         verification = [e for e in errors if isinstance(e, VerificationError)]
         if len(verification) == len(errors) and len(errors) > 1:
             raise VerificationError([f for e in verification for f in e.failures], str(root / "report.json"))
-        raise errors[0] if isinstance(errors[0], TrtflowError) else errors[0]
+        raise errors[0]
     return report

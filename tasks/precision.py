@@ -87,18 +87,36 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray) -> dict[str, A
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     name = onnx.load(str(src), load_external_data=False).graph.input[0].name
-    quantize_static(
-        str(src),
-        str(dst),
-        _Calibration(name, calibration),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-    )
+    # quantize_static logs "consider pre-processing" on the root logger at every call; that
+    # pre-processing rewrites the graph TensorRT builds from, which we deliberately do not do.
+    hint = _DropMessage("pre-process")
+    logging.getLogger().addFilter(hint)
+    try:
+        quantize_static(
+            str(src),
+            str(dst),
+            _Calibration(name, calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        )
+    finally:
+        logging.getLogger().removeFilter(hint)
     return {"format": "QDQ", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric", "calibration_samples": int(len(calibration))}
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains a given text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 @exclusive(SPEC)
