@@ -9,7 +9,7 @@ from typing import Any
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Precision
 from tasks.profile import speed_markdown, table_columns
-from tasks.verify import write_report
+from tasks.artifacts import write_json_atomic
 
 REPORT = "report.json"
 METRICS = ("max_abs", "mean_abs", "max_rel", "min_cosine", "top1_agreement", "accuracy_reference", "accuracy", "accuracy_drop")
@@ -78,7 +78,7 @@ def run_report(
     if report["config"]["data"].get("dataset"):
         # The file name only: an absolute path would put this machine's folders into the report and UI.
         report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
-    write_report(root / REPORT, report)
+    write_json_atomic(root / REPORT, report)
     return report
 
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import time
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
 import numpy as np
+
+from tasks.metrics import confusion_matrix  # noqa: F401 - re-exported for the figure code and tests
 
 log = logging.getLogger("trtflow.ui")
 
@@ -96,31 +98,6 @@ class Progress:
 
 
 # --- plain figure helpers -------------------------------------------------------------------------
-
-
-def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
-    """Count (true class, predicted class) pairs.
-
-    Args:
-        y_true: true labels, ints in [0, num_classes).
-        y_pred: predicted labels, same length.
-        num_classes: size of the matrix.
-
-    Returns:
-        An int64 array ``m`` of shape (num_classes, num_classes): ``m[t, p]`` samples of class t predicted as p.
-
-    Raises:
-        ValueError: lengths differ or a label is outside [0, num_classes).
-    """
-    t = np.asarray(y_true, dtype=np.int64).ravel()
-    p = np.asarray(y_pred, dtype=np.int64).ravel()
-    if len(t) != len(p):
-        raise ValueError(f"got {len(t)} true and {len(p)} predicted labels, expected the same number")
-    if len(t) and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
-        raise ValueError(f"got labels outside [0, {num_classes}), expected class indices")
-    m = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(m, (t, p), 1)
-    return m
 
 
 def _pyplot() -> Any:

@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -131,6 +132,31 @@ class ArtifactRef(BaseModel):
                 because="an artifact was deleted, truncated or modified after it was written",
                 fix="run the same command again: the stage that made it re-runs",
             )
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one.
+
+    Args:
+        path: destination; its folder is created if missing.
+        data: the content.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write a JSON report atomically (a reader never sees half of it)."""
+    write_bytes_atomic(Path(path), json.dumps(obj, indent=2, default=str).encode())
 
 
 def artifact_dir(artifacts_dir: Path, stage: str, key: str) -> Path:

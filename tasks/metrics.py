@@ -26,11 +26,16 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
     Returns:
         An int64 (num_classes, num_classes) matrix; row = true class, column = predicted class.
+
+    Raises:
+        ValueError: lengths differ or a label is outside [0, num_classes).
     """
     t = np.asarray(y_true, dtype=np.int64).ravel()
     p = np.asarray(y_pred, dtype=np.int64).ravel()
     if t.shape != p.shape:
-        raise ValueError(f"got {t.size} labels and {p.size} predictions, expected as many of each")
+        raise ValueError(f"got {t.size} labels and {p.size} predictions, expected the same number of each")
+    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
+        raise ValueError(f"got labels outside [0, {num_classes}), expected class indices")
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 

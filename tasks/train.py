@@ -243,7 +243,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
     import json
 
     from tasks.metrics import collapse_findings
-    from tasks.verify import write_report
+    from tasks.artifacts import write_json_atomic
 
     key = stage_key(SPEC, {"data": data, "cfg": cfg})
     if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
@@ -257,7 +257,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
     findings = collapse_findings(metrics, cfg.collapse_gate)
     report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
     # Written before the gate raises, so a failed run keeps its evidence.
-    write_report(
+    write_json_atomic(
         report_path,
         {"passed": not findings, "findings": findings, "balance": cfg.balance,
          "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},

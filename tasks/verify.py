@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.artifacts import ArtifactRef, load_ref, staging, write_json_atomic
+from tasks.caching import stage_task
 from tasks.compare import compare_outputs
 from tasks.config import BatchProfile, Precision, Tolerance
 from tasks.errors import VerificationError
-from tasks.caching import stage_task
-from tasks.stage import StageSpec, stage_key
 from tasks.locking import exclusive
+from tasks.stage import StageSpec, stage_key
 
 log = logging.getLogger("trtflow.verify")
 
@@ -73,14 +72,6 @@ def reference_logits(checkpoint: ArtifactRef, data: ArtifactRef, x: np.ndarray) 
             _REFERENCE.clear()  # only the current model's logits are kept
             _REFERENCE[key] = logits
         return _REFERENCE[key]
-
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write a JSON report atomically (a reader never sees half of it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 @exclusive(SPEC)
@@ -142,7 +133,7 @@ def verification_of_engine(
         "checkpoint_digest": checkpoint.digest,
     }
     latest = Path(artifacts_dir) / "reports" / f"verify-{precision.value}.json"
-    write_report(latest, report)
+    write_json_atomic(latest, report)
     if failures:
         raise VerificationError(failures, str(latest))
     with staging(artifacts_dir, SPEC.name, key) as st:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.artifacts import write_bytes_atomic
 from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, TensorSpec
 from tasks.errors import BackendUnavailableError, EngineBuildError, InferenceError
 
@@ -252,26 +253,6 @@ def write_cache_bytes(path: Path, data: bytes) -> None:
     """Write a timing cache and its checksum, each atomically (see ``read_cache_bytes``)."""
     write_bytes_atomic(path, data)
     write_bytes_atomic(_digest_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one.
-
-    Args:
-        path: destination; its folder is created if missing.
-        data: the content.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def max_buffer_bytes(shape: Sequence[int], dtype: str | np.dtype[Any]) -> int:
