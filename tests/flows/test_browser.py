@@ -1,6 +1,6 @@
 """The Prefect UI in a real browser (Debian's chromium + Playwright): Quick run, artifacts, Retry button.
 
-Needs ``apt-get install -y chromium`` and ``pip install playwright`` (see .dev/ci-prefect.sh); skipped
+Needs ``apt-get install -y chromium`` and ``pip install playwright`` (.ci/run installs it); skipped
 with the reason otherwise. On failure a screenshot is saved under ``artifacts/ui-test-*.png``.
 
 The deployment clicked is the repo's ``on-demand`` one (prefect.yaml), deployed again under another
@@ -28,9 +28,9 @@ SHOTS = REPO / "artifacts"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed (apt-get install -y chromium; see .dev/ci-prefect.sh)"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed (apt-get install -y chromium; .ci/run installs it)"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright; see .dev/ci-prefect.sh)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright; .ci/run installs it)")
 
 
 @pytest.fixture(scope="module")
