@@ -73,17 +73,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """
     from pydantic import ValidationError
 
-    from tasks.config import PipelineConfig, parse_precisions
+    from tasks.config import PipelineConfig, parse_precisions, read_config_file, validation_problems
     from tasks.errors import ConfigError
 
-    raw: dict[str, Any] = {}
-    if args.config:
-        try:
-            raw = json.loads(Path(args.config).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(got=f"config file {args.config} ({exc})", expected="a readable JSON object", because="--config is parsed as PipelineConfig", fix="fix the file or drop --config") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(got=f"config file {args.config} holding a JSON {type(raw).__name__}", expected="a JSON object of PipelineConfig fields", because="--config is parsed as PipelineConfig", fix='write it as {"train": {"epochs": 5}, ...} or drop --config')
+    raw: dict[str, Any] = read_config_file(args.config) if args.config else {}
 
     def put(path: str, value: Any) -> None:
         if value is None:
@@ -129,8 +122,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                 raise ConfigError(got=f"--tolerance {item}", expected=f"PRECISION.METRIC=VALUE with METRIC one of {sorted(type(tol).model_fields)}", because="only those thresholds exist", fix="e.g. --tolerance fp16.atol=0.02")
             config.tolerances[parse_precisions(prec)[0]] = type(tol).model_validate({**tol.model_dump(), metric: None if value.lower() == "none" else value})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(got=problems, expected="valid options", because="the run cannot start with them", fix="fix the options named above (see trtflow run --help)") from None
+        raise ConfigError(got=validation_problems(exc), expected="valid options", because="the run cannot start with them", fix="fix the options named above (see trtflow run --help)") from None
     return config
 
 

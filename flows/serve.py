@@ -18,7 +18,6 @@ From Python::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -96,17 +95,16 @@ def default_parameters(config_file: Path | None) -> dict[str, Any]:
     """
     from pydantic import ValidationError
 
-    from tasks.config import PipelineConfig
+    from tasks.config import PipelineConfig, read_config_file, validation_problems
     from tasks.errors import ConfigError
 
     if config_file is None:
         return {}
+    raw = read_config_file(config_file)
     try:
-        raw = json.loads(Path(config_file).read_text())
         PipelineConfig.model_validate(raw)
-    except (OSError, ValueError) as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
-        raise ConfigError(got=f"config file {config_file} ({detail})", expected="a JSON object valid as PipelineConfig", because="it becomes the deployment's default parameters", fix="fix the file or drop --config") from None
+    except ValidationError as exc:
+        raise ConfigError(got=f"config file {config_file} ({validation_problems(exc)})", expected="a JSON object valid as PipelineConfig", because="it becomes the deployment's default parameters", fix="fix the file or drop --config") from None
     return {"config": raw}
 
 

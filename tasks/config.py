@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -278,3 +278,25 @@ def parse_precisions(text: str) -> list[Precision]:
     if not out:
         raise ConfigError(got="no precision", expected="at least one", because="there is nothing to build", fix="pass --precisions fp32")
     return out
+
+
+def validation_problems(exc: Any) -> str:
+    """One line naming every problem of a pydantic ValidationError: 'train.epochs: ...; batch: ...'."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a JSON file of PipelineConfig fields (not yet validated).
+
+    Raises:
+        ConfigError: the file is unreadable, not JSON, or not a JSON object.
+    """
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(got=f"config file {path} ({exc})", expected="a readable JSON object", because="--config is parsed as PipelineConfig", fix="fix the file or drop --config") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(got=f"config file {path} holding a JSON {type(raw).__name__}", expected="a JSON object of PipelineConfig fields", because="--config is parsed as PipelineConfig", fix='write it as {"train": {"epochs": 5}, ...} or drop --config')
+    return raw

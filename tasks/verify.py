@@ -112,7 +112,6 @@ def verification_of_engine(
         return ref
     splits = load_splits(data)
     x, y = splits["x_test"], splits["y_test"]
-    input_name = "input"
     reference = {engine.meta["outputs"][0]["name"]: reference_logits(checkpoint, data, x)}
     results = []
     with runner_from_build(engine) as runner:
