@@ -73,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """
     from pydantic import ValidationError
 
-    from tasks.config import PipelineConfig, parse_precisions, read_config_file, validation_problems
+    from tasks.config import PipelineConfig, Tolerance, parse_precisions, read_config_file, validation_problems
     from tasks.errors import ConfigError
 
     raw: dict[str, Any] = read_config_file(args.config) if args.config else {}
@@ -112,15 +112,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
     put("profile.enabled", False if args.no_profile else None)
     put("artifacts_dir", str(args.artifacts_dir) if args.artifacts_dir else None)
     put("refresh", args.refresh or None)
+    for item in args.tolerance:
+        # Merged into the config file's thresholds, then field by field into the precision's defaults.
+        name, _, value = item.partition("=")
+        prec, _, metric = name.partition(".")
+        if metric not in Tolerance.model_fields or not value:
+            raise ConfigError(got=f"--tolerance {item}", expected=f"PRECISION.METRIC=VALUE with METRIC one of {sorted(Tolerance.model_fields)}", because="only those thresholds exist", fix="e.g. --tolerance fp16.atol=0.02")
+        thresholds = raw.setdefault("tolerances", {}).setdefault(parse_precisions(prec)[0].value, {})
+        thresholds[metric] = None if value.lower() == "none" else value
     try:
         config = PipelineConfig.model_validate(raw)
-        for item in args.tolerance:
-            name, _, value = item.partition("=")
-            prec, _, metric = name.partition(".")
-            tol = config.tolerance(parse_precisions(prec)[0])
-            if metric not in type(tol).model_fields or not value:
-                raise ConfigError(got=f"--tolerance {item}", expected=f"PRECISION.METRIC=VALUE with METRIC one of {sorted(type(tol).model_fields)}", because="only those thresholds exist", fix="e.g. --tolerance fp16.atol=0.02")
-            config.tolerances[parse_precisions(prec)[0]] = type(tol).model_validate({**tol.model_dump(), metric: None if value.lower() == "none" else value})
     except ValidationError as exc:
         raise ConfigError(got=validation_problems(exc), expected="valid options", because="the run cannot start with them", fix="fix the options named above (see trtflow run --help)") from None
     return config

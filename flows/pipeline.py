@@ -1,4 +1,4 @@
-"""The trtflow flow: data -> train -> export -> validate -> per precision (variant -> validate -> build -> verify) -> profile.
+"""The trtflow flow. ``GRAPH`` below is the whole pipeline: every stage, what it takes, and from where.
 
 Run it from Python::
 
@@ -6,8 +6,10 @@ Run it from Python::
     from tasks.config import PipelineConfig
     pipeline(PipelineConfig(precisions=["fp32", "int8"]))
 
-Every stage is content-cached, so running the same config again comes back Cached, and a run after a
-failure recomputes only the failed stage and what depends on it.
+Every stage finds its artifact in the content-addressed store when its inputs are unchanged (the task
+then shows ``Cached``), so running the same config again does no work, and a run after a failure
+recomputes only the failed stage and what depends on it. ``--refresh STAGE`` recomputes a stage and its
+true descendants (``GRAPH.refreshed``).
 """
 
 from __future__ import annotations
@@ -20,44 +22,45 @@ from prefect.futures import as_completed
 
 from flows.report import publish, run_report
 from flows.ui import Progress, publish_figures, publish_links
-from tasks.artifacts import ArtifactRef, ensure_writable
+from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
-from tasks.config import Backend, PipelineConfig, Precision, Stage
-from tasks.data import arrays_from_npz, data_task
-from tasks.engine import build_task
+from tasks.caching import stage_task
+from tasks.config import Backend, PipelineConfig, Precision
+from tasks.data import arrays_from_npz, splits_from_dataset
+from tasks.engine import engine_from_variant
 from tasks.errors import VerificationError
-from tasks.export import export_task
+from tasks.export import onnx_from_checkpoint
+from tasks.graph import PRECISION, Config, Graph, Instance, Node
 from tasks.models import factory_from_path
-from tasks.precision import precision_task
-from tasks.profile import profile_task
-from tasks.train import train_task
-from tasks.validate import validate_task
-from tasks.verify import verify_task
+from tasks.precision import variant_from_onnx
+from tasks.profile import profile_of_engine
+from tasks.train import checkpoint_from_splits
+from tasks.validate import validated_onnx
+from tasks.verify import verification_of_engine
 
-#: the branch stages, in order, as they appear in the report
-BRANCH = (Stage.precision, Stage.validate, Stage.build, Stage.verify)
+# fmt: off
+GRAPH = Graph(
+    Node("data",      splits_from_dataset,    {"cfg": Config("data")}),
+    Node("train",     checkpoint_from_splits, {"data": "data", "cfg": Config("train")}),
+    Node("export",    onnx_from_checkpoint,   {"checkpoint": "train"}),
+    Node("validate",  validated_onnx,         {"model": "export", "data": "data"}),
+    # One branch per precision; branches run concurrently on the flow's task runner.
+    Node("precision", variant_from_onnx,      {"model": "export", "data": "data", "precision": PRECISION,
+                                               "calibration_samples": Config("calibration_samples")}, per_precision=True),
+    Node("validate",  validated_onnx,         {"model": "precision", "data": "data"}, per_precision=True),
+    Node("build",     engine_from_variant,    {"variant": "precision", "backend": Config("backend"), "batch": Config("batch"),
+                                               "options": Config("engine")}, per_precision=True, after=("validate",)),
+    Node("verify",    verification_of_engine, {"engine": "build", "checkpoint": "train", "data": "data", "precision": PRECISION,
+                                               "tolerance": Config("tolerances.{precision}"), "batch": Config("batch")}, per_precision=True),
+    # Timed alone, once every branch is done: a timing that shares the CPU with a build measures both.
+    Node("profile",   profile_of_engine,      {"engine": "build", "checkpoint": "train", "data": "data", "batch": Config("batch"),
+                                               "settings": Config("profile"), "threads": Config("engine.threads")},
+                                              per_precision=True, after=("verify",), last=True, when=Config("profile.enabled")),
+)
+# fmt: on
 
-
-class _Runner:
-    """Applies the run's result storage and refresh choices to each stage task."""
-
-    def __init__(self, config: PipelineConfig, root: Path) -> None:
-        self.storage = root / ".prefect" / "results"
-        self.refresh = config.refreshed()
-
-    def __call__(self, stage: Stage, t: Task[..., Any]) -> tuple[Task[..., Any], bool]:
-        forced = stage in self.refresh
-        return t.with_options(result_storage=self.storage, refresh_cache=True if forced else None), forced
-
-
-def _error_of(future: Any) -> BaseException | None:
-    # wait() keeps the final state on the future; .state alone asks the API server (one call each).
-    future.wait()
-    state = future.state
-    if state.is_completed():
-        return None
-    result = future.result(raise_on_failure=False)
-    return result if isinstance(result, BaseException) else None
+#: the Prefect task of each stage (retries, logs, the Cached state); the store is the only cache
+TASKS: dict[str, Task[..., Any]] = {n.name: stage_task(n.fn, n.name) for n in GRAPH.nodes}
 
 
 def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
@@ -78,6 +81,22 @@ def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
     return root, builder, reason
 
 
+def _error_of(future: Any) -> BaseException | None:
+    # wait() keeps the final state on the future; .state alone asks the API server (one call each).
+    future.wait()
+    if future.state.is_completed():
+        return None
+    result = future.result(raise_on_failure=False)
+    return result if isinstance(result, BaseException) else None
+
+
+def _wait_all(futures: dict[str, Any], progress: Progress) -> None:
+    ids = {f.task_run_id: i for i, f in futures.items()}
+    for done in as_completed(list(futures.values())):
+        done.wait()  # the final state without an API call
+        progress.step(ids[done.task_run_id] + ("" if done.state.is_completed() else f" ({done.state.name})"))
+
+
 @flow(name="trtflow", validate_parameters=True)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - a form default
     """Turn a PyTorch model into verified inference engines, one per precision.
@@ -94,79 +113,66 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     logger = get_run_logger()
     root, builder, backend_reason = preflight(config)
     logger.info("backend %s", backend_reason)
-    stage = _Runner(config, root)
-    # The UI's progress bar: stages finished / stages planned (4 shared + the branch stages).
-    progress = Progress(4 + len(BRANCH) * len(config.precisions))
+    run_config = config.model_copy(update={"backend": Backend(builder.name)})
+    forced = GRAPH.refreshed(config.refresh, config.precisions)
+    plan = [
+        i for i in GRAPH.instances(config.precisions)
+        if i.node.when is None or i.node.when.read(run_config, i.precision)
+    ]
+    progress = Progress(len(plan))
 
-    t, r = stage(Stage.data, data_task)
-    # .under(root): a cached result names the folder it was made in, which may have moved since.
-    data: ArtifactRef = t(config.data, root, refresh=r).under(root)
-    progress.step("data")
-    t, r = stage(Stage.train, train_task)
-    checkpoint: ArtifactRef = t(data, config.train, root, refresh=r).under(root)
-    progress.step("train")
-    t, r = stage(Stage.export, export_task)
-    onnx: ArtifactRef = t(checkpoint, root, refresh=r).under(root)
-    progress.step("export")
-    t, r = stage(Stage.validate, validate_task)
-    t(onnx, data, root, refresh=r)
-    progress.step("validate")
+    def call(inst: Instance, done: dict[str, Any], submit: bool) -> Any:
+        task = TASKS[inst.node.name].with_options(task_run_name=inst.id)
+        args = {**GRAPH.arguments(inst, run_config, done), "artifacts_dir": root, "refresh": inst.id in forced}
+        if not submit:
+            # A shared stage: every branch needs it, so its failure ends the run. (Called directly, a
+            # task returns the State a Cached stage hands back; .result() unwraps either kind.)
+            return task(**args, return_state=True).result()
+        wait = [done[GRAPH.resolve(inst, a).id] for a in inst.node.after]
+        return task.submit(**args, wait_for=wait)
 
-    # One branch per precision; they run concurrently on the flow's task runner.
-    branches: dict[Precision, dict[Stage, Any]] = {}
-    for p in config.precisions:
-        t, r = stage(Stage.precision, precision_task)
-        variant = t.submit(onnx, data, p, config.calibration_samples, root, refresh=r)
-        t, r = stage(Stage.validate, validate_task)
-        checked = t.submit(variant, data, root, refresh=r)
-        t, r = stage(Stage.build, build_task)
-        options = config.engine.model_dump()
-        engine = t.submit(variant, Backend(builder.name), config.batch, options, root, refresh=r, wait_for=[checked])
-        t, r = stage(Stage.verify, verify_task)
-        verified = t.submit(engine, checkpoint, data, p, config.tolerance(p), config.batch, root, refresh=r)
-        branches[p] = {Stage.precision: variant, Stage.validate: checked, Stage.build: engine, Stage.verify: verified}
-    names = {f.task_run_id: f"{s.value} {p.value}" for p, b in branches.items() for s, f in b.items()}
-    progress.expect(4 + len(names))
-    for done in as_completed([f for b in branches.values() for f in b.values()]):
-        done.wait()  # the final state without an API call
-        state = done.state
-        progress.step(names[done.task_run_id] + ("" if state.is_completed() else f" ({state.name})"))
+    done: dict[str, Any] = {}
+    branches: dict[str, Any] = {}
+    for inst in plan:
+        if inst.node.last:
+            continue
+        if inst.precision is None:
+            done[inst.id] = call(inst, done, submit=False)
+            progress.step(inst.id)
+        else:
+            done[inst.id] = branches[inst.id] = call(inst, done, submit=True)
+    _wait_all(branches, progress)
 
     outcomes: dict[Precision, dict[str, Any]] = {}
     errors: list[BaseException] = []
-    for p, futures in branches.items():
-        failed = next(((s, e) for s in BRANCH if (e := _error_of(futures[s])) is not None), None)
+    for p in config.precisions:
+        chain = [i for i in plan if i.precision is p and not i.node.last]
+        failed = next(((i, e) for i in chain if (e := _error_of(done[i.id])) is not None), None)
         if failed is None:
-            outcomes[p] = {"engine": futures[Stage.build].result().under(root), "verify": futures[Stage.verify].result().under(root)}
+            outcomes[p] = {"engine": done[f"build-{p.value}"].result(), "verify": done[f"verify-{p.value}"].result()}
         else:
-            outcomes[p] = {"failed_stage": failed[0].value, "error": str(failed[1])}
+            outcomes[p] = {"failed_stage": failed[0].node.name, "error": str(failed[1])}
             errors.append(failed[1])
 
-    # Timed only once every branch is done: a timing that shares the CPU with a build or a
-    # verification measures those too (the stage also never overlaps its own measurements).
-    # A profiling error fails the run like any other stage, after the report is written.
-    if config.profile.enabled:
-        t, r = stage(Stage.profile, profile_task)
-        timed = {
-            p: t.submit(o["engine"], checkpoint, data, config.batch, config.profile, config.engine.threads, root, refresh=r)
-            for p, o in outcomes.items()
-            if "engine" in o
-        }
-        progress.expect(progress.total + len(timed))
-        for done in as_completed(list(timed.values())):
-            done.wait()  # the final state without an API call
-            progress.step("profile" + ("" if done.state.is_completed() else f" ({done.state.name})"))
-        for p, f in timed.items():
-            if (e := _error_of(f)) is None:
-                outcomes[p]["profile"] = f.result().under(root)
-            else:
-                outcomes[p]["profile_error"] = str(e)
-                errors.append(e)
+    # Nodes marked last (profile) run for the branches that verified, after everything else.
+    last = {i.id: i for i in plan if i.node.last and i.precision is not None and "engine" in outcomes[i.precision]}
+    progress.expect(progress.total - sum(1 for i in plan if i.node.last) + len(last))
+    timed = {i: call(inst, done, submit=True) for i, inst in last.items()}
+    _wait_all(timed, progress)
+    for i, f in timed.items():
+        p = last[i].precision
+        assert p is not None
+        if (e := _error_of(f)) is None:
+            outcomes[p][last[i].node.name] = f.result()
+        else:
+            outcomes[p][f"{last[i].node.name}_error"] = str(e)
+            errors.append(e)
 
+    data, checkpoint, onnx = done["data"], done["train"], done["export"]
     report = run_report(config, root, backend_reason, data, checkpoint, onnx, outcomes)
     publish(report, root)
     publish_links(report)
-    publish_figures(root, checkpoint, data, {p.value: o["engine"] for p, o in outcomes.items() if "engine" in o})
+    publish_figures(root, checkpoint, {p.value: o["verify"] for p, o in outcomes.items() if "verify" in o})
     if errors:
         verification = [e for e in errors if isinstance(e, VerificationError)]
         if len(verification) == len(errors) and len(errors) > 1:

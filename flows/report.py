@@ -8,6 +8,7 @@ from typing import Any
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Precision
+from tasks.engine import engine_info
 from tasks.profile import speed_markdown, table_columns
 from tasks.artifacts import write_json_atomic
 
@@ -50,10 +51,11 @@ def run_report(
             precisions[p.value] = {"passed": False, "failed_stage": out["failed_stage"], "error": out["error"]}
             continue
         engine, verify = out["engine"], out["verify"]
+        engine_file = engine_info(engine).engine_file
         precisions[p.value] = {
             **{k: verify.meta.get(k) for k in ("passed", "backend", "samples", *METRICS)},
-            "engine": _rel(engine.path(engine.meta["engine_file"]), root),
-            "engine_sha256": engine.files[engine.meta["engine_file"]],
+            "engine": _rel(engine.path(engine_file), root),
+            "engine_sha256": engine.files[engine_file],
             "verification": _rel(verify.path("verification.json"), root),
         }
         if "profile" in out:

@@ -187,31 +187,19 @@ def _rel(path: Path, root: Path) -> str:
         return Path(path).name
 
 
-def engine_confusion(engine: Any, data: Any) -> tuple[np.ndarray, float]:
-    """Run the test split through one built engine and count its confusions.
+def saved_confusion(verification: Any) -> tuple[np.ndarray, float] | None:
+    """The confusion matrix and accuracy that verify saved for one engine (no inference here).
 
     Args:
-        engine: a ``build`` ArtifactRef.
-        data: the ``data`` ArtifactRef.
+        verification: a ``verify`` ArtifactRef.
 
     Returns:
-        (confusion matrix, accuracy) on the test split.
+        (matrix, accuracy) on the test split, or None when the verification holds none (no labels).
     """
-    from tasks.data import load_splits
-    from tasks.engine import runner_from_build
-    from tasks.verify import outputs_in_batches
-
-    splits = load_splits(data)
-    x, y = splits["x_test"], splits["y_test"]
-    num_classes = int(data.meta["num_classes"])
-    with runner_from_build(engine) as runner:
-        name = runner.input_specs()[0].name
-        info = engine.meta.get("batch") or {}
-        b = int(info.get("opt", 32)) if isinstance(info, Mapping) else 32
-        lo = int(info.get("min", 1)) if isinstance(info, Mapping) else 1
-        logits = next(iter(outputs_in_batches(runner, name, x, b, lo).values()))
-    pred = logits.argmax(axis=1)
-    return confusion_matrix(y, pred, num_classes), float((pred == y).mean())
+    saved = json.loads(verification.path("verification.json").read_text()).get("confusion")
+    if not saved:
+        return None
+    return np.asarray(saved["matrix"], dtype=np.int64), float(saved["accuracy"])
 
 
 FIGURES_MEMO = ".figures.json"
@@ -240,26 +228,25 @@ def _save_memo(path: Path, key: str, figures: list[tuple[str, str, Path, str]]) 
         log.warning("figure memo not written: %s", exc)
 
 
-def publish_figures(root: Path, checkpoint: Any, data: Any, engines: Mapping[str, Any]) -> dict[str, str]:
+def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any]) -> dict[str, str]:
     """Write the training curve and the confusion matrices as PNGs and show them in the UI.
 
-    A figure that cannot be made is logged and skipped: pictures never fail a run.
+    Everything is drawn from saved results (``history.json``, each ``verification.json``): the UI
+    layer runs no model. A figure that cannot be made is logged and skipped: pictures never fail a run.
 
     Args:
         root: the artifacts folder.
         checkpoint: the ``train`` ArtifactRef (its ``history.json``).
-        data: the ``data`` ArtifactRef (its test split).
-        engines: precision name -> ``build`` ArtifactRef of the engines that verified.
+        verifications: precision name -> ``verify`` ArtifactRef of the engines that verified.
 
     Returns:
         Figure name -> PNG path relative to ``root``.
     """
     out: dict[str, str] = {}
     reports = root / REPORTS
-    # A cached re-run draws nothing: the figures of the same artifacts (and drawing code) are reused.
-    # Drawing imports matplotlib and runs every engine over the test split again, ~2 s on 2 cores:
-    # most of what a fully cached run spent beyond Prefect itself.
-    memo_key = json.dumps([checkpoint.digest, data.digest, sorted((p, e.digest) for p, e in engines.items()), _source_digest()])
+    # A cached re-run draws nothing: the figures of the same artifacts (and drawing code) are reused
+    # (importing matplotlib and drawing costs about a second on 2 cores).
+    memo_key = json.dumps([checkpoint.digest, sorted((p, v.digest) for p, v in verifications.items()), _source_digest()])
     figures = _memo_figures(reports / FIGURES_MEMO, memo_key)
     if figures is None:
         figures = []
@@ -272,15 +259,16 @@ def publish_figures(root: Path, checkpoint: Any, data: Any, engines: Mapping[str
             log.warning("training curve not drawn: %s", exc)
         try:
             matrices: dict[str, np.ndarray] = {}
-            for precision, engine in engines.items():
-                m, acc = engine_confusion(engine, data)
-                matrices[f"{precision} engine (accuracy {acc:.3f})"] = m
+            for precision, verification in verifications.items():
+                if (saved := saved_confusion(verification)) is not None:
+                    m, acc = saved
+                    matrices[f"{precision} engine (accuracy {acc:.3f})"] = m
             if matrices:
                 png = confusion_matrix_png(matrices, reports / CONFUSION_PNG)
                 figures.append(("trtflow-confusion-matrix", "Confusion matrix (test split)", png, "Rows: true class; columns: the engine's prediction."))
         except Exception as exc:  # noqa: BLE001
             log.warning("confusion matrix not drawn: %s", exc)
-        if len(figures) == (2 if engines else 1):  # a figure that failed is tried again next run
+        if len(figures) == (2 if verifications else 1):  # a figure that failed is tried again next run
             _save_memo(reports / FIGURES_MEMO, memo_key, figures)
     for key, title, png, note in figures:
         out[png.stem] = _rel(png, root)

@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,6 +59,33 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+#: digests of files already hashed in this process, by file identity; see ``file_digest``
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def file_digest(path: Path) -> str:
+    """``sha256_file`` of a file, hashed once per process while the file stays unchanged.
+
+    Any write or replacement changes the file's size, inode, mtime or ctime, which are the memo's key,
+    so a changed file is always hashed again; an unchanged one (read by many stages of one run) is not.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    st = os.stat(path)
+    identity = (str(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(identity)
+    if known is None:
+        known = sha256_file(path)
+        with _DIGESTS_LOCK:
+            if len(_DIGESTS) > 4096:
+                _DIGESTS.clear()
+            _DIGESTS[identity] = known
+    return known
 
 
 def sha256_json(obj: Any) -> str:
@@ -115,7 +143,7 @@ class ArtifactRef(BaseModel):
             p = self.dir / name
             if not p.is_file():
                 found.append(f"{p} is missing")
-            elif sha256_file(p) != digest:
+            elif file_digest(p) != digest:
                 found.append(f"{p} changed since it was written (digest mismatch)")
         return found
 
@@ -130,7 +158,7 @@ class ArtifactRef(BaseModel):
                 got="; ".join(found),
                 expected=f"the files recorded in {self.dir / MANIFEST}",
                 because="an artifact was deleted, truncated or modified after it was written",
-                fix="run the same command again: the stage that made it re-runs",
+                fix=f"run the same command again: the {self.stage} stage re-runs (or pass --refresh {self.stage})",
             )
 
 

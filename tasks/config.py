@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,11 +43,6 @@ class Stage(str, Enum):
     build = "build"
     verify = "verify"
     profile = "profile"
-
-    def and_after(self) -> list[Stage]:
-        """Return this stage and every stage that depends on it."""
-        order = list(Stage)
-        return order[order.index(self) :]
 
 
 class _Strict(BaseModel):
@@ -188,6 +184,49 @@ def default_tolerances() -> dict[Precision, Tolerance]:
     }
 
 
+class Tolerances(_Strict):
+    """Pass/fail thresholds per precision.
+
+    A partial override merges field by field into that precision's defaults: setting only
+    ``fp32.atol`` keeps fp32's own ``min_cosine``, never the generic one (in the UI form, a config
+    file and the CLI alike).
+    """
+
+    fp32: Tolerance = Field(default_factory=lambda: default_tolerances()[Precision.fp32], title="fp32", description="Thresholds of the fp32 engine.")
+    fp16: Tolerance = Field(default_factory=lambda: default_tolerances()[Precision.fp16], title="fp16", description="Thresholds of the fp16 engine.")
+    int8: Tolerance = Field(default_factory=lambda: default_tolerances()[Precision.int8], title="int8", description="Thresholds of the int8 engine (judged by task metrics).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_into_defaults(cls, given: Any) -> Any:
+        if not isinstance(given, Mapping):
+            return given
+        defaults = default_tolerances()
+        merged: dict[str, Any] = {}
+        for name, value in given.items():
+            try:
+                p = Precision(name)
+            except ValueError:
+                merged[str(name)] = value  # refused by extra="forbid", naming the key
+                continue
+            if isinstance(value, Tolerance):
+                value = value.model_dump(include=value.model_fields_set)
+            merged[p.value] = {**defaults[p].model_dump(), **value} if isinstance(value, Mapping) else value
+        return merged
+
+    def __getitem__(self, precision: Precision | str) -> Tolerance:
+        return getattr(self, Precision(precision).value)
+
+    def replaced(self, precision: Precision | str, **fields: Any) -> Tolerances:
+        """A copy with some thresholds of one precision changed (validated).
+
+        Raises:
+            pydantic.ValidationError: a value out of range, or an unknown threshold.
+        """
+        p = Precision(precision)
+        return Tolerances.model_validate({**self.model_dump(), p.value: {**self[p].model_dump(), **fields}})
+
+
 class EngineOptions(_Strict):
     """Backend build and run options."""
 
@@ -226,8 +265,8 @@ class PipelineConfig(_Strict):
     batch: BatchProfile = Field(default_factory=BatchProfile)
     engine: EngineOptions = Field(default_factory=EngineOptions)
     calibration_samples: int = Field(256, ge=1, le=100000, description="Training samples used to calibrate int8.")
-    tolerances: dict[Precision, Tolerance] = Field(
-        default_factory=default_tolerances, description="Per-precision pass/fail thresholds."
+    tolerances: Tolerances = Field(
+        default_factory=Tolerances, description="Per-precision pass/fail thresholds; a partial override keeps the precision's other defaults."
     )
     refresh: list[Stage] = Field(
         default_factory=list, description="Stages to recompute even when cached (their dependents follow)."
@@ -239,23 +278,9 @@ class PipelineConfig(_Strict):
     def _unique(cls, v: list[Precision]) -> list[Precision]:
         return list(dict.fromkeys(v))
 
-    @model_validator(mode="after")
-    def _complete_tolerances(self) -> PipelineConfig:
-        defaults = default_tolerances()
-        for p in self.precisions:
-            self.tolerances.setdefault(p, defaults[p])
-        return self
-
     def tolerance(self, precision: Precision) -> Tolerance:
         """Return the thresholds of one precision."""
         return self.tolerances[precision]
-
-    def refreshed(self) -> set[Stage]:
-        """Return every stage to recompute: the ones asked for and all that depend on them."""
-        out: set[Stage] = set()
-        for s in self.refresh:
-            out.update(s.and_after())
-        return out
 
 
 def parse_precisions(text: str) -> list[Precision]:

@@ -15,12 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref, sha256_file, staging
+from tasks.artifacts import ArtifactRef, sha256_file
 from tasks.config import DataConfig
 from tasks.errors import ConfigError, DatasetError
-from tasks.caching import stage_task
-from tasks.stage import StageSpec, stage_key
-from tasks.locking import exclusive
+from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.data")
 
@@ -243,7 +241,6 @@ def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in arrays.items()}
 
 
-@exclusive(SPEC)
 def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
     """Load and check the dataset, split it, and store the splits.
 
@@ -258,41 +255,35 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
     Raises:
         DatasetError: the dataset is missing, garbled or unusable.
     """
-    key = stage_key(SPEC, {"cfg": cfg})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
 
-    if cfg.dataset is None:
-        x, y = digits_dataset()
-        source = "scikit-learn digits (bundled), upscaled to 3x32x32"
-    else:
-        x, y = arrays_from_npz(Path(cfg.dataset))
-        source = f"npz file {Path(cfg.dataset).name} (sha256 {_key_inputs({'cfg': cfg})['source_digest']})"
-    x, y = check_arrays(x, y, source)
-    parts = split_indices(y, cfg)
-    num_classes = int(y.max()) + 1
-    # Only the training split is skewed: validation and test keep the natural distribution, so
-    # balanced accuracy there measures what the model learnt about every class.
-    parts["train"] = imbalanced_train(parts["train"], y, cfg, num_classes)
-    meta: dict[str, Any] = {
-        "config": cfg.model_dump(mode="json"),
-        "source": source,
-        "sample_shape": list(x.shape[1:]),
-        "num_classes": num_classes,
-        "sizes": {k: int(len(v)) for k, v in parts.items()},
-        "class_counts": {k: np.bincount(y[v], minlength=num_classes).tolist() for k, v in parts.items()},
-    }
-    if cfg.imbalance is not None:
-        meta["train_majority_share"] = float(np.mean(y[parts["train"]] == cfg.majority_class))
-    with staging(artifacts_dir, SPEC.name, key) as st:
+    def make(out: Path) -> dict[str, Any]:
+        if cfg.dataset is None:
+            x, y = digits_dataset()
+            source = "scikit-learn digits (bundled), upscaled to 3x32x32"
+        else:
+            x, y = arrays_from_npz(Path(cfg.dataset))
+            source = f"npz file {Path(cfg.dataset).name} (sha256 {_key_inputs({'cfg': cfg})['source_digest']})"
+        x, y = check_arrays(x, y, source)
+        parts = split_indices(y, cfg)
+        num_classes = int(y.max()) + 1
+        # Only the training split is skewed: validation and test keep the natural distribution, so
+        # balanced accuracy there measures what the model learnt about every class.
+        parts["train"] = imbalanced_train(parts["train"], y, cfg, num_classes)
+        meta: dict[str, Any] = {
+            "config": cfg.model_dump(mode="json"),
+            "source": source,
+            "sample_shape": list(x.shape[1:]),
+            "num_classes": num_classes,
+            "sizes": {k: int(len(v)) for k, v in parts.items()},
+            "class_counts": {k: np.bincount(y[v], minlength=num_classes).tolist() for k, v in parts.items()},
+        }
+        if cfg.imbalance is not None:
+            meta["train_majority_share"] = float(np.mean(y[parts["train"]] == cfg.majority_class))
         arrays = {}
         for k, v in parts.items():
             arrays[f"x_{k}"], arrays[f"y_{k}"] = x[v], y[v]
-        np.savez(st.dir / SPLITS_FILE, **arrays)
-        ref = st.commit(meta)
-    log.info("data: %s, %s samples, %d classes", source, meta["sizes"], num_classes)
-    return ref
+        np.savez(out / SPLITS_FILE, **arrays)
+        log.info("data: %s, %s samples, %d classes", source, meta["sizes"], num_classes)
+        return meta
 
-
-data_task = stage_task(splits_from_dataset, SPEC)
-"""Prefect task of ``splits_from_dataset``: content-cached, transient failures retried."""
+    return run_stage(SPEC, {"cfg": cfg}, artifacts_dir, refresh, make)

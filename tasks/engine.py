@@ -8,12 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.artifacts import ArtifactRef
+from tasks.backends.base import BaseRunner, EngineInfo
 from tasks.backends.registry import builder_for
-from tasks.config import Backend, BatchProfile
-from tasks.caching import stage_task
-from tasks.stage import StageSpec, stage_key
-from tasks.locking import exclusive
+from tasks.config import Backend, BatchProfile, EngineOptions
+from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.build")
 
@@ -32,12 +31,11 @@ SPEC = StageSpec(
 )
 
 
-@exclusive(SPEC)
 def engine_from_variant(
     variant: ArtifactRef,
     backend: Backend,
     batch: BatchProfile,
-    options: dict[str, Any],
+    options: EngineOptions,
     artifacts_dir: Path,
     refresh: bool = False,
 ) -> ArtifactRef:
@@ -52,42 +50,46 @@ def engine_from_variant(
         refresh: rebuild even if an intact engine exists.
 
     Returns:
-        The ``build`` artifact: the engine file and ``engine.json`` (backend, tensors, profile, precision).
+        The ``build`` artifact: the engine file and ``engine.json``; its metadata is an ``EngineInfo``.
 
     Raises:
         EngineBuildError: the backend rejected the model.
     """
-    key = stage_key(SPEC, {"variant": variant, "backend": backend, "batch": batch, "options": options})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
-    builder = builder_for(backend)
-    variant.verify()
-    build_options = {**options, "timing_cache_dir": str(Path(artifacts_dir) / ".cache" / builder.name)}
-    with staging(artifacts_dir, SPEC.name, key) as st:
-        result = builder.engine_from_onnx(variant.path("model.onnx"), st.dir, (batch.min, batch.opt, batch.max), build_options)
-        info = {
-            **result.info,
-            "backend": builder.name,
-            "engine_file": result.engine_file,
-            "precision": variant.meta.get("precision"),
-            "environment": builder.environment(),
-            "options": options,
-            "threads": options.get("threads"),
-            "batch": batch.model_dump(),
-            "variant_digest": variant.digest,
-        }
-        (st.dir / INFO).write_text(json.dumps(info, indent=2, default=str))
-        ref = st.commit(info)
-    log.info("build: %s %s engine (%s)", builder.name, info["precision"], result.engine_file)
-    return ref
+    options = EngineOptions.model_validate(options)
+
+    def make(out: Path) -> dict[str, Any]:
+        builder = builder_for(backend)
+        build_options = {**options.model_dump(), "timing_cache_dir": str(Path(artifacts_dir) / ".cache" / builder.name)}
+        result = builder.engine_from_onnx(variant.path("model.onnx"), out, (batch.min, batch.opt, batch.max), build_options)
+        info = EngineInfo.model_validate(
+            {
+                **result.info,
+                "backend": builder.name,
+                "engine_file": result.engine_file,
+                "batch": batch.model_dump(),
+                "precision": variant.meta.get("precision"),
+                "environment": builder.environment(),
+                "options": options.model_dump(),
+                "threads": options.threads,
+                "variant_digest": variant.digest,
+            }
+        )
+        meta = info.model_dump(mode="json")
+        (out / INFO).write_text(json.dumps(meta, indent=2, default=str))
+        log.info("build: %s %s engine (%s)", builder.name, info.precision, result.engine_file)
+        return meta
+
+    inputs = {"variant": variant, "backend": Backend(backend), "batch": batch, "options": options}
+    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
 
 
-def runner_from_build(engine: ArtifactRef) -> Any:
+def engine_info(engine: ArtifactRef) -> EngineInfo:
+    """The typed description of a ``build`` artifact's engine."""
+    return EngineInfo.of(engine.meta)
+
+
+def runner_from_build(engine: ArtifactRef) -> BaseRunner:
     """Return an inactive Runner for a ``build`` artifact (digest checked first)."""
     engine.verify()
-    builder = builder_for(engine.meta["backend"])
-    return builder.runner_from_engine(engine.path(engine.meta["engine_file"]), engine.meta)
-
-
-build_task = stage_task(engine_from_variant, SPEC)
-"""Prefect task of ``engine_from_variant``: content-cached, transient failures retried."""
+    info = engine_info(engine)
+    return builder_for(info.backend).runner_from_engine(engine.path(info.engine_file), info)

@@ -7,11 +7,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.artifacts import ArtifactRef
 from tasks.errors import ExportError
-from tasks.caching import stage_task
-from tasks.stage import StageSpec, stage_key
-from tasks.locking import exclusive
+from tasks.stage import StageSpec, run_stage
 
 if TYPE_CHECKING:
     from torch import nn
@@ -93,7 +91,6 @@ def _strip_stack_traces(proto: Any) -> None:
                 node.metadata_props.extend(keep)
 
 
-@exclusive(SPEC)
 def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
     """Export the trained model of a ``train`` artifact.
 
@@ -103,20 +100,15 @@ def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: 
     Raises:
         ExportError: the exporter cannot handle the model.
     """
-    from tasks.train import module_from_checkpoint
 
-    key = stage_key(SPEC, {"checkpoint": checkpoint})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
-    model = module_from_checkpoint(checkpoint)
-    shape = tuple(checkpoint.meta["sample_shape"])
-    with staging(artifacts_dir, SPEC.name, key) as st:
-        meta = onnx_from_module(model, shape, st.dir / ONNX_FILE)
+    def make(out: Path) -> dict[str, Any]:
+        from tasks.train import module_from_checkpoint
+
+        model = module_from_checkpoint(checkpoint)
+        shape = tuple(checkpoint.meta["sample_shape"])
+        meta = onnx_from_module(model, shape, out / ONNX_FILE)
         meta.update(sample_shape=list(shape), num_classes=checkpoint.meta["num_classes"], precision="fp32")
-        ref = st.commit(meta)
-    log.info("export: opset %s, IR %s, %s -> %s", meta["opset"], meta["ir_version"], meta["inputs"], meta["outputs"])
-    return ref
+        log.info("export: opset %s, IR %s, %s -> %s", meta["opset"], meta["ir_version"], meta["inputs"], meta["outputs"])
+        return meta
 
-
-export_task = stage_task(onnx_from_checkpoint, SPEC)
-"""Prefect task of ``onnx_from_checkpoint``: content-cached, transient failures retried."""
+    return run_stage(SPEC, {"checkpoint": checkpoint}, artifacts_dir, refresh, make)

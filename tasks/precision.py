@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.artifacts import ArtifactRef
 from tasks.config import Precision
-from tasks.caching import stage_task
-from tasks.stage import StageSpec, stage_key
-from tasks.locking import exclusive
+from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.precision")
 
@@ -82,18 +81,25 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray) -> dict[str, A
 
     Symmetric per-channel int8 weights and activations, biases left in float: TensorRT's parser
     rejects the int32 biases that ``quantize_static`` makes by default.
+
+    ``quantize_static`` writes ``<input>-inferred.onnx`` (and calibration files) beside its input, so
+    it quantizes a private copy of ``src`` in a scratch folder beside ``dst``, removed afterwards:
+    nothing is ever written next to ``src``, which may be a committed artifact.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    scratch = Path(tempfile.mkdtemp(prefix=".quantize-", dir=Path(dst).parent))
     # quantize_static logs "consider pre-processing" on the root logger at every call; that
     # pre-processing rewrites the graph TensorRT builds from, which we deliberately do not do.
     hint = _DropMessage("pre-process")
     logging.getLogger().addFilter(hint)
     try:
+        private = scratch / "model.onnx"
+        shutil.copyfile(src, private)
         quantize_static(
-            str(src),
+            str(private),
             str(dst),
             _Calibration(name, calibration),
             quant_format=QuantFormat.QDQ,
@@ -105,6 +111,7 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray) -> dict[str, A
         )
     finally:
         logging.getLogger().removeFilter(hint)
+        shutil.rmtree(scratch, ignore_errors=True)
     return {"format": "QDQ", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric", "calibration_samples": int(len(calibration))}
 
 
@@ -119,7 +126,6 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-@exclusive(SPEC)
 def variant_from_onnx(
     model: ArtifactRef,
     data: ArtifactRef,
@@ -142,13 +148,9 @@ def variant_from_onnx(
         The ``precision`` artifact with ``model.onnx``.
     """
     precision = Precision(precision)
-    key = stage_key(SPEC, {"model": model, "data": data, "precision": precision, "calibration_samples": calibration_samples})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
-    model.verify()
-    src = model.path(ONNX_FILE)
-    with staging(artifacts_dir, SPEC.name, key) as st:
-        dst = st.dir / ONNX_FILE
+
+    def make(out: Path) -> dict[str, Any]:
+        src, dst = model.path(ONNX_FILE), out / ONNX_FILE
         if precision is Precision.fp32:
             shutil.copyfile(src, dst)
             details: dict[str, Any] = {"weights": "float32"}
@@ -158,11 +160,8 @@ def variant_from_onnx(
             from tasks.data import load_splits
 
             details = int8_from_onnx(src, dst, load_splits(data)["x_train"][:calibration_samples])
-        meta = {**model.meta, "precision": precision.value, "conversion": details, "source_digest": model.digest}
-        ref = st.commit(meta)
-    log.info("precision: %s variant written (%s)", precision.value, details)
-    return ref
+        log.info("precision: %s variant written (%s)", precision.value, details)
+        return {**model.meta, "precision": precision.value, "conversion": details, "source_digest": model.digest}
 
-
-precision_task = stage_task(variant_from_onnx, SPEC)
-"""Prefect task of ``variant_from_onnx``: content-cached, transient failures retried."""
+    inputs = {"model": model, "data": data, "precision": precision, "calibration_samples": calibration_samples}
+    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)

@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref, staging
-from tasks.caching import stage_task
+from tasks.artifacts import ArtifactRef
 from tasks.config import BatchProfile, ProfileConfig
 from tasks.locking import key_lock
-from tasks.stage import StageSpec, stage_key
+from tasks.stage import StageSpec, run_stage, stage_key, was_cached
 
 log = logging.getLogger("trtflow.profile")
 
@@ -80,8 +79,9 @@ def _settings_in_key(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _engine_environment(inputs: Mapping[str, Any]) -> dict[str, str]:
-    engine = inputs["engine"]
-    env = {f"engine.{k}": str(v) for k, v in sorted((engine.meta.get("environment") or {}).items())}
+    from tasks.engine import engine_info
+
+    env = {f"engine.{k}": str(v) for k, v in sorted(engine_info(inputs["engine"]).environment.items())}
     return {**machine(), **env}
 
 
@@ -218,7 +218,9 @@ def batches_of(batch: BatchProfile) -> tuple[int, int]:
 
 def _torch_device(engine: ArtifactRef) -> str:
     # A GPU engine against PyTorch on the CPU would flatter the engine: compare on the same device.
-    return "cuda" if engine.meta.get("backend") == "tensorrt" else "cpu"
+    from tasks.engine import engine_info
+
+    return "cuda" if engine_info(engine).backend == "tensorrt" else "cpu"
 
 
 def torch_profile(
@@ -246,9 +248,24 @@ def torch_profile(
     Returns:
         The ``profile-torch`` artifact; ``meta`` holds the measurements.
     """
-    key = stage_key(TORCH_SPEC, {"checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads, "device": device})
-    if (not refresh or key in _MEASURED) and (ref := load_ref(artifacts_dir, TORCH_SPEC.name, key)) and not ref.problems():
-        return ref
+    inputs = {"checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads, "device": device}
+    # Within one process a refresh measures PyTorch once, however many engines are profiled.
+    measured = stage_key(TORCH_SPEC, inputs) in _MEASURED
+
+    def make(out: Path) -> dict[str, Any]:
+        meta = _torch_measurement(checkpoint, data, batch, settings, threads, device)
+        (out / REPORT).write_text(json.dumps(meta, indent=2))
+        return meta
+
+    ref = run_stage(TORCH_SPEC, inputs, artifacts_dir, refresh and not measured, make)
+    if not was_cached():
+        _MEASURED.add(ref.key)
+    return ref
+
+
+def _torch_measurement(
+    checkpoint: ArtifactRef, data: ArtifactRef, batch: BatchProfile, settings: ProfileConfig, threads: int, device: str
+) -> dict[str, Any]:
     import torch
 
     from tasks.train import module_from_checkpoint
@@ -296,11 +313,7 @@ def torch_profile(
         "throughput": throughput,
         "checkpoint_digest": checkpoint.digest,
     }
-    with staging(artifacts_dir, TORCH_SPEC.name, key) as st:
-        (st.dir / REPORT).write_text(json.dumps(meta, indent=2))
-        ref = st.commit(meta)
-    _MEASURED.add(key)
-    return ref
+    return meta
 
 
 def profile_of_engine(
@@ -332,46 +345,45 @@ def profile_of_engine(
     Raises:
         InferenceError: the engine cannot run the inputs.
     """
-    from tasks.engine import runner_from_build
+    from tasks.engine import engine_info, runner_from_build
 
-    key = stage_key(SPEC, {"engine": engine, "checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
-    # One measurement at a time: threads of this process (_LOCK) and other processes of the same
-    # artifacts folder, e.g. Dask workers (a file lock).
-    with _LOCK, key_lock(artifacts_dir, SPEC.name, MEASURING):
-        if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-            return ref  # measured by another process while this one waited
-        reference = torch_profile(checkpoint, data, batch, settings, threads, _torch_device(engine), artifacts_dir, refresh=refresh)
-        lat_b, thr_b = batches_of(batch)
-        xs = inputs_of(data, (lat_b, thr_b))
-        with runner_from_build(engine) as runner:
-            name = runner.input_specs()[0].name
-            latency = measurement(timed_runs(lambda n: runner.time_infer({name: xs[lat_b]}, n), settings), lat_b)
-            throughput = measurement(timed_runs(lambda n: runner.time_infer({name: xs[thr_b]}, n), settings), thr_b)
-            timer, engine_threads = runner.timer, getattr(runner, "threads", None)
-    measured = {"latency": latency, "throughput": throughput}
-    report = {
-        "precision": engine.meta.get("precision"),
-        "backend": engine.meta.get("backend"),
-        "timer": timer,
-        "machine": machine(),
-        "threads": {"engine": engine_threads, "torch": threads},
-        "settings": settings.model_dump(),
-        "engine": measured,
-        "torch": {k: reference.meta[k] for k in ("runtime", "device", "timer", "threads", "latency", "throughput")},
-        "speedup": speedup(measured, reference.meta),
-        "engine_digest": engine.digest,
-    }
-    with staging(artifacts_dir, SPEC.name, key) as st:
-        (st.dir / REPORT).write_text(json.dumps(report, indent=2, default=str))
-        ref = st.commit(summary_of(report))
-    s = ref.meta
-    log.info(
-        "profile: %s p50 %.3f ms at batch %d, %.0f samples/s at batch %d (%.2fx PyTorch)",
-        s["precision"], s["latency_ms"]["p50"], lat_b, s["samples_per_s"] or 0, thr_b, s["speedup"]["throughput"] or 0,
-    )
-    return ref
+
+    def make(out: Path) -> dict[str, Any]:
+        # One measurement at a time: threads of this process (_LOCK) and other processes of the same
+        # artifacts folder, e.g. Dask workers (a file lock).
+        with _LOCK, key_lock(artifacts_dir, SPEC.name, MEASURING):
+            reference = torch_profile(checkpoint, data, batch, settings, threads, _torch_device(engine), artifacts_dir, refresh=refresh)
+            lat_b, thr_b = batches_of(batch)
+            xs = inputs_of(data, (lat_b, thr_b))
+            with runner_from_build(engine) as runner:
+                name = runner.input_specs()[0].name
+                latency = measurement(timed_runs(lambda n: runner.time_infer({name: xs[lat_b]}, n), settings), lat_b)
+                throughput = measurement(timed_runs(lambda n: runner.time_infer({name: xs[thr_b]}, n), settings), thr_b)
+                timer, engine_threads = runner.timer, getattr(runner, "threads", None)
+        measured = {"latency": latency, "throughput": throughput}
+        info = engine_info(engine)
+        report = {
+            "precision": info.precision,
+            "backend": info.backend,
+            "timer": timer,
+            "machine": machine(),
+            "threads": {"engine": engine_threads, "torch": threads},
+            "settings": settings.model_dump(),
+            "engine": measured,
+            "torch": {k: reference.meta[k] for k in ("runtime", "device", "timer", "threads", "latency", "throughput")},
+            "speedup": speedup(measured, reference.meta),
+            "engine_digest": engine.digest,
+        }
+        (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        s = summary_of(report)
+        log.info(
+            "profile: %s p50 %.3f ms at batch %d, %.0f samples/s at batch %d (%.2fx PyTorch)",
+            s["precision"], s["latency_ms"]["p50"], lat_b, s["samples_per_s"] or 0, thr_b, s["speedup"]["throughput"] or 0,
+        )
+        return s
+
+    inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads}
+    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
 
 
 def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -453,7 +465,3 @@ def speed_markdown(precisions: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def _fmt_x(v: float | None) -> str:
     return "" if v is None else f"{v:.2f}×"
-
-
-profile_task = stage_task(profile_of_engine, SPEC)
-"""Prefect task of ``profile_of_engine``: content-cached (per machine), transient failures retried."""

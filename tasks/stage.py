@@ -1,14 +1,21 @@
-"""Cache keys of stages: what a stage's output depends on, as one digest.
+"""The stage skeleton: cache key, lock, lookup, staging and commit, written once.
 
-A key covers the digests of the upstream artifacts, the stage's own parameters, the source code of the
-modules that compute it, the versions of the libraries that change its results, and any environment
-that does (thread count, backend, device). It is computed without importing torch, so a fully cached run
-stays cheap. Stage functions call ``stage_key`` themselves (their output folder is named by it) and the
-Prefect cache policy calls the same function, so both always agree.
+A key covers the digests of the upstream artifacts *as found on disk*, the stage's own parameters, the
+source code of the modules that compute it, the versions of the libraries that change its results, and
+any environment that does (thread count, backend, device). It is computed without importing torch, so a
+fully cached run stays cheap.
+
+``run_stage`` is the only cache there is: every stage function hands it its inputs and a ``make``
+callback that writes the stage's files into a private staging folder and returns the manifest's
+metadata. Upstream artifacts are checked against their files before the key is computed, so an
+artifact replaced on disk (with or without a matching manifest) changes the keys of everything
+downstream instead of being trusted from a record. Prefect's task wrappers (``tasks.caching``) add
+retries and the "Cached" state name on top; they keep no cache of their own.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hashlib
 from collections.abc import Callable, Mapping
@@ -20,7 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.artifacts import ArtifactRef, sha256_json
+from tasks.artifacts import ArtifactRef, load_ref, sha256_json, staging
+from tasks.locking import key_lock
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -100,3 +108,63 @@ def stage_key(spec: StageSpec, inputs: Mapping[str, Any]) -> str:
             "inputs": canonical(relevant),
         }
     )
+
+
+#: set by ``run_stage``: whether the latest call in this context found its artifact (see ``was_cached``)
+_HIT: contextvars.ContextVar[bool] = contextvars.ContextVar("trtflow_stage_hit", default=False)
+
+
+def was_cached() -> bool:
+    """True when the latest ``run_stage`` call in this context reused an intact artifact."""
+    return _HIT.get()
+
+
+def checked_inputs(inputs: Mapping[str, Any]) -> None:
+    """Check every upstream artifact among ``inputs`` against its files on disk.
+
+    Raises:
+        ArtifactError: an upstream file is missing or differs from the digest its artifact records
+            (the upstream stage must run again; the message says so).
+    """
+    for value in inputs.values():
+        if isinstance(value, ArtifactRef):
+            value.verify()
+
+
+def run_stage(
+    spec: StageSpec,
+    inputs: Mapping[str, Any],
+    artifacts_dir: Path,
+    refresh: bool,
+    make: Callable[[Path], dict[str, Any]],
+) -> ArtifactRef:
+    """Return the stage's artifact for ``inputs``: the intact one in the store, or a new one.
+
+    Args:
+        spec: the stage's name and what its key depends on.
+        inputs: the stage function's arguments that define its output (artifacts, parameters).
+        artifacts_dir: root of the artifact store.
+        refresh: make the artifact again even if an intact one exists.
+        make: writes the stage's files into the folder it is given and returns the manifest metadata;
+            called only on a miss, under the key's lock.
+
+    Returns:
+        The committed (or found) artifact.
+
+    Raises:
+        ArtifactError: an upstream artifact's files changed since it was written.
+        StorageError: the disk filled up while ``make`` wrote.
+    """
+    checked_inputs(inputs)
+    key = stage_key(spec, inputs)
+    root = Path(artifacts_dir)
+    with key_lock(root, spec.name, key):
+        # Looked up under the lock: another process may have committed it while this one waited.
+        if not refresh and (ref := load_ref(root, spec.name, key)) is not None and not ref.problems():
+            _HIT.set(True)
+            return ref
+        with staging(root, spec.name, key) as st:
+            ref = st.commit(make(st.dir))
+    # Set last: ``make`` may run other stages (profile measures PyTorch) that set it themselves.
+    _HIT.set(False)
+    return ref

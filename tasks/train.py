@@ -13,13 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.artifacts import ArtifactRef
 from tasks.config import TrainConfig
 from tasks.data import load_splits
 from tasks.errors import ArtifactError, ModelCollapseError, ModelError
-from tasks.caching import stage_task
-from tasks.stage import StageSpec, stage_key
-from tasks.locking import exclusive
+from tasks.stage import StageSpec, run_stage
 
 if TYPE_CHECKING:
     from torch import nn
@@ -221,7 +219,6 @@ def module_from_checkpoint(ref: ArtifactRef) -> nn.Module:
     return model.eval()
 
 
-@exclusive(SPEC)
 def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
     """Train the model on the ``data`` artifact and store the checkpoint with its config.
 
@@ -242,44 +239,41 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
     """
     import json
 
-    from tasks.metrics import collapse_findings
     from tasks.artifacts import write_json_atomic
+    from tasks.metrics import collapse_findings
 
-    key = stage_key(SPEC, {"data": data, "cfg": cfg})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
-    import torch
+    def make(out: Path) -> dict[str, Any]:
+        import torch
 
-    splits = load_splits(data)
-    num_classes = int(data.meta["num_classes"])
-    model, history = train_model(splits, cfg, num_classes)
-    metrics = validation_metrics(splits, predict_logits(model, splits["x_val"]), num_classes)
-    findings = collapse_findings(metrics, cfg.collapse_gate)
-    report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
-    # Written before the gate raises, so a failed run keeps its evidence.
-    write_json_atomic(
-        report_path,
-        {"passed": not findings, "findings": findings, "balance": cfg.balance,
-         "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},
-    )
-    log.info(
-        "train: validation balanced accuracy %.4f, macro F1 %.4f, class %d gets %.1f%% of predictions (%.1f%% of labels)",
-        metrics["balanced_accuracy"], metrics["macro_f1"], metrics["most_predicted"]["class"],
-        100 * metrics["most_predicted"]["predicted_share"], 100 * metrics["most_predicted"]["true_share"],
-    )
-    if findings:
-        raise _collapse_error(findings, metrics, cfg, report_path)
-    meta: dict[str, Any] = {
-        "config": cfg.model_dump(mode="json"),
-        "num_classes": num_classes,
-        "in_channels": int(splits["x_train"].shape[1]),
-        "sample_shape": data.meta["sample_shape"],
-        "torch_threads": torch.get_num_threads(),
-        "final": history[-1],
-        "epoch_seconds": [row["seconds"] for row in history],
-        "validation_metrics": metrics,
-    }
-    with staging(artifacts_dir, SPEC.name, key) as st:
+        splits = load_splits(data)
+        num_classes = int(data.meta["num_classes"])
+        model, history = train_model(splits, cfg, num_classes)
+        metrics = validation_metrics(splits, predict_logits(model, splits["x_val"]), num_classes)
+        findings = collapse_findings(metrics, cfg.collapse_gate)
+        report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
+        # Written before the gate raises, so a failed run keeps its evidence.
+        write_json_atomic(
+            report_path,
+            {"passed": not findings, "findings": findings, "balance": cfg.balance,
+             "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},
+        )
+        log.info(
+            "train: validation balanced accuracy %.4f, macro F1 %.4f, class %d gets %.1f%% of predictions (%.1f%% of labels)",
+            metrics["balanced_accuracy"], metrics["macro_f1"], metrics["most_predicted"]["class"],
+            100 * metrics["most_predicted"]["predicted_share"], 100 * metrics["most_predicted"]["true_share"],
+        )
+        if findings:
+            raise _collapse_error(findings, metrics, cfg, report_path)
+        meta: dict[str, Any] = {
+            "config": cfg.model_dump(mode="json"),
+            "num_classes": num_classes,
+            "in_channels": int(splits["x_train"].shape[1]),
+            "sample_shape": data.meta["sample_shape"],
+            "torch_threads": torch.get_num_threads(),
+            "final": history[-1],
+            "epoch_seconds": [row["seconds"] for row in history],
+            "validation_metrics": metrics,
+        }
         torch.save(
             {
                 "state_dict": model.state_dict(),
@@ -288,16 +282,13 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
                 "in_channels": meta["in_channels"],
                 "config": meta["config"],
             },
-            st.dir / CHECKPOINT,
+            out / CHECKPOINT,
         )
         # Wall times vary run to run: they stay in the manifest's meta, out of the artifact's digest,
         # so a deterministic retrain reproduces the same content address and downstream stays cached.
         stable = [{k: v for k, v in row.items() if k != "seconds"} for row in history]
-        (st.dir / HISTORY).write_text(json.dumps(stable, indent=2))
-        (st.dir / METRICS).write_text(json.dumps(metrics, indent=2))
-        ref = st.commit(meta)
-    return ref
+        (out / HISTORY).write_text(json.dumps(stable, indent=2))
+        (out / METRICS).write_text(json.dumps(metrics, indent=2))
+        return meta
 
-
-train_task = stage_task(checkpoint_from_splits, SPEC)
-"""Prefect task of ``checkpoint_from_splits``: content-cached, transient failures retried."""
+    return run_stage(SPEC, {"data": data, "cfg": cfg}, artifacts_dir, refresh, make)

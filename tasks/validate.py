@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref, staging
+from tasks.artifacts import ArtifactRef
 from tasks.errors import OnnxValidationError
-from tasks.caching import stage_task
-from tasks.stage import StageSpec, stage_key
-from tasks.locking import exclusive
+from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.validate")
 
@@ -108,7 +106,6 @@ def check_onnx(path: Path, sample: np.ndarray, num_classes: int) -> dict[str, An
     return report
 
 
-@exclusive(SPEC)
 def validated_onnx(model: ArtifactRef, data: ArtifactRef, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
     """Validate the ONNX file of an ``export`` or ``precision`` artifact on a real batch.
 
@@ -118,21 +115,15 @@ def validated_onnx(model: ArtifactRef, data: ArtifactRef, artifacts_dir: Path, r
     Raises:
         OnnxValidationError: a check failed.
     """
-    from tasks.data import load_splits
 
-    key = stage_key(SPEC, {"model": model, "data": data})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
-    model.verify()
-    x_val = load_splits(data)["x_val"][:8]
-    report = check_onnx(model.path("model.onnx"), x_val, int(data.meta["num_classes"]))
-    report["precision"] = model.meta.get("precision", "fp32")
-    with staging(artifacts_dir, SPEC.name, key) as st:
-        (st.dir / REPORT).write_text(json.dumps(report, indent=2))
-        ref = st.commit({"model_digest": model.digest, **report})
-    log.info("validate: %s %s passed %d checks", model.stage, report["precision"], len(report["checks"]))
-    return ref
+    def make(out: Path) -> dict[str, Any]:
+        from tasks.data import load_splits
 
+        x_val = load_splits(data)["x_val"][:8]
+        report = check_onnx(model.path("model.onnx"), x_val, int(data.meta["num_classes"]))
+        report["precision"] = model.meta.get("precision", "fp32")
+        (out / REPORT).write_text(json.dumps(report, indent=2))
+        log.info("validate: %s %s passed %d checks", model.stage, report["precision"], len(report["checks"]))
+        return {"model_digest": model.digest, **report}
 
-validate_task = stage_task(validated_onnx, SPEC)
-"""Prefect task of ``validated_onnx``: content-cached, transient failures retried."""
+    return run_stage(SPEC, {"model": model, "data": data}, artifacts_dir, refresh, make)

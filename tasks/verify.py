@@ -15,18 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref, staging, write_json_atomic
-from tasks.caching import stage_task
+from tasks.artifacts import ArtifactRef, write_json_atomic
 from tasks.compare import compare_outputs
 from tasks.config import BatchProfile, Precision, Tolerance
-from tasks.errors import VerificationError
-from tasks.locking import exclusive
-from tasks.stage import StageSpec, stage_key
+from tasks.errors import TrtflowError, VerificationError
+from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.verify")
 
 SPEC = StageSpec("verify", modules=("verify.py", "compare.py", "metrics.py", "train.py"), libraries=("torch", "numpy"))
 REPORT = "verification.json"
+#: where the latest verification of each precision is kept, passed or not (relative to the artifacts folder)
+LATEST = "reports/verify-{precision}.json"
 
 
 def batch_sizes(batch: BatchProfile) -> list[int]:
@@ -74,7 +74,6 @@ def reference_logits(checkpoint: ArtifactRef, data: ArtifactRef, x: np.ndarray) 
         return _REFERENCE[key]
 
 
-@exclusive(SPEC)
 def verification_of_engine(
     engine: ArtifactRef,
     checkpoint: ArtifactRef,
@@ -98,47 +97,65 @@ def verification_of_engine(
         refresh: re-verify even if an intact result exists.
 
     Returns:
-        The ``verify`` artifact with ``verification.json``.
+        The ``verify`` artifact with ``verification.json`` (statistics per batch and output, every
+        check, and the engine's confusion matrix on the test split, which the UI draws).
 
     Raises:
         VerificationError: listing every failing check (precision, batch, metric, value, threshold).
     """
-    from tasks.data import load_splits
-    from tasks.engine import runner_from_build
+    from tasks.metrics import confusion_matrix
 
     precision = Precision(precision)
-    key = stage_key(SPEC, {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch})
-    if not refresh and (ref := load_ref(artifacts_dir, SPEC.name, key)) and not ref.problems():
-        return ref
-    splits = load_splits(data)
-    x, y = splits["x_test"], splits["y_test"]
-    reference = {engine.meta["outputs"][0]["name"]: reference_logits(checkpoint, data, x)}
-    results = []
-    with runner_from_build(engine) as runner:
-        input_name = runner.input_specs()[0].name
-        for b in batch_sizes(batch):
-            got = outputs_in_batches(runner, input_name, x, b, batch.min)
-            results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y))
-    failures = [f for r in results for f in r.failures()]
-    report = {
-        "precision": precision.value,
-        "backend": engine.meta["backend"],
-        "passed": not failures,
-        "failures": failures,
-        "samples": int(len(x)),
-        "tolerance": tolerance.model_dump(),
-        "batches": [r.to_dict() for r in results],
-        "engine_digest": engine.digest,
-        "checkpoint_digest": checkpoint.digest,
-    }
-    latest = Path(artifacts_dir) / "reports" / f"verify-{precision.value}.json"
-    write_json_atomic(latest, report)
-    if failures:
-        raise VerificationError(failures, str(latest))
-    with staging(artifacts_dir, SPEC.name, key) as st:
-        (st.dir / REPORT).write_text(json.dumps(report, indent=2, default=str))
-        ref = st.commit(summary_of(report))
-    log.info("verify: %s passed on %d samples at batches %s", precision.value, len(x), batch_sizes(batch))
+    latest = Path(artifacts_dir) / LATEST.format(precision=precision.value)
+
+    def make(out: Path) -> dict[str, Any]:
+        from tasks.data import load_splits
+        from tasks.engine import engine_info, runner_from_build
+
+        splits = load_splits(data)
+        x, y = splits["x_test"], splits["y_test"]
+        info = engine_info(engine)
+        reference = {info.outputs[0].name: reference_logits(checkpoint, data, x)}
+        results, confusion = [], None
+        with runner_from_build(engine) as runner:
+            input_name = runner.input_specs()[0].name
+            for b in batch_sizes(batch):
+                got = outputs_in_batches(runner, input_name, x, b, batch.min)
+                results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y))
+                if b == batch.opt:
+                    pred = got[info.outputs[0].name].argmax(axis=1)
+                    confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, int(data.meta["num_classes"])).tolist()}
+        failures = [f for r in results for f in r.failures()]
+        report = {
+            "precision": precision.value,
+            "backend": info.backend,
+            "passed": not failures,
+            "failures": failures,
+            "samples": int(len(x)),
+            "tolerance": tolerance.model_dump(),
+            "batches": [r.to_dict() for r in results],
+            "confusion": confusion,
+            "engine_digest": engine.digest,
+            "checkpoint_digest": checkpoint.digest,
+        }
+        write_json_atomic(latest, report)
+        if failures:
+            raise VerificationError(failures, str(latest))
+        (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        log.info("verify: %s passed on %d samples at batches %s", precision.value, len(x), batch_sizes(batch))
+        return summary_of(report)
+
+    inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch}
+    try:
+        ref = run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+    except VerificationError:
+        raise
+    except TrtflowError as exc:
+        # The latest report never keeps an older pass once this precision's verification failed.
+        write_json_atomic(latest, {"precision": precision.value, "passed": False, "failures": [], "error": str(exc)})
+        raise
+    # A reused verification is the current one too (an earlier run may have left another result).
+    write_json_atomic(latest, json.loads(ref.path(REPORT).read_text()))
     return ref
 
 
@@ -166,7 +183,3 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         "balanced_accuracy_reference": worst("balanced_accuracy_reference", max),
         "balanced_accuracy": worst("balanced_accuracy", min),
     }
-
-
-verify_task = stage_task(verification_of_engine, SPEC)
-"""Prefect task of ``verification_of_engine``: content-cached, transient failures retried."""

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import ArtifactRef
-from tasks.config import Backend, BatchProfile, CollapseGate, DataConfig, PipelineConfig, Precision, TrainConfig
+from tasks.config import Backend, BatchProfile, CollapseGate, DataConfig, PipelineConfig, Precision, ProfileConfig, TrainConfig
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+#: the stages every robustness test runs (profile is off in their config: timings differ run to run)
 STAGES = ("data", "train", "export", "validate", "precision", "build", "verify")
 
 #: a child process: run the plain pipeline of the config in argv[1], print the artifact digests as JSON
@@ -65,6 +66,8 @@ def tiny_config(root: Path, dataset: Path, **overrides: Any) -> PipelineConfig:
         "backend": Backend.onnxruntime,
         "batch": BatchProfile(min=1, opt=4, max=8),
         "calibration_samples": 32,
+        # Timings differ run to run: the robustness tests compare digests of everything else.
+        "profile": ProfileConfig(enabled=False),
     }
     base.update(overrides)
     return PipelineConfig(**base)
@@ -76,37 +79,16 @@ def with_root(cfg: PipelineConfig, root: Path) -> PipelineConfig:
 
 
 def run_plain(cfg: PipelineConfig, refresh: tuple[str, ...] = ()) -> dict[str, ArtifactRef]:
-    """Run every stage as a plain function (no Prefect).
+    """Run every stage of the pipeline's graph as a plain function (no Prefect).
 
     Returns:
-        Artifacts by name: data, train, export, validate, then ``<stage>-<precision>`` for precision,
-        validate, build and verify.
+        Artifacts by instance id: data, train, export, validate, then ``<stage>-<precision>`` for
+        precision, validate, build and verify (and profile when the config enables it).
     """
-    from tasks.data import splits_from_dataset
-    from tasks.engine import engine_from_variant
-    from tasks.export import onnx_from_checkpoint
-    from tasks.precision import variant_from_onnx
-    from tasks.train import checkpoint_from_splits
-    from tasks.validate import validated_onnx
-    from tasks.verify import verification_of_engine
+    from flows.pipeline import GRAPH
+    from tasks.graph import run_plain as run_graph
 
-    root = Path(cfg.artifacts_dir)
-    r = {s: s in refresh for s in STAGES}
-    out: dict[str, ArtifactRef] = {}
-    out["data"] = splits_from_dataset(cfg.data, root, refresh=r["data"])
-    out["train"] = checkpoint_from_splits(out["data"], cfg.train, root, refresh=r["train"])
-    out["export"] = onnx_from_checkpoint(out["train"], root, refresh=r["export"])
-    out["validate"] = validated_onnx(out["export"], out["data"], root, refresh=r["validate"])
-    for p in cfg.precisions:
-        v = variant_from_onnx(out["export"], out["data"], p, cfg.calibration_samples, root, refresh=r["precision"])
-        out[f"precision-{p.value}"] = v
-        out[f"validate-{p.value}"] = validated_onnx(v, out["data"], root, refresh=r["validate"])
-        e = engine_from_variant(v, cfg.backend, cfg.batch, cfg.engine.model_dump(), root, refresh=r["build"])
-        out[f"build-{p.value}"] = e
-        out[f"verify-{p.value}"] = verification_of_engine(
-            e, out["train"], out["data"], p, cfg.tolerance(p), cfg.batch, root, refresh=r["verify"]
-        )
-    return out
+    return run_graph(GRAPH, cfg, refresh)
 
 
 def digests(refs: dict[str, ArtifactRef]) -> dict[str, str]:

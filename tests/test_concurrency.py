@@ -16,8 +16,8 @@ import pytest
 import _pipeline_kit as kit
 from tasks.artifacts import MANIFEST, Staging, load_ref, sha256_file
 from tasks.config import Precision
-from tasks.locking import exclusive, key_lock, lock_path
-from tasks.stage import StageSpec, stage_key
+from tasks.locking import key_lock, lock_path
+from tasks.stage import StageSpec, run_stage, was_cached
 
 
 @pytest.fixture(scope="module")
@@ -110,29 +110,32 @@ def test_key_lock_excludes_other_holders_until_released(tmp_path: Path) -> None:
     assert try_lock()
 
 
-def test_exclusive_runs_the_stage_under_its_key_lock_and_a_waiter_reuses_the_result(tmp_path: Path) -> None:
+def test_run_stage_makes_under_the_key_lock_and_a_waiter_reuses_the_result(tmp_path: Path) -> None:
     seen: list[str] = []
     inside, release = threading.Event(), threading.Event()
 
-    @exclusive(SPEC)
-    def demo(x: int, artifacts_dir: Path, refresh: bool = False) -> str:
-        key = stage_key(SPEC, {"x": x})
-        if (ref := load_ref(artifacts_dir, "demo", key)) is not None and not ref.problems():
+    def demo(x: int) -> str:
+        def make(out: Path) -> dict[str, str]:
+            inside.set()
+            release.wait(30)
+            (out / "out.bin").write_bytes(b"x")
+            seen.append("computed")
+            return {"by": threading.current_thread().name}
+
+        ref = run_stage(SPEC, {"x": x}, tmp_path, False, make)
+        if was_cached():
             seen.append("reused")
-            return ref.meta["by"]
-        inside.set()
-        release.wait(30)
-        s = Staging(artifacts_dir, "demo", key)
-        (s.dir / "out.bin").write_bytes(b"x")
-        seen.append("computed")
-        return s.commit({"by": threading.current_thread().name}).meta["by"]
+        return ref.meta["by"]
 
     results: dict[str, str] = {}
-    first = threading.Thread(target=lambda: results.update(first=demo(1, tmp_path)), name="first")
+    first = threading.Thread(target=lambda: results.update(first=demo(1)), name="first")
     first.start()
     assert inside.wait(30)
-    second = threading.Thread(target=lambda: results.update(second=demo(1, tmp_path)), name="second")
+    second = threading.Thread(target=lambda: results.update(second=demo(1)), name="second")
     second.start()
+    # The second caller waits on the lock instead of computing the same artifact in parallel.
+    second.join(0.5)
+    assert second.is_alive() and seen == []
     release.set()
     first.join(30)
     second.join(30)

@@ -1,14 +1,14 @@
 import pytest
 from pydantic import ValidationError
 
-from tasks.config import BatchProfile, PipelineConfig, Precision, Stage, Tolerance, TrainConfig, parse_precisions
+from tasks.config import BatchProfile, PipelineConfig, Precision, Tolerance, TrainConfig, default_tolerances, parse_precisions
 from tasks.errors import ConfigError
 
 
 def test_defaults_cover_every_precision():
     cfg = PipelineConfig()
     assert cfg.precisions == [Precision.fp32, Precision.fp16, Precision.int8]
-    assert set(cfg.tolerances) == set(Precision)
+    assert {p.value for p in Precision} == set(cfg.tolerances.model_dump())
     # looser precisions get looser thresholds
     assert cfg.tolerance(Precision.fp32).min_cosine > cfg.tolerance(Precision.fp16).min_cosine > cfg.tolerance(Precision.int8).min_cosine
 
@@ -41,10 +41,37 @@ def test_unknown_field_rejected():
         PipelineConfig.model_validate({"epochs": 3})
 
 
-def test_refresh_includes_dependents():
-    cfg = PipelineConfig(refresh=[Stage.build])
-    assert cfg.refreshed() == {Stage.build, Stage.verify, Stage.profile}
-    assert PipelineConfig(refresh=[Stage.train]).refreshed() >= {Stage.export, Stage.precision, Stage.verify}
+@pytest.mark.parametrize(
+    ("given", "rtol"),
+    [
+        ({"tolerances": {"fp32": {"atol": 1e-3}}}, 1e-3),
+        ({"tolerances": {Precision.fp32: Tolerance(atol=1e-3)}}, 1e-3),
+        ({"tolerances": {"fp32": {"atol": 1e-3, "rtol": None}}}, None),
+    ],
+    ids=["form or config file", "python object", "with a None"],
+)
+def test_a_partial_tolerance_override_keeps_the_precisions_other_defaults(given, rtol):
+    cfg = PipelineConfig.model_validate(given)
+    fp32, defaults = cfg.tolerance(Precision.fp32), default_tolerances()[Precision.fp32]
+    assert fp32.atol == 1e-3
+    assert fp32.min_cosine == defaults.min_cosine == 0.99999  # not the generic 0.999
+    assert fp32.min_top1_agreement == defaults.min_top1_agreement
+    assert fp32.rtol == rtol
+    assert cfg.tolerance(Precision.fp16) == default_tolerances()[Precision.fp16]
+
+
+def test_default_tolerances_are_pinned():
+    # The gates users trust: a change here must be deliberate (and documented in docs/tolerances).
+    t = default_tolerances()
+    assert (t[Precision.fp32].atol, t[Precision.fp32].rtol, t[Precision.fp32].min_cosine) == (1e-4, 1e-3, 0.99999)
+    assert (t[Precision.fp16].atol, t[Precision.fp16].rtol, t[Precision.fp16].min_cosine) == (1e-2, 1e-2, 0.9999)
+    assert (t[Precision.int8].atol, t[Precision.int8].rtol, t[Precision.int8].min_top1_agreement) == (None, None, 0.97)
+    assert PipelineConfig().tolerances.fp16.atol == 1e-2
+
+
+def test_an_unknown_precision_in_tolerances_is_refused():
+    with pytest.raises(ValidationError, match="bf16"):
+        PipelineConfig.model_validate({"tolerances": {"bf16": {"atol": 1.0}}})
 
 
 def test_duplicate_precisions_collapse():

@@ -48,3 +48,18 @@ def test_topological_sort_fixes_appended_casts():
     topologically_sorted(graph)
     assert [n.op_type for n in graph.node] == ["Neg", "Relu"]
     onnx.checker.check_model(helper.make_model(graph))
+
+
+def test_int8_quantization_never_writes_beside_its_input_and_runs_concurrently(trained, tmp_path):
+    """quantize_static writes '<input>-inferred.onnx' next to its input: it must work on a private copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    export_dir = trained.onnx.dir
+    before = sorted(p.name for p in export_dir.iterdir())
+    roots = [tmp_path / f"r{i}" for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        refs = list(pool.map(lambda r: variant_from_onnx(trained.onnx, trained.data, Precision.int8, 32, r), roots))
+    assert sorted(p.name for p in export_dir.iterdir()) == before
+    assert trained.onnx.problems() == []
+    assert len({r.digest for r in refs}) == 1
+    assert all(set(r.files) == {"model.onnx"} for r in refs)  # no scratch files committed

@@ -50,9 +50,9 @@ def _flaky(monkeypatch: pytest.MonkeyPatch, errors: list[BaseException]) -> list
 
 def _run(root: Path, dataset: Path) -> Any:
     from tasks.config import DataConfig
-    from tasks.data import data_task
+    from flows.pipeline import TASKS
 
-    task = data_task.with_options(result_storage=root / ".prefect" / "results", retry_delay_seconds=0)
+    task = TASKS["data"].with_options(retry_delay_seconds=0)
     return task(DataConfig(dataset=dataset), root, return_state=True)
 
 

@@ -44,3 +44,62 @@ def test_computing_a_key_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+# --- the skeleton: key, lock, lookup, staging, commit ----------------------------------------------
+
+
+def _make(content: bytes, calls: list[int]):
+    def make(out):
+        calls.append(1)
+        (out / "out.bin").write_bytes(content)
+        return {"n": len(calls)}
+
+    return make
+
+
+def test_run_stage_makes_once_then_finds_the_artifact(tmp_path):
+    from tasks.stage import run_stage, was_cached
+
+    calls: list[int] = []
+    first = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+    assert not was_cached() and first.problems() == []
+    again = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+    assert was_cached() and again.digest == first.digest and calls == [1]
+    refreshed = run_stage(SPEC, {"x": 1}, tmp_path, True, _make(b"a", calls))
+    assert not was_cached() and calls == [1, 1] and refreshed.meta == {"n": 2}
+
+
+def test_run_stage_remakes_a_damaged_artifact_and_keeps_nothing_of_a_failed_make(tmp_path):
+    import pytest
+
+    from tasks.stage import run_stage, was_cached
+
+    calls: list[int] = []
+    ref = run_stage(SPEC, {"x": 2}, tmp_path, False, _make(b"a", calls))
+    ref.path("out.bin").write_bytes(b"torn")
+    run_stage(SPEC, {"x": 2}, tmp_path, False, _make(b"a", calls))
+    assert not was_cached() and calls == [1, 1]
+
+    def failing(out):
+        (out / "half.bin").write_bytes(b"half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_stage(SPEC, {"x": 3}, tmp_path, False, failing)
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "demo").iterdir())
+    assert len([p for p in (tmp_path / "demo").iterdir() if p.is_dir()]) == 1  # x=2's artifact alone
+
+
+def test_an_upstream_artifact_is_checked_against_its_files_before_the_key_is_computed(tmp_path):
+    import pytest
+
+    from tasks.errors import ArtifactError
+    from tasks.stage import run_stage
+
+    calls: list[int] = []
+    up = run_stage(StageSpec("up", modules=()), {"x": 1}, tmp_path, False, _make(b"up", calls))
+    up.path("out.bin").write_bytes(b"changed behind the manifest's back")
+    with pytest.raises(ArtifactError, match="changed since it was written"):
+        run_stage(SPEC, {"up": up}, tmp_path, False, _make(b"down", calls))
+    assert calls == [1]

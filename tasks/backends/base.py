@@ -16,17 +16,67 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from tasks.errors import InferenceError
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype and shape of an engine input or output; -1 marks a dynamic dimension."""
+    """Name, dtype and shape of an engine input or output; -1 marks a dynamic dimension.
+
+    ``dtype`` is numpy's name (``float32``) or the backend's own (TensorRT's ``HALF``, ``INT64``).
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        """'f' for floating point, 'i' for integers, 'b' for bool, '?' when unknown."""
+        return _KINDS.get(self.dtype.lower(), "?")
+
+
+_KINDS = {
+    **{n: "f" for n in ("float32", "float16", "float64", "bfloat16", "float", "half", "bf16", "double")},
+    **{n: "i" for n in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+    "bool": "b",
+}
+
+
+class EngineBatch(BaseModel):
+    """The batch range an engine was built for (its optimization profile)."""
+
+    min: int
+    opt: int
+    max: int
+
+
+class EngineInfo(BaseModel):
+    """What a ``build`` artifact records about its engine: the contract between build and its users.
+
+    Stored as ``engine.json`` and as the artifact's manifest metadata; backend-specific details
+    (TensorRT's layer summary, ONNX Runtime's providers) ride along as extra fields.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    backend: str
+    engine_file: str
+    batch: EngineBatch
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    precision: str | None = None
+    threads: int | None = None
+    options: dict[str, Any] = {}
+    environment: dict[str, str] = {}
+    variant_digest: str | None = None
+
+    @classmethod
+    def of(cls, meta: Mapping[str, Any]) -> EngineInfo:
+        """Read the engine info from a ``build`` artifact's metadata."""
+        return cls.model_validate(dict(meta))
 
 
 class BaseRunner(abc.ABC):
@@ -61,15 +111,66 @@ class BaseRunner(abc.ABC):
                 because="its session or buffers are not allocated",
                 fix="use it as a context manager ('with runner:') or call activate() first",
             )
-        expected = {s.name for s in self.input_specs()}
-        if set(feed) != expected:
+        self.check_feed(feed)
+        return self.infer_impl(feed)
+
+    def batch_limits(self) -> tuple[int, int] | None:
+        """(min, max) batch the engine accepts, or None when it does not say (valid once active)."""
+        return None
+
+    def check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+        """Check a batch against the engine's inputs, the same way for every backend.
+
+        Raises:
+            InferenceError: missing or unknown input names, a wrong rank or fixed dimension, an
+                integer array for a float input (or the reverse), inputs of different batch sizes, or
+                a batch outside the engine's range.
+        """
+        specs = {s.name: s for s in self.input_specs()}
+        if set(feed) != set(specs):
             raise InferenceError(
                 got=f"inputs {sorted(feed)}",
-                expected=f"inputs {sorted(expected)}",
+                expected=f"inputs {sorted(specs)}",
                 because=f"the engine of {self.name} was built with those input names",
                 fix="feed arrays keyed by the engine's input names",
             )
-        return self.infer_impl(feed)
+        batches = set()
+        for name, arr in feed.items():
+            spec, shape = specs[name], tuple(np.shape(arr))
+            fixed_ok = all(want < 0 or want == got for want, got in zip(spec.shape[1:], shape[1:]))
+            if len(shape) != len(spec.shape) or not fixed_ok:
+                expected = ", ".join("N" if i == 0 else ("?" if d < 0 else str(d)) for i, d in enumerate(spec.shape))
+                raise InferenceError(
+                    got=f"input '{name}' of shape {shape}",
+                    expected=f"shape ({expected})",
+                    because=f"the engine of {self.name} was built for that shape",
+                    fix="feed arrays of the shape the model was exported with",
+                )
+            kind = np.asarray(arr).dtype.kind
+            if spec.kind in ("f", "i") and {"f": "f", "i": "i", "u": "i", "b": "b"}.get(kind, kind) != spec.kind:
+                raise InferenceError(
+                    got=f"input '{name}' of dtype {np.asarray(arr).dtype}",
+                    expected=f"{'floating point' if spec.kind == 'f' else 'integer'} values ({spec.dtype})",
+                    because=f"the engine's input '{name}' has that type",
+                    fix=f"feed '{name}' as {spec.dtype}",
+                )
+            if shape:
+                batches.add(shape[0])
+        if len(batches) > 1:
+            raise InferenceError(
+                got=f"inputs with batch sizes {sorted(batches)}",
+                expected="one batch size for every input",
+                because="all inputs of a batch describe the same samples",
+                fix="slice every input to the same rows",
+            )
+        limits = self.batch_limits()
+        if batches and limits is not None and not limits[0] <= (n := batches.pop()) <= limits[1]:
+            raise InferenceError(
+                got=f"batch {n}",
+                expected=f"a batch in [{limits[0]}, {limits[1]}]",
+                because="the engine was built for that batch range",
+                fix="split the input into smaller batches or rebuild with a larger --max-batch",
+            )
 
     #: what ``time_infer`` measures with; a runner that overrides it names its own clock
     timer = "perf_counter_ns"
@@ -176,5 +277,5 @@ class EngineBuilder(abc.ABC):
         """
 
     @abc.abstractmethod
-    def runner_from_engine(self, engine_path: Path, info: Mapping[str, Any]) -> BaseRunner:
+    def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
         """Return an inactive Runner for a built engine."""

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, TensorSpec
-from tasks.errors import EngineBuildError, InferenceError
+from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec
+from tasks.errors import EngineBuildError
 
 ENGINE_FILE = "engine.onnx"
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -100,9 +100,8 @@ class OnnxRuntimeBuilder(EngineBuilder):
             },
         )
 
-    def runner_from_engine(self, engine_path: Path, info: Mapping[str, Any]) -> BaseRunner:
-        batch = info.get("batch", {})
-        return OnnxRuntimeRunner(engine_path, threads=info.get("threads"), max_batch=batch.get("max"), min_batch=batch.get("min"))
+    def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
+        return OnnxRuntimeRunner(engine_path, threads=info.threads, min_batch=info.batch.min, max_batch=info.batch.max)
 
 
 class OnnxRuntimeRunner(BaseRunner):
@@ -130,17 +129,12 @@ class OnnxRuntimeRunner(BaseRunner):
             str(self.onnx_path), session_options(self.threads, self.optimize), providers=["CPUExecutionProvider"]
         )
 
+    def batch_limits(self) -> tuple[int, int] | None:
+        if self.min_batch is None and self.max_batch is None:
+            return None
+        return self.min_batch or 1, self.max_batch or (1 << 62)
+
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name, arr in feed.items():
-            n = arr.shape[0] if arr.ndim else 0
-            lo, hi = self.min_batch or 1, self.max_batch or n
-            if not lo <= n <= hi:
-                raise InferenceError(
-                    got=f"batch {n} for input '{name}'",
-                    expected=f"a batch in [{lo}, {hi}]",
-                    because="the engine was built for that batch range",
-                    fix="split the input into smaller batches or rebuild with a larger --max-batch",
-                )
         names = [o.name for o in self._sess.get_outputs()]
         outs = self._sess.run(names, {k: np.ascontiguousarray(v) for k, v in feed.items()})
         return dict(zip(names, outs, strict=True))

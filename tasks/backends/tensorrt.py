@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.artifacts import write_bytes_atomic
-from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, TensorSpec
+from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec
 from tasks.errors import BackendUnavailableError, EngineBuildError, InferenceError
 
 if TYPE_CHECKING:
@@ -532,7 +532,7 @@ class TensorRTBuilder(EngineBuilder):
         )
         return BuildResult(engine_file=ENGINE_FILE, info=info)
 
-    def runner_from_engine(self, engine_path: Path, info: Mapping[str, Any]) -> BaseRunner:
+    def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
         # Everything the runner needs (tensor names, dtypes, profile) is read from the engine itself.
         return TensorRTRunner(engine_path)
 
@@ -680,6 +680,9 @@ class TensorRTRunner(BaseRunner):
         if first is None or not first.max:
             return (1, 1)
         return first.min[0], first.max[0]
+
+    def batch_limits(self) -> tuple[int, int] | None:
+        return self.batch_range if self._profiles else None
 
     def activate_impl(self) -> None:
         import tensorrt as trt

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tasks.backends.base import EngineInfo
 from tasks.backends.onnxruntime import OnnxRuntimeBuilder, OnnxRuntimeRunner
 from tasks.backends.registry import builder_for, choose_backend
 from tasks.config import Backend
@@ -13,7 +14,8 @@ from tasks.train import module_from_checkpoint, predict_logits
 def engine(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("ort")
     result = OnnxRuntimeBuilder().engine_from_onnx(trained.onnx.path("model.onnx"), out, (1, 4, 16), {"threads": 1})
-    return out / result.engine_file, result.info
+    info = EngineInfo.model_validate({**result.info, "engine_file": result.engine_file, "threads": 1})
+    return out / result.engine_file, info
 
 
 def test_runner_matches_pytorch(trained, engine):
@@ -42,6 +44,25 @@ def test_runner_refuses_misuse(trained, engine):
         with pytest.raises(InferenceError, match="inputs"):
             runner.infer({"images": x[:1]})
     runner.deactivate()  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("feed", "message"),
+    [
+        (lambda x: {"input": x[:4].astype(np.int64)}, "floating point"),
+        (lambda x: {"input": x[:4, :1]}, r"shape \(N, 3, 32, 32\)"),
+        (lambda x: {"input": x[:4, 0]}, "of shape"),
+        (lambda x: {"input": x[:17]}, r"batch in \[1, 16\]"),
+    ],
+    ids=["int for float", "wrong channels", "wrong rank", "batch above max"],
+)
+def test_the_base_runner_checks_every_feed_before_the_backend_sees_it(trained, engine, feed, message):
+    path, info = engine
+    x = load_splits(trained.data)["x_test"][:32]
+    with OnnxRuntimeBuilder().runner_from_engine(path, info) as runner:
+        with pytest.raises(InferenceError, match=message):
+            runner.infer(feed(x))
+        runner.infer({"input": x[:16]})  # the limit itself is accepted
 
 
 def test_outputs_are_not_overwritten_by_later_calls(trained, engine):

@@ -50,7 +50,7 @@ def test_second_run_is_entirely_cached_and_reports_all_precisions(tiny_config):
 
 def test_failed_verification_reruns_only_verify(tiny_config):
     impossible = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0, min_top1_agreement=1.0, max_accuracy_drop=0.0)
-    bad = tiny_config.model_copy(update={"precisions": [Precision.fp32, Precision.int8], "tolerances": {**tiny_config.tolerances, Precision.int8: impossible}})
+    bad = tiny_config.model_copy(update={"precisions": [Precision.fp32, Precision.int8], "tolerances": tiny_config.tolerances.model_copy(update={"int8": impossible})})
     with pytest.raises(VerificationError, match="int8 batch"):
         pipeline(bad)
     report = json.loads((tiny_config.artifacts_dir / "report.json").read_text())
@@ -84,19 +84,84 @@ def test_damaged_artifacts_rerun_their_stage(tiny_config):
     assert engine.is_file()
 
 
-def test_refresh_forces_a_stage_and_its_dependents(tiny_config):
+def test_refresh_forces_a_stage_and_its_true_descendants_only(tiny_config):
     cfg = tiny_config.model_copy(update={"precisions": [Precision.fp32]})
     assert run(cfg)[0].is_completed()
     state, states = run(cfg.model_copy(update={"refresh": [Stage.build]}))
     assert state.is_completed()
-    assert states["build"] == Counter({"Completed": 1}) and states["verify"] == Counter({"Completed": 1})
-    assert set(states["train"]) == {"Cached"} and set(states["precision"]) == {"Cached"}
+    assert states["build"] == states["verify"] == states["profile"] == Counter({"Completed": 1})
+    assert set(states["train"]) == set(states["precision"]) == set(states["validate"]) == {"Cached"}
+
+    # Nothing takes validation's output: refreshing it re-validates and rebuilds nothing.
+    state, states = run(cfg.model_copy(update={"refresh": [Stage.validate]}))
+    assert state.is_completed()
+    assert states["validate"] == Counter({"Completed": 2})  # the export and the fp32 variant
+    assert all(set(c) == {"Cached"} for name, c in states.items() if name != "validate"), states
+
+
+def _forge(ref_dir, file, change):
+    """Rewrite one file of a committed artifact AND its manifest entry, as a forger (or a buggy stage) would."""
+    from tasks.artifacts import MANIFEST, sha256_file
+
+    change(ref_dir / file)
+    manifest = json.loads((ref_dir / MANIFEST).read_text())
+    manifest["files"][file] = sha256_file(ref_dir / file)
+    (ref_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _scaled_weights(path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    target = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT), key=lambda t: int(np.prod(t.dims)))
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * 1.05, target.name))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("stage", ["build", "precision"])
+def test_a_swapped_onnx_or_engine_with_a_matching_manifest_is_reverified_and_fails(tiny_config, stage):
+    """The store is the only cache: a plain re-run reads the swapped artifact's digest from disk, so
+    everything downstream of it runs again and verification catches the changed outputs."""
+    cfg = tiny_config.model_copy(update={"precisions": [Precision.fp32]})
+    assert run(cfg)[0].is_completed()
+    (folder,) = [p.parent for p in (cfg.artifacts_dir / stage).glob("*/manifest.json")]
+    _forge(folder, "engine.onnx" if stage == "build" else "model.onnx", _scaled_weights)
+
+    with pytest.raises(VerificationError, match="fp32 batch"):
+        pipeline(cfg)
+    latest = json.loads((cfg.artifacts_dir / "reports" / "verify-fp32.json").read_text())
+    assert latest["passed"] is False
+    report = json.loads((cfg.artifacts_dir / "report.json").read_text())
+    assert report["precisions"]["fp32"]["failed_stage"] == "verify"
+
+
+def test_a_swapped_checkpoint_is_a_changed_input_of_export(tiny_config):
+    import torch
+
+    cfg = tiny_config.model_copy(update={"precisions": [Precision.fp32]})
+    assert run(cfg)[0].is_completed()
+    (folder,) = [p.parent for p in (cfg.artifacts_dir / "train").glob("*/manifest.json")]
+
+    def scale(path):
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["state_dict"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        torch.save(ckpt, path)
+
+    _forge(folder, "model.pt", scale)
+    state, states = run(cfg)
+    # Nothing can say the new weights are wrong, but nothing made from the old ones is reused.
+    assert state.is_completed(), state.message
+    assert set(states["train"]) == {"Cached"}
+    for name in ("export", "precision", "build", "verify"):
+        assert states[name] == Counter({"Completed": 1}), (name, states)
 
 
 def test_changing_a_parameter_reruns_only_what_it_affects(tiny_config):
     cfg = tiny_config.model_copy(update={"precisions": [Precision.fp32]})
     assert run(cfg)[0].is_completed()
-    looser = {**cfg.tolerances, Precision.fp32: cfg.tolerances[Precision.fp32].model_copy(update={"atol": 2e-4})}
+    looser = cfg.tolerances.replaced(Precision.fp32, atol=2e-4)
     _, states = run(cfg.model_copy(update={"tolerances": looser}))
     assert states["verify"] == Counter({"Completed": 1})
     assert all(set(c) == {"Cached"} for name, c in states.items() if name != "verify")

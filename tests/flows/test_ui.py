@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.ui import Progress, confusion_matrix, confusion_matrix_png, engine_confusion, image_markdown, publish_figures, training_curve_png
+from flows.ui import Progress, confusion_matrix, confusion_matrix_png, image_markdown, publish_figures, saved_confusion, training_curve_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,21 +51,31 @@ def test_progress_is_a_no_op_outside_a_flow_run() -> None:
     assert p.total == 12
 
 
-def test_publish_figures_from_real_artifacts(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from tasks.config import Backend, BatchProfile, Precision
+def test_publish_figures_draws_from_saved_verification_without_running_an_engine(trained, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tasks.backends.base import BaseRunner
+    from tasks.config import Backend, BatchProfile, Precision, default_tolerances
     from tasks.engine import engine_from_variant
     from tasks.precision import variant_from_onnx
+    from tasks.verify import verification_of_engine
 
     root = trained.root
+    batch = BatchProfile(min=1, opt=8, max=64)
     variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp32, 16, root)
-    engine = engine_from_variant(variant, Backend.onnxruntime, BatchProfile(min=1, opt=8, max=64), trained.config.engine.model_dump(), root)
-    m, acc = engine_confusion(engine, trained.data)
-    n_test = trained.data.meta["sizes"]["test"] if isinstance(trained.data.meta["sizes"], dict) else None
-    if n_test is not None:
-        assert m.sum() == n_test
+    engine = engine_from_variant(variant, Backend.onnxruntime, batch, trained.config.engine.model_dump(), root)
+    verified = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp32, default_tolerances()[Precision.fp32], batch, root)
+    saved = saved_confusion(verified)
+    assert saved is not None
+    m, acc = saved
+    assert m.sum() == trained.data.meta["sizes"]["test"]
     assert 0 <= acc <= 1 and abs(np.trace(m) / m.sum() - acc) < 1e-9
+    assert acc == verified.meta["accuracy"]
 
-    out = publish_figures(root, trained.checkpoint, trained.data, {"fp32": engine})
+    def no_inference(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the UI layer ran an engine")
+
+    monkeypatch.setattr(BaseRunner, "activate", no_inference)
+    (root / "reports" / ".figures.json").unlink(missing_ok=True)
+    out = publish_figures(root, trained.checkpoint, {"fp32": verified})
     assert out == {"training-curve": "reports/training-curve.png", "confusion-matrix": "reports/confusion-matrix.png"}
     assert (root / out["confusion-matrix"]).read_bytes().startswith(PNG_MAGIC)
     history = json.loads(trained.checkpoint.path("history.json").read_text())
@@ -80,5 +90,5 @@ def test_publish_figures_never_fails_the_run(tmp_path: Path, trained) -> None:  
         def path(self, name: str) -> Path:
             return tmp_path / "missing" / name
 
-    # A missing history and an unusable engine: logged and skipped, nothing raised.
-    assert publish_figures(tmp_path, Broken(), trained.data, {"fp32": Broken()}) == {}
+    # A missing history and an unreadable verification: logged and skipped, nothing raised.
+    assert publish_figures(tmp_path, Broken(), {"fp32": Broken()}) == {}

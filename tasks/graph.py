@@ -1,0 +1,210 @@
+"""The stage graph as data: which stage function runs, on which upstream artifacts and config values.
+
+One declaration (``flows.pipeline.GRAPH``) serves the Prefect flow, ``--refresh`` (a stage and its
+true descendants), the plain runner used by tests and benchmarks (``run_plain``) and the docs
+(``Graph.describe``). Stage functions stay plain and typed; a node only names where each argument
+comes from:
+
+- a string names an upstream node: its artifact is passed (a per-precision node gets the one of its
+  own precision, a shared node's otherwise);
+- ``Config("train")`` reads a field of the run's ``PipelineConfig`` (``{precision}`` is replaced by
+  the branch's precision, e.g. ``Config("tolerances.{precision}")``);
+- ``PRECISION`` is the branch's precision.
+
+    from flows.pipeline import GRAPH
+    from tasks.graph import run_plain
+    refs = run_plain(GRAPH, PipelineConfig(precisions=["fp32"]))   # no Prefect involved
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import ArtifactRef
+from tasks.config import Backend, PipelineConfig, Precision
+
+
+@dataclass(frozen=True)
+class Config:
+    """An argument read from the run's config, by attribute path."""
+
+    path: str
+
+    def read(self, config: PipelineConfig, precision: Precision | None) -> Any:
+        value: Any = config
+        for part in self.path.format(precision=precision.value if precision else "").split("."):
+            value = value[part] if isinstance(value, Mapping) else getattr(value, part)
+        return value
+
+
+class _Precision:
+    def __repr__(self) -> str:
+        return "PRECISION"
+
+
+#: an argument that is the branch's precision
+PRECISION = _Precision()
+
+Source = str | Config | _Precision
+
+
+@dataclass(frozen=True)
+class Node:
+    """One stage of the graph.
+
+    Attributes:
+        name: the stage name (``--refresh`` name, task name, artifact folder).
+        fn: the plain stage function; it also takes ``artifacts_dir`` and ``refresh``.
+        inputs: argument name -> where it comes from (upstream node name, ``Config``, ``PRECISION``).
+        per_precision: one instance per precision (a branch) instead of one shared instance.
+        after: nodes that must finish first without passing anything (no refresh follows them).
+        last: runs once every other node has finished, for the branches that succeeded (timings
+            must not share the CPU with builds).
+        when: a config flag; the node is skipped when it is false.
+    """
+
+    name: str
+    fn: Callable[..., ArtifactRef]
+    inputs: Mapping[str, Source] = field(default_factory=dict)
+    per_precision: bool = False
+    after: tuple[str, ...] = ()
+    last: bool = False
+    when: Config | None = None
+
+    @property
+    def upstream(self) -> list[str]:
+        """Names of the nodes whose artifacts this node takes."""
+        return [s for s in self.inputs.values() if isinstance(s, str)]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A node in one run: shared, or in the branch of one precision."""
+
+    node: Node
+    precision: Precision | None = None
+
+    @property
+    def id(self) -> str:
+        """``train`` for a shared node, ``verify-fp16`` for a branch node (also the task run name)."""
+        return self.node.name if self.precision is None else f"{self.node.name}-{self.precision.value}"
+
+
+class Graph:
+    """Nodes in a valid execution order; upstream names resolve as described in the module doc.
+
+    Raises:
+        ValueError: a node refers to one that is not declared before it, or a name repeats in a scope.
+    """
+
+    def __init__(self, *nodes: Node) -> None:
+        self.nodes = nodes
+        seen: set[tuple[str, bool]] = set()
+        for n in nodes:
+            if (n.name, n.per_precision) in seen:
+                raise ValueError(f"node '{n.name}' declared twice")
+            for up in [*n.upstream, *n.after]:
+                if (up, False) not in seen and not (n.per_precision and (up, True) in seen):
+                    raise ValueError(f"node '{n.name}' needs '{up}', which is not declared before it")
+            seen.add((n.name, n.per_precision))
+
+    def stages(self) -> list[str]:
+        """Stage names in declaration order, without repeats."""
+        return list(dict.fromkeys(n.name for n in self.nodes))
+
+    def instances(self, precisions: Iterable[Precision]) -> list[Instance]:
+        """Every node instance of a run, shared ones once and branch ones per precision, in order."""
+        out: list[Instance] = []
+        for n in self.nodes:
+            out += [Instance(n, Precision(p)) for p in precisions] if n.per_precision else [Instance(n)]
+        return out
+
+    def resolve(self, inst: Instance, name: str) -> Instance:
+        """The instance that ``name`` means for ``inst``: its own branch's node first, else the shared one."""
+        if inst.precision is not None and any(n.name == name and n.per_precision for n in self.nodes):
+            return Instance(next(n for n in self.nodes if n.name == name and n.per_precision), inst.precision)
+        return Instance(next(n for n in self.nodes if n.name == name and not n.per_precision))
+
+    def refreshed(self, stages: Iterable[str], precisions: Iterable[Precision]) -> set[str]:
+        """Instance ids to recompute for ``--refresh``: the named stages and their true descendants.
+
+        Descendants follow data edges only: ``after`` edges order work but pass nothing, so refreshing
+        validation never rebuilds an engine.
+        """
+        wanted = {str(getattr(s, "value", s)) for s in stages}
+        out: set[str] = set()
+        for inst in self.instances(precisions):
+            if inst.node.name in wanted or any(self.resolve(inst, up).id in out for up in inst.node.upstream):
+                out.add(inst.id)
+        return out
+
+    def arguments(self, inst: Instance, config: PipelineConfig, done: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of an instance's stage function (without artifacts_dir and refresh).
+
+        Args:
+            inst: the instance.
+            config: the run's config (backend already resolved).
+            done: instance id -> its result (an ArtifactRef, or a future of one).
+        """
+        args: dict[str, Any] = {}
+        for arg, source in inst.node.inputs.items():
+            if isinstance(source, str):
+                args[arg] = done[self.resolve(inst, source).id]
+            elif isinstance(source, Config):
+                args[arg] = source.read(config, inst.precision)
+            else:
+                args[arg] = inst.precision
+        return args
+
+    def describe(self) -> str:
+        """The graph as text, one line per node (for docs and ``trtflow graph``)."""
+        lines = []
+        for n in self.nodes:
+            ins = ", ".join(
+                f"{a}←{s}" if isinstance(s, str) else f"{a}←config.{s.path}" if isinstance(s, Config) else f"{a}←precision"
+                for a, s in n.inputs.items()
+            )
+            extra = [" per precision" if n.per_precision else ""]
+            extra += [f" after {', '.join(n.after)}"] if n.after else []
+            extra += [" last"] if n.last else []
+            extra += [f" when config.{n.when.path}"] if n.when else []
+            lines.append(f"{n.name:<10} {n.fn.__name__}({ins}){''.join(extra)}")
+        return "\n".join(lines)
+
+
+def resolved(config: PipelineConfig) -> tuple[PipelineConfig, str]:
+    """The config with ``backend: auto`` replaced by the backend that runs here, and why.
+
+    Raises:
+        BackendUnavailableError: an explicitly requested backend cannot run here.
+    """
+    from tasks.backends.registry import choose_backend
+
+    builder, reason = choose_backend(config.backend)
+    return config.model_copy(update={"backend": Backend(builder.name)}), reason
+
+
+def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ()) -> dict[str, ArtifactRef]:
+    """Run every enabled node in order as plain function calls (no Prefect); stop at the first error.
+
+    Args:
+        graph: the stage graph.
+        config: the run's config.
+        refresh: stage names to recompute with their descendants (besides ``config.refresh``).
+
+    Returns:
+        Instance id -> artifact (``data``, ``train``, ..., ``verify-fp16``, ``profile-fp16``).
+    """
+    config, _ = resolved(config)
+    root = Path(config.artifacts_dir)
+    forced = graph.refreshed([*config.refresh, *refresh], config.precisions)
+    out: dict[str, ArtifactRef] = {}
+    for inst in graph.instances(config.precisions):
+        if inst.node.when is not None and not inst.node.when.read(config, inst.precision):
+            continue
+        args = graph.arguments(inst, config, out)
+        out[inst.id] = inst.node.fn(**args, artifacts_dir=root, refresh=inst.id in forced)
+    return out

@@ -1,0 +1,74 @@
+"""The stage graph declared once: refresh closure, argument resolution, declaration checks.
+
+    pytest tests/test_graph.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.pipeline import GRAPH
+from tasks.config import PipelineConfig, Precision, Stage
+from tasks.graph import PRECISION, Config, Graph, Instance, Node
+
+P = [Precision.fp32, Precision.int8]
+
+
+def _ids(stages: list[str]) -> set[str]:
+    return GRAPH.refreshed(stages, P)
+
+
+def test_refresh_validate_reruns_validation_only() -> None:
+    assert _ids(["validate"]) == {"validate", "validate-fp32", "validate-int8"}
+
+
+def test_refresh_build_reruns_build_verify_and_profile() -> None:
+    assert _ids(["build"]) == {f"{s}-{p.value}" for s in ("build", "verify", "profile") for p in P}
+
+
+def test_refresh_follows_true_dependencies() -> None:
+    everything = {i.id for i in GRAPH.instances(P)}
+    assert _ids(["data"]) == everything
+    # export's descendants: not data or train
+    assert _ids(["export"]) == everything - {"data", "train"}
+    # verify feeds nothing: refreshing it re-verifies only
+    assert _ids([Stage.verify]) == {"verify-fp32", "verify-int8"}
+    assert _ids(["precision"]) == {f"{s}-{p.value}" for s in ("precision", "validate", "build", "verify", "profile") for p in P}
+
+
+def test_every_stage_is_in_the_graph_and_the_config_names_them() -> None:
+    assert GRAPH.stages() == [s.value for s in Stage]
+    text = GRAPH.describe()
+    for s in Stage:
+        assert s.value in text
+
+
+def test_a_branch_node_takes_its_own_branchs_artifact_and_shared_ones_otherwise() -> None:
+    verify = Instance(next(n for n in GRAPH.nodes if n.name == "verify"), Precision.int8)
+    done = {i.id: i.id for i in GRAPH.instances(P)}
+    cfg = PipelineConfig(precisions=P)
+    args = GRAPH.arguments(verify, cfg, done)
+    assert args["engine"] == "build-int8" and args["checkpoint"] == "train" and args["data"] == "data"
+    assert args["precision"] is Precision.int8
+    assert args["tolerance"] == cfg.tolerance(Precision.int8)
+    build = Instance(next(n for n in GRAPH.nodes if n.name == "build"), Precision.fp32)
+    assert GRAPH.resolve(build, "validate").id == "validate-fp32"
+    assert GRAPH.resolve(Instance(GRAPH.nodes[0]), "data").id == "data"
+
+
+def test_the_declaration_is_checked() -> None:
+    def f(**_: object) -> None: ...
+
+    with pytest.raises(ValueError, match="not declared before"):
+        Graph(Node("b", f, {"x": "a"}), Node("a", f))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="declared twice"):
+        Graph(Node("a", f), Node("a", f))  # type: ignore[arg-type]
+    g = Graph(Node("a", f), Node("b", f, {"x": "a", "p": PRECISION, "c": Config("seed")}, per_precision=True))  # type: ignore[arg-type]
+    assert [i.id for i in g.instances(P)] == ["a", "b-fp32", "b-int8"]
+
+
+def test_profile_runs_last_and_only_when_enabled() -> None:
+    (profile,) = [n for n in GRAPH.nodes if n.name == "profile"]
+    assert profile.last and profile.when is not None
+    off = PipelineConfig.model_validate({"profile": {"enabled": False}})
+    assert profile.when.read(off, None) is False
