@@ -72,3 +72,10 @@ def test_profile_runs_last_and_only_when_enabled() -> None:
     assert profile.last and profile.when is not None
     off = PipelineConfig.model_validate({"profile": {"enabled": False}})
     assert profile.when.read(off, None) is False
+
+
+def test_the_docs_show_the_declared_graph() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
+    assert GRAPH.describe() in doc, "docs/pipeline.md is stale: paste GRAPH.describe() into it"

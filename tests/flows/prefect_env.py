@@ -212,7 +212,15 @@ class Api:
         """
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-        runs = self.client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        # Task runs report their states in the background: once the flow run is over, wait briefly
+        # until every task run reads final too (a poll during the run returns at once).
+        flow_over = (state := self.client.read_flow_run(run_id).state) is not None and state.is_final()
+        deadline = time.monotonic() + (30 if flow_over else 0)
+        while True:
+            runs = self.client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
         if attempt is None:
             attempt = max((r.flow_run_run_count for r in runs), default=0)
         out: dict[str, list[str]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -17,9 +18,18 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def task_states(state) -> dict[str, Counter]:
-    """Stage name -> Counter of final state names ('Cached', 'Completed', 'Failed', ...)."""
+    """Stage name -> Counter of final state names ('Cached', 'Completed', 'Failed', ...).
+
+    Task runs report their states to the API in the background: the last ones can still read Running
+    for a moment after the flow returned, so this waits (briefly) until every run reads final.
+    """
+    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     out: dict[str, Counter] = {}
     for r in runs:
         out.setdefault(r.name.rsplit("-", 1)[0], Counter())[r.state.name] += 1
