@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-samples", type=int, help="training samples that calibrate int8")
     g.add_argument("--no-tf32", action="store_true", help="strict fp32 in TensorRT engines")
     g.add_argument("--no-profile", action="store_true", help="skip timing the engines against PyTorch (the profile stage)")
+    g.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None, help="keep the worst nodes of a failing fp16/int8 variant in fp32 and re-verify (default on)")
+    g.add_argument("--repair-budget", type=int, metavar="N", help="most nodes a repair may keep in fp32 (default 4)")
     g.add_argument("--tolerance", action="append", default=[], metavar="PRECISION.METRIC=VALUE", help="override a threshold, e.g. fp16.atol=0.02 (repeatable)")
     g = run.add_argument_group("run")
     g.add_argument("--artifacts-dir", type=Path, help="where outputs and the cache live (default ./artifacts)")
@@ -110,6 +112,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     put("calibration_samples", args.calibration_samples)
     put("engine.tf32", False if args.no_tf32 else None)
     put("profile.enabled", False if args.no_profile else None)
+    put("repair.enabled", args.repair)
+    put("repair.budget", args.repair_budget)
     put("artifacts_dir", str(args.artifacts_dir) if args.artifacts_dir else None)
     put("refresh", args.refresh or None)
     for item in args.tolerance:
@@ -135,6 +139,12 @@ def _print_summary(report: dict[str, Any], root: Path) -> None:
             print(f"{p:<10}{'no':<8}  {r['failed_stage']} failed")
             continue
         print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{r['accuracy']:>10.4f}{r['top1_agreement']:>13.4f}{r['min_cosine']:>12.6f}{r['max_abs']:>13.3g}  {root / r['engine']}")
+    from flows.report import numerics_lines, repair_lines
+
+    for line in numerics_lines(report["precisions"]):
+        print(f"numerics {line}")
+    for line in repair_lines(report["precisions"]):
+        print(f"repair {line}")
     for p, r in report["precisions"].items():
         if s := r.get("profile"):
             speed = f"profile failed: {s['error']}" if "error" in s else (

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 
 from flows.report import publish, run_report
 from flows.ui import Progress, publish_figures, publish_links
@@ -28,12 +28,14 @@ from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig, Precision
 from tasks.data import arrays_from_npz, splits_from_dataset
 from tasks.engine import engine_from_variant
-from tasks.errors import VerificationError
+from tasks.errors import PrecisionRepairError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Graph, Instance, Node
 from tasks.models import factory_from_path
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
+from tasks.repair import REPORT as REPAIR_REPORT
+from tasks.repair import repair_of_variant, repaired_refs
 from tasks.train import checkpoint_from_splits
 from tasks.validate import validated_onnx
 from tasks.verify import verification_of_engine
@@ -50,8 +52,16 @@ GRAPH = Graph(
     Node("validate",  validated_onnx,         {"model": "precision", "data": "data"}, per_precision=True),
     Node("build",     engine_from_variant,    {"variant": "precision", "backend": Config("backend"), "batch": Config("batch"),
                                                "options": Config("engine")}, per_precision=True, after=("validate",)),
+    # The variant too: an fp16 engine that computes in fp32 (ONNX Runtime) is also verified through its fp16 emulation.
     Node("verify",    verification_of_engine, {"engine": "build", "checkpoint": "train", "data": "data", "precision": PRECISION,
-                                               "tolerance": Config("tolerances.{precision}"), "batch": Config("batch")}, per_precision=True),
+                                               "tolerance": Config("tolerances.{precision}"), "batch": Config("batch"),
+                                               "variant": "precision"}, per_precision=True),
+    # Only when verify failed (fp16, int8): keep the worst nodes in fp32, rebuild, re-verify; its engine replaces build's.
+    Node("repair",    repair_of_variant,      {"model": "export", "checkpoint": "train", "data": "data", "variant": "precision",
+                                               "engine": "build", "precision": PRECISION, "tolerance": Config("tolerances.{precision}"),
+                                               "batch": Config("batch"), "options": Config("engine"),
+                                               "calibration_samples": Config("calibration_samples"), "repair": Config("repair")},
+                                              per_precision=True, recovers="verify", when=Config("repair.applies.{precision}")),
     # Timed alone, once every branch is done: a timing that shares the CPU with a build measures both.
     Node("profile",   profile_of_engine,      {"engine": "build", "checkpoint": "train", "data": "data", "batch": Config("batch"),
                                                "settings": Config("profile"), "threads": Config("engine.threads")},
@@ -90,6 +100,22 @@ def _error_of(future: Any) -> BaseException | None:
     return result if isinstance(result, BaseException) else None
 
 
+def _repair_outcome(future: Any, engine_before: Any, root: Path) -> tuple[dict[str, Any], BaseException | None]:
+    """A repaired branch's outcome (engine, verify, repair) and its error (None when the repair passed)."""
+    if (e := _error_of(future)) is not None:
+        return {"failed_stage": "repair", "error": str(e)}, e
+    repair = future.result()
+    try:
+        refs = repaired_refs(repair, root)
+    except TrtflowError as exc:
+        return {"failed_stage": "repair", "error": str(exc), "repair": repair}, exc
+    if refs is not None:
+        return {"engine": refs[0], "verify": refs[1], "repair": repair, "engine_before_repair": engine_before}, None
+    m = repair.meta
+    error = PrecisionRepairError(m["precision"], m["failures"], m["tried_fp32"], m["stopped"], str(repair.path(REPAIR_REPORT)))
+    return {"failed_stage": "repair", "error": str(error), "repair": repair}, error
+
+
 def _wait_all(futures: dict[str, Any], progress: Progress) -> None:
     ids = {f.task_run_id: i for i, f in futures.items()}
     for done in as_completed(list(futures.values())):
@@ -119,7 +145,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         i for i in GRAPH.instances(config.precisions)
         if i.node.when is None or i.node.when.read(run_config, i.precision)
     ]
-    progress = Progress(len(plan))
+    # Recovery nodes (repair) count only once they run: a passing branch never runs them.
+    progress = Progress(sum(1 for i in plan if not i.node.recovers))
 
     def call(inst: Instance, done: dict[str, Any], submit: bool) -> Any:
         task = TASKS[inst.node.name].with_options(task_run_name=inst.id)
@@ -128,13 +155,14 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             # A shared stage: every branch needs it, so its failure ends the run. (Called directly, a
             # task returns the State a Cached stage hands back; .result() unwraps either kind.)
             return task(**args, return_state=True).result()
-        wait = [done[GRAPH.resolve(inst, a).id] for a in inst.node.after]
+        # Futures only: a repaired branch's verification is an artifact already, nothing to wait for.
+        wait = [w for a in inst.node.after if isinstance(w := done[GRAPH.resolve(inst, a).id], PrefectFuture)]
         return task.submit(**args, wait_for=wait)
 
     done: dict[str, Any] = {}
     branches: dict[str, Any] = {}
     for inst in plan:
-        if inst.node.last:
+        if inst.node.last or inst.node.recovers:
             continue
         if inst.precision is None:
             done[inst.id] = call(inst, done, submit=False)
@@ -143,10 +171,28 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             done[inst.id] = branches[inst.id] = call(inst, done, submit=True)
     _wait_all(branches, progress)
 
+    # A branch whose verification failed is repaired (fp16, int8), attempt by attempt; a passing one never.
+    recovering = {
+        i.id: i for i in plan
+        if i.node.recovers and isinstance(_error_of(done[GRAPH.resolve(i, i.node.recovers).id]), VerificationError)
+    }
+    progress.expect(progress.total + len(recovering))
+    recovered = {i: call(inst, done, submit=True) for i, inst in recovering.items()}
+    _wait_all(recovered, progress)
+
     outcomes: dict[Precision, dict[str, Any]] = {}
     errors: list[BaseException] = []
     for p in config.precisions:
-        chain = [i for i in plan if i.precision is p and not i.node.last]
+        if (rid := f"repair-{p.value}") in recovered:
+            original = done[f"build-{p.value}"].result()
+            outcomes[p], error = _repair_outcome(recovered[rid], original, root)
+            if error is not None:
+                errors.append(error)
+            elif "engine" in outcomes[p]:
+                # The repaired engine and its verification are the branch's from here on (profile, report).
+                done[f"build-{p.value}"], done[f"verify-{p.value}"] = outcomes[p]["engine"], outcomes[p]["verify"]
+            continue
+        chain = [i for i in plan if i.precision is p and not i.node.last and not i.node.recovers]
         failed = next(((i, e) for i in chain if (e := _error_of(done[i.id])) is not None), None)
         if failed is None:
             outcomes[p] = {"engine": done[f"build-{p.value}"].result(), "verify": done[f"verify-{p.value}"].result()}
@@ -158,14 +204,23 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     last = {i.id: i for i in plan if i.node.last and i.precision is not None and "engine" in outcomes[i.precision]}
     progress.expect(progress.total - sum(1 for i in plan if i.node.last) + len(last))
     timed = {i: call(inst, done, submit=True) for i, inst in last.items()}
+    # A repaired branch's failing engine is timed too: the repair's speed cost.
+    names, planned = {i: inst.node.name for i, inst in last.items()}, len(timed)
+    for i, inst in list(last.items()):
+        p = inst.precision
+        if inst.node.name == "profile" and p is not None and "engine_before_repair" in outcomes[p]:
+            before = {**done, f"build-{p.value}": outcomes[p]["engine_before_repair"]}
+            timed[f"{i}-before-repair"], last[f"{i}-before-repair"] = call(inst, before, submit=True), inst
+            names[f"{i}-before-repair"] = "profile_before_repair"
+    progress.expect(progress.total + len(timed) - planned)
     _wait_all(timed, progress)
     for i, f in timed.items():
         p = last[i].precision
         assert p is not None
         if (e := _error_of(f)) is None:
-            outcomes[p][last[i].node.name] = f.result()
+            outcomes[p][names[i]] = f.result()
         else:
-            outcomes[p][f"{last[i].node.name}_error"] = str(e)
+            outcomes[p][f"{names[i]}_error"] = str(e)
             errors.append(e)
 
     data, checkpoint, onnx = done["data"], done["train"], done["export"]

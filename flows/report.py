@@ -49,11 +49,13 @@ def run_report(
     for p, out in outcomes.items():
         if "error" in out:
             precisions[p.value] = {"passed": False, "failed_stage": out["failed_stage"], "error": out["error"]}
+            if "repair" in out:
+                precisions[p.value]["repair"] = repair_summary(out, root)
             continue
         engine, verify = out["engine"], out["verify"]
         engine_file = engine_info(engine).engine_file
         precisions[p.value] = {
-            **{k: verify.meta.get(k) for k in ("passed", "backend", "samples", *METRICS)},
+            **{k: verify.meta.get(k) for k in ("passed", "backend", "numerics", "samples", *METRICS)},
             "engine": _rel(engine.path(engine_file), root),
             "engine_sha256": engine.files[engine_file],
             "verification": _rel(verify.path("verification.json"), root),
@@ -62,6 +64,8 @@ def run_report(
             precisions[p.value]["profile"] = {**out["profile"].meta, "report": _rel(out["profile"].path("profile.json"), root)}
         elif "profile_error" in out:
             precisions[p.value]["profile"] = {"error": out["profile_error"]}
+        if "repair" in out:
+            precisions[p.value]["repair"] = repair_summary(out, root)
     report = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "passed": all(v["passed"] for v in precisions.values()),
@@ -82,6 +86,57 @@ def run_report(
         report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
     write_json_atomic(root / REPORT, report)
     return report
+
+
+def repair_summary(outcome: dict[str, Any], root: Path) -> dict[str, Any]:
+    """What a repair did: nodes kept in fp32, figures before and after, attempts, and its speed cost.
+
+    Args:
+        outcome: one precision's outcome holding the ``repair`` artifact and, when both engines were
+            timed, ``profile`` (repaired engine) and ``profile_before_repair`` (the failing one).
+        root: the artifacts folder.
+    """
+    repair = outcome["repair"]
+    m = repair.meta
+    out: dict[str, Any] = {
+        **{k: m.get(k) for k in ("passed", "kept_fp32", "tried_fp32", "budget", "attempts", "stopped", "before", "after")},
+        "report": _rel(repair.path("repair.json"), root),
+    }
+    before, after = outcome.get("profile_before_repair"), outcome.get("profile")
+    if before is not None and after is not None:
+        b, a = before.meta.get("samples_per_s"), after.meta.get("samples_per_s")
+        out["speed"] = {
+            "samples_per_s_before": b,
+            "samples_per_s_after": a,
+            "throughput_change": (a / b - 1) if a and b else None,
+            "latency_p50_ms_before": before.meta["latency_ms"]["p50"],
+            "latency_p50_ms_after": after.meta["latency_ms"]["p50"],
+        }
+    return out
+
+
+def repair_lines(precisions: dict[str, Any]) -> list[str]:
+    """One line per repaired precision: kept nodes, figures before -> after, speed cost."""
+    lines = []
+    for p, r in precisions.items():
+        rep = r.get("repair")
+        if not rep:
+            continue
+        b, a = rep.get("before") or {}, rep.get("after") or {}
+        figures = ", ".join(
+            f"{label} {_fmt(b.get(k)) or 'n/a'} -> {_fmt(a.get(k)) or 'n/a'}"
+            for k, label in (("finite_share", "finite"), ("top1_agreement", "top-1"), ("min_cosine", "min cosine"), ("max_abs", "max abs err"))
+        )
+        if rep["passed"]:
+            head = f"{p}: repaired, kept {', '.join(rep['kept_fp32'])} in fp32 ({len(rep['kept_fp32'])} of budget {rep['budget']}, {rep['attempts']} attempt(s))"
+        else:
+            head = f"{p}: NOT repaired ({rep['stopped']}); tried {', '.join(rep['tried_fp32']) or 'no node'} in fp32"
+        speed = rep.get("speed")
+        cost = ""
+        if speed and speed.get("throughput_change") is not None:
+            cost = f"; {speed['samples_per_s_before']:.0f} -> {speed['samples_per_s_after']:.0f} samples/s ({speed['throughput_change']:+.0%})"
+        lines.append(f"{head}: {figures}{cost}; {rep['report']}")
+    return lines
 
 
 def _fmt(v: Any) -> str:
@@ -110,9 +165,27 @@ def summary_markdown(report: dict[str, Any]) -> str:
         else:
             acc = f"{_fmt(r['accuracy_reference'])} → {_fmt(r['accuracy'])}"
             lines.append(f"| {p} | {'yes' if r['passed'] else 'no'} | {acc} | {_fmt(r['top1_agreement'])} | {_fmt(r['min_cosine'])} | {_fmt(r['max_abs'])} | `{r['engine']}` |")
+    lines += numerics_markdown(report["precisions"])
+    if repaired := repair_lines(report["precisions"]):
+        lines += ["", "**Precision repair**", "", *(f"- {line}" for line in repaired)]
     lines += speed_markdown(report["precisions"])
     lines += ["", "Files are relative to the artifacts folder; the full report is `report.json` there."]
     return "\n".join(lines)
+
+
+def numerics_lines(precisions: dict[str, Any]) -> list[str]:
+    """One line per precision whose verified numerics are not the engine's own, e.g. fp16 emulated on CPU."""
+    return [
+        f"{p}: {r['numerics']}" + (" (this backend computes fp16 graphs in fp32; fp16 rounding and overflow were emulated)" if "emulated" in r["numerics"] else "")
+        for p, r in precisions.items()
+        if r.get("numerics") and not r["numerics"].startswith("native")
+    ]
+
+
+def numerics_markdown(precisions: dict[str, Any]) -> list[str]:
+    """The summary's 'Numerics verified' section (empty when every engine ran its own precision)."""
+    lines = numerics_lines(precisions)
+    return ["", "**Numerics verified**", "", *(f"- {line}" for line in lines)] if lines else []
 
 
 def _round(v: Any) -> Any:
@@ -128,7 +201,7 @@ def publish(report: dict[str, Any], root: Path) -> None:
     if FlowRunContext.get() is None:
         return
     rows = [
-        {"precision": p, "passed": r.get("passed"), **({k: _round(r.get(k)) for k in METRICS} if "error" not in r else {"error": r["error"][:300]}), **table_columns(r.get("profile"))}
+        {"precision": p, "passed": r.get("passed"), "numerics": r.get("numerics"), "kept in fp32": ", ".join((r.get("repair") or {}).get("kept_fp32") or []), **({k: _round(r.get(k)) for k in METRICS} if "error" not in r else {"error": r["error"][:300]}), **table_columns(r.get("profile"))}
         for p, r in report["precisions"].items()
     ]
     create_table_artifact(key="trtflow-verification", table=rows, description="Per-precision verification against PyTorch")

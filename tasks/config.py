@@ -42,6 +42,7 @@ class Stage(str, Enum):
     precision = "precision"
     build = "build"
     verify = "verify"
+    repair = "repair"
     profile = "profile"
 
 
@@ -250,6 +251,24 @@ class ProfileConfig(_Strict):
     warmup: int = Field(3, ge=0, le=10_000, description="Untimed runs before each measurement.")
 
 
+class RepairConfig(_Strict):
+    """Automatic repair of an fp16 or int8 variant that fails verification (see docs/precision.md).
+
+    Each attempt ranks the nodes by the error they add on calibration samples, keeps the worst ones in
+    fp32, and rebuilds and re-verifies, until the gate passes or ``budget`` nodes are kept. A variant
+    that passes is never touched.
+    """
+
+    enabled: bool = Field(True, description="Repair failing fp16/int8 variants by keeping their worst nodes in fp32.")
+    budget: int = Field(4, ge=1, le=10_000, description="Most nodes a repair may keep in fp32 before it gives up.")
+    samples: int = Field(64, ge=1, le=100_000, description="Training samples that rank the nodes (the first ones, as int8 calibration).")
+
+    @property
+    def applies(self) -> dict[str, bool]:
+        """Precision name -> whether a failing variant of it is repaired (fp16 and int8, when enabled)."""
+        return {p.value: self.enabled and p is not Precision.fp32 for p in Precision}
+
+
 class PipelineConfig(_Strict):
     """Everything a trtflow run needs. Defaults run the bundled example end to end on a CPU."""
 
@@ -272,6 +291,7 @@ class PipelineConfig(_Strict):
         default_factory=list, description="Stages to recompute even when cached (their dependents follow)."
     )
     profile: ProfileConfig = Field(default_factory=ProfileConfig, description="Speed measurement of every engine.")
+    repair: RepairConfig = Field(default_factory=RepairConfig, description="Automatic repair of fp16/int8 variants that fail verification.")
 
     @field_validator("precisions")
     @classmethod

@@ -72,6 +72,26 @@ class VerificationError(TrtflowError):
         )
 
 
+class PrecisionRepairError(VerificationError):
+    """A variant still fails verification after the automatic repair kept nodes in fp32 up to its budget.
+
+    A VerificationError (the same failing checks), with the repair's findings and its own fix.
+    """
+
+    def __init__(self, precision: str, failures: list[str], tried: list[str], stopped: str, report_path: str) -> None:
+        self.failures = failures
+        self.report_path = report_path
+        kept = ", ".join(tried) if tried else "no node"
+        TrtflowError.__init__(
+            self,
+            got=f"{precision} still failing after repair kept {kept} in fp32: " + "; ".join(failures),
+            expected="every metric within its precision's threshold",
+            because=f"the repair stopped: {stopped}",
+            fix=f"read {report_path}; raise --repair-budget if more nodes may stay fp32, loosen that precision's "
+            "tolerance (--tolerance PRECISION.METRIC=VALUE) only if the drift is acceptable, or drop the precision",
+        )
+
+
 class ModelCollapseError(TrtflowError):
     """The trained model predicts (almost) only one class: it collapsed onto the majority class.
 

@@ -64,6 +64,9 @@ class Node:
         last: runs once every other node has finished, for the branches that succeeded (timings
             must not share the CPU with builds).
         when: a config flag; the node is skipped when it is false.
+        recovers: the node of its branch whose ``VerificationError`` this node repairs: it runs only
+            when that node failed so, and its artifact then stands in for the branch's engine and
+            verification (the flow does that; ``run_plain`` never runs it and raises the failure).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Node:
     after: tuple[str, ...] = ()
     last: bool = False
     when: Config | None = None
+    recovers: str | None = None
 
     @property
     def upstream(self) -> list[str]:
@@ -106,7 +110,7 @@ class Graph:
         for n in nodes:
             if (n.name, n.per_precision) in seen:
                 raise ValueError(f"node '{n.name}' declared twice")
-            for up in [*n.upstream, *n.after]:
+            for up in [*n.upstream, *n.after, *([n.recovers] if n.recovers else [])]:
                 if (up, False) not in seen and not (n.per_precision and (up, True) in seen):
                     raise ValueError(f"node '{n.name}' needs '{up}', which is not declared before it")
             seen.add((n.name, n.per_precision))
@@ -171,6 +175,7 @@ class Graph:
             extra += [f" after {', '.join(n.after)}"] if n.after else []
             extra += [" last"] if n.last else []
             extra += [f" when config.{n.when.path}"] if n.when else []
+            extra += [f" if {n.recovers} fails"] if n.recovers else []
             lines.append(f"{n.name:<10} {n.fn.__name__}({ins}){''.join(extra)}")
         return "\n".join(lines)
 
@@ -190,6 +195,8 @@ def resolved(config: PipelineConfig) -> tuple[PipelineConfig, str]:
 def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ()) -> dict[str, ArtifactRef]:
     """Run every enabled node in order as plain function calls (no Prefect); stop at the first error.
 
+    Recovery nodes (``Node.recovers``) are not run: the failure they would repair is raised.
+
     Args:
         graph: the stage graph.
         config: the run's config.
@@ -203,7 +210,7 @@ def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ())
     forced = graph.refreshed([*config.refresh, *refresh], config.precisions)
     out: dict[str, ArtifactRef] = {}
     for inst in graph.instances(config.precisions):
-        if inst.node.when is not None and not inst.node.when.read(config, inst.precision):
+        if inst.node.recovers or (inst.node.when is not None and not inst.node.when.read(config, inst.precision)):
             continue
         args = graph.arguments(inst, config, out)
         out[inst.id] = inst.node.fn(**args, artifacts_dir=root, refresh=inst.id in forced)

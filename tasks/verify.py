@@ -16,14 +16,15 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import ArtifactRef, write_json_atomic
-from tasks.compare import compare_outputs
+from tasks.compare import ComparisonResult, compare_outputs
 from tasks.config import BatchProfile, Precision, Tolerance
 from tasks.errors import TrtflowError, VerificationError
+from tasks.fp16_emulation import EMULATED, NATIVE, NoFp16Error
 from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.verify")
 
-SPEC = StageSpec("verify", modules=("verify.py", "compare.py", "metrics.py", "train.py"), libraries=("torch", "numpy"))
+SPEC = StageSpec("verify", modules=("verify.py", "compare.py", "metrics.py", "train.py", "fp16_emulation.py"), libraries=("torch", "numpy", "onnx", "onnxruntime"))
 REPORT = "verification.json"
 #: where the latest verification of each precision is kept, passed or not (relative to the artifacts folder)
 LATEST = "reports/verify-{precision}.json"
@@ -83,8 +84,13 @@ def verification_of_engine(
     batch: BatchProfile,
     artifacts_dir: Path,
     refresh: bool = False,
+    variant: ArtifactRef | None = None,
 ) -> ArtifactRef:
     """Verify one engine against PyTorch on the test split.
+
+    An fp16 engine of a backend that cannot compute in fp16 (ONNX Runtime's CPU provider) is also
+    checked through the fp16 emulation of its variant (``tasks.fp16_emulation``), under the same
+    tolerance; the report's ``numerics`` says which fp16 numerics were verified.
 
     Args:
         engine: the ``build`` artifact.
@@ -95,6 +101,7 @@ def verification_of_engine(
         batch: the profile; verified at its min, opt and max.
         artifacts_dir: root of the artifact store.
         refresh: re-verify even if an intact result exists.
+        variant: the ``precision`` artifact the engine was built from (the fp16 emulation's source).
 
     Returns:
         The ``verify`` artifact with ``verification.json`` (statistics per batch and output, every
@@ -125,15 +132,26 @@ def verification_of_engine(
                 if b == batch.opt:
                     pred = got[info.outputs[0].name].argmax(axis=1)
                     confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, int(data.meta["num_classes"])).tolist()}
+        numerics, emulation = numerics_of(info.backend, precision), None
+        if numerics == EMULATED and variant is not None:
+            try:
+                emulated, emulation = emulated_fp16_check(variant, reference, x, y, batch.opt, tolerance, info.threads)
+                results.append(emulated)
+            except NoFp16Error:
+                numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
+        elif numerics == EMULATED:
+            numerics = "fp16 weights, computed in fp32 (not emulated)"
         failures = [f for r in results for f in r.failures()]
         report = {
             "precision": precision.value,
             "backend": info.backend,
+            "numerics": numerics,
             "passed": not failures,
             "failures": failures,
             "samples": int(len(x)),
             "tolerance": tolerance.model_dump(),
             "batches": [r.to_dict() for r in results],
+            "emulation": emulation,
             "confusion": confusion,
             "engine_digest": engine.digest,
             "checkpoint_digest": checkpoint.digest,
@@ -145,7 +163,9 @@ def verification_of_engine(
         log.info("verify: %s passed on %d samples at batches %s", precision.value, len(x), batch_sizes(batch))
         return summary_of(report)
 
-    inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch}
+    inputs: dict[str, Any] = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch}
+    if variant is not None:
+        inputs["variant"] = variant
     try:
         ref = run_stage(SPEC, inputs, artifacts_dir, refresh, make)
     except VerificationError:
@@ -159,6 +179,38 @@ def verification_of_engine(
     return ref
 
 
+def numerics_of(backend: str, precision: Precision) -> str:
+    """Which numerics verifying an engine of this backend checks: native, or fp16 emulated."""
+    from tasks.backends.registry import builder_for
+
+    if precision is Precision.fp16 and not builder_for(backend).native_fp16:
+        return EMULATED
+    return NATIVE if precision is Precision.fp16 else f"native {precision.value}"
+
+
+def emulated_fp16_check(
+    variant: ArtifactRef, reference: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, batch: int, tolerance: Tolerance, threads: int | None
+) -> tuple[ComparisonResult, dict[str, Any]]:
+    """Run the fp16 emulation of a variant on the test split and compare it like an engine.
+
+    Returns:
+        The comparison, labelled 'fp16 emulated batch B', and what the emulation rounded.
+
+    Raises:
+        NoFp16Error: the variant has no fp16 tensor left.
+    """
+    import tempfile
+
+    from tasks.fp16_emulation import emulation_runner
+
+    variant.verify()
+    with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:
+        runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
+        with runner:
+            got = outputs_in_batches(runner, runner.input_specs()[0].name, x, batch, 1)
+    return compare_outputs(reference, got, tolerance, label=f"fp16 emulated batch {batch}", labels=y), info.to_dict()
+
+
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:
     """Condense a verification report to the worst value of each metric over all batches."""
     stats = [o for b in report["batches"] for o in b["outputs"].values()]
@@ -167,9 +219,13 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         vals = [s[key] for s in stats if s.get(key) is not None]
         return fn(vals) if vals else None
 
+    # A non-finite output has no statistics, only its 'finite share' check: keep the worst one visible.
+    finite = [c["value"] for b in report["batches"] for c in b["checks"] if c["metric"] == "finite share"]
     return {
         "precision": report["precision"],
         "backend": report["backend"],
+        "numerics": report.get("numerics"),
+        "finite_share": min(finite, default=1.0),
         "passed": report["passed"],
         "samples": report["samples"],
         "max_abs": worst("max_abs", max),

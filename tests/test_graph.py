@@ -22,8 +22,8 @@ def test_refresh_validate_reruns_validation_only() -> None:
     assert _ids(["validate"]) == {"validate", "validate-fp32", "validate-int8"}
 
 
-def test_refresh_build_reruns_build_verify_and_profile() -> None:
-    assert _ids(["build"]) == {f"{s}-{p.value}" for s in ("build", "verify", "profile") for p in P}
+def test_refresh_build_reruns_build_verify_repair_and_profile() -> None:
+    assert _ids(["build"]) == {f"{s}-{p.value}" for s in ("build", "verify", "repair", "profile") for p in P}
 
 
 def test_refresh_follows_true_dependencies() -> None:
@@ -33,7 +33,7 @@ def test_refresh_follows_true_dependencies() -> None:
     assert _ids(["export"]) == everything - {"data", "train"}
     # verify feeds nothing: refreshing it re-verifies only
     assert _ids([Stage.verify]) == {"verify-fp32", "verify-int8"}
-    assert _ids(["precision"]) == {f"{s}-{p.value}" for s in ("precision", "validate", "build", "verify", "profile") for p in P}
+    assert _ids(["precision"]) == {f"{s}-{p.value}" for s in ("precision", "validate", "build", "verify", "repair", "profile") for p in P}
 
 
 def test_every_stage_is_in_the_graph_and_the_config_names_them() -> None:
@@ -79,3 +79,31 @@ def test_the_docs_show_the_declared_graph() -> None:
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
     assert GRAPH.describe() in doc, "docs/pipeline.md is stale: paste GRAPH.describe() into it"
+
+
+def test_repair_recovers_verify_for_fp16_and_int8_only() -> None:
+    (repair,) = [n for n in GRAPH.nodes if n.name == "repair"]
+    assert repair.recovers == "verify" and repair.when is not None and "if verify fails" in GRAPH.describe()
+    cfg = PipelineConfig()
+    assert [repair.when.read(cfg, p) for p in Precision] == [False, True, True]
+    off = PipelineConfig.model_validate({"repair": {"enabled": False}})
+    assert not any(repair.when.read(off, p) for p in Precision)
+    with pytest.raises(ValueError, match="not declared before"):
+        Graph(Node("fix", lambda **_: None, recovers="check"))  # type: ignore[arg-type, return-value]
+
+
+def test_run_plain_never_runs_a_recovery_node(tmp_path) -> None:
+    from tasks.graph import run_plain
+
+    calls: list[str] = []
+
+    def stage(name: str):
+        def fn(artifacts_dir, refresh, **_):  # noqa: ANN001, ANN202
+            calls.append(name)
+            return name
+
+        return fn
+
+    g = Graph(Node("a", stage("a")), Node("fix", stage("fix"), {"x": "a"}, recovers="a"))  # type: ignore[arg-type]
+    run_plain(g, PipelineConfig(artifacts_dir=tmp_path, precisions=[Precision.fp32], backend="onnxruntime"))
+    assert calls == ["a"]

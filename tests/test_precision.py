@@ -63,3 +63,16 @@ def test_int8_quantization_never_writes_beside_its_input_and_runs_concurrently(t
     assert trained.onnx.problems() == []
     assert len({r.digest for r in refs}) == 1
     assert all(set(r.files) == {"model.onnx"} for r in refs)  # no scratch files committed
+
+
+def test_unnamed_nodes_get_stable_unique_names():
+    from onnx import helper
+
+    from tasks.precision import named_nodes
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    nodes = [helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"], name="Neg_0"), helper.make_node("Relu", ["b"], ["y"])]
+    model = named_nodes(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+    names = [n.name for n in model.graph.node]
+    assert names == ["Neg_0_", "Neg_0", "Relu_2"] and len(set(names)) == 3

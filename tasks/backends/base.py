@@ -248,6 +248,8 @@ class EngineBuilder(abc.ABC):
 
     #: backend name as in ``tasks.config.Backend``
     name: str
+    #: whether its engines compute an fp16 graph in fp16; when not, verify also runs the fp16 emulation
+    native_fp16: bool = True
 
     @abc.abstractmethod
     def availability(self) -> str | None:

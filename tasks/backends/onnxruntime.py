@@ -57,6 +57,8 @@ class OnnxRuntimeBuilder(EngineBuilder):
     """Optimizes an ONNX file with ONNX Runtime's portable (extended) graph optimizations."""
 
     name = "onnxruntime"
+    # The CPU provider casts fp16 weights back to fp32 and computes in fp32 (facts: ORT CPU fp16).
+    native_fp16 = False
 
     def availability(self) -> str | None:
         try:

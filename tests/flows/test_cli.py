@@ -34,6 +34,14 @@ def test_options_map_onto_the_config(tmp_path):
     assert cfg.artifacts_dir == tmp_path and [s.value for s in cfg.refresh] == ["verify"]
 
 
+def test_repair_options_map_onto_the_config():
+    assert config_from_args(_parser().parse_args(["run"])).repair.enabled is True
+    cfg = config_from_args(_parser().parse_args(["run", "--no-repair", "--repair-budget", "2"]))
+    assert cfg.repair.enabled is False and cfg.repair.budget == 2
+    assert config_from_args(_parser().parse_args(["run", "--repair"])).repair.enabled is True
+    assert main(["run", "--repair-budget", "0"]) == EXIT_USAGE
+
+
 def test_config_file_is_overridden_by_options(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"train": {"epochs": 9, "lr": 0.01}, "precisions": ["fp32"]}))

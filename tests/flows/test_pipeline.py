@@ -11,7 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import pipeline
-from tasks.config import Precision, Stage, Tolerance
+from tasks.config import Precision, RepairConfig, Stage, Tolerance
 from tasks.errors import VerificationError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -60,7 +60,8 @@ def test_second_run_is_entirely_cached_and_reports_all_precisions(tiny_config):
 
 def test_failed_verification_reruns_only_verify(tiny_config):
     impossible = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0, min_top1_agreement=1.0, max_accuracy_drop=0.0)
-    bad = tiny_config.model_copy(update={"precisions": [Precision.fp32, Precision.int8], "tolerances": tiny_config.tolerances.model_copy(update={"int8": impossible})})
+    # No repair: this is about re-running verification (tests/flows/test_repair_flow.py covers repair).
+    bad = tiny_config.model_copy(update={"precisions": [Precision.fp32, Precision.int8], "tolerances": tiny_config.tolerances.model_copy(update={"int8": impossible}), "repair": RepairConfig(enabled=False)})
     with pytest.raises(VerificationError, match="int8 batch"):
         pipeline(bad)
     report = json.loads((tiny_config.artifacts_dir / "report.json").read_text())

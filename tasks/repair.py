@@ -1,0 +1,486 @@
+"""Automatic precision repair: find the nodes that break an fp16 or int8 variant and keep them in fp32.
+
+When a variant fails its gate, ``node_errors`` runs the fp32 graph and the reduced-precision graph
+(the fp16 emulation, or the int8 Q/DQ graph) side by side on calibration samples with every
+intermediate tensor exposed, and charges each node with the error it adds: the error of its output
+minus the worst error of its inputs. ``next_nodes`` picks what the next attempt keeps in fp32: every
+node that writes or reads a tensor past fp16's range (fp16 only; nothing else can fix an overflow),
+otherwise the one node adding the most error. ``repair_of_variant`` then loops: a new variant keeping
+those nodes (``node_block_list`` for fp16, ``nodes_to_exclude`` for int8), validate, build, verify,
+until the gate passes or the budget of kept nodes runs out. Each attempt's ranking, variant, engine
+and (passing) verification are ordinary cached artifacts; the repair's own artifact records them all.
+
+Error of a tensor: per channel (axis 1), the RMS error relative to the channel's RMS, capped at 1 (the
+channel is lost), averaged over channels. A whole-tensor relative error would miss the classic int8
+failure: one huge channel sets the quantization scale and every small channel rounds to zero, while
+the tensor's total energy barely changes.
+
+    from tasks.repair import node_errors, next_nodes
+    errors = node_errors(fp32_model, fp16_variant, {"input": x}, Precision.fp16)
+    keep = next_nodes(errors, kept=[])   # e.g. ['node_mul_16', 'node_layer_norm']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.artifacts import ArtifactRef, load_ref
+from tasks.config import Backend, BatchProfile, EngineOptions, Precision, RepairConfig, Tolerance
+from tasks.errors import VerificationError
+from tasks.fp16_emulation import EMULATION_SUFFIX, FP16_MAX, emulation_from_fp16_onnx, tensor_types
+from tasks.stage import StageSpec, run_stage
+
+log = logging.getLogger("trtflow.repair")
+
+#: a tensor whose fp32 values come within this factor of fp16's largest value is treated as overflowing:
+#: calibration samples rarely show the largest activation the test data (or production) will
+FP16_RANGE_MARGIN = 2.0
+#: a channel whose reference energy is below this share of the tensor's largest channel counts as silent
+_SILENT = 1e-12
+
+
+@dataclass
+class NodeError:
+    """How much error one node adds in the reduced-precision graph.
+
+    Attributes:
+        node: node name (as in the fp32 graph and the variant).
+        op_type: its ONNX operator.
+        error: error of its output (0: exact, 1: every channel lost, inf: not finite).
+        input_error: worst error of its inputs.
+        contribution: ``error - input_error`` (inf when it turns finite inputs into inf/nan, or overflows).
+        reason: why it ranks where it does.
+    """
+
+    node: str
+    op_type: str
+    error: float
+    input_error: float
+    contribution: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        # JSON has no inf: write it as a string that reads back with float().
+        return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NodeError:
+        return cls(**{k: float(v) if k in ("error", "input_error", "contribution") else v for k, v in d.items()})
+
+
+class _TensorError:
+    """Streaming per-channel error statistics of one tensor over batches."""
+
+    def __init__(self) -> None:
+        self.ref_sq: np.ndarray | None = None
+        self.diff_sq: np.ndarray | None = None
+        self.ref_max = 0.0
+        self.nonfinite = False
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        finite = np.isfinite(ref64)
+        if finite.any():
+            self.ref_max = max(self.ref_max, float(np.abs(ref64[finite]).max()))
+        if not np.isfinite(got64[finite]).all():
+            self.nonfinite = True
+        if self.nonfinite:
+            return
+        axes = tuple(i for i in range(ref64.ndim) if i != 1) if ref64.ndim >= 2 else None
+        diff = np.where(finite, got64 - ref64, 0.0)
+        ref_sq = np.atleast_1d(np.sum(np.where(finite, ref64, 0.0) ** 2, axis=axes))
+        diff_sq = np.atleast_1d(np.sum(diff**2, axis=axes))
+        if self.ref_sq is None or self.diff_sq is None:
+            self.ref_sq, self.diff_sq = ref_sq, diff_sq
+        else:
+            self.ref_sq, self.diff_sq = self.ref_sq + ref_sq, self.diff_sq + diff_sq
+
+    def error(self) -> float:
+        if self.nonfinite:
+            return math.inf
+        if self.ref_sq is None or self.diff_sq is None:
+            return 0.0
+        floor = _SILENT * float(self.ref_sq.max()) + 1e-30
+        per_channel = np.minimum(np.sqrt(self.diff_sq / np.maximum(self.ref_sq, floor)), 1.0)
+        return float(per_channel.mean())
+
+
+def _exposed(model: Any, names: Sequence[str]) -> Any:
+    """A copy of ``model`` with the fp32 tensors ``names`` added as graph outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in present:
+            out.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return out
+
+
+def _session(model: Any, optimize: bool, threads: int | None) -> Any:
+    from tasks.backends.onnxruntime import session_options
+
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads, optimize), providers=["CPUExecutionProvider"])
+
+
+def _candidate_names(reference: Any, candidate: Any) -> dict[str, str]:
+    """Map each fp32 output tensor of the reference graph to the candidate tensor holding the same value.
+
+    Nodes keep their names in both variants, so a node's outputs map by position: a node kept in fp32
+    by the converter writes '<name>_cast_to_fp16' instead of '<name>'. In the fp16 emulation the
+    rounded value (what the GPU holds) keeps the original name; the unrounded one carries a suffix.
+    """
+    by_name = {n.name: n for n in candidate.graph.node if n.name}
+    tensors = {o for n in candidate.graph.node for o in n.output} | {i.name for i in candidate.graph.input}
+    out: dict[str, str] = {}
+    for node in reference.graph.node:
+        twin = by_name.get(node.name)
+        for i, name in enumerate(node.output):
+            got = twin.output[i] if twin is not None and i < len(twin.output) else name
+            if got.endswith(f"{EMULATION_SUFFIX}32"):
+                got = got[: -len(f"{EMULATION_SUFFIX}32")]
+            if got in tensors:
+                out[name] = got
+    return out
+
+
+def _reduced_nodes(variant: Any, precision: Precision) -> set[str]:
+    """Names of the variant's nodes that compute in reduced precision: the ones a repair can keep in fp32.
+
+    fp16: a node reading or writing an fp16 tensor (Casts excepted). int8: a node reading a DequantizeLinear output.
+    """
+    from onnx import TensorProto
+
+    if precision is Precision.fp16:
+        types = tensor_types(variant)
+        return {
+            n.name
+            for n in variant.graph.node
+            if n.op_type != "Cast" and any(types.get(t) == TensorProto.FLOAT16 for t in [*n.input, *n.output] if t)
+        }
+    dequantized = {n.output[0] for n in variant.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in variant.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized & set(n.input)}
+
+
+def node_errors(
+    reference: Any,
+    variant: Any,
+    samples: Mapping[str, np.ndarray],
+    precision: Precision,
+    batch: int = 16,
+    threads: int | None = None,
+) -> list[NodeError]:
+    """Rank the nodes of a reduced-precision variant by the error each adds, worst first.
+
+    Args:
+        reference: the fp32 graph (``onnx.ModelProto``, nodes named as in the variant).
+        variant: the fp16 or int8 variant made from it.
+        samples: input name -> calibration samples (first axis: samples).
+        precision: fp16 (the variant is measured through its emulation, with the range rule) or int8.
+        batch: samples per run (bounds memory: every intermediate tensor is held for one batch).
+        threads: ONNX Runtime threads.
+
+    Returns:
+        One entry per node that computes in reduced precision, worst contribution first.
+    """
+    from onnx import TensorProto
+
+    precision = Precision(precision)
+    if not _reduced_nodes(variant, precision):
+        return []  # every node already computes in fp32: nothing left to keep
+    candidate = emulation_from_fp16_onnx(variant)[0] if precision is Precision.fp16 else variant
+    ref_types = tensor_types(reference)
+    cand_types = tensor_types(candidate)
+    mapping = {
+        r: c
+        for r, c in _candidate_names(reference, candidate).items()
+        if ref_types.get(r) == TensorProto.FLOAT and cand_types.get(c, TensorProto.FLOAT) == TensorProto.FLOAT
+    }
+    inputs = [i.name for i in reference.graph.input]
+    ref_sess = _session(_exposed(reference, list(mapping)), True, threads)
+    # The emulation must keep its rounding casts: no graph optimizer for it.
+    cand_sess = _session(_exposed(candidate, sorted(set(mapping.values()))), precision is not Precision.fp16, threads)
+    stats = {r: _TensorError() for r in mapping}
+    n = len(next(iter(samples.values())))
+    for start in range(0, n, batch):
+        feed = {k: np.ascontiguousarray(v[start : start + batch]) for k, v in samples.items() if k in inputs}
+        ref_out = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feed), strict=True))
+        cand_out = dict(zip([o.name for o in cand_sess.get_outputs()], cand_sess.run(None, feed), strict=True))
+        for r, c in mapping.items():
+            if ref_out[r].shape == cand_out[c].shape:
+                stats[r].add(ref_out[r], cand_out[c])
+    errors = {r: s.error() for r, s in stats.items()}
+    errors.update({name: 0.0 for name in inputs})  # inputs are fed exactly
+    limit = FP16_MAX / FP16_RANGE_MARGIN
+    too_big = {r for r, s in stats.items() if s.ref_max > limit} if precision is Precision.fp16 else set()
+    if precision is Precision.fp16:
+        too_big |= {t.name for t in reference.graph.initializer if t.data_type == TensorProto.FLOAT and _max_abs(t) > FP16_MAX}
+    reduced = _reduced_nodes(variant, precision)
+    ranked: list[NodeError] = []
+    for node in reference.graph.node:
+        if node.name not in reduced:
+            continue
+        outs = [errors[o] for o in node.output if o in errors]
+        ins = [errors[i] for i in node.input if i in errors]
+        if not outs:
+            continue
+        e_out, e_in = max(outs), max(ins, default=0.0)
+        big = sorted({*node.input, *node.output} & too_big)
+        if big:
+            peak = max((stats[t].ref_max for t in big if t in stats), default=math.inf)
+            reason = f"{', '.join(big)} reaches {peak:.4g} in fp32, past fp16's largest value {FP16_MAX:g} (checked with a {FP16_RANGE_MARGIN:g}x margin)"
+            ranked.append(NodeError(node.name, node.op_type, e_out, e_in, math.inf, reason))
+        elif math.isinf(e_out) and not math.isinf(e_in):
+            ranked.append(NodeError(node.name, node.op_type, e_out, e_in, math.inf, "turns finite inputs into inf/nan"))
+        elif math.isinf(e_in):
+            ranked.append(NodeError(node.name, node.op_type, e_out, e_in, 0.0, "downstream of an inf/nan: not judged"))
+        else:
+            ranked.append(NodeError(node.name, node.op_type, e_out, e_in, e_out - e_in, f"adds {e_out - e_in:.3g} relative error"))
+    ranked.sort(key=lambda e: -e.contribution)
+    return ranked
+
+
+def _max_abs(t: Any) -> float:
+    from onnx import numpy_helper
+
+    a = numpy_helper.to_array(t)
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
+def next_nodes(errors: Sequence[NodeError], kept: Sequence[str]) -> list[str]:
+    """The nodes the next attempt adds to those kept in fp32.
+
+    Every node with an infinite contribution (an overflow, or the first inf/nan) at once: each of them
+    alone breaks the result. Otherwise the one node adding the most error, if it adds any.
+    """
+    fresh = [e for e in errors if e.node not in kept]
+    infinite = [e.node for e in fresh if math.isinf(e.contribution)]
+    if infinite:
+        return infinite
+    return [fresh[0].node] if fresh and fresh[0].contribution > 0 else []
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+SENSITIVITY = StageSpec("sensitivity", modules=("repair.py", "fp16_emulation.py", "precision.py"), libraries=("onnx", "onnxruntime", "numpy"))
+SPEC = StageSpec(
+    "repair",
+    modules=("repair.py", "fp16_emulation.py", "precision.py", "validate.py", "engine.py", "verify.py", "compare.py"),
+    libraries=("onnx", "onnxruntime", "numpy", "torch"),
+)
+ERRORS_FILE = "node_errors.json"
+REPORT = "repair.json"
+#: the verification figures a repair report shows before and after
+FIGURES = ("numerics", "finite_share", "max_abs", "min_cosine", "top1_agreement", "accuracy", "accuracy_drop")
+
+
+def sensitivity_of_variant(
+    model: ArtifactRef,
+    variant: ArtifactRef,
+    data: ArtifactRef,
+    precision: Precision,
+    samples: int,
+    threads: int | None,
+    artifacts_dir: Path,
+    refresh: bool = False,
+) -> ArtifactRef:
+    """Rank the nodes of one variant by the error they add (``node_errors``) on calibration samples.
+
+    Args:
+        model: the ``export`` artifact (the fp32 graph).
+        variant: the fp16 or int8 ``precision`` artifact made from it.
+        data: the ``data`` artifact (its first ``samples`` training samples are used).
+        precision: the variant's precision.
+        samples: how many samples.
+        threads: ONNX Runtime threads.
+        artifacts_dir: root of the artifact store.
+        refresh: recompute even if an intact artifact exists.
+
+    Returns:
+        The ``sensitivity`` artifact with ``node_errors.json`` (worst first).
+    """
+    precision = Precision(precision)
+
+    def make(out: Path) -> dict[str, Any]:
+        import onnx
+
+        from tasks.data import load_splits
+        from tasks.precision import named_nodes
+
+        reference = named_nodes(onnx.load(str(model.path("model.onnx"))))
+        x = load_splits(data)["x_train"][:samples]
+        errors = node_errors(reference, onnx.load(str(variant.path("model.onnx"))), {reference.graph.input[0].name: x}, precision, threads=threads)
+        (out / ERRORS_FILE).write_text(json.dumps([e.to_dict() for e in errors], indent=2))
+        return {"precision": precision.value, "samples": int(len(x)), "nodes": len(errors), "worst": errors[0].to_dict() if errors else None}
+
+    inputs = {"model": model, "variant": variant, "data": data, "precision": precision, "samples": samples, "threads": threads}
+    return run_stage(SENSITIVITY, inputs, artifacts_dir, refresh, make)
+
+
+def errors_of(sensitivity: ArtifactRef) -> list[NodeError]:
+    """Read the ranking of a ``sensitivity`` artifact."""
+    return [NodeError.from_dict(d) for d in json.loads(sensitivity.path(ERRORS_FILE).read_text())]
+
+
+def _verified(
+    engine: ArtifactRef, variant: ArtifactRef, checkpoint: ArtifactRef, data: ArtifactRef, precision: Precision,
+    tolerance: Tolerance, batch: BatchProfile, artifacts_dir: Path, refresh: bool,
+) -> tuple[ArtifactRef | None, dict[str, Any]]:
+    """Verify an engine; return its ``verify`` artifact (None when it fails) and the summary with its failures."""
+    from tasks.verify import summary_of, verification_of_engine
+
+    try:
+        ref = verification_of_engine(engine, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh, variant=variant)
+        return ref, {**ref.meta, "failures": []}
+    except VerificationError as exc:
+        report = json.loads(Path(exc.report_path).read_text())
+        return None, {**summary_of(report), "failures": exc.failures}
+
+
+def repair_of_variant(
+    model: ArtifactRef,
+    checkpoint: ArtifactRef,
+    data: ArtifactRef,
+    variant: ArtifactRef,
+    engine: ArtifactRef,
+    precision: Precision,
+    tolerance: Tolerance,
+    batch: BatchProfile,
+    options: EngineOptions,
+    calibration_samples: int,
+    repair: RepairConfig,
+    artifacts_dir: Path,
+    refresh: bool = False,
+) -> ArtifactRef:
+    """Repair a variant that failed verification by keeping its worst nodes in fp32, attempt by attempt.
+
+    Each attempt ranks the current variant's nodes (``sensitivity_of_variant``), adds ``next_nodes``
+    to those kept in fp32, makes the variant again (``variant_from_onnx(keep_fp32=...)``), validates,
+    builds and verifies it. It stops when verification passes, when no node adds error any more, or
+    when the next attempt would keep more than ``repair.budget`` nodes. The outcome, passed or not, is
+    an artifact: the same failing model is not repaired again on the next run.
+
+    Args:
+        model: the ``export`` artifact (fp32 graph).
+        checkpoint: the ``train`` artifact (the PyTorch reference of verification).
+        data: the ``data`` artifact.
+        variant: the failing ``precision`` artifact.
+        engine: its ``build`` artifact.
+        precision: fp16 or int8.
+        tolerance: that precision's thresholds.
+        batch: the optimization profile.
+        options: backend build options (``EngineOptions``, as for ``engine_from_variant``).
+        calibration_samples: int8 calibration samples (as for ``variant_from_onnx``).
+        repair: budget and ranking samples.
+        artifacts_dir: root of the artifact store.
+        refresh: recompute the repair and every attempt's stages.
+
+    Returns:
+        The ``repair`` artifact with ``repair.json``; its meta says ``passed``, the ``kept_fp32`` nodes,
+        the figures ``before`` and ``after``, and where the final ``engine`` and ``verify`` artifacts are.
+    """
+    from tasks.engine import engine_from_variant, engine_info
+    from tasks.precision import variant_from_onnx
+    from tasks.validate import validated_onnx
+
+    precision = Precision(precision)
+    info = engine_info(engine)
+
+    def make(out: Path) -> dict[str, Any]:
+        backend = Backend(info.backend)
+        _, before = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
+        kept: list[str] = []
+        attempts: list[dict[str, Any]] = []
+        current, final_engine, final_verify, stop = variant, engine, None, ""
+        while final_verify is None:
+            ranking = sensitivity_of_variant(model, current, data, precision, repair.samples, info.threads, artifacts_dir, refresh)
+            errors = errors_of(ranking)
+            new = next_nodes(errors, kept)
+            if not new:
+                stop = "no node of the variant adds error any more: the failure is not one of precision per node"
+                break
+            if len(kept) + len(new) > repair.budget:
+                stop = f"the next attempt would keep {len(kept) + len(new)} nodes in fp32 ({', '.join(new)} added), over the budget of {repair.budget}"
+                break
+            kept = [*kept, *new]
+            log.info("repair %s: attempt %d keeps %s in fp32", precision.value, len(attempts) + 1, kept)
+            current = variant_from_onnx(model, data, precision, calibration_samples, artifacts_dir, refresh, keep_fp32=kept)
+            validated_onnx(current, data, artifacts_dir, refresh)
+            final_engine = engine_from_variant(current, backend, batch, options, artifacts_dir, refresh)
+            final_verify, figures = _verified(final_engine, current, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
+            why = {e.node: e for e in errors}
+            attempts.append({
+                "kept_fp32": kept,
+                "added": [{"node": n, "op_type": why[n].op_type if n in why else "", "reason": why[n].reason if n in why else ""} for n in new],
+                "passed": final_verify is not None,
+                "figures": {k: figures.get(k) for k in FIGURES},
+                "failures": figures["failures"],
+                "variant": current.digest,
+                "sensitivity": ranking.digest,
+            })
+        passed = final_verify is not None
+        report = {
+            "precision": precision.value,
+            "passed": passed,
+            "kept_fp32": kept if passed else [],
+            "tried_fp32": kept,
+            "budget": repair.budget,
+            "stopped": "verification passed" if passed else stop or "verification still fails",
+            "before": {k: before.get(k) for k in FIGURES},
+            "before_failures": before["failures"],
+            "after": attempts[-1]["figures"] if attempts else None,
+            "attempts": attempts,
+        }
+        (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        log.info("repair %s: %s (%s)", precision.value, "passed" if passed else "failed", report["stopped"])
+        meta = {k: report[k] for k in ("precision", "passed", "kept_fp32", "tried_fp32", "budget", "stopped", "before", "after")}
+        meta["attempts"] = len(attempts)
+        meta["failures"] = attempts[-1]["failures"] if attempts else before["failures"]
+        # Stage and key only: the artifacts are found again under whatever folder the store is in now.
+        meta["engine"] = {"stage": final_engine.stage, "key": final_engine.key} if passed else None
+        meta["verify"] = {"stage": final_verify.stage, "key": final_verify.key} if final_verify is not None else None
+        return meta
+
+    inputs = {
+        "model": model, "checkpoint": checkpoint, "data": data, "variant": variant, "engine": engine, "precision": precision,
+        "tolerance": tolerance, "batch": batch, "options": options, "calibration_samples": calibration_samples, "repair": repair,
+    }
+    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+
+
+def repaired_refs(repair: ArtifactRef, artifacts_dir: Path) -> tuple[ArtifactRef, ArtifactRef] | None:
+    """The final engine and verification of a passed repair (None when it did not pass).
+
+    Raises:
+        ArtifactError: one of them is gone or damaged since the repair ran.
+    """
+    from tasks.errors import ArtifactError
+
+    if not repair.meta.get("passed"):
+        return None
+    refs = []
+    for name in ("engine", "verify"):
+        where = repair.meta[name]
+        ref = load_ref(Path(artifacts_dir), where["stage"], where["key"])
+        problems = ["missing"] if ref is None else ref.problems()
+        if ref is None or problems:
+            raise ArtifactError(
+                got=f"the repaired {name} artifact {where['stage']}/{where['key'][:16]} {'; '.join(problems)}",
+                expected="the artifacts a cached repair names, intact",
+                because="they were deleted or changed after the repair ran",
+                fix="run again with --refresh repair",
+            )
+        refs.append(ref)
+    return refs[0], refs[1]

@@ -1,0 +1,42 @@
+"""The flow repairs a failing fp16 variant, reports what it kept, and leaves a passing model alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.pipeline import pipeline
+from tasks.config import Precision, TrainConfig
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+
+def test_fp16_overflow_fails_on_cpu_only_through_emulation_and_is_repaired(tiny_config, capsys):
+    from flows.cli import _print_summary
+
+    cfg = tiny_config.model_copy(update={"precisions": [Precision.fp16], "train": TrainConfig(model="_precision_models:OverflowNet", epochs=1)})
+    report = pipeline(cfg)
+    fp16 = report["precisions"]["fp16"]
+    assert fp16["passed"] and fp16["numerics"] == "fp16 emulated on CPU"
+    repair = fp16["repair"]
+    assert repair["passed"] and len(repair["kept_fp32"]) <= 2 and repair["attempts"] == 1
+    assert any("layer_norm" in n for n in repair["kept_fp32"])
+    assert repair["before"]["finite_share"] < 1 and repair["after"]["finite_share"] == 1
+    assert repair["speed"]["samples_per_s_before"] > 0 and repair["speed"]["samples_per_s_after"] > 0
+    kept = json.loads((cfg.artifacts_dir / repair["report"]).read_text())["kept_fp32"]
+    assert kept == repair["kept_fp32"]
+    _print_summary(report, cfg.artifacts_dir)
+    out = capsys.readouterr().out
+    assert "numerics fp16: fp16 emulated on CPU" in out and f"kept {', '.join(kept)} in fp32" in out
+
+    # the same config again: the repair is cached like any stage
+    again = pipeline(cfg)
+    assert again["precisions"]["fp16"]["repair"]["kept_fp32"] == kept
+
+    # --no-repair: the same failure is reported as verify's, with the emulated check named
+    from tasks.config import RepairConfig
+    from tasks.errors import VerificationError
+
+    with pytest.raises(VerificationError, match="fp16 emulated batch 8"):
+        pipeline(cfg.model_copy(update={"repair": RepairConfig(enabled=False)}))

@@ -1,0 +1,152 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from _precision_models import overflowing_mlp, run
+from onnx import TensorProto, helper, numpy_helper
+
+from tasks.compare import compare_outputs
+from tasks.config import Backend, BatchProfile, Precision, default_tolerances
+from tasks.fp16_emulation import EMULATED, NATIVE, NoFp16Error, emulation_from_fp16_onnx
+
+
+def fp16(model, **kw):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from tasks.precision import topologically_sorted
+
+    out = convert_float_to_float16(model, keep_io_types=True, **kw)
+    topologically_sorted(out.graph)
+    return out
+
+
+def test_overflow_that_the_cpu_hides_fails_under_emulation():
+    model, x = overflowing_mlp()
+    ref = run(model, x)
+    half = fp16(model)
+    tol = default_tolerances()[Precision.fp16]
+    # ONNX Runtime's CPU computes the fp16 graph in fp32: it passes, although fp16 would overflow.
+    assert compare_outputs({"logits": ref}, {"logits": run(half, x)}, tol, "cpu").passed
+    emulated, info = emulation_from_fp16_onnx(half)
+    onnx.checker.check_model(emulated)
+    out = run(emulated, x, optimize=False)
+    assert not np.isfinite(out).all()
+    result = compare_outputs({"logits": ref}, {"logits": out}, tol, "fp16 emulated")
+    assert not result.passed and "finite share" in result.failures()[0]
+    assert info.rounded_tensors >= 4 and info.untyped_tensors == 0
+
+
+def _identity_fp32(n_nodes: int = 1):
+    """x -> Mul(1) [-> Mul(1) ...] -> y in fp32."""
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    names = ["x", *[f"t{i}" for i in range(n_nodes - 1)], "y"]
+    nodes = [helper.make_node("Mul", [names[i], "one"], [names[i + 1]], name=f"mul{i}") for i in range(n_nodes)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [one]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _identity_fp16(n_nodes: int = 1, **kw):
+    """``_identity_fp32`` converted to fp16 with fp32 inputs/outputs."""
+    return fp16(_identity_fp32(n_nodes), **kw)
+
+
+def test_rounds_like_fp16_between_nodes_and_keeps_names():
+    x = np.array([[1.0001, 3.14159265, 70000.0, 1e-9]], np.float32)
+    emulated, _ = emulation_from_fp16_onnx(_identity_fp16())
+    out = run(emulated, x, optimize=False)
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out, expected)
+    assert np.isinf(out[0, 2]) and out[0, 0] != x[0, 0]  # overflow and rounding, as a GPU holds them
+    assert [i.name for i in emulated.graph.input] == ["x"] and [o.name for o in emulated.graph.output] == ["y"]
+    assert all(t.data_type != TensorProto.FLOAT16 for t in emulated.graph.initializer)
+
+
+def test_fp32_islands_are_not_rounded(tmp_path):
+    from tasks.precision import fp16_from_onnx
+
+    x = np.array([[1.0001, 2.0002, 70000.0, 3.0003]], np.float32)
+    src = tmp_path / "fp32.onnx"
+    onnx.save(_identity_fp32(2), str(src))
+    half = tmp_path / "fp16.onnx"
+    fp16_from_onnx(src, half, keep_fp32=["mul1"])
+    emulated, info = emulation_from_fp16_onnx(onnx.load(str(half)))
+    out = run(emulated, x, optimize=False)
+    # mul0 rounds its output (70000 -> inf); mul1 then computes in fp32 and its output is not rounded
+    assert np.isinf(out[0, 2]) and out[0, 0] == np.float32(np.float16(1.0001))
+    fp16_from_onnx(src, half, keep_fp32=["mul0", "mul1"])
+    with pytest.raises(NoFp16Error):  # both nodes in fp32: nothing left to round, the variant is all fp32
+        emulation_from_fp16_onnx(onnx.load(str(half)))
+    fp16_from_onnx(src, half, keep_fp32=["mul0"])
+    emulated, info = emulation_from_fp16_onnx(onnx.load(str(half)))
+    out = run(emulated, x, optimize=False)
+    # mul0 in fp32: 70000 survives it, then mul1 (fp16) receives it rounded to fp16 -> inf; 1.0001 rounds once
+    assert np.isinf(out[0, 2]) and out[0, 0] == np.float32(np.float16(1.0001)) and info.fp32_tensors >= 1
+
+
+def test_a_model_without_fp16_is_refused():
+    model, _ = overflowing_mlp()
+    with pytest.raises(ValueError, match="fp16 variant"):
+        emulation_from_fp16_onnx(model)
+
+
+def test_fp16_typed_constants_casts_and_io_become_fp32():
+    c = numpy_helper.from_array(np.array([2.0], np.float16), "c")
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value=c, name="const"),
+        helper.make_node("Mul", ["x", "k"], ["m"], name="mul"),
+        helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT16, name="cast"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N"])], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N"])]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    emulated, info = emulation_from_fp16_onnx(model)
+    onnx.checker.check_model(emulated)
+    assert emulated.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert emulated.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    x = np.array([1.0001, 40000.0], np.float32)
+    out = run(emulated, x, optimize=False)
+    assert out[0] == np.float32(np.float16(np.float16(1.0001) * 2)) and np.isinf(out[1])
+    assert info.rounded_tensors == 4  # the input, k, m, y
+
+
+@pytest.fixture(scope="module")
+def fp16_engine(trained, tmp_path_factory):
+    from tasks.engine import engine_from_variant
+    from tasks.precision import variant_from_onnx
+
+    root = tmp_path_factory.mktemp("emulation")
+    variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp16, 64, root)
+    return root, variant, engine_from_variant(variant, Backend.onnxruntime, BatchProfile(min=1, opt=8, max=64), {"threads": 1}, root)
+
+
+def test_verify_runs_the_emulation_on_a_cpu_backend_and_says_so(trained, fp16_engine):
+    from tasks.verify import verification_of_engine
+
+    root, variant, engine = fp16_engine
+    batch = BatchProfile(min=1, opt=8, max=64)
+    tol = default_tolerances()[Precision.fp16]
+    ref = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, batch, root, variant=variant)
+    report = json.loads(ref.path("verification.json").read_text())
+    assert report["numerics"] == EMULATED == ref.meta["numerics"]
+    assert [b["label"] for b in report["batches"]][-1] == "fp16 emulated batch 8"
+    assert report["emulation"]["rounded_tensors"] > 5
+    emulated = report["batches"][-1]["outputs"]["logits"]
+    cpu = report["batches"][1]["outputs"]["logits"]
+    # the emulation rounds activations the CPU engine keeps in fp32: its error is larger, not equal
+    assert emulated["max_abs"] > cpu["max_abs"]
+    # without the variant the report does not pretend fp16 was checked
+    plain = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, batch, root)
+    assert "not emulated" in plain.meta["numerics"]
+
+
+def test_native_backends_need_no_emulation():
+    from tasks.verify import numerics_of
+
+    assert numerics_of("tensorrt", Precision.fp16) == NATIVE
+    assert numerics_of("onnxruntime", Precision.fp16) == EMULATED
+    assert numerics_of("onnxruntime", Precision.int8) == "native int8"

@@ -1,0 +1,155 @@
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from _precision_models import outlier_channel_mlp, overflowing_mlp, run
+from onnx import TensorProto
+
+from tasks.compare import compare_outputs
+from tasks.config import Precision, default_tolerances
+from tasks.fp16_emulation import emulation_from_fp16_onnx, tensor_types
+from tasks.precision import fp16_from_onnx, int8_from_onnx, named_nodes
+from tasks.repair import NodeError, _TensorError, next_nodes, node_errors
+
+
+def _variant(tmp_path, model, precision, x, keep=()):
+    src, dst = tmp_path / "fp32.onnx", tmp_path / f"{precision.value}.onnx"
+    onnx.save(model, str(src))
+    if precision is Precision.fp16:
+        fp16_from_onnx(src, dst, keep)
+    else:
+        int8_from_onnx(src, dst, x[:128], keep)
+    return onnx.load(str(dst))
+
+
+def _passes(model, variant, x, precision):
+    out = run(emulation_from_fp16_onnx(variant)[0], x, optimize=False) if precision is Precision.fp16 else run(variant, x)
+    return compare_outputs({"logits": run(model, x)}, {"logits": out}, default_tolerances()[precision], precision.value)
+
+
+def _repair(tmp_path, model, x, precision, budget=4):
+    """The repair loop of ``repair_of_variant`` on plain files: (kept, rankings)."""
+    kept, rankings = [], []
+    variant = _variant(tmp_path, model, precision, x)
+    while not _passes(model, variant, x, precision).passed:
+        errors = node_errors(named_nodes(model), variant, {"x": x[:64]}, precision)
+        rankings.append(errors)
+        new = next_nodes(errors, kept)
+        assert new and len(kept) + len(new) <= budget, f"repair stuck at {kept}: {errors}"
+        kept += new
+        variant = _variant(tmp_path, model, precision, x, kept)
+    return kept, rankings, variant
+
+
+def test_fp16_overflow_is_repaired_keeping_two_nodes(tmp_path):
+    model, x = overflowing_mlp()
+    kept, rankings, variant = _repair(tmp_path, model, x, Precision.fp16)
+    assert sorted(kept) == ["fc1", "fc2"] and len(rankings) == 1  # both found in one attempt by the range rule
+    worst = {e.node: e for e in rankings[0]}
+    assert math.isinf(worst["fc1"].contribution) and math.isinf(worst["fc2"].contribution)
+    assert "past fp16" in worst["fc2"].reason and worst["fc0"].contribution < 1e-2
+    # fc0 and relu still compute in fp16
+    types = tensor_types(variant)
+    assert types["h0"] == TensorProto.FLOAT16 and types["logits"] == TensorProto.FLOAT
+
+
+def test_int8_outlier_channel_is_repaired_keeping_two_nodes(tmp_path):
+    model, x = outlier_channel_mlp()
+    first = _passes(model, _variant(tmp_path, model, Precision.int8, x), x, Precision.int8)
+    assert first.outputs["logits"].top1_agreement < 0.5  # int8 breaks top-1
+    kept, rankings, variant = _repair(tmp_path, model, x, Precision.int8)
+    assert kept == ["scale", "fc2"]
+    assert rankings[0][0].node == "scale" and rankings[0][0].contribution > 0.5
+    assert _passes(model, variant, x, Precision.int8).outputs["logits"].top1_agreement >= 0.97
+    ops = {n.name for n in variant.graph.node}
+    assert "fc1" in ops and any(n.op_type == "QuantizeLinear" for n in variant.graph.node)  # the rest stays int8
+
+
+@pytest.mark.parametrize("precision", [Precision.fp16, Precision.int8])
+def test_repaired_variants_stay_strongly_typed(tmp_path, precision):
+    """What a strongly typed TensorRT network needs: valid, sorted, no int32 biases, no node mixing float types."""
+    model, x = (overflowing_mlp if precision is Precision.fp16 else outlier_channel_mlp)()
+    keep = ["fc1", "fc2"] if precision is Precision.fp16 else ["scale", "fc2"]
+    variant = _variant(tmp_path, model, precision, x, keep)
+    onnx.checker.check_model(variant, full_check=True)  # includes the topological order
+    assert all(t.data_type != TensorProto.INT32 for t in variant.graph.initializer)
+    types = tensor_types(variant)
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
+    for node in variant.graph.node:
+        if node.op_type in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+            continue
+        seen = {types[t] for t in [*node.input, *node.output] if t and types.get(t) in floats}
+        assert len(seen) <= 1, f"{node.name} mixes {seen}: an fp32 island needs explicit Casts"
+
+
+def test_a_channel_rounded_to_zero_counts_even_when_a_huge_channel_dominates():
+    ref = np.ones((8, 32), np.float32)
+    ref[:, 0] = 1000.0
+    got = ref.copy()
+    got[:, 1:] = 0.0  # what per-tensor int8 does to the small channels
+    t = _TensorError()
+    t.add(ref, got)
+    assert t.error() == pytest.approx(31 / 32)
+    whole = np.sqrt(((got - ref) ** 2).sum() / (ref**2).sum())
+    assert whole < 0.01  # a whole-tensor relative error would call this fine
+    t.add(ref, np.full_like(ref, np.inf))
+    assert math.isinf(t.error())
+
+
+def test_next_nodes_takes_every_overflow_at_once_else_the_worst():
+    e = lambda n, c: NodeError(n, "Gemm", 0.0, 0.0, c, "")  # noqa: E731
+    assert next_nodes([e("a", math.inf), e("b", math.inf), e("c", 0.5)], []) == ["a", "b"]
+    assert next_nodes([e("a", math.inf), e("c", 0.5), e("d", 0.1)], ["a"]) == ["c"]
+    assert next_nodes([e("c", 0.0)], []) == []
+    assert NodeError.from_dict(json.loads(json.dumps(e("a", math.inf).to_dict()))).contribution == math.inf
+
+
+@pytest.mark.slow
+def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(tmp_path):
+    """OutlierNet (one channel ×1000): int8 breaks top-1 on the pipeline's own stages; repair fixes it."""
+    from tasks.config import Backend, BatchProfile, DataConfig, RepairConfig, TrainConfig
+    from tasks.data import splits_from_dataset
+    from tasks.engine import engine_from_variant
+    from tasks.errors import VerificationError
+    from tasks.export import onnx_from_checkpoint
+    from tasks.precision import variant_from_onnx
+    from tasks.repair import repair_of_variant, repaired_refs
+    from tasks.train import checkpoint_from_splits
+    from tasks.verify import verification_of_engine
+
+    root, batch, tol = tmp_path / "art", BatchProfile(min=1, opt=8, max=64), default_tolerances()[Precision.int8]
+    data = splits_from_dataset(DataConfig(), root)
+    ckpt = checkpoint_from_splits(data, TrainConfig(model="_precision_models:OutlierNet", epochs=2), root)
+    exported = onnx_from_checkpoint(ckpt, root)
+    variant = variant_from_onnx(exported, data, Precision.int8, 64, root)
+    engine = engine_from_variant(variant, Backend.onnxruntime, batch, {"threads": 1}, root)
+    with pytest.raises(VerificationError, match="top1_agreement"):
+        verification_of_engine(engine, ckpt, data, Precision.int8, tol, batch, root, variant=variant)
+
+    repair = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(), root)
+    m = repair.meta
+    assert m["passed"] and 1 <= len(m["kept_fp32"]) <= 2 and all(n.startswith("node_mul") for n in m["kept_fp32"])
+    assert m["before"]["top1_agreement"] < 0.9 <= m["after"]["top1_agreement"]
+    report = json.loads(repair.path("repair.json").read_text())
+    assert [a["passed"] for a in report["attempts"]][-1] and all(a["added"] for a in report["attempts"])
+    fixed_engine, verified = repaired_refs(repair, root)
+    assert verified.meta["passed"] and fixed_engine.meta["precision"] == "int8"
+    # every attempt left its artifacts: one ranking and one variant per attempt
+    assert len(list((root / "sensitivity").glob("*/node_errors.json"))) == len(report["attempts"])
+    assert len(list((root / "precision").glob("*/model.onnx"))) == 1 + len(report["attempts"])
+    again = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(), root)
+    assert again.digest == repair.digest
+
+    small = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(budget=1), root)
+    assert not small.meta["passed"] and "budget of 1" in small.meta["stopped"] and repaired_refs(small, root) is None
+
+
+def test_a_repair_that_cannot_pass_says_what_it_tried_and_how_to_go_on():
+    from tasks.errors import PrecisionRepairError, VerificationError
+
+    err = PrecisionRepairError("int8", ["int8 batch 8: logits.top1_agreement = 0.5 (threshold >= 0.97)"], ["fc1", "fc2"], "over the budget of 2", "repair/x/repair.json")
+    assert isinstance(err, VerificationError) and err.failures and err.report_path == "repair/x/repair.json"
+    msg = str(err)
+    assert "kept fc1, fc2 in fp32" in msg and "over the budget of 2" in msg and "--repair-budget" in msg
