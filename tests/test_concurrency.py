@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import _pipeline_kit as kit
-from tasks.artifacts import MANIFEST, Staging, load_ref, sha256_file
+from tasks.artifacts import MANIFEST, Staging, sha256_file
 from tasks.config import Precision
 from tasks.locking import key_lock, lock_path
 from tasks.stage import StageSpec, run_stage, was_cached

@@ -1,0 +1,112 @@
+"""Build every ONNX file under a folder with the project's TensorRT build worker, on a GPU machine.
+
+It proves that the ONNX files the pipeline writes (every precision, every model shape: several
+inputs, integer inputs, several outputs, repaired variants) parse and build as strongly typed
+TensorRT networks with one optimization profile over the batch range. It calls the same worker the
+``build`` stage uses (``tasks/backends/_trt_build.py``), so the profile, parser error reporting and
+timing cache are the pipeline's own; it needs no pycuda (it only builds).
+
+Run it where TensorRT (or TensorRT-RTX, whose Python module is aliased to ``tensorrt``) is installed::
+
+    python benchmarks/gpu_build_check.py ONNX_DIR [--out OUT_DIR] [--batch 1,32,256] [--rtx]
+
+Prints one markdown row per file (inputs, engine size, build seconds, layers per precision, or the
+error) and writes ``build-check.json`` into OUT_DIR. Exit status 1 when any file failed to build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: a module named ``tensorrt`` that is TensorRT-RTX's bindings (same API, other package name)
+_ALIAS = "import sys, tensorrt_rtx_bindings as _trt\nsys.modules['tensorrt'] = _trt\n"
+
+
+def _signature(path: Path) -> tuple[str, str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def fmt(values: list) -> str:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = "×".join(d.dim_param or str(d.dim_value) for d in t.shape.dim)
+            out.append(f"{v.name}:{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{dims}]")
+        return ", ".join(out)
+
+    return fmt(list(model.graph.input)), fmt(list(model.graph.output))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("onnx_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("gpu-build-check"))
+    ap.add_argument("--batch", default="1,32,256", help="min,opt,max of the optimization profile")
+    ap.add_argument("--rtx", action="store_true", help="use TensorRT-RTX's bindings as 'tensorrt'")
+    args = ap.parse_args()
+    batch = tuple(int(b) for b in args.batch.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.rtx:
+        shim = Path(tempfile.mkdtemp(prefix="trt-alias-"))
+        (shim / "tensorrt.py").write_text(_ALIAS)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+        sys.path.insert(0, str(shim))
+    import tensorrt as trt
+
+    from tasks.backends.tensorrt import run_build_worker, timing_cache_path
+    from tasks.errors import EngineBuildError
+
+    files = sorted(args.onnx_dir.rglob("*.onnx"))
+    rows, failed = [], 0
+    print(f"TensorRT {trt.__version__}; profile batch {batch}; {len(files)} files\n")
+    print("| file | inputs | outputs | engine bytes | build s | layers by precision | result |")
+    print("|---|---|---|---|---|---|---|")
+    for i, path in enumerate(files):
+        rel = str(path.relative_to(args.onnx_dir))
+        ins, outs = _signature(path)
+        out_dir = args.out / f"{i:02d}"
+        out_dir.mkdir(exist_ok=True)
+        spec = {
+            "onnx_path": str(path.resolve()),
+            "out_dir": str(out_dir.resolve()),
+            "engine_file": "engine.plan",
+            "layers_file": "layers.json",
+            "batch": list(batch),
+            "workspace_mib": 1024,
+            "tf32": False,
+            "builder_optimization_level": None,
+            "timing_cache_file": str(timing_cache_path(args.out / "cache", trt.__version__, "gpu", "x")),
+            "result_file": str(out_dir / "result.json"),
+        }
+        (out_dir / "spec.json").write_text(json.dumps(spec))
+        t0 = time.perf_counter()
+        try:
+            result = run_build_worker(out_dir / "spec.json", out_dir / "result.json", 600)
+            info = result["info"]
+            layers = (info.get("layers") or {}).get("by_precision", {})
+            row = {"file": rel, "inputs": ins, "outputs": outs, "engine_bytes": info.get("engine_bytes"),
+                   "seconds": round(time.perf_counter() - t0, 2), "layers": layers, "ok": True, "warnings": result.get("warnings", [])}
+        except EngineBuildError as exc:
+            failed += 1
+            row = {"file": rel, "inputs": ins, "outputs": outs, "engine_bytes": None,
+                   "seconds": round(time.perf_counter() - t0, 2), "layers": {}, "ok": False, "error": str(exc)[:600]}
+        rows.append(row)
+        verdict = "built" if row["ok"] else "FAILED: " + row["error"].replace("|", "/").replace("\n", " ")[:300]
+        print(f"| {rel} | {ins} | {outs} | {row['engine_bytes'] or ''} | {row['seconds']} | {row['layers'] or ''} | {verdict} |", flush=True)
+    (args.out / "build-check.json").write_text(json.dumps({"tensorrt": trt.__version__, "batch": batch, "files": rows}, indent=2))
+    print(f"\n{len(files) - failed} of {len(files)} built")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
