@@ -2,7 +2,7 @@
 
     from _precision_models import overflowing_mlp, outlier_channel_mlp
     model, x = overflowing_mlp()      # fc1's activations exceed 65504: fp16 overflows on a GPU
-    model, x = outlier_channel_mlp()  # one huge channel: per-tensor int8 of 'scaled' breaks top-1
+    model, x = outlier_channel_mlp()  # one huge channel: per-tensor int8 of fc2's input breaks top-1
 """
 
 from __future__ import annotations
@@ -119,14 +119,16 @@ def OverflowNet(num_classes: int = 10, in_channels: int = 3) -> Any:
 
 
 def OutlierNet(num_classes: int = 10, in_channels: int = 3) -> Any:
-    """A classifier with one outlier channel: channel 0 of its hidden layer is scaled ×1000 and back.
+    """A classifier whose two linear layers each read a tensor with one outlier channel.
 
-    fp32 computes exactly the plain MLP; per-tensor int8 of the scaled tensor (and of the gain vectors)
-    rounds the 31 small channels to zero, so int8 top-1 agreement collapses. Repair keeps the two Muls
-    in fp32.
+    Channel 0 of each hidden tensor is scaled ×1000 and the next layer's weights for it by 1/1000, so
+    fp32 computes exactly the plain MLP (and trains like one). int8 quantizes each linear layer's input
+    per tensor: the outlier takes the whole range and the other channels round to zero, so int8 top-1
+    agreement collapses. Repair keeps both linear layers (``hidden`` and ``head``) in fp32.
     """
     import torch
     from torch import nn
+    from torch.nn import functional as F
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -136,9 +138,11 @@ def OutlierNet(num_classes: int = 10, in_channels: int = 3) -> Any:
             gain[0] = 1000.0
             self.register_buffer("gain", gain)
             self.register_buffer("inverse", 1.0 / gain)
+            self.hidden = nn.Linear(32, 32)
             self.head = nn.Linear(32, num_classes)
 
         def forward(self, x: Any) -> Any:
-            return self.head(self.features(x) * self.gain * self.inverse)
+            h = F.relu(F.linear(self.features(x) * self.gain, self.hidden.weight * self.inverse, self.hidden.bias))
+            return F.linear(h * self.gain, self.head.weight * self.inverse, self.head.bias)
 
     return Net()

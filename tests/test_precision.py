@@ -76,3 +76,39 @@ def test_unnamed_nodes_get_stable_unique_names():
     model = named_nodes(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
     names = [n.name for n in model.graph.node]
     assert names == ["Neg_0_", "Neg_0", "Relu_2"] and len(set(names)) == 3
+
+
+def test_int8_quantizes_only_the_inputs_of_compute_ops_so_tensorrt_accepts_constants(tmp_path):
+    """A Mul by a scalar constant (attention's x * 0.125, a gain) quantized by default gave an int8
+    initializer that TensorRT's builder refused; only Conv/Gemm/MatMul inputs are quantized now."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tasks.precision import INT8_OPS, int8_from_onnx
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")
+    gain = numpy_helper.from_array(np.array(0.125, dtype=np.float32), "gain")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "gain"], ["y"], name="scale"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, gain]), opset_imports=[helper.make_opsetid("", 17)])
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, str(src))
+    int8_from_onnx(src, dst, rng.standard_normal((64, 8)).astype(np.float32))
+
+    q = onnx.load(str(dst))
+    consumers: dict[str, list[str]] = {}
+    for n in q.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    inits = {t.name: t for t in q.graph.initializer}
+    # Every int8 constant is a weight dequantized straight into a compute op; the gain stays float.
+    int8_consts = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert int8_consts and all(set(consumers[n.output[0]]) <= set(INT8_OPS) for n in int8_consts)
+    assert inits["gain"].data_type == TensorProto.FLOAT
+    assert not any("gain" in n.input[0] for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
