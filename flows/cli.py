@@ -31,8 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (cached stages are reused)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = run.add_argument_group("data and model")
     g.add_argument("--dataset", type=Path, help=".npz with x (N×C×H×W) and y (N); default: bundled digits")
-    g.add_argument("--model", help="model factory 'package.module:callable' (default tasks.models:SmallCNN)")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--model", help="model factory 'package.module:callable': an nn.Module subclass or a function (default: CNN for images, MLP otherwise)")
+    g.add_argument("--model-kwargs", metavar="JSON", help="extra keyword arguments of the factory, e.g. '{\"hidden\": 64}'")
+    g.add_argument("--weights", type=Path, help="trained weights (state_dict .pt, checkpoint dict, or .safetensors); without --epochs nothing is trained")
+    g.add_argument("--logits-output", metavar="NAME", help="the model output holding class logits (default: the first shaped N×classes)")
+    g.add_argument("--epochs", type=int, help="training epochs (default 5); with --weights: fine-tune for this many (without: load only)")
     g.add_argument("--batch-size", type=int, help="training mini-batch size")
     g.add_argument("--lr", type=float, help="learning rate")
     g.add_argument("--seed", type=int, help="seed of split, init and shuffling")
@@ -92,6 +95,18 @@ def config_from_args(args: argparse.Namespace) -> Any:
     put("data.dataset", str(args.dataset) if args.dataset else None)
     put("data.seed", args.seed)
     put("train.model", args.model)
+    if args.model_kwargs is not None:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except ValueError as exc:
+            raise ConfigError(got=f"--model-kwargs {args.model_kwargs!r} ({exc})", expected="a JSON object", because="it holds the factory's keyword arguments", fix='quote it for the shell, e.g. --model-kwargs \'{"hidden": 64}\'') from None
+        if not isinstance(kwargs, dict):
+            raise ConfigError(got=f"--model-kwargs {args.model_kwargs!r}", expected="a JSON object of keyword arguments", because="it holds the factory's keyword arguments by name", fix='e.g. --model-kwargs \'{"hidden": 64}\'')
+        put("train.model_kwargs", kwargs)
+    put("train.weights", str(args.weights) if args.weights else None)
+    # --weights alone converts the model as it is; --weights with --epochs fine-tunes it.
+    put("train.fine_tune", True if args.weights and args.epochs is not None else None)
+    put("train.logits_output", args.logits_output)
     put("train.epochs", args.epochs)
     put("train.batch_size", args.batch_size)
     put("train.lr", args.lr)
@@ -138,7 +153,13 @@ def _print_summary(report: dict[str, Any], root: Path) -> None:
         if "error" in r:
             print(f"{p:<10}{'no':<8}  {r['failed_stage']} failed")
             continue
-        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{r['accuracy']:>10.4f}{r['top1_agreement']:>13.4f}{r['min_cosine']:>12.6f}{r['max_abs']:>13.3g}  {root / r['engine']}")
+        def num(v: Any, fmt: str) -> str:
+            return "n/a" if v is None else format(v, fmt)
+
+        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{num(r['accuracy'], '.4f'):>10}{num(r['top1_agreement'], '.4f'):>13}{num(r['min_cosine'], '.6f'):>12}{num(r['max_abs'], '.3g'):>13}  {root / r['engine']}")
+    skipped = next((r.get("checks_skipped") for r in report["precisions"].values() if r.get("checks_skipped")), None)
+    if skipped:
+        print("not checked: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     from flows.report import numerics_lines, repair_lines
 
     for line in numerics_lines(report["precisions"]):

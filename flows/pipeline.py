@@ -26,12 +26,12 @@ from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig, Precision
-from tasks.data import arrays_from_npz, splits_from_dataset
+from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
 from tasks.engine import engine_from_variant
-from tasks.errors import PrecisionRepairError, TrtflowError, VerificationError
+from tasks.errors import DatasetError, PrecisionRepairError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Graph, Instance, Node
-from tasks.models import factory_from_path
+from tasks.models import factory_from_path, state_dict_from_file
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
 from tasks.repair import REPORT as REPAIR_REPORT
@@ -81,12 +81,22 @@ def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
 
     Raises:
         ConfigError: unwritable artifacts folder. DatasetError: missing dataset file.
-        ModelError: unknown model factory. BackendUnavailableError: requested backend missing.
+        ModelError: unknown model factory, unreadable weights. BackendUnavailableError: requested backend missing.
+        DatasetError: a dataset without labels and no weights.
     """
     root = ensure_writable(config.artifacts_dir)
     if config.data.dataset is not None and not Path(config.data.dataset).expanduser().is_file():
         arrays_from_npz(Path(config.data.dataset))  # raises the dataset error with its fix
     factory_from_path(config.train.model)
+    if config.train.weights is not None:
+        state_dict_from_file(Path(config.train.weights))  # readable, and a state_dict
+    elif config.data.dataset is not None and not labels_in(Path(config.data.dataset)):
+        raise DatasetError(
+            got=f"dataset {Path(config.data.dataset).name} without labels y, and no --weights",
+            expected="labels y to train on, or trained weights to convert",
+            because="training needs labels; without them trtflow can only convert a model that is already trained",
+            fix="add y to the dataset (numpy.savez(path, ..., y=labels)), or pass --weights FILE with your --model",
+        )
     builder, reason = choose_backend(config.backend)
     return root, builder, reason
 

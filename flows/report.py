@@ -55,7 +55,7 @@ def run_report(
         engine, verify = out["engine"], out["verify"]
         engine_file = engine_info(engine).engine_file
         precisions[p.value] = {
-            **{k: verify.meta.get(k) for k in ("passed", "backend", "numerics", "samples", *METRICS)},
+            **{k: verify.meta.get(k) for k in ("passed", "backend", "numerics", "samples", *METRICS, "outputs", "checks_run", "checks_skipped")},
             "engine": _rel(engine.path(engine_file), root),
             "engine_sha256": engine.files[engine_file],
             "verification": _rel(verify.path("verification.json"), root),
@@ -70,17 +70,24 @@ def run_report(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "passed": all(v["passed"] for v in precisions.values()),
         "backend": backend_reason,
-        "data": {"source": data.meta["source"], "sizes": data.meta["sizes"], "num_classes": data.meta["num_classes"]},
+        "data": {"source": data.meta["source"], "sizes": data.meta["sizes"], "num_classes": data.meta["num_classes"],
+                 "inputs": data.meta.get("inputs"), "labels": data.meta.get("has_labels", True)},
         "model": {
             "factory": checkpoint.meta["config"]["model"],
+            "mode": checkpoint.meta.get("mode", "train"),
+            "weights": checkpoint.meta["config"].get("weights"),
+            "outputs": checkpoint.meta.get("outputs"),
+            "logits_output": checkpoint.meta.get("logits_output"),
             "checkpoint": _rel(checkpoint.path("model.pt"), root),
-            "val_acc": checkpoint.meta["final"]["val_acc"],
+            "val_acc": (checkpoint.meta.get("final") or {}).get("val_acc"),
             "onnx": _rel(onnx.path("model.onnx"), root),
             "opset": onnx.meta["opset"],
         },
         "precisions": precisions,
         "config": config.model_dump(mode="json", exclude={"artifacts_dir"}),
     }
+    if report["config"]["train"].get("weights"):
+        report["config"]["train"]["weights"] = Path(report["config"]["train"]["weights"]).name
     if report["config"]["data"].get("dataset"):
         # The file name only: an absolute path would put this machine's folders into the report and UI.
         report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
@@ -153,7 +160,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Backend: {report['backend']}",
         f"- Data: {report['data']['source']}, splits {report['data']['sizes']}",
-        f"- Model: `{report['model']['factory']}`, validation accuracy {report['model']['val_acc']:.4f}; "
+        f"- Model: `{report['model']['factory']}` ({report['model'].get('mode', 'train')}), validation accuracy {_fmt(report['model']['val_acc'])}; "
         f"ONNX opset {report['model']['opset']} at `{report['model']['onnx']}`",
         "",
         "| precision | passed | accuracy (torch → engine) | top-1 agreement | min cosine | max abs err | engine |",

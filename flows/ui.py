@@ -228,6 +228,10 @@ def _save_memo(path: Path, key: str, figures: list[tuple[str, str, Path, str]]) 
         log.warning("figure memo not written: %s", exc)
 
 
+class _Skip(Exception):
+    """A figure that does not apply to this run (no training, no labels)."""
+
+
 def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any]) -> dict[str, str]:
     """Write the training curve and the confusion matrices as PNGs and show them in the UI.
 
@@ -250,11 +254,18 @@ def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any
     figures = _memo_figures(reports / FIGURES_MEMO, memo_key)
     if figures is None:
         figures = []
+        # A model loaded from weights has no history, and one without labels no confusion matrix.
+        history_expected = bool(checkpoint.meta.get("epoch_seconds", [None]))
+        labelled = checkpoint.meta.get("num_classes", 0) is not None and checkpoint.meta.get("logits_output", "logits") is not None
         try:
+            if not history_expected:
+                raise _Skip
             history = json.loads(checkpoint.path("history.json").read_text())
             png = training_curve_png(history, reports / CURVE_PNG)
             last = history[-1]
             figures.append(("trtflow-training-curve", "Training curve", png, f"{len(history)} epochs; final validation accuracy {last['val_acc']:.4f}, loss {last['val_loss']:.4f}."))
+        except _Skip:
+            pass
         except Exception as exc:  # noqa: BLE001
             log.warning("training curve not drawn: %s", exc)
         try:
@@ -268,7 +279,7 @@ def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any
                 figures.append(("trtflow-confusion-matrix", "Confusion matrix (test split)", png, "Rows: true class; columns: the engine's prediction."))
         except Exception as exc:  # noqa: BLE001
             log.warning("confusion matrix not drawn: %s", exc)
-        if len(figures) == (2 if verifications else 1):  # a figure that failed is tried again next run
+        if len(figures) == int(history_expected) + int(bool(verifications) and labelled):  # a figure that failed is tried again next run
             _save_memo(reports / FIGURES_MEMO, memo_key, figures)
     for key, title, png, note in figures:
         out[png.stem] = _rel(png, root)

@@ -6,7 +6,7 @@ so one run shows the whole picture (unlike tools that stop at the first mismatch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,7 +80,7 @@ class ComparisonResult:
         return {"label": self.label, "passed": self.passed, "outputs": out, "checks": [asdict(c) for c in self.checks]}
 
 
-def output_stats(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None) -> OutputStats:
+def output_stats(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None, task: bool = True) -> OutputStats:
     """Compute the statistics of one output.
 
     Args:
@@ -89,6 +89,7 @@ def output_stats(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance, la
         out: candidate values, same shape.
         tol: tolerance (for the share of elements within atol + rtol·|ref|).
         labels: ground-truth class per sample, for accuracy and balanced accuracy (2-D logits only).
+        task: compute the task metrics (top-1 agreement, accuracy) when the output is 2-D.
 
     Returns:
         The statistics; cosine is per sample (row), so one bad sample cannot hide in an average.
@@ -102,7 +103,7 @@ def output_stats(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance, la
     if tol.atol is not None or tol.rtol is not None:
         within = float(np.mean(diff <= (tol.atol or 0.0) + (tol.rtol or 0.0) * np.abs(ref64)))
     top1 = acc_ref = acc = bal_ref = bal = None
-    if ref.ndim == 2:
+    if ref.ndim == 2 and task:
         top1 = float(np.mean(ref.argmax(1) == out.argmax(1)))
         if labels is not None:
             acc_ref = float(np.mean(ref.argmax(1) == labels))
@@ -134,6 +135,7 @@ def compare_outputs(
     tol: Tolerance,
     label: str,
     labels: np.ndarray | None = None,
+    task_outputs: Collection[str] | None = None,
 ) -> ComparisonResult:
     """Compare every output of a candidate with the reference under one precision's tolerance.
 
@@ -143,6 +145,7 @@ def compare_outputs(
         tol: the precision's thresholds.
         label: names the comparison in messages (e.g. 'int8 batch 32').
         labels: ground-truth classes, for accuracy.
+        task_outputs: the outputs judged by task metrics (top-1 agreement, accuracy); None: every 2-D output.
 
     Returns:
         The result with statistics and every check; nothing is raised here.
@@ -159,7 +162,8 @@ def compare_outputs(
         if not np.isfinite(out).all():
             result.checks.append(Check(name, "finite share", float(np.isfinite(out).mean()), 1.0, False, ">="))
             continue
-        s = output_stats(name, ref, out, tol, labels)
+        task = task_outputs is None or name in task_outputs
+        s = output_stats(name, ref, out, tol, labels if task else None, task=task)
         result.outputs[name] = s
         add = result.checks.append
         if s.within_tolerance is not None:

@@ -55,8 +55,9 @@ class DataConfig(_Strict):
 
     dataset: Path | None = Field(
         None,
-        description="A .npz file with x (N×C×H×W float) and y (N int labels); "
-        "empty: scikit-learn's bundled digits, upscaled to 3×32×32.",
+        description="A .npz file with one array per model input, named after forward's parameters (a single input "
+        "may be x; N×D, N×T×D or N×C×H×W; float, or integer for ids and masks) and labels y (N ints; optional with "
+        "weights); empty: scikit-learn's bundled digits, upscaled to 3×32×32.",
     )
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples for validation.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples held out for verification.")
@@ -113,10 +114,28 @@ class TrainConfig(_Strict):
     """How the PyTorch model is made and trained."""
 
     model: str = Field(
-        "tasks.models:SmallCNN",
-        description="Model factory as 'package.module:callable', called with num_classes=..., in_channels=....",
+        "tasks.models:default_model",
+        description="Model factory as 'package.module:callable' (an nn.Module subclass or any callable returning one). "
+        "It gets only the keyword arguments its signature names out of num_classes, in_channels, in_features and "
+        "input_shape, plus model_kwargs. Default: a CNN for images (N×C×H×W), an MLP for vectors and sequences.",
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments of the factory (JSON); they override the known ones."
+    )
+    weights: Path | None = Field(
+        None,
+        description="Trained weights to load: a state_dict saved with torch.save, a checkpoint dict holding one under "
+        "'state_dict' or 'model', or a .safetensors file. With weights and no epochs nothing is trained.",
     )
     epochs: int = Field(5, ge=1, le=1000, description="Training epochs.")
+    fine_tune: bool = Field(
+        False, description="With weights: train them for 'epochs' more epochs. Off: load them as they are, train nothing."
+    )
+    logits_output: str | None = Field(
+        None,
+        description="The output that holds the class logits (task metrics, collapse gate). Empty: the first output "
+        "shaped N×classes when the dataset has labels.",
+    )
     batch_size: int = Field(64, ge=1, le=65536, description="Training mini-batch size.")
     lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate.")
     seed: int = Field(0, ge=0, description="Seed of weight init and shuffling.")
@@ -141,6 +160,11 @@ class TrainConfig(_Strict):
                 f"got model '{v}', expected 'package.module:callable' (e.g. tasks.models:SmallCNN)"
             )
         return v
+
+    @property
+    def epochs_to_run(self) -> int:
+        """The epochs that will run: 0 with weights unless ``fine_tune`` (load only), else ``epochs``."""
+        return 0 if self.weights is not None and not self.fine_tune else self.epochs
 
 
 class BatchProfile(_Strict):

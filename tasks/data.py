@@ -34,7 +34,13 @@ def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
 SPEC = StageSpec("data", modules=("data.py",), libraries=("numpy", "scikit-learn"), key_inputs=_key_inputs)
 SPLITS_FILE = "splits.npz"
 SPLITS = ("train", "val", "test")
-_NPZ_FIX = "save it with numpy.savez(path, x=images, y=labels), x shaped N×C×H×W (float) and y shaped N (int)"
+#: the array that holds the labels; every other array of a dataset is a model input
+LABELS = "y"
+_NPZ_FIX = (
+    "save it with numpy.savez(path, x=inputs, y=labels): one array per input of the model's forward, named "
+    "after its parameter (a single input may be called x), N samples first (N×D, N×T×D or N×C×H×W; float, or "
+    "integer for ids and masks), and y shaped N (int class labels; optional with --weights)"
+)
 
 
 def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
@@ -58,11 +64,14 @@ def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
     return x, d.target.astype(np.int64)
 
 
-def arrays_from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read x and y from a user's .npz file, without unpickling anything.
+def arrays_from_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Read the named inputs and the optional labels ``y`` of a user's .npz file, without unpickling.
+
+    Returns:
+        Input name -> array (every array but ``y``, in the file's order), and the labels or None.
 
     Raises:
-        DatasetError: missing file, not an npz, missing keys.
+        DatasetError: missing file, not an npz, no input array.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -74,23 +83,39 @@ def arrays_from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except OSError as exc:
         raise DatasetError(got=f"dataset path {path} ({exc.strerror})", expected="a readable .npz file", because="the file cannot be read", fix="check its permissions") from exc
     if magic.startswith(b"\x93NUMPY"):
-        raise DatasetError(got=f"{path}, a single array written by numpy.save (.npy)", expected="a .npz archive holding two arrays, x and y", because="trtflow needs the images and their labels", fix=_NPZ_FIX)
+        raise DatasetError(got=f"{path}, a single array written by numpy.save (.npy)", expected="a .npz archive holding the inputs and the labels y", because="trtflow needs the inputs and their labels by name", fix=_NPZ_FIX)
     if not magic.startswith(b"PK"):
         raise DatasetError(got=f"{path}, which is not a numpy archive (a .npz is a zip file; this one starts with {magic!r})", expected="a .npz file", because="trtflow reads datasets with numpy.load, without unpickling", fix=_NPZ_FIX)
     try:
         with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            if not {"x", "y"} <= keys:
-                raise DatasetError(got=f"arrays {sorted(keys)} in {path}", expected="arrays named 'x' and 'y'", because="trtflow reads images from x and labels from y", fix=_NPZ_FIX)
-            return np.asarray(z["x"]), np.asarray(z["y"])
+            names = [k for k in z.files if k != LABELS]
+            if not names:
+                raise DatasetError(got=f"arrays {sorted(z.files)} in {path}", expected="at least one input array besides the labels 'y' (e.g. 'x')", because="trtflow feeds the model from the arrays other than y", fix=_NPZ_FIX)
+            inputs = {k: np.asarray(z[k]) for k in names}
+            labels = np.asarray(z[LABELS]) if LABELS in z.files else None
+            return inputs, labels
     except DatasetError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DatasetError(got=f"{path} ({type(exc).__name__}: {exc})", expected="a readable .npz file", because="the file is not a numpy archive or is damaged", fix=_NPZ_FIX) from exc
 
 
-def check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Check shapes, types, values and labels; return x as float32 and y as int64.
+def labels_in(path: Path) -> bool:
+    """Whether a dataset file holds labels ``y`` (reads only the archive's table of contents)."""
+    try:
+        with np.load(Path(path).expanduser(), allow_pickle=False) as z:
+            return LABELS in z.files
+    except Exception:
+        return True  # unreadable: the data stage names the problem
+
+
+def input_spec(name: str, arr: np.ndarray) -> dict[str, Any]:
+    """JSON description of one input: name, dtype and one sample's shape."""
+    return {"name": name, "dtype": str(arr.dtype), "shape": [int(d) for d in arr.shape[1:]]}
+
+
+def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Check every input and the labels; float inputs become float32, integer ones stay as they are.
 
     Raises:
         DatasetError: naming the first problem and how to fix it.
@@ -98,20 +123,39 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray,
     def fail(got: str, expected: str, because: str) -> DatasetError:
         return DatasetError(got=f"{got} in {source}", expected=expected, because=because, fix=_NPZ_FIX)
 
-    if x.ndim != 4:
-        raise fail(f"x of shape {x.shape}", "x of rank 4 (N×C×H×W)", "the model takes batches of images")
-    if y.ndim != 1:
-        raise fail(f"y of shape {y.shape}", "y of rank 1 (N labels)", "each image has one class label")
-    if len(x) != len(y):
-        raise fail(f"{len(x)} images and {len(y)} labels", "as many labels as images", "each image needs its label")
-    if len(x) == 0:
+    out: dict[str, np.ndarray] = {}
+    n = None
+    for name, x in inputs.items():
+        if not name.isidentifier():
+            raise DatasetError(got=f"input array '{name}' in {source}", expected="names that are Python identifiers", because="each input is passed to the forward parameter of the same name", fix="rename it after the parameter of forward it feeds")
+        if x.ndim == 1 and y is None:
+            raise fail(f"a 1-D array '{name}' and no array named 'y'", "labels in an array named 'y' and inputs of rank 2 or more", "a 1-D array looks like labels; if it holds the class labels, name it 'y'")
+        if x.ndim < 2:
+            raise fail(f"{name} of shape {x.shape}", f"{name} of rank 2 or more (N×D, N×T×D or N×C×H×W)", "axis 0 counts the samples and each sample is at least a vector; reshape a column of scalars to N×1")
+        if n is None:
+            n = len(x)
+        elif len(x) != n:
+            raise fail(f"{len(x)} samples in '{name}' but {n} in '{next(iter(inputs))}'", "the same number of samples in every input", "sample i of every input belongs together")
+        if x.dtype == np.bool_:
+            out[name] = x
+        elif np.issubdtype(x.dtype, np.integer):
+            out[name] = x  # ids and masks: never cast, never quantized
+        elif np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32, copy=False)
+            if not np.isfinite(x).all():
+                bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+                raise fail(f"NaN or inf values in {bad} sample(s) of '{name}'", "finite values only", "one NaN poisons every weight it reaches")
+            out[name] = x
+        else:
+            raise fail(f"{name} of dtype {x.dtype}", "real numbers (float), or integers for ids and masks", "inputs are numeric tensors")
+    if n == 0:
         raise fail("an empty dataset", "at least a few samples per class", "nothing can be trained on zero samples")
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise fail(f"x of dtype {x.dtype}", "real numbers", "images are real-valued tensors")
-    x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=(1, 2, 3)).sum())
-        raise fail(f"NaN or inf values in {bad} image(s)", "finite values only", "one NaN poisons every weight it reaches")
+    if y is None:
+        return out, None
+    if y.ndim != 1:
+        raise fail(f"y of shape {y.shape}", "y of rank 1 (N labels)", "each sample has one class label")
+    if len(y) != n:
+        raise fail(f"{n} samples and {len(y)} labels", "as many labels as samples (images)", "each sample needs its label")
     if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
         raise fail(f"labels of dtype {y.dtype}", "integer class indices", "labels index the logits")
     y = y.astype(np.int64)
@@ -132,13 +176,31 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray,
     if counts.min() < 3:
         rare = classes[counts < 3].tolist()
         raise fail(f"classes {rare} with fewer than 3 samples", "at least 3 samples per class", "the split keeps every class in train, validation and test")
-    return x, y
+    return out, y
 
 
-def split_indices(y: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Stratified train / validation / test indices, fixed by the seed."""
+def check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """``check_dataset`` for one input ``x`` with labels ``y``; returns x (float32 if float) and y as int64."""
+    inputs, labels = check_dataset({"x": x}, y, source)
+    assert labels is not None
+    return inputs["x"], labels
+
+
+def split_indices(y: np.ndarray | None, cfg: DataConfig, n: int | None = None) -> dict[str, np.ndarray]:
+    """Train / validation / test indices, fixed by the seed; stratified by the labels when there are any.
+
+    Args:
+        y: the labels, or None for a label-free dataset (then ``n`` samples, split at random).
+        cfg: fractions and seed.
+        n: number of samples when ``y`` is None.
+    """
     from sklearn.model_selection import train_test_split
 
+    if y is None:
+        idx = np.arange(int(n or 0))
+        rest, test = train_test_split(idx, test_size=cfg.test_fraction, random_state=cfg.seed)
+        train, val = train_test_split(rest, test_size=cfg.val_fraction / (1 - cfg.test_fraction), random_state=cfg.seed)
+        return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
     idx = np.arange(len(y))
     try:
         rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=y, random_state=cfg.seed)
@@ -216,13 +278,8 @@ _SPLITS: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
 _SPLITS_LOCK = threading.Lock()
 
 
-def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
-    """Read the split arrays of a ``data`` artifact, after checking its digest.
-
-    A cold run reads the splits in about 15 stage calls; within a process an unchanged file (same
-    digest, size, inode, mtime and ctime, which any rewrite changes) is hashed and read once, and
-    each caller gets its own copies (cheaper than re-reading, and safe to modify).
-    """
+def _cached_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
+    """The arrays of ``splits.npz`` (read-only, shared), read once per process per unchanged file."""
     path = ref.path(SPLITS_FILE)
     try:
         st = path.stat()
@@ -235,10 +292,59 @@ def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
             ref.verify()
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
+            for a in arrays.values():
+                a.flags.writeable = False
             _SPLITS.clear()  # keep only the latest dataset in memory
             if identity:
                 _SPLITS[identity] = arrays
-    return {k: v.copy() for k, v in arrays.items()}
+    return arrays
+
+
+def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
+    """Read every split array of a ``data`` artifact (``<input>_<split>`` and ``y_<split>``), as copies.
+
+    A cold run reads the splits in about 15 stage calls; within a process an unchanged file (same
+    digest, size, inode, mtime and ctime, which any rewrite changes) is hashed and read once. Prefer
+    ``split_inputs`` / ``split_labels``, which copy only the rows asked for.
+    """
+    return {k: v.copy() for k, v in _cached_splits(ref).items()}
+
+
+def input_specs(ref: ArtifactRef) -> list[dict[str, Any]]:
+    """The model inputs of a ``data`` artifact: name, dtype and one sample's shape, in dataset order."""
+    specs = ref.meta.get("inputs")
+    if specs is None:  # an artifact made before named inputs: one float input x
+        return [{"name": "x", "dtype": "float32", "shape": list(ref.meta["sample_shape"])}]
+    return list(specs)
+
+
+def split_inputs(ref: ArtifactRef, split: str, rows: slice | np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The model inputs of one split, by name: the rows asked for (all by default).
+
+    Args:
+        ref: the ``data`` artifact.
+        split: ``train``, ``val`` or ``test``.
+        rows: a slice or index array into the split; None for every row.
+
+    Returns:
+        Input name -> array (read-only when every row is asked for: shared, not copied).
+    """
+    arrays = _cached_splits(ref)
+    out = {}
+    for spec in input_specs(ref):
+        a = arrays[f"{spec['name']}_{split}"]
+        out[spec["name"]] = a if rows is None else a[rows]
+    return out
+
+
+def split_labels(ref: ArtifactRef, split: str) -> np.ndarray | None:
+    """The labels of one split (read-only), or None for a dataset without labels."""
+    return _cached_splits(ref).get(f"{LABELS}_{split}")
+
+
+def split_size(ref: ArtifactRef, split: str) -> int:
+    """Number of samples in one split."""
+    return int(ref.meta["sizes"][split])
 
 
 def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
@@ -250,7 +356,8 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
         refresh: recompute even if an intact artifact exists.
 
     Returns:
-        The ``data`` artifact: ``splits.npz`` with x_/y_ train, val, test; meta has shapes and class counts.
+        The ``data`` artifact: ``splits.npz`` with ``<input>_<split>`` and ``y_<split>`` for train, val,
+        test; meta has the inputs (name, dtype, sample shape), sizes and class counts.
 
     Raises:
         DatasetError: the dataset is missing, garbled or unusable.
@@ -259,31 +366,44 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
     def make(out: Path) -> dict[str, Any]:
         if cfg.dataset is None:
             x, y = digits_dataset()
+            raw: dict[str, np.ndarray] = {"x": x}
+            labels: np.ndarray | None = y
             source = "scikit-learn digits (bundled), upscaled to 3x32x32"
         else:
-            x, y = arrays_from_npz(Path(cfg.dataset))
+            raw, labels = arrays_from_npz(Path(cfg.dataset))
             source = f"npz file {Path(cfg.dataset).name} (sha256 {_key_inputs({'cfg': cfg})['source_digest']})"
-        x, y = check_arrays(x, y, source)
-        parts = split_indices(y, cfg)
-        num_classes = int(y.max()) + 1
+        inputs, y = check_dataset(raw, labels, source)
+        n = len(next(iter(inputs.values())))
+        parts = split_indices(y, cfg, n)
+        num_classes = int(y.max()) + 1 if y is not None else None
         # Only the training split is skewed: validation and test keep the natural distribution, so
         # balanced accuracy there measures what the model learnt about every class.
-        parts["train"] = imbalanced_train(parts["train"], y, cfg, num_classes)
+        if y is not None and num_classes is not None:
+            parts["train"] = imbalanced_train(parts["train"], y, cfg, num_classes)
+        elif cfg.imbalance is not None:
+            raise ConfigError(got="--imbalance with a dataset without labels", expected="labels y to skew", because="imbalance thins classes of the training split", fix="drop --imbalance, or add labels y to the dataset")
+        specs = [input_spec(k, v) for k, v in inputs.items()]
         meta: dict[str, Any] = {
             "config": cfg.model_dump(mode="json"),
             "source": source,
-            "sample_shape": list(x.shape[1:]),
+            "inputs": specs,
+            "sample_shape": specs[0]["shape"],
+            "has_labels": y is not None,
             "num_classes": num_classes,
             "sizes": {k: int(len(v)) for k, v in parts.items()},
-            "class_counts": {k: np.bincount(y[v], minlength=num_classes).tolist() for k, v in parts.items()},
         }
-        if cfg.imbalance is not None:
+        if y is not None and num_classes is not None:
+            meta["class_counts"] = {k: np.bincount(y[v], minlength=num_classes).tolist() for k, v in parts.items()}
+        if cfg.imbalance is not None and y is not None:
             meta["train_majority_share"] = float(np.mean(y[parts["train"]] == cfg.majority_class))
         arrays = {}
         for k, v in parts.items():
-            arrays[f"x_{k}"], arrays[f"y_{k}"] = x[v], y[v]
+            for name, a in inputs.items():
+                arrays[f"{name}_{k}"] = a[v]
+            if y is not None:
+                arrays[f"{LABELS}_{k}"] = y[v]
         np.savez(out / SPLITS_FILE, **arrays)
-        log.info("data: %s, %s samples, %d classes", source, meta["sizes"], num_classes)
+        log.info("data: %s, inputs %s, %s samples, %s classes", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"], num_classes if num_classes is not None else "no labels, so no")
         return meta
 
     return run_stage(SPEC, {"cfg": cfg}, artifacts_dir, refresh, make)

@@ -22,13 +22,21 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def onnx_from_module(model: nn.Module, sample_shape: tuple[int, ...], path: Path) -> dict[str, Any]:
-    """Export a module with the dynamo exporter: eval mode, no grad, dynamic batch, weights inside.
+def onnx_from_module(
+    model: nn.Module,
+    sample_shape: tuple[int, ...] | None,
+    path: Path,
+    inputs: list[dict[str, Any]] | None = None,
+    outputs: list[str] | None = None,
+) -> dict[str, Any]:
+    """Export a module with the dynamo exporter: eval mode, no grad, one shared dynamic batch, weights inside.
 
     Args:
-        model: the trained module.
-        sample_shape: shape of one sample (C, H, W).
+        model: the trained module, taking its inputs positionally (``tasks.models.bind`` makes one).
+        sample_shape: shape of one sample of a single float input named ``input`` (when ``inputs`` is None).
         path: where to write the .onnx file.
+        inputs: name, dtype and sample shape of each input, in the order ``model`` takes them.
+        outputs: names of the outputs, in the order ``model`` returns them (default ``logits``).
 
     Returns:
         opset, IR version, input and output names.
@@ -36,23 +44,30 @@ def onnx_from_module(model: nn.Module, sample_shape: tuple[int, ...], path: Path
     Raises:
         ExportError: the exporter cannot handle the model.
     """
+    import numpy as np
     import onnx
     import torch
 
+    if inputs is None:
+        inputs = [{"name": INPUT_NAME, "dtype": "float32", "shape": list(sample_shape or ())}]
     model.eval()
-    # Batch 2, not 1: the exporter specialises size-1 dimensions to static 1.
-    example = torch.zeros((2, *sample_shape), dtype=torch.float32)
+    # Batch 2, not 1: the exporter specialises size-1 dimensions to static 1. Zeros are valid for
+    # every input, ids included (index 0 exists in any embedding).
+    examples = tuple(torch.from_numpy(np.zeros((2, *s["shape"]), dtype=np.dtype(s["dtype"]))) for s in inputs)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                (example,),
+                examples,
                 str(path),
                 dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 20)},),
+                # Names are set afterwards (``_rename_values``): the exporter's own renaming can
+                # collide with internal values (an output "embedding" beside an Embedding node's
+                # "embedding" breaks single static assignment).
+                # One Dim object for every input: they share one batch axis (one TensorRT profile range).
+                dynamic_shapes=(tuple({0: batch} for _ in inputs),) if _takes_varargs(model) else tuple({0: batch} for _ in inputs),
                 # Default is a separate .onnx.data file; one file is what TensorRT users expect to ship.
                 external_data=False,
                 verbose=False,
@@ -69,6 +84,20 @@ def onnx_from_module(model: nn.Module, sample_shape: tuple[int, ...], path: Path
         ) from exc
     proto = onnx.load(str(path), load_external_data=False)
     _strip_stack_traces(proto)
+    wanted_in = [s["name"] for s in inputs]
+    wanted_out = list(outputs or [OUTPUT_NAME])
+    if len(proto.graph.input) != len(wanted_in) or len(proto.graph.output) != len(wanted_out):
+        raise ExportError(
+            got=f"an ONNX graph with {len(proto.graph.input)} input(s) and {len(proto.graph.output)} output(s)",
+            expected=f"inputs {wanted_in} and outputs {wanted_out}",
+            because="the exporter dropped or merged tensors (an input the model ignores, or an output that repeats another or an input)",
+            fix="use every input in forward and return each output once (not an input unchanged)",
+        )
+    mapping = {v.name: w for v, w in zip(proto.graph.input, wanted_in)}
+    mapping.update({v.name: w for v, w in zip(proto.graph.output, wanted_out)})
+    if len(set(mapping.values())) != len(mapping) or len(mapping) != len(wanted_in) + len(wanted_out):
+        raise ExportError(got=f"graph tensors {sorted(mapping)}", expected="distinct inputs and outputs", because="an output is an input passed through, or repeats another output", fix="return each output once, and no input unchanged")
+    _rename_values(proto.graph, mapping)
     onnx.save(proto, str(path))
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
@@ -78,6 +107,45 @@ def onnx_from_module(model: nn.Module, sample_shape: tuple[int, ...], path: Path
         "outputs": [o.name for o in proto.graph.output],
         "producer": f"{proto.producer_name} {proto.producer_version}",
     }
+
+
+def _rename_values(graph: Any, mapping: dict[str, str]) -> None:
+    """Rename graph values (``old -> new``) everywhere they occur; a value already called ``new`` is
+    moved aside first, so the graph stays in single static assignment form."""
+    taken = {v for n in graph.node for v in n.output} | {t.name for t in graph.initializer}
+    taken |= {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    full = dict(mapping)
+    for new in mapping.values():
+        if new in taken and new not in mapping:
+            k = 1
+            while f"{new}__{k}" in taken:
+                k += 1
+            full[new] = f"{new}__{k}"
+    # Apply in one pass: a name may be both moved aside and the target of another rename.
+    _apply_names(graph, full)
+
+
+def _apply_names(graph: Any, full: dict[str, str]) -> None:
+    for coll in (graph.input, graph.output, graph.value_info):
+        for v in coll:
+            v.name = full.get(v.name, v.name)
+    for t in graph.initializer:
+        t.name = full.get(t.name, t.name)
+    for n in graph.node:
+        n.input[:] = [full.get(i, i) for i in n.input]
+        n.output[:] = [full.get(o, o) for o in n.output]
+        for a in n.attribute:  # subgraphs (If, Loop, Scan) may read outer values
+            for g in (*([a.g] if a.HasField("g") else []), *a.graphs):
+                _apply_names(g, full)
+
+
+def _takes_varargs(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
 
 
 def _strip_stack_traces(proto: Any) -> None:
@@ -106,8 +174,14 @@ def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: 
 
         model = module_from_checkpoint(checkpoint)
         shape = tuple(checkpoint.meta["sample_shape"])
-        meta = onnx_from_module(model, shape, out / ONNX_FILE)
-        meta.update(sample_shape=list(shape), num_classes=checkpoint.meta["num_classes"], precision="fp32")
+        inputs = checkpoint.meta.get("inputs") or [{"name": INPUT_NAME, "dtype": "float32", "shape": list(shape)}]
+        outputs = list(checkpoint.meta.get("outputs") or [OUTPUT_NAME])
+        meta = onnx_from_module(model, shape, out / ONNX_FILE, inputs=inputs, outputs=outputs)
+        meta.update(
+            sample_shape=list(shape), num_classes=checkpoint.meta["num_classes"], precision="fp32",
+            input_specs=inputs, logits_output=checkpoint.meta.get("logits_output"),
+            logits_width=(checkpoint.meta.get("outputs") or {}).get(checkpoint.meta.get("logits_output"), [None, checkpoint.meta["num_classes"]])[-1],
+        )
         log.info("export: opset %s, IR %s, %s -> %s", meta["opset"], meta["ir_version"], meta["inputs"], meta["outputs"])
         return meta
 

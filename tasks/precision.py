@@ -161,8 +161,9 @@ def fp16_from_onnx(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict[
 class _Calibration:
     """Feeds calibration batches to ``quantize_static`` (its CalibrationDataReader protocol)."""
 
-    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32) -> None:
-        self._batches = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
+    def __init__(self, inputs: Mapping[str, np.ndarray], batch: int = 32) -> None:
+        n = len(next(iter(inputs.values())))
+        self._batches = iter([{k: np.ascontiguousarray(v[i : i + batch]) for k, v in inputs.items()} for i in range(0, n, batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -175,12 +176,12 @@ class _Calibration:
 INT8_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray, keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
+def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray | Mapping[str, np.ndarray], keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
     """Static Q/DQ int8 quantization calibrated on real samples, in the form TensorRT parses.
 
     Symmetric per-channel int8 weights and activations, biases left in float: TensorRT's parser
     rejects the int32 biases that ``quantize_static`` makes by default. Only the inputs of
-    ``INT8_OPS`` are quantized.
+    ``INT8_OPS`` are quantized; integer inputs (ids, masks) pass through as they are.
 
     ``quantize_static`` writes ``<input>-inferred.onnx`` (and calibration files) beside its input, so
     it quantizes a private copy of ``src`` in a scratch folder beside ``dst``, removed afterwards:
@@ -189,7 +190,7 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray, keep_fp32: Seq
     Args:
         src: the fp32 ONNX file.
         dst: where the int8 file is written.
-        calibration: samples of the (first) input.
+        calibration: input name -> samples (a bare array feeds a one-input model).
         keep_fp32: node names left unquantized (repair; ``nodes_to_exclude``).
     """
     import onnx
@@ -198,7 +199,9 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray, keep_fp32: Seq
     source = named_nodes(onnx.load(str(src)))
     if unknown := sorted(set(keep_fp32) - {n.name for n in source.graph.node}):
         raise ValueError(f"got nodes {unknown} to keep in fp32, expected node names of the model; re-run the repair from a fresh ranking")
-    name = source.graph.input[0].name
+    if not isinstance(calibration, Mapping):
+        calibration = {source.graph.input[0].name: calibration}
+    n = len(next(iter(calibration.values())))
     scratch = Path(tempfile.mkdtemp(prefix=".quantize-", dir=Path(dst).parent))
     # quantize_static logs "consider pre-processing" on the root logger at every call; that
     # pre-processing rewrites the graph TensorRT builds from, which we deliberately do not do.
@@ -210,7 +213,7 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray, keep_fp32: Seq
         quantize_static(
             str(private),
             str(dst),
-            _Calibration(name, calibration),
+            _Calibration(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,
@@ -224,7 +227,7 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray, keep_fp32: Seq
         logging.getLogger().removeFilter(hint)
         shutil.rmtree(scratch, ignore_errors=True)
     details: dict[str, Any] = {"format": "QDQ", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric",
-                               "quantized_ops": list(INT8_OPS), "calibration_samples": int(len(calibration))}
+                               "quantized_ops": list(INT8_OPS), "calibration_samples": int(n)}
     if keep_fp32:
         details["kept_fp32"] = list(keep_fp32)
     return details
@@ -275,9 +278,9 @@ def variant_from_onnx(
         elif precision is Precision.fp16:
             details = fp16_from_onnx(src, dst, keep)
         else:
-            from tasks.data import load_splits
+            from tasks.data import split_inputs
 
-            details = int8_from_onnx(src, dst, load_splits(data)["x_train"][:calibration_samples], keep)
+            details = int8_from_onnx(src, dst, split_inputs(data, "train", slice(0, calibration_samples)), keep)
         log.info("precision: %s variant written (%s)", precision.value, details)
         return {**model.meta, "precision": precision.value, "conversion": details, "source_digest": model.digest}
 

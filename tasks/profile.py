@@ -199,15 +199,15 @@ def speedup(engine: Mapping[str, Any], torch: Mapping[str, Any]) -> dict[str, fl
     }
 
 
-def inputs_of(data: ArtifactRef, batches: Sequence[int]) -> dict[int, np.ndarray]:
-    """Real test samples at each batch size (the test split tiled when a batch is larger)."""
-    from tasks.data import load_splits
+def inputs_of(data: ArtifactRef, batches: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+    """Real test samples at each batch size, input name -> array (the test split tiled when a batch is larger)."""
+    from tasks.data import split_inputs, split_size
 
-    x = load_splits(data)["x_test"]
+    n = split_size(data, "test")
     out = {}
     for b in batches:
-        reps = -(-b // len(x))
-        out[b] = np.ascontiguousarray(np.concatenate([x] * reps)[:b] if reps > 1 else x[:b], dtype=np.float32)
+        rows = np.arange(b) % n  # only the rows used are read
+        out[b] = {k: np.ascontiguousarray(v) for k, v in split_inputs(data, "test", rows).items()}
     return out
 
 
@@ -273,7 +273,7 @@ def _torch_measurement(
     used = device if device == "cpu" or torch.cuda.is_available() else "cpu"
     model = module_from_checkpoint(checkpoint).to(used)
     lat_b, thr_b = batches_of(batch)
-    xs = {b: torch.from_numpy(a).to(used) for b, a in inputs_of(data, (lat_b, thr_b)).items()}
+    xs = {b: [torch.from_numpy(a).to(used) for a in feed.values()] for b, feed in inputs_of(data, (lat_b, thr_b)).items()}
 
     def runner(x: Any) -> Callable[[int], list[float]]:
         def run(n: int) -> list[float]:
@@ -283,14 +283,14 @@ def _torch_measurement(
                     for _ in range(n):
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         start.record()
-                        model(x)
+                        model(*x)
                         end.record()
                         end.synchronize()
                         times.append(float(start.elapsed_time(end)))
                 else:
                     for _ in range(n):
                         t0 = time.perf_counter_ns()
-                        model(x)
+                        model(*x)
                         times.append((time.perf_counter_ns() - t0) / 1e6)
             return times
 
@@ -356,9 +356,8 @@ def profile_of_engine(
             lat_b, thr_b = batches_of(batch)
             xs = inputs_of(data, (lat_b, thr_b))
             with runner_from_build(engine) as runner:
-                name = runner.input_specs()[0].name
-                latency = measurement(timed_runs(lambda n: runner.time_infer({name: xs[lat_b]}, n), settings), lat_b)
-                throughput = measurement(timed_runs(lambda n: runner.time_infer({name: xs[thr_b]}, n), settings), thr_b)
+                latency = measurement(timed_runs(lambda n: runner.time_infer(xs[lat_b], n), settings), lat_b)
+                throughput = measurement(timed_runs(lambda n: runner.time_infer(xs[thr_b], n), settings), thr_b)
                 timer, engine_threads = runner.timer, getattr(runner, "threads", None)
         measured = {"latency": latency, "throughput": throughput}
         info = engine_info(engine)

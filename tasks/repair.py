@@ -316,14 +316,14 @@ def sensitivity_of_variant(
     def make(out: Path) -> dict[str, Any]:
         import onnx
 
-        from tasks.data import load_splits
+        from tasks.data import split_inputs
         from tasks.precision import named_nodes
 
         reference = named_nodes(onnx.load(str(model.path("model.onnx"))))
-        x = load_splits(data)["x_train"][:samples]
-        errors = node_errors(reference, onnx.load(str(variant.path("model.onnx"))), {reference.graph.input[0].name: x}, precision, threads=threads)
+        feed = split_inputs(data, "train", slice(0, samples))  # every input, by name
+        errors = node_errors(reference, onnx.load(str(variant.path("model.onnx"))), feed, precision, threads=threads)
         (out / ERRORS_FILE).write_text(json.dumps([e.to_dict() for e in errors], indent=2))
-        return {"precision": precision.value, "samples": int(len(x)), "nodes": len(errors), "worst": errors[0].to_dict() if errors else None}
+        return {"precision": precision.value, "samples": int(len(next(iter(feed.values())))), "nodes": len(errors), "worst": errors[0].to_dict() if errors else None}
 
     inputs = {"model": model, "variant": variant, "data": data, "precision": precision, "samples": samples, "threads": threads}
     return run_stage(SENSITIVITY, inputs, artifacts_dir, refresh, make)

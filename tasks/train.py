@@ -8,23 +8,35 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef
+from tasks.artifacts import ArtifactRef, sha256_file
 from tasks.config import TrainConfig
-from tasks.data import load_splits
 from tasks.errors import ArtifactError, ModelCollapseError, ModelError
 from tasks.stage import StageSpec, run_stage
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 log = logging.getLogger("trtflow.train")
 
-SPEC = StageSpec("train", modules=("train.py", "models.py", "metrics.py"), libraries=("torch", "numpy"))
+def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    # User weights enter the key by content: a changed weights file re-runs from here.
+    cfg: TrainConfig = inputs["cfg"]
+    if cfg.weights is None:
+        return inputs
+    path = Path(cfg.weights).expanduser()
+    digest = sha256_file(path) if path.is_file() else "missing"
+    return {**inputs, "cfg": cfg.model_copy(update={"weights": None}), "weights_digest": digest}
+
+
+SPEC = StageSpec("train", modules=("train.py", "models.py", "metrics.py"), libraries=("torch", "numpy"), key_inputs=_key_inputs)
 CHECKPOINT = "model.pt"
 HISTORY = "history.json"
 METRICS = "metrics.json"
@@ -32,70 +44,213 @@ METRICS = "metrics.json"
 METRICS_REPORT = "train-metrics.json"
 
 
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Run the model in eval mode without gradients, batch by batch."""
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    import torch
+
+    # Split arrays are shared read-only; a batch is small, so copy it rather than alias it.
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def predict_outputs(model: nn.Module, inputs: Mapping[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+    """Run a bound model (``tasks.models.bind``) in eval mode without gradients, batch by batch.
+
+    Args:
+        model: takes the inputs positionally in ``inputs``' order, returns a tuple of outputs.
+        inputs: input name -> array (N samples each).
+        batch_size: samples per forward pass.
+
+    Returns:
+        One array per output, in the model's output order.
+    """
     import torch
 
     model.eval()
-    outs = []
+    n = len(next(iter(inputs.values())))
+    chunks: list[list[np.ndarray]] = []
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            outs.append(model(torch.from_numpy(x[i : i + batch_size])).numpy())
-    return np.concatenate(outs)
+        for i in range(0, n, batch_size):
+            out = model(*(_tensor(a[i : i + batch_size]) for a in inputs.values()))
+            out = out if isinstance(out, tuple) else (out,)
+            if not chunks:
+                chunks = [[] for _ in out]
+            for c, o in zip(chunks, out):
+                c.append(o.detach().numpy())
+    return [np.concatenate(c) for c in chunks]
 
 
-def _check_output(model: nn.Module, sample: np.ndarray, num_classes: int, model_path: str) -> None:
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The first output of a one-input model on ``x`` (eval mode, no gradients)."""
+    return predict_outputs(model, {"x": x}, batch_size)[0]
+
+
+@dataclass
+class Prepared:
+    """A model built, loaded and tried on one real batch, before any training.
+
+    Attributes:
+        model: the user's module (not bound).
+        kwargs: the keyword arguments its factory got.
+        binding: dataset input -> forward parameter (see ``tasks.models.input_binding``).
+        outputs: output name -> shape on the trial batch, in output order.
+        logits: the output holding the class logits, or None (no labels).
+    """
+
+    model: nn.Module
+    kwargs: dict[str, Any]
+    binding: dict[str, str | None]
+    outputs: dict[str, list[int]]
+    logits: str | None
+
+
+def _trial_error(exc: Exception, feed: Mapping[str, np.ndarray], model_path: str) -> ModelError:
+    desc = ", ".join(f"{k} {a.dtype} N×{'×'.join(map(str, a.shape[1:]))}" for k, a in feed.items())
+    text = str(exc)
+    floats = [k for k, a in feed.items() if np.issubdtype(a.dtype, np.floating)]
+    ints = [k for k, a in feed.items() if not np.issubdtype(a.dtype, np.floating)]
+    index_words = ("Long", "Int", "indices", "index", "Embedding", "embedding")
+    if floats and any(w in text for w in index_words):
+        because = f"an input that holds ids or indices arrived as float ({', '.join(floats)})"
+        fix = "save id and index inputs as integers, e.g. numpy.savez(path, input_ids=ids.astype(numpy.int64), ...)"
+    elif ints and any(w in text for w in ("Float", "float", "dtype", "scalar type", "same dtype")):
+        because = f"an integer input reached a layer that computes in float ({', '.join(ints)})"
+        fix = "save inputs that hold values (pixels, features) as float32; keep integers for ids and masks"
+    else:
+        because = "the model's layers do not fit the dataset's inputs (channels, sizes, features or names)"
+        fix = "use a dataset whose inputs fit the model, or a model made for these inputs (--model, --model-kwargs)"
+    return ModelError(
+        got=f"{type(exc).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''} on one real batch ({desc})",
+        expected=f"{model_path} to accept the dataset's inputs",
+        because=because,
+        fix=fix,
+    )
+
+
+def choose_logits(outputs: Mapping[str, Sequence[int]], num_classes: int | None, requested: str | None) -> str | None:
+    """The output that task metrics judge: ``requested``, else the first shaped (N, num_classes).
+
+    Raises:
+        ModelError: no such output, or none fits the labels.
+    """
+    shown = ", ".join(f"{k} (N, {', '.join(map(str, s[1:]))})" if len(s) > 1 else f"{k} (N,)" for k, s in outputs.items())
+    if requested is not None:
+        if requested not in outputs:
+            raise ModelError(got=f"--logits-output '{requested}'", expected=f"one of the model's outputs: {shown}", because="task metrics are computed on that output", fix="pass one of those names to --logits-output")
+        s = outputs[requested]
+        if num_classes is not None and (len(s) != 2 or s[1] < num_classes):
+            raise ModelError(got=f"output '{requested}' of shape (N, {', '.join(map(str, s[1:]))})", expected=f"logits of shape (N, K) with K >= {num_classes}", because=f"the labels go up to {num_classes - 1} and index the logits", fix="name the output that holds the class logits with --logits-output")
+        return requested
+    if num_classes is None:
+        return None
+    for k, s in outputs.items():
+        if len(s) == 2 and s[1] == num_classes:
+            return k
+    raise ModelError(
+        got=f"output {shown}" if len(outputs) == 1 else f"outputs {shown}",
+        expected=f"logits of shape (N, {num_classes})",
+        because=f"the dataset has {num_classes} classes (labels 0..{num_classes - 1})",
+        fix="make the model return one logit per class (its factory gets num_classes), or name the logits output with --logits-output",
+    )
+
+
+def prepare_model(data: ArtifactRef, cfg: TrainConfig) -> Prepared:
+    """Build the model for the dataset, load the weights, and run one real batch through it.
+
+    Every check here runs before any training: the factory's arguments, the weights, the match of the
+    dataset's inputs with ``forward``'s parameters, and every output against the dataset.
+
+    Raises:
+        ModelError: naming the problem and the fix.
+    """
     import torch
 
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.from_numpy(sample[:2]))
-    except Exception as exc:
+    from tasks.data import input_specs, split_inputs
+    from tasks.models import DEFAULT_MODEL, build_model, input_binding, load_weights, output_names
+
+    specs = input_specs(data)
+    num_classes = data.meta.get("num_classes")
+    if cfg.model == DEFAULT_MODEL and (len(specs) != 1 or not np.issubdtype(np.dtype(specs[0]["dtype"]), np.floating)):
         raise ModelError(
-            got=f"{type(exc).__name__}: {exc} for input of shape {tuple(sample[:2].shape)}",
-            expected=f"{model_path} to accept N×{'×'.join(map(str, sample.shape[1:]))} images",
-            because="the model's layers do not fit the dataset's image shape (channels or size)",
-            fix="use a dataset whose images fit the model, or a model made for these images",
-        ) from exc
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(
-            got=f"output {shape}",
-            expected=f"logits of shape (N, {num_classes})",
-            because=f"the dataset has {num_classes} classes (labels 0..{num_classes - 1})",
-            fix="make the model return one logit per class as a single tensor",
+            got=f"the default model for inputs {[(s['name'], s['dtype']) for s in specs]}",
+            expected="one float input for the default model (an MLP for vectors and sequences, a CNN for images)",
+            because="the default model cannot know what ids, masks or several inputs mean",
+            fix="pass your model with --model package.module:callable",
         )
+    if num_classes is None and cfg.model == DEFAULT_MODEL:
+        raise ModelError(got="the default model with a dataset without labels", expected="--model and --weights", because="without labels there is nothing to train the default model on", fix="add labels y to the dataset, or pass --model and --weights")
+    torch.manual_seed(cfg.seed)
+    model, kwargs = build_model(cfg.model, specs[0]["shape"], num_classes, cfg.model_kwargs)
+    binding = input_binding(model, [s["name"] for s in specs])
+    n = min(2, int(data.meta["sizes"]["train"]))
+    feed = split_inputs(data, "train", slice(0, n))
+    if cfg.weights is not None:
+        try:
+            load_weights(model, Path(cfg.weights))
+        except ModelError:
+            raise
+        except RuntimeError as exc:  # load_state_dict's own message, e.g. for a lazy module
+            raise ModelError(got=f"weights {Path(cfg.weights).name}: {str(exc).splitlines()[0][:300]}", expected="weights that fit the model", because="torch refused to load them", fix="pass the --model the weights were trained with, and its arguments with --model-kwargs") from exc
+    try:
+        flat = output_names(model, binding, feed)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise _trial_error(exc, feed, cfg.model) from exc
+    outputs: dict[str, list[int]] = {}
+    for name, value in flat:
+        if not isinstance(value, torch.Tensor):
+            raise ModelError(got=f"output '{name}' of type {type(value).__name__}", expected="tensors only (a tensor, or a tuple / dict of tensors)", because="only tensors can be exported and verified", fix="return tensors from forward")
+        if value.ndim == 0 or value.shape[0] != n:
+            raise ModelError(got=f"output '{name}' of shape {tuple(value.shape)} for a batch of {n}", expected=f"a batch axis first ({n}, ...)", because="every output is compared sample by sample", fix="return one row per sample from forward (do not reduce over the batch)")
+        if name in outputs:
+            raise ModelError(got=f"two outputs named '{name}'", expected="unique output names", because="outputs are exported and verified by name", fix="rename one of them")
+        outputs[name] = [int(d) for d in value.shape]
+    if not outputs:
+        raise ModelError(got="a forward that returns no tensor", expected="at least one output", because="there is nothing to export", fix="return the model's outputs from forward")
+    if len({name.lower() for name in outputs} | {s["name"].lower() for s in specs}) < len(outputs) + len(specs):
+        clash = sorted({name for name in outputs} & {s["name"] for s in specs})
+        raise ModelError(got=f"outputs named like inputs ({clash})", expected="distinct input and output names", because="an ONNX graph names every tensor once", fix="rename the dataset input or the output")
+    logits = choose_logits(outputs, num_classes, cfg.logits_output)
+    return Prepared(model=model, kwargs=kwargs, binding=binding, outputs=outputs, logits=logits)
 
 
 def train_model(
-    splits: dict[str, np.ndarray], cfg: TrainConfig, num_classes: int, progress: bool | None = None
+    data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, progress: bool | None = None
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train a fresh model.
+    """Train a prepared model on the training split (``cfg.epochs_to_run`` epochs; 0 trains nothing).
 
     Args:
-        splits: arrays x_train, y_train, x_val, y_val.
-        cfg: model factory, optimiser settings and ``balance`` (loss weights or oversampling).
-        num_classes: number of classes (size of the logits).
+        data: the ``data`` artifact (its train and val splits; mini-batches are taken row by row).
+        cfg: optimiser settings and ``balance`` (loss weights or oversampling).
+        prepared: the model and its logits output (see ``prepare_model``).
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
-        The trained model (eval mode) and per-epoch metrics (train_loss, train_acc, val_loss, val_acc, seconds).
+        The trained model (eval mode, not bound) and per-epoch metrics (train_loss, train_acc,
+        val_loss, val_acc, seconds).
 
     Raises:
-        ModelError: the model cannot be built or does not fit the data.
+        ModelError: the optimisation diverged, or training was asked for without labels.
     """
     import torch
     from tqdm import tqdm
 
-    from tasks.models import model_from_path
+    from tasks.data import split_inputs, split_labels
+    from tasks.models import bind
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    x_tr, y_tr = splits["x_train"], splits["y_train"]
-    x_val, y_val = splits["x_val"], splits["y_val"]
-    model = model_from_path(cfg.model, num_classes=num_classes, in_channels=int(x_tr.shape[1]))
-    _check_output(model, x_tr, num_classes, cfg.model)
+    model = prepared.model
+    epochs = cfg.epochs_to_run
+    if epochs == 0:
+        return model.eval(), []
+    num_classes = data.meta.get("num_classes")
+    y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")
+    if y_tr is None or y_val is None or num_classes is None or prepared.logits is None:
+        raise ModelError(got=f"--epochs {epochs} with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or pass --weights without --epochs to convert the model as it is")
+    x_tr, x_val = split_inputs(data, "train"), split_inputs(data, "val")
+    bound = bind(model, prepared.binding)
+    at = list(prepared.outputs).index(prepared.logits)
+    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     counts = np.bincount(y_tr, minlength=num_classes).astype(np.float64)
@@ -107,25 +262,30 @@ def train_model(
         # (it is never a target, and 1/0 would poison the loss).
         present = counts > 0
         w = np.where(present, len(y_tr) / (present.sum() * np.maximum(counts, 1)), 0.0)
+        w = np.pad(w, (0, max(0, prepared.outputs[prepared.logits][1] - num_classes)))
         loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
     sample_weights = torch.from_numpy(1.0 / counts[y_tr]) if cfg.balance == "oversample" else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+    yt = torch.from_numpy(np.array(y_tr))
+    n_tr = len(y_tr)
     history: list[dict[str, float]] = []
-    steps = (len(x_tr) + cfg.batch_size - 1) // cfg.batch_size
-    for epoch in range(1, cfg.epochs + 1):
+    steps = (n_tr + cfg.batch_size - 1) // cfg.batch_size
+    for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
         if sample_weights is None:
-            perm = torch.randperm(len(xt), generator=gen)
+            perm = torch.randperm(n_tr, generator=gen)
         else:
             # Same number of draws as samples, so an epoch costs the same; minority samples repeat.
-            perm = torch.multinomial(sample_weights, len(xt), replacement=True, generator=gen)
+            perm = torch.multinomial(sample_weights, n_tr, replacement=True, generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if progress is None else not progress)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", leave=False, disable=None if progress is None else not progress)
         for s in bar:
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            logits = model(xt[idx])
+            if batch_norm and len(idx) == 1 and total:
+                continue  # BatchNorm cannot train on a single sample
+            rows = idx.numpy()
+            logits = bound(*(torch.from_numpy(a[rows]) for a in x_tr.values()))[at]
             loss = loss_fn(logits, yt[idx])
             opt.zero_grad()
             loss.backward()
@@ -141,8 +301,8 @@ def train_model(
                 because="the optimisation diverged",
                 fix="lower --lr",
             )
-        val_logits = predict_logits(model, x_val)
-        val_loss = float(eval_loss_fn(torch.from_numpy(val_logits), torch.from_numpy(y_val)))
+        val_logits = predict_outputs(bound, x_val)[at]
+        val_loss = float(eval_loss_fn(torch.from_numpy(val_logits), torch.from_numpy(np.array(y_val))))
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / total,
@@ -154,19 +314,20 @@ def train_model(
         history.append(row)
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)",
-            epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"],
+            epoch, epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"],
         )
     model.eval()
     return model, history
 
 
-def validation_metrics(splits: dict[str, np.ndarray], val_logits: np.ndarray, num_classes: int) -> dict[str, Any]:
+def validation_metrics(y_train: np.ndarray, y_val: np.ndarray, val_logits: np.ndarray, num_classes: int) -> dict[str, Any]:
     """Classification metrics of the model on the validation split, with the training label counts.
 
     Args:
-        splits: arrays y_train and y_val.
-        val_logits: the model's logits on x_val.
-        num_classes: number of classes.
+        y_train: training labels.
+        y_val: validation labels.
+        val_logits: the model's logits on the validation inputs.
+        num_classes: number of classes (the logits may have more columns than the labels use).
 
     Returns:
         ``tasks.metrics.classification_metrics`` on validation plus ``train_label_counts`` and
@@ -174,8 +335,9 @@ def validation_metrics(splits: dict[str, np.ndarray], val_logits: np.ndarray, nu
     """
     from tasks.metrics import classification_metrics
 
-    out = classification_metrics(splits["y_val"], val_logits.argmax(1), num_classes)
-    train_counts = np.bincount(splits["y_train"], minlength=num_classes)
+    k = max(num_classes, int(val_logits.shape[1]))
+    out = classification_metrics(y_val, val_logits.argmax(1), k)
+    train_counts = np.bincount(y_train, minlength=k)
     out["train_label_counts"] = train_counts.tolist()
     out["train_majority_share"] = float(train_counts.max() / max(1, train_counts.sum()))
     return out
@@ -196,17 +358,15 @@ def _collapse_error(findings: list[str], metrics: dict[str, Any], cfg: TrainConf
     return ModelCollapseError(findings, str(report), because=because, fix=fix)
 
 
-def module_from_checkpoint(ref: ArtifactRef) -> nn.Module:
-    """Rebuild the trained model from a ``train`` artifact (digest checked, ``weights_only`` load)."""
+def load_checkpoint(ref: ArtifactRef) -> dict[str, Any]:
+    """Read the checkpoint of a ``train`` artifact (digest checked, ``weights_only`` load)."""
     import pickle
 
     import torch
 
-    from tasks.models import model_from_path
-
     ref.verify()
     try:
-        ckpt = torch.load(ref.path(CHECKPOINT), map_location="cpu", weights_only=True)
+        return torch.load(ref.path(CHECKPOINT), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ArtifactError(
             got=f"{ref.path(CHECKPOINT)} holding objects other than tensors and plain containers",
@@ -214,13 +374,29 @@ def module_from_checkpoint(ref: ArtifactRef) -> nn.Module:
             because="checkpoints load with weights_only=True, so a file that would run code when unpickled is refused",
             fix="delete the artifact folder and run the same command again (it retrains)",
         ) from exc
-    model = model_from_path(ckpt["model"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"])
+
+
+def module_from_checkpoint(ref: ArtifactRef) -> nn.Module:
+    """Rebuild the model of a ``train`` artifact, bound to the dataset's inputs (eval mode).
+
+    Returns:
+        A module taking the dataset's inputs positionally (in dataset order) and returning a tuple of
+        its outputs in the order of ``ref.meta["outputs"]`` (see ``tasks.models.bind``).
+    """
+    from tasks.models import bind, model_from_path
+
+    ckpt = load_checkpoint(ref)
+    model = model_from_path(ckpt["model"], ckpt["model_kwargs"])
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return bind(model, ckpt["binding"]).eval()
 
 
 def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
-    """Train the model on the ``data`` artifact and store the checkpoint with its config.
+    """Train the model on the ``data`` artifact (or load the user's weights) and store the checkpoint.
+
+    With ``cfg.weights`` (and not ``cfg.fine_tune``) nothing is trained: this stage loads the weights,
+    and its key holds their digest. Validation metrics and the collapse gate judge the model either
+    way (when the dataset has labels).
 
     Args:
         data: the ``data`` artifact.
@@ -229,48 +405,76 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
         refresh: retrain even if an intact checkpoint exists.
 
     Returns:
-        The ``train`` artifact: ``model.pt`` (state_dict, factory, shapes, config), ``history.json`` and
-        ``metrics.json`` (validation metrics, also in ``meta["validation_metrics"]``).
+        The ``train`` artifact: ``model.pt`` (state_dict, factory and its arguments, input binding,
+        output names), ``history.json`` and ``metrics.json`` (validation metrics, also in
+        ``meta["validation_metrics"]``; empty without labels).
 
     Raises:
-        ModelError: the model cannot be built or does not fit the data.
+        ModelError: the model cannot be built, does not fit the data, or the weights do not fit it.
         ModelCollapseError: the collapse gate tripped (``cfg.collapse_gate``); nothing is stored except
             ``<artifacts_dir>/reports/train-metrics.json``, the evidence.
     """
     import json
 
     from tasks.artifacts import write_json_atomic
+    from tasks.data import split_inputs, split_labels
     from tasks.metrics import collapse_findings
+    from tasks.models import bind
 
     def make(out: Path) -> dict[str, Any]:
         import torch
 
-        splits = load_splits(data)
-        num_classes = int(data.meta["num_classes"])
-        model, history = train_model(splits, cfg, num_classes)
-        metrics = validation_metrics(splits, predict_logits(model, splits["x_val"]), num_classes)
-        findings = collapse_findings(metrics, cfg.collapse_gate)
-        report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
-        # Written before the gate raises, so a failed run keeps its evidence.
-        write_json_atomic(
-            report_path,
-            {"passed": not findings, "findings": findings, "balance": cfg.balance,
-             "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},
-        )
-        log.info(
-            "train: validation balanced accuracy %.4f, macro F1 %.4f, class %d gets %.1f%% of predictions (%.1f%% of labels)",
-            metrics["balanced_accuracy"], metrics["macro_f1"], metrics["most_predicted"]["class"],
-            100 * metrics["most_predicted"]["predicted_share"], 100 * metrics["most_predicted"]["true_share"],
-        )
-        if findings:
-            raise _collapse_error(findings, metrics, cfg, report_path)
+        torch.set_num_threads(cfg.threads)
+        num_classes = data.meta.get("num_classes")
+        if num_classes is None and cfg.weights is None:
+            raise ModelError(
+                got="a dataset without labels y and no --weights",
+                expected="labels to train on, or trained weights to convert",
+                because="training needs labels; without them trtflow can only convert a model that is already trained",
+                fix="add labels y to the dataset, or pass --weights FILE (and --model) to convert your trained model",
+            )
+        if num_classes is None and cfg.epochs_to_run:
+            raise ModelError(got=f"--epochs {cfg.epochs} (fine-tuning) with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or drop --epochs to convert the weights as they are")
+        prepared = prepare_model(data, cfg)
+        model, history = train_model(data, cfg, prepared)
+        metrics: dict[str, Any] = {}
+        if num_classes is not None and prepared.logits is not None:
+            y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")
+            assert y_tr is not None and y_val is not None
+            at = list(prepared.outputs).index(prepared.logits)
+            val_logits = predict_outputs(bind(model, prepared.binding), split_inputs(data, "val"))[at]
+            metrics = validation_metrics(y_tr, y_val, val_logits, int(num_classes))
+            findings = collapse_findings(metrics, cfg.collapse_gate)
+            report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
+            # Written before the gate raises, so a failed run keeps its evidence.
+            write_json_atomic(
+                report_path,
+                {"passed": not findings, "findings": findings, "balance": cfg.balance, "trained_epochs": len(history),
+                 "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},
+            )
+            log.info(
+                "train: validation balanced accuracy %.4f, macro F1 %.4f, class %d gets %.1f%% of predictions (%.1f%% of labels)",
+                metrics["balanced_accuracy"], metrics["macro_f1"], metrics["most_predicted"]["class"],
+                100 * metrics["most_predicted"]["predicted_share"], 100 * metrics["most_predicted"]["true_share"],
+            )
+            if findings:
+                raise _collapse_error(findings, metrics, cfg, report_path)
+        final = history[-1] if history else {"epoch": 0, "val_acc": metrics.get("accuracy")}
+        config = cfg.model_dump(mode="json")
+        if cfg.weights is not None:
+            config["weights"] = Path(cfg.weights).name  # the digest identifies it; a full path would leak this machine's folders
         meta: dict[str, Any] = {
-            "config": cfg.model_dump(mode="json"),
+            "config": config,
+            "mode": "train" if history and cfg.weights is None else ("fine-tune" if history else "load"),
+            "weights_digest": _key_inputs({"cfg": cfg}).get("weights_digest"),
             "num_classes": num_classes,
-            "in_channels": int(splits["x_train"].shape[1]),
+            "model_kwargs": prepared.kwargs,
+            "inputs": data.meta.get("inputs"),
+            "outputs": prepared.outputs,
+            "logits_output": prepared.logits,
             "sample_shape": data.meta["sample_shape"],
             "torch_threads": torch.get_num_threads(),
-            "final": history[-1],
+            "final": final,
             "epoch_seconds": [row["seconds"] for row in history],
             "validation_metrics": metrics,
         }
@@ -278,8 +482,11 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             {
                 "state_dict": model.state_dict(),
                 "model": cfg.model,
+                "model_kwargs": prepared.kwargs,
+                "binding": prepared.binding,
+                "outputs": list(prepared.outputs),
+                "logits_output": prepared.logits,
                 "num_classes": num_classes,
-                "in_channels": meta["in_channels"],
                 "config": meta["config"],
             },
             out / CHECKPOINT,
@@ -289,6 +496,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
         stable = [{k: v for k, v in row.items() if k != "seconds"} for row in history]
         (out / HISTORY).write_text(json.dumps(stable, indent=2))
         (out / METRICS).write_text(json.dumps(metrics, indent=2))
+        log.info("train: %s %s (%d epochs), outputs %s, logits %s", meta["mode"], cfg.model, len(history), prepared.outputs, prepared.logits)
         return meta
 
     return run_stage(SPEC, {"data": data, "cfg": cfg}, artifacts_dir, refresh, make)

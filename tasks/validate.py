@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,15 @@ def _fail(check: str, path: Path, detail: str, fix: str) -> OnnxValidationError:
     )
 
 
-def check_onnx(path: Path, sample: np.ndarray, num_classes: int) -> dict[str, Any]:
+def check_onnx(path: Path, sample: np.ndarray | Mapping[str, np.ndarray], num_classes: int | None, logits: str | None = None) -> dict[str, Any]:
     """Run every check on one ONNX file.
 
     Args:
         path: the ONNX file.
-        sample: a real batch (N, C, H, W) float32, N >= 2, to run through ONNX Runtime.
-        num_classes: expected size of the output's last axis.
+        sample: a real batch (N >= 2 samples), input name -> array; a bare array feeds a one-input model.
+        num_classes: expected size of the logits output's last axis (None: not checked); the model's
+            logits width, which may exceed the dataset's classes when ``--logits-output`` names a wider head.
+        logits: name of the logits output (default: the first output, when ``num_classes`` is given).
 
     Returns:
         A report: check name -> detail, plus opset and tensor signatures.
@@ -73,12 +76,17 @@ def check_onnx(path: Path, sample: np.ndarray, num_classes: int) -> dict[str, An
     report["checks"]["self-contained"] = "passed (no external data)"
 
     inputs = list(proto.graph.input)
-    if len(inputs) != 1:
-        raise _fail("signature", path, f"{len(inputs)} graph inputs", "export a model with exactly one image input")
-    dims = inputs[0].type.tensor_type.shape.dim
-    if not dims or not dims[0].dim_param:
-        raise _fail("dynamic batch", path, f"batch axis of input '{inputs[0].name}' is static", "export with a dynamic batch dimension")
-    report["checks"]["dynamic batch"] = f"passed (axis 0 of '{inputs[0].name}' is '{dims[0].dim_param}')"
+    if not isinstance(sample, Mapping):
+        if len(inputs) != 1:
+            raise _fail("signature", path, f"{len(inputs)} graph inputs", "export a model with exactly one input")
+        sample = {inputs[0].name: sample}
+    if sorted(i.name for i in inputs) != sorted(sample):
+        raise _fail("signature", path, f"graph inputs {[i.name for i in inputs]}, dataset inputs {sorted(sample)}", "export the model with one input per dataset array, named alike")
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:
+            raise _fail("dynamic batch", path, f"batch axis of input '{inp.name}' is static", "export with a dynamic batch dimension")
+    report["checks"]["dynamic batch"] = "passed (axis 0 of " + ", ".join(f"'{i.name}' is '{i.type.tensor_type.shape.dim[0].dim_param}'" for i in inputs) + ")"
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -89,17 +97,24 @@ def check_onnx(path: Path, sample: np.ndarray, num_classes: int) -> dict[str, An
         raise _fail("onnxruntime load", path, str(exc).splitlines()[0][:400], "use an opset and operators ONNX Runtime supports") from exc
     report["checks"]["onnxruntime load"] = f"passed (onnxruntime {ort.__version__})"
 
-    name = sess.get_inputs()[0].name
-    for n in sorted({1, len(sample)}):
+    names = [o.name for o in sess.get_outputs()]
+    if num_classes is not None and logits is None:
+        logits = names[0]
+    n_all = len(next(iter(sample.values())))
+    for n in sorted({1, n_all}):
         try:
-            (out,) = sess.run(None, {name: sample[:n]})
+            outs = sess.run(None, {k: np.ascontiguousarray(v[:n]) for k, v in sample.items()})
         except Exception as exc:
             raise _fail("inference", path, f"batch {n}: {str(exc).splitlines()[0][:400]}", regen) from exc
-        if out.shape != (n, num_classes):
-            raise _fail("output shape", path, f"{out.shape} for batch {n}, expected {(n, num_classes)}", regen)
-        if not np.isfinite(out).all():
-            raise _fail("finite outputs", path, f"NaN or inf in outputs for batch {n}", "check the weights (training may have diverged)")
-    report["checks"]["inference"] = f"passed (batches 1 and {len(sample)}, outputs (N, {num_classes}), finite)"
+        for name, out in zip(names, outs):
+            if out.ndim == 0 or out.shape[0] != n:
+                raise _fail("output shape", path, f"output '{name}' of shape {out.shape} for batch {n}, expected batch {n} first", regen)
+            if name == logits and num_classes is not None and (out.ndim != 2 or out.shape[1] != num_classes):
+                raise _fail("output shape", path, f"{out.shape} for batch {n}, expected {(n, num_classes)}", regen)
+            if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+                raise _fail("finite outputs", path, f"NaN or inf in output '{name}' for batch {n}", "check the weights (training may have diverged)")
+    shapes = ", ".join(f"{k} (N, {', '.join(map(str, o.shape[1:]))})" for k, o in zip(names, outs))
+    report["checks"]["inference"] = f"passed (batches 1 and {n_all}, outputs {shapes}, finite)"
     report["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     report["inputs"] = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     report["outputs"] = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
@@ -117,10 +132,12 @@ def validated_onnx(model: ArtifactRef, data: ArtifactRef, artifacts_dir: Path, r
     """
 
     def make(out: Path) -> dict[str, Any]:
-        from tasks.data import load_splits
+        from tasks.data import split_inputs, split_size
 
-        x_val = load_splits(data)["x_val"][:8]
-        report = check_onnx(model.path("model.onnx"), x_val, int(data.meta["num_classes"]))
+        sample = split_inputs(data, "val", slice(0, min(8, split_size(data, "val"))))
+        width = model.meta.get("logits_width", data.meta.get("num_classes"))
+        logits = model.meta.get("logits_output")
+        report = check_onnx(model.path("model.onnx"), sample, width if logits or "logits_width" not in model.meta else None, logits)
         report["precision"] = model.meta.get("precision", "fp32")
         (out / REPORT).write_text(json.dumps(report, indent=2))
         log.info("validate: %s %s passed %d checks", model.stage, report["precision"], len(report["checks"]))

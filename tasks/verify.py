@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,44 +36,64 @@ def batch_sizes(batch: BatchProfile) -> list[int]:
     return sorted({batch.min, batch.opt, batch.max})
 
 
-def outputs_in_batches(runner: Any, input_name: str, x: np.ndarray, b: int, min_batch: int) -> dict[str, np.ndarray]:
-    """Run ``x`` through a runner in batches of ``b``; a short last batch is padded up to ``min_batch``."""
+def outputs_in_batches(runner: Any, inputs: str | Mapping[str, np.ndarray], x: np.ndarray | int, b: int, min_batch: int) -> dict[str, np.ndarray]:
+    """Run inputs through a runner in batches of ``b``; a short last batch is padded up to ``min_batch``.
+
+    Args:
+        runner: an active runner.
+        inputs: input name -> array (all the same length). The older form ``(runner, name, x, b,
+            min_batch)`` with one input name and its array is accepted too.
+        x: the array of the older form (ignored otherwise; pass 0).
+        b: batch size.
+        min_batch: the engine's smallest batch.
+    """
+    feed: Mapping[str, np.ndarray] = {inputs: x} if isinstance(inputs, str) else inputs  # type: ignore[dict-item]
+    n_all = len(next(iter(feed.values())))
     chunks: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(x), b):
-        part = x[i : i + b]
-        n = len(part)
+    for i in range(0, n_all, b):
+        part = {k: v[i : i + b] for k, v in feed.items()}
+        n = len(next(iter(part.values())))
         if n < min_batch:
-            part = np.concatenate([part, np.repeat(part[-1:], min_batch - n, axis=0)])
-        for name, arr in runner.infer({input_name: part}).items():
+            part = {k: np.concatenate([v, np.repeat(v[-1:], min_batch - n, axis=0)]) for k, v in part.items()}
+        for name, arr in runner.infer(part).items():
             chunks.setdefault(name, []).append(arr[:n])
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
-#: PyTorch's test-split logits of the latest (checkpoint, data) pair; see ``reference_logits``
-_REFERENCE: dict[tuple[str, str], np.ndarray] = {}
+#: PyTorch's test-split outputs of the latest (checkpoint, data) pair; see ``reference_outputs``
+_REFERENCE: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 _REFERENCE_LOCK = threading.Lock()
 
 
-def reference_logits(checkpoint: ArtifactRef, data: ArtifactRef, x: np.ndarray) -> np.ndarray:
-    """PyTorch's logits on the test split ``x`` of ``data``, computed once per process.
+def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, np.ndarray]:
+    """PyTorch's outputs (every one, by name) on the test split of ``data``, computed once per process.
 
     Every precision verifies against the same reference; the branches run concurrently, so the lock
     also makes the first caller compute it while the others wait, instead of all three loading the
     checkpoint and running the model (the largest part of a cold verify on 2 cores).
 
     Returns:
-        A read-only array (shared between callers).
+        Output name -> read-only array (shared between callers).
     """
-    from tasks.train import module_from_checkpoint, predict_logits
+    from tasks.data import split_inputs
+    from tasks.train import module_from_checkpoint, predict_outputs
 
     key = (checkpoint.digest, data.digest)
     with _REFERENCE_LOCK:
         if key not in _REFERENCE:
-            logits = predict_logits(module_from_checkpoint(checkpoint), x)
-            logits.flags.writeable = False
-            _REFERENCE.clear()  # only the current model's logits are kept
-            _REFERENCE[key] = logits
+            names = list(checkpoint.meta.get("outputs") or ["logits"])
+            arrays = predict_outputs(module_from_checkpoint(checkpoint), split_inputs(data, "test"))
+            for a in arrays:
+                a.flags.writeable = False
+            _REFERENCE.clear()  # only the current model's outputs are kept
+            _REFERENCE[key] = dict(zip(names, arrays, strict=True))
         return _REFERENCE[key]
+
+
+def reference_logits(checkpoint: ArtifactRef, data: ArtifactRef, x: np.ndarray | None = None) -> np.ndarray:
+    """PyTorch's logits output on the test split (see ``reference_outputs``); ``x`` is ignored."""
+    ref = reference_outputs(checkpoint, data)
+    return ref[checkpoint.meta.get("logits_output") or next(iter(ref))]
 
 
 def verification_of_engine(
@@ -116,39 +137,56 @@ def verification_of_engine(
     latest = Path(artifacts_dir) / LATEST.format(precision=precision.value)
 
     def make(out: Path) -> dict[str, Any]:
-        from tasks.data import load_splits
+        from tasks.data import split_inputs, split_labels
         from tasks.engine import engine_info, runner_from_build
 
-        splits = load_splits(data)
-        x, y = splits["x_test"], splits["y_test"]
+        inputs, y = split_inputs(data, "test"), split_labels(data, "test")
         info = engine_info(engine)
-        reference = {info.outputs[0].name: reference_logits(checkpoint, data, x)}
+        reference = reference_outputs(checkpoint, data)
+        logits = checkpoint.meta.get("logits_output") if y is not None else None
+        # Without labels there is no task: every output is still compared elementwise and by cosine.
+        task_outputs = {logits} if logits else set()
         results, confusion = [], None
         with runner_from_build(engine) as runner:
-            input_name = runner.input_specs()[0].name
             for b in batch_sizes(batch):
-                got = outputs_in_batches(runner, input_name, x, b, batch.min)
-                results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y))
-                if b == batch.opt:
-                    pred = got[info.outputs[0].name].argmax(axis=1)
-                    confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, int(data.meta["num_classes"])).tolist()}
+                got = outputs_in_batches(runner, inputs, 0, b, batch.min)
+                results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y, task_outputs=task_outputs))
+                if b == batch.opt and logits and y is not None and logits in got:
+                    pred = got[logits].argmax(axis=1)
+                    k = max(int(data.meta["num_classes"]), int(got[logits].shape[1]))
+                    confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, k).tolist()}
         numerics, emulation = numerics_of(info.backend, precision), None
         if numerics == EMULATED and variant is not None:
             try:
-                emulated, emulation = emulated_fp16_check(variant, reference, x, y, batch.opt, tolerance, info.threads)
+                emulated, emulation = emulated_fp16_check(variant, reference, inputs, y, batch.opt, tolerance, info.threads, task_outputs)
                 results.append(emulated)
             except NoFp16Error:
                 numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
         elif numerics == EMULATED:
             numerics = "fp16 weights, computed in fp32 (not emulated)"
         failures = [f for r in results for f in r.failures()]
+        checks_run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
+        checks_run.append("cosine per sample")
+        skipped: dict[str, str] = {}
+        if not checks_run[0].startswith("elementwise"):
+            skipped["elementwise"] = f"no atol/rtol for {precision.value}"
+        if logits:
+            checks_run += ["top-1 agreement", "accuracy drop", "balanced accuracy"]
+        else:
+            reason = "the dataset has no labels" if y is None else "no logits output"
+            for c in ("top-1 agreement", "accuracy drop", "balanced accuracy"):
+                skipped[c] = reason
         report = {
             "precision": precision.value,
             "backend": info.backend,
             "numerics": numerics,
             "passed": not failures,
             "failures": failures,
-            "samples": int(len(x)),
+            "samples": int(len(next(iter(inputs.values())))),
+            "outputs": list(reference),
+            "logits_output": logits,
+            "checks_run": checks_run,
+            "checks_skipped": skipped,
             "tolerance": tolerance.model_dump(),
             "batches": [r.to_dict() for r in results],
             "emulation": emulation,
@@ -160,7 +198,7 @@ def verification_of_engine(
         if failures:
             raise VerificationError(failures, str(latest))
         (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
-        log.info("verify: %s passed on %d samples at batches %s", precision.value, len(x), batch_sizes(batch))
+        log.info("verify: %s passed on %d samples at batches %s (outputs %s; checks %s)", precision.value, report["samples"], batch_sizes(batch), list(reference), ", ".join(checks_run))
         return summary_of(report)
 
     inputs: dict[str, Any] = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch}
@@ -189,7 +227,14 @@ def numerics_of(backend: str, precision: Precision) -> str:
 
 
 def emulated_fp16_check(
-    variant: ArtifactRef, reference: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, batch: int, tolerance: Tolerance, threads: int | None
+    variant: ArtifactRef,
+    reference: dict[str, np.ndarray],
+    x: np.ndarray | Mapping[str, np.ndarray],
+    y: np.ndarray | None,
+    batch: int,
+    tolerance: Tolerance,
+    threads: int | None,
+    task_outputs: set[str] | None = None,
 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """Run the fp16 emulation of a variant on the test split and compare it like an engine.
 
@@ -207,8 +252,9 @@ def emulated_fp16_check(
     with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:
         runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
         with runner:
-            got = outputs_in_batches(runner, runner.input_specs()[0].name, x, batch, 1)
-    return compare_outputs(reference, got, tolerance, label=f"fp16 emulated batch {batch}", labels=y), info.to_dict()
+            feed = x if isinstance(x, Mapping) else {runner.input_specs()[0].name: x}
+            got = outputs_in_batches(runner, feed, 0, batch, 1)
+    return compare_outputs(reference, got, tolerance, label=f"fp16 emulated batch {batch}", labels=y, task_outputs=task_outputs), info.to_dict()
 
 
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +274,9 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         "finite_share": min(finite, default=1.0),
         "passed": report["passed"],
         "samples": report["samples"],
+        "outputs": report.get("outputs"),
+        "checks_run": report.get("checks_run"),
+        "checks_skipped": report.get("checks_skipped"),
         "max_abs": worst("max_abs", max),
         "mean_abs": worst("mean_abs", max),
         "max_rel": worst("max_rel", max),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tasks.config import DataConfig
-from tasks.data import SPLITS_FILE, check_arrays, digits_dataset, load_splits, splits_from_dataset
+from tasks.data import SPLITS_FILE, check_arrays, digits_dataset, load_splits, split_inputs, split_labels, splits_from_dataset
 from tasks.errors import DatasetError
 
 
@@ -51,10 +51,12 @@ def test_user_npz_is_keyed_by_content(tmp_path):
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
-        ({"images": np.zeros((4, 3, 8, 8))}, "arrays named 'x' and 'y'"),
-        ({"x": np.zeros((6, 8, 8)), "y": np.zeros(6)}, "rank 4"),
+        ({"y": np.arange(6) % 2}, "at least one input array"),
+        ({"x": np.zeros(6), "y": np.arange(6) % 2}, "rank 2 or more"),
+        ({"x": np.zeros((6, 4)), "ids": np.zeros((5, 4), np.int64), "y": np.arange(6) % 2}, "the same number of samples"),
+        ({"x": np.zeros((6, 4), dtype=complex), "y": np.arange(6) % 2}, "real numbers"),
         ({"x": np.zeros((6, 3, 8, 8)), "y": np.zeros((6, 1))}, "rank 1"),
-        ({"x": np.zeros((6, 3, 8, 8)), "y": np.zeros(5)}, "as many labels as images"),
+        ({"x": np.zeros((6, 3, 8, 8)), "y": np.zeros(5)}, "as many labels as samples"),
         ({"x": np.zeros((0, 3, 8, 8)), "y": np.zeros(0)}, "empty dataset"),
         ({"x": np.full((6, 3, 8, 8), np.nan), "y": np.arange(6) % 2}, "NaN or inf"),
         ({"x": np.zeros((6, 3, 8, 8)), "y": np.array([0, 1, -1, 0, 1, 0])}, "cannot be negative"),
@@ -84,3 +86,34 @@ def test_missing_and_garbled_files(tmp_path):
 def test_check_arrays_converts_types():
     x, y = check_arrays(np.zeros((9, 1, 4, 4), dtype=np.float64), np.array([0, 1, 2] * 3, dtype=np.int32), "test")
     assert x.dtype == np.float32 and y.dtype == np.int64
+
+
+def test_inputs_of_any_rank_keep_their_names_and_integer_types(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 60
+    path = _npz(
+        tmp_path,
+        input_ids=rng.integers(0, 50, (n, 7)),
+        attention_mask=np.ones((n, 7), dtype=np.int32),
+        feats=rng.random((n, 5, 3)),  # float64 becomes float32
+        y=np.arange(n) % 3,
+    )
+    ref = splits_from_dataset(DataConfig(dataset=path), tmp_path / "art")
+    assert [(s["name"], s["dtype"], s["shape"]) for s in ref.meta["inputs"]] == [
+        ("input_ids", "int64", [7]), ("attention_mask", "int32", [7]), ("feats", "float32", [5, 3])
+    ]
+    test = split_inputs(ref, "test")
+    assert list(test) == ["input_ids", "attention_mask", "feats"] and test["input_ids"].dtype == np.int64
+    rows = split_inputs(ref, "train", slice(0, 2))
+    assert all(len(a) == 2 for a in rows.values())
+    assert split_labels(ref, "test") is not None and ref.meta["num_classes"] == 3
+
+
+def test_a_dataset_without_labels_is_split_at_random(tmp_path):
+    x = np.random.default_rng(0).random((40, 16), dtype=np.float32)
+    ref = splits_from_dataset(DataConfig(dataset=_npz(tmp_path, x=x)), tmp_path / "art")
+    assert ref.meta["has_labels"] is False and ref.meta["num_classes"] is None
+    assert sum(ref.meta["sizes"].values()) == 40
+    assert split_labels(ref, "test") is None
+    parts = [np.sort(split_inputs(ref, k)["x"][:, 0]) for k in ("train", "val", "test")]
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.sort(x[:, 0]))  # disjoint and complete

@@ -36,7 +36,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _flaky(monkeypatch: pytest.MonkeyPatch, errors: list[BaseException]) -> list[int]:
     """Make the data stage raise ``errors`` one per call, then work; return the list of attempts."""
     attempts: list[int] = []
-    real = tasks.data.check_arrays
+    real = tasks.data.check_dataset
 
     def check(*args: Any, **kwargs: Any) -> Any:
         attempts.append(len(attempts) + 1)
@@ -44,7 +44,7 @@ def _flaky(monkeypatch: pytest.MonkeyPatch, errors: list[BaseException]) -> list
             raise errors[len(attempts) - 1]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.data, "check_arrays", check)
+    monkeypatch.setattr(tasks.data, "check_dataset", check)
     return attempts
 
 

@@ -14,7 +14,7 @@ from tasks.config import CollapseGate, DataConfig, TrainConfig
 from tasks.data import load_splits, splits_from_dataset
 from tasks.errors import ModelCollapseError, is_retryable
 from tasks.stage import stage_key
-from tasks.train import METRICS, METRICS_REPORT, SPEC, checkpoint_from_splits, train_model
+from tasks.train import METRICS, METRICS_REPORT, SPEC, checkpoint_from_splits, prepare_model, train_model
 
 #: few enough epochs that the unbalanced run has not escaped the majority class yet (it does by ~20)
 EPOCHS = 6
@@ -69,11 +69,14 @@ def test_balanced_run_passes_the_gate_with_far_better_balanced_accuracy(skewed, 
 
 
 def test_oversampling_is_deterministic_with_the_seed(skewed):
-    splits = load_splits(skewed)
     cfg = TrainConfig(epochs=1, balance="oversample")
-    a, _ = train_model(splits, cfg, 10, progress=False)
-    b, _ = train_model(splits, cfg, 10, progress=False)
-    c, _ = train_model(splits, cfg.model_copy(update={"seed": 1}), 10, progress=False)
+
+    def train(cfg):
+        return train_model(skewed, cfg, prepare_model(skewed, cfg), progress=False)
+
+    a, _ = train(cfg)
+    b, _ = train(cfg)
+    c, _ = train(cfg.model_copy(update={"seed": 1}))
     wa, wb, wc = (list(m.state_dict().values())[-1].numpy() for m in (a, b, c))
     assert np.array_equal(wa, wb) and not np.array_equal(wa, wc)
 

@@ -23,10 +23,10 @@ def test_runner_matches_pytorch(trained, engine):
     x = load_splits(trained.data)["x_test"][:16]
     ref = predict_logits(module_from_checkpoint(trained.checkpoint), x)
     with OnnxRuntimeBuilder().runner_from_engine(path, info) as runner:
-        assert [s.name for s in runner.input_specs()] == ["input"]
+        assert [s.name for s in runner.input_specs()] == ["x"]
         assert runner.input_specs()[0].shape[0] == -1  # dynamic batch
         for n in (1, 5, 16):
-            out = runner.infer({"input": x[:n]})
+            out = runner.infer({"x": x[:n]})
             assert list(out) == ["logits"]
             np.testing.assert_allclose(out["logits"], ref[:n], atol=1e-4)
     assert not runner.is_active
@@ -37,10 +37,10 @@ def test_runner_refuses_misuse(trained, engine):
     x = load_splits(trained.data)["x_test"][:32]
     runner = OnnxRuntimeBuilder().runner_from_engine(path, info)
     with pytest.raises(InferenceError, match="context manager"):
-        runner.infer({"input": x[:1]})
+        runner.infer({"x": x[:1]})
     with runner:
         with pytest.raises(InferenceError, match=r"batch in \[1, 16\]"):
-            runner.infer({"input": x})
+            runner.infer({"x": x})
         with pytest.raises(InferenceError, match="inputs"):
             runner.infer({"images": x[:1]})
     runner.deactivate()  # idempotent
@@ -69,9 +69,9 @@ def test_outputs_are_not_overwritten_by_later_calls(trained, engine):
     path, _ = engine
     x = load_splits(trained.data)["x_test"][:4]
     with OnnxRuntimeRunner(path) as runner:
-        first = runner.infer({"input": x[:2]})["logits"]
+        first = runner.infer({"x": x[:2]})["logits"]
         keep = first.copy()
-        runner.infer({"input": x[2:4]})
+        runner.infer({"x": x[2:4]})
     np.testing.assert_array_equal(first, keep)
 
 

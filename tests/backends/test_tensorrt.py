@@ -56,6 +56,17 @@ def test_profile_dynamic_batch_takes_the_batch_range() -> None:
     assert profile["x"].dynamic
 
 
+def test_one_profile_covers_every_input_on_the_shared_batch_range() -> None:
+    """Several inputs (token ids and a mask, as the ONNX parser shows them): one entry each, same batch range."""
+    profile = derive_profile({"input_ids": (-1, 12), "attention_mask": (-1, 12), "pixel_values": (-1, 3, 8, 8)}, (1, 4, 16))
+    assert {k: (v.min, v.opt, v.max) for k, v in profile.items()} == {
+        "input_ids": ((1, 12), (4, 12), (16, 12)),
+        "attention_mask": ((1, 12), (4, 12), (16, 12)),
+        "pixel_values": ((1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8)),
+    }
+    assert numpy_dtype_name("INT64") == "int64" and numpy_dtype_name("INT32") == "int32"
+
+
 def test_profile_static_batch_matching_the_range_is_kept() -> None:
     profile = derive_profile({"x": (4, 3, 8, 8), "scale": ()}, (4, 4, 4))
     assert profile["x"].min == profile["x"].max == (4, 3, 8, 8)
