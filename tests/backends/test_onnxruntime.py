@@ -49,10 +49,10 @@ def test_runner_refuses_misuse(trained, engine):
 @pytest.mark.parametrize(
     ("feed", "message"),
     [
-        (lambda x: {"input": x[:4].astype(np.int64)}, "floating point"),
-        (lambda x: {"input": x[:4, :1]}, r"shape \(N, 3, 32, 32\)"),
-        (lambda x: {"input": x[:4, 0]}, "of shape"),
-        (lambda x: {"input": x[:17]}, r"batch in \[1, 16\]"),
+        (lambda x: {"x": x[:4].astype(np.int64)}, "floating point"),
+        (lambda x: {"x": x[:4, :1]}, r"shape \(N, 3, 32, 32\)"),
+        (lambda x: {"x": x[:4, 0]}, "of shape"),
+        (lambda x: {"x": x[:17]}, r"batch in \[1, 16\]"),
     ],
     ids=["int for float", "wrong channels", "wrong rank", "batch above max"],
 )
@@ -62,7 +62,7 @@ def test_the_base_runner_checks_every_feed_before_the_backend_sees_it(trained, e
     with OnnxRuntimeBuilder().runner_from_engine(path, info) as runner:
         with pytest.raises(InferenceError, match=message):
             runner.infer(feed(x))
-        runner.infer({"input": x[:16]})  # the limit itself is accepted
+        runner.infer({"x": x[:16]})  # the limit itself is accepted
 
 
 def test_outputs_are_not_overwritten_by_later_calls(trained, engine):
