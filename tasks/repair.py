@@ -34,7 +34,7 @@ import numpy as np
 
 from tasks.artifacts import ArtifactRef, load_ref
 from tasks.config import Backend, BatchProfile, EngineOptions, Precision, RepairConfig, Tolerance
-from tasks.errors import VerificationError
+from tasks.errors import TrtflowError, VerificationError
 from tasks.fp16_emulation import EMULATION_SUFFIX, FP16_MAX, emulation_from_fp16_onnx, tensor_types
 from tasks.stage import StageSpec, run_stage
 
@@ -179,7 +179,7 @@ def node_errors(
     variant: Any,
     samples: Mapping[str, np.ndarray],
     precision: Precision,
-    batch: int = 16,
+    batch: int = 8,
     threads: int | None = None,
 ) -> list[NodeError]:
     """Rank the nodes of a reduced-precision variant by the error each adds, worst first.
@@ -405,7 +405,13 @@ def repair_of_variant(
         attempts: list[dict[str, Any]] = []
         current, final_engine, final_verify, stop = variant, engine, None, ""
         while final_verify is None:
-            ranking = sensitivity_of_variant(model, current, data, precision, repair.samples, info.threads, artifacts_dir, refresh)
+            try:
+                ranking = sensitivity_of_variant(model, current, data, precision, repair.samples, info.threads, artifacts_dir, refresh)
+            except TrtflowError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's untyped errors on an unusual graph
+                stop = f"the nodes could not be ranked ({type(exc).__name__}: {str(exc)[:300]})"
+                break
             errors = errors_of(ranking)
             new = next_nodes(errors, kept)
             if not new:

@@ -162,6 +162,10 @@ def verification_of_engine(
                 results.append(emulated)
             except NoFp16Error:
                 numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
+                # Said in the report, not hidden: the engine was checked, its fp16 numerics were not.
+                log.warning("verify: the fp16 emulation could not run (%s); fp16 numerics not verified", exc)
+                numerics = f"fp16 weights, computed in fp32 (emulation failed: {str(exc)[:200]})"
         elif numerics == EMULATED:
             numerics = "fp16 weights, computed in fp32 (not emulated)"
         failures = [f for r in results for f in r.failures()]

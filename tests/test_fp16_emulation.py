@@ -150,3 +150,17 @@ def test_native_backends_need_no_emulation():
     assert numerics_of("tensorrt", Precision.fp16) == NATIVE
     assert numerics_of("onnxruntime", Precision.fp16) == EMULATED
     assert numerics_of("onnxruntime", Precision.int8) == "native int8"
+
+
+def test_an_emulation_that_cannot_run_is_reported_not_hidden(trained, fp16_engine, monkeypatch):
+    import tasks.fp16_emulation
+    from tasks.verify import verification_of_engine
+
+    def broken(*_, **__):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", broken)
+    root, variant, engine = fp16_engine
+    tol = default_tolerances()[Precision.fp16]
+    ref = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, BatchProfile(min=1, opt=8, max=64), root, refresh=True, variant=variant)
+    assert ref.meta["numerics"].startswith("fp16 weights, computed in fp32 (emulation failed: unsupported op")

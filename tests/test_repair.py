@@ -108,7 +108,7 @@ def test_next_nodes_takes_every_overflow_at_once_else_the_worst():
 
 
 @pytest.mark.slow
-def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(tmp_path):
+def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(tmp_path, monkeypatch):
     """OutlierNet (one channel ×1000): int8 breaks top-1 on the pipeline's own stages; repair fixes it."""
     from tasks.config import Backend, BatchProfile, DataConfig, RepairConfig, TrainConfig
     from tasks.data import splits_from_dataset
@@ -146,6 +146,16 @@ def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(
 
     small = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(budget=1), root)
     assert not small.meta["passed"] and "budget of 1" in small.meta["stopped"] and repaired_refs(small, root) is None
+
+    import tasks.repair
+
+    def unrankable(*_, **__):
+        raise RuntimeError("cannot expose tensor")
+
+    monkeypatch.setattr(tasks.repair, "node_errors", unrankable)
+    # refresh: every inner stage again too (the cached rankings would hide the broken ranking)
+    stuck = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(budget=2), root, refresh=True)
+    assert not stuck.meta["passed"] and "could not be ranked (RuntimeError: cannot expose tensor)" in stuck.meta["stopped"]
 
 
 def test_a_repair_that_cannot_pass_says_what_it_tried_and_how_to_go_on():
