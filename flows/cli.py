@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (cached stages are reused)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = run.add_argument_group("data and model")
-    g.add_argument("--dataset", type=Path, help=".npz with x (N×C×H×W) and y (N); default: bundled digits")
+    g.add_argument("--dataset", type=Path, help=".npz (one array per forward input, y: labels) or a folder of .npy files (memory-mapped); default: bundled digits")
     g.add_argument("--model", help="model factory 'package.module:callable': an nn.Module subclass or a function (default: CNN for images, MLP otherwise)")
     g.add_argument("--model-kwargs", metavar="JSON", help="extra keyword arguments of the factory, e.g. '{\"hidden\": 64}'")
     g.add_argument("--weights", type=Path, help="trained weights (state_dict .pt, checkpoint dict, or .safetensors); without --epochs nothing is trained")

@@ -70,7 +70,7 @@ def run_report(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "passed": all(v["passed"] for v in precisions.values()),
         "backend": backend_reason,
-        "data": {"source": data.meta["source"], "sizes": data.meta["sizes"], "num_classes": data.meta["num_classes"],
+        "data": {"source": data.meta["source"]["description"] if isinstance(data.meta["source"], dict) else data.meta["source"], "sizes": data.meta["sizes"], "num_classes": data.meta["num_classes"],
                  "inputs": data.meta.get("inputs"), "labels": data.meta.get("has_labels", True)},
         "model": {
             "factory": checkpoint.meta["config"]["model"],

@@ -55,7 +55,7 @@ class DataConfig(_Strict):
 
     dataset: Path | None = Field(
         None,
-        description="A .npz file with one array per model input, named after forward's parameters (a single input "
+        description="A .npz file (or a folder of .npy files, memory-mapped) with one array per model input, named after forward's parameters (a single input "
         "may be x; N×D, N×T×D or N×C×H×W; float, or integer for ids and masks) and labels y (N ints; optional with "
         "weights); empty: scikit-learn's bundled digits, upscaled to 3×32×32.",
     )

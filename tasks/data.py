@@ -15,27 +15,39 @@ from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, sha256_file
+from tasks.artifacts import ArtifactRef
 from tasks.config import DataConfig
-from tasks.errors import ConfigError, DatasetError
+from tasks.datasource import LABELS, Source, content_digest, iter_chunks, open_source
+from tasks.errors import ArtifactError, ConfigError, DatasetError
 from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.data")
 
 def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    # The user's file enters the key by content, so editing it in place re-runs everything after.
+    # The user's data enters the key by content (digest remembered by size, mtime and inode, see
+    # tasks.datasource.content_digest), so editing it re-runs everything after. Its format and place
+    # enter too: the artifact records where to read the rows, and a moved or converted dataset with
+    # the same arrays gets the same split files (same digest), so everything downstream stays cached.
     cfg: DataConfig = inputs["cfg"]
     if cfg.dataset is None:
         return {"cfg": cfg}
     path = Path(cfg.dataset).expanduser()
-    return {"cfg": cfg.model_copy(update={"dataset": None}), "source_digest": sha256_file(path) if path.is_file() else "missing"}
+    if not path.exists():
+        return {"cfg": cfg.model_copy(update={"dataset": None}), "source_digest": "missing"}
+    return {
+        "cfg": cfg.model_copy(update={"dataset": None}),
+        "source_digest": content_digest(path),
+        "source_path": str(path.resolve()),
+        "source_kind": "npy" if path.is_dir() else "npz",
+    }
 
 
-SPEC = StageSpec("data", modules=("data.py",), libraries=("numpy", "scikit-learn"), key_inputs=_key_inputs)
+SPEC = StageSpec("data", modules=("data.py", "datasource.py"), libraries=("numpy", "scikit-learn"), key_inputs=_key_inputs)
+#: the split indices (int64 rows of the dataset for train, val, test), not the samples themselves
 SPLITS_FILE = "splits.npz"
+#: the dataset's content digest and input specs: the split files identify the data they index
+SOURCE_FILE = "source.json"
 SPLITS = ("train", "val", "test")
-#: the array that holds the labels; every other array of a dataset is a model input
-LABELS = "y"
 _NPZ_FIX = (
     "save it with numpy.savez(path, x=inputs, y=labels): one array per input of the model's forward, named "
     "after its parameter (a single input may be called x), N samples first (N×D, N×T×D or N×C×H×W; float, or "
@@ -65,7 +77,9 @@ def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
 
 
 def arrays_from_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Read the named inputs and the optional labels ``y`` of a user's .npz file, without unpickling.
+    """Open the named inputs and the optional labels ``y`` of a ``.npz`` file or ``.npy`` folder.
+
+    Arrays are memory-mapped where the format allows (see ``tasks.datasource``); nothing is unpickled.
 
     Returns:
         Input name -> array (every array but ``y``, in the file's order), and the labels or None.
@@ -73,49 +87,30 @@ def arrays_from_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | Non
     Raises:
         DatasetError: missing file, not an npz, no input array.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        because = "it is a folder, not a file" if path.is_dir() else "the file does not exist"
-        raise DatasetError(got=f"dataset path {path}", expected="an existing .npz file", because=because, fix="check --dataset, or omit it to use the bundled digits")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as exc:
-        raise DatasetError(got=f"dataset path {path} ({exc.strerror})", expected="a readable .npz file", because="the file cannot be read", fix="check its permissions") from exc
-    if magic.startswith(b"\x93NUMPY"):
-        raise DatasetError(got=f"{path}, a single array written by numpy.save (.npy)", expected="a .npz archive holding the inputs and the labels y", because="trtflow needs the inputs and their labels by name", fix=_NPZ_FIX)
-    if not magic.startswith(b"PK"):
-        raise DatasetError(got=f"{path}, which is not a numpy archive (a .npz is a zip file; this one starts with {magic!r})", expected="a .npz file", because="trtflow reads datasets with numpy.load, without unpickling", fix=_NPZ_FIX)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            names = [k for k in z.files if k != LABELS]
-            if not names:
-                raise DatasetError(got=f"arrays {sorted(z.files)} in {path}", expected="at least one input array besides the labels 'y' (e.g. 'x')", because="trtflow feeds the model from the arrays other than y", fix=_NPZ_FIX)
-            inputs = {k: np.asarray(z[k]) for k in names}
-            labels = np.asarray(z[LABELS]) if LABELS in z.files else None
-            return inputs, labels
-    except DatasetError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DatasetError(got=f"{path} ({type(exc).__name__}: {exc})", expected="a readable .npz file", because="the file is not a numpy archive or is damaged", fix=_NPZ_FIX) from exc
+    src = open_source(Path(path))
+    return src.inputs, src.labels
 
 
 def labels_in(path: Path) -> bool:
-    """Whether a dataset file holds labels ``y`` (reads only the archive's table of contents)."""
+    """Whether a dataset holds labels ``y`` (reads only the archive's table of contents or the folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return (path / f"{LABELS}.npy").is_file()
     try:
-        with np.load(Path(path).expanduser(), allow_pickle=False) as z:
-            return LABELS in z.files
+        with zipfile.ZipFile(path) as z:
+            return f"{LABELS}.npy" in z.namelist()
     except Exception:
         return True  # unreadable: the data stage names the problem
 
 
 def input_spec(name: str, arr: np.ndarray) -> dict[str, Any]:
-    """JSON description of one input: name, dtype and one sample's shape."""
-    return {"name": name, "dtype": str(arr.dtype), "shape": [int(d) for d in arr.shape[1:]]}
+    """JSON description of one input as the model receives it: name, dtype (floats as float32), one sample's shape."""
+    dtype = "float32" if np.issubdtype(arr.dtype, np.floating) else str(arr.dtype)
+    return {"name": name, "dtype": dtype, "shape": [int(d) for d in arr.shape[1:]]}
 
 
 def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Check every input and the labels; float inputs become float32, integer ones stay as they are.
+    """Check every input and the labels; float inputs become float32 (mapped ones when read), integer ones stay.
 
     Raises:
         DatasetError: naming the first problem and how to fix it.
@@ -141,11 +136,12 @@ def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source
         elif np.issubdtype(x.dtype, np.integer):
             out[name] = x  # ids and masks: never cast, never quantized
         elif np.issubdtype(x.dtype, np.floating):
-            x = x.astype(np.float32, copy=False)
-            if not np.isfinite(x).all():
-                bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+            # Block by block: a mapped array is never read whole into memory.
+            bad = sum(int((~np.isfinite(c)).reshape(len(c), -1).any(axis=1).sum()) for c in iter_chunks(x))
+            if bad:
                 raise fail(f"NaN or inf values in {bad} sample(s) of '{name}'", "finite values only", "one NaN poisons every weight it reaches")
-            out[name] = x
+            # float64 becomes float32 as rows are read (split_inputs); in-memory arrays at once.
+            out[name] = x if isinstance(x, np.memmap) else x.astype(np.float32, copy=False)
         else:
             raise fail(f"{name} of dtype {x.dtype}", "real numbers (float), or integers for ids and masks", "inputs are numeric tensors")
     if n == 0:
@@ -273,41 +269,57 @@ def imbalanced_train(train: np.ndarray, y: np.ndarray, cfg: DataConfig, num_clas
     return np.sort(np.concatenate(kept))
 
 
-#: the latest splits read (file identity -> arrays); see ``load_splits``
-_SPLITS: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
-_SPLITS_LOCK = threading.Lock()
+_OPEN_LOCK = threading.Lock()
+#: the split indices of the latest data artifact read, and its opened dataset (shared, read-only)
+_INDICES: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+_SOURCES: dict[tuple[Any, ...], Source] = {}
 
 
-def _cached_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
-    """The arrays of ``splits.npz`` (read-only, shared), read once per process per unchanged file."""
+def _indices(ref: ArtifactRef) -> dict[str, np.ndarray]:
+    """The split indices of a ``data`` artifact (read-only, shared), read once per unchanged file."""
     path = ref.path(SPLITS_FILE)
     try:
         st = path.stat()
         identity: tuple[Any, ...] | None = (str(path), ref.digest, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
     except OSError:
         identity = None  # verify() below names the problem
-    with _SPLITS_LOCK:
-        arrays = _SPLITS.get(identity) if identity else None
+    with _OPEN_LOCK:
+        arrays = _INDICES.get(identity) if identity else None
         if arrays is None:
             ref.verify()
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            for a in arrays.values():
-                a.flags.writeable = False
-            _SPLITS.clear()  # keep only the latest dataset in memory
+            for v in arrays.values():
+                v.flags.writeable = False
+            _INDICES.clear()  # keep only the latest dataset's
             if identity:
-                _SPLITS[identity] = arrays
+                _INDICES[identity] = arrays
     return arrays
 
 
-def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
-    """Read every split array of a ``data`` artifact (``<input>_<split>`` and ``y_<split>``), as copies.
+def source_of(ref: ArtifactRef) -> Source:
+    """The dataset a ``data`` artifact indexes, opened once per process (mapped where possible).
 
-    A cold run reads the splits in about 15 stage calls; within a process an unchanged file (same
-    digest, size, inode, mtime and ctime, which any rewrite changes) is hashed and read once. Prefer
-    ``split_inputs`` / ``split_labels``, which copy only the rows asked for.
+    Raises:
+        ArtifactError: the dataset moved or its content changed since it was split.
     """
-    return {k: v.copy() for k, v in _cached_splits(ref).items()}
+    info = ref.meta.get("source") or {}
+    path = Path(info["path"]) if info.get("path") else None
+    key = (str(path), info.get("digest"))
+    with _OPEN_LOCK:
+        src = _SOURCES.get(key)
+    if src is not None:
+        return src
+    rerun = "run the same command again: the data stage splits the dataset as it is now"
+    if path is not None and not path.exists():
+        raise ArtifactError(got=f"dataset {path} missing", expected="the dataset the data artifact was split from", because="the split stores row indices into the dataset, not a copy of it", fix=f"put the dataset back, or {rerun}")
+    src = open_source(path)
+    if info.get("digest") and content_digest(path, src) != info["digest"]:
+        raise ArtifactError(got=f"dataset {path.name if path else 'digits'} with other content than when it was split", expected=f"content digest {info['digest'][:12]}", because="the split's row indices refer to the dataset as it was", fix=rerun)
+    with _OPEN_LOCK:
+        _SOURCES.clear()  # one dataset open at a time
+        _SOURCES[key] = src
+    return src
 
 
 def input_specs(ref: ArtifactRef) -> list[dict[str, Any]]:
@@ -318,33 +330,66 @@ def input_specs(ref: ArtifactRef) -> list[dict[str, Any]]:
     return list(specs)
 
 
+def split_rows(ref: ArtifactRef, split: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+    """Dataset row numbers of one split (or of the given rows of it)."""
+    idx = _indices(ref)[split]
+    return idx if rows is None else idx[rows]
+
+
 def split_inputs(ref: ArtifactRef, split: str, rows: slice | np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The model inputs of one split, by name: the rows asked for (all by default).
+    """The model inputs of one split, by name: only the rows asked for are read.
 
     Args:
         ref: the ``data`` artifact.
         split: ``train``, ``val`` or ``test``.
-        rows: a slice or index array into the split; None for every row.
+        rows: a slice or index array into the split; None for every row (a copy of the whole split:
+            prefer batches of rows for large data).
 
     Returns:
-        Input name -> array (read-only when every row is asked for: shared, not copied).
+        Input name -> a new array of those rows (float inputs as float32).
     """
-    arrays = _cached_splits(ref)
+    src = source_of(ref)
+    idx = split_rows(ref, split, rows)
     out = {}
     for spec in input_specs(ref):
-        a = arrays[f"{spec['name']}_{split}"]
-        out[spec["name"]] = a if rows is None else a[rows]
+        a = src.inputs[spec["name"]]
+        rows_of = a[idx]  # fancy indexing reads only these rows, also from a memory map
+        out[spec["name"]] = rows_of.astype(np.float32, copy=False) if np.issubdtype(rows_of.dtype, np.floating) else rows_of
     return out
 
 
 def split_labels(ref: ArtifactRef, split: str) -> np.ndarray | None:
-    """The labels of one split (read-only), or None for a dataset without labels."""
-    return _cached_splits(ref).get(f"{LABELS}_{split}")
+    """The labels of one split (int64), or None for a dataset without labels."""
+    src = source_of(ref)
+    if src.labels is None:
+        return None
+    return np.asarray(src.labels)[_indices(ref)[split]].astype(np.int64)
 
 
 def split_size(ref: ArtifactRef, split: str) -> int:
     """Number of samples in one split."""
     return int(ref.meta["sizes"][split])
+
+
+def split_batches(ref: ArtifactRef, split: str, batch: int) -> Any:
+    """Yield (slice, inputs) over one split in order, ``batch`` rows at a time (bounded memory)."""
+    n = split_size(ref, split)
+    for i in range(0, n, batch):
+        sl = slice(i, min(n, i + batch))
+        yield sl, split_inputs(ref, split, sl)
+
+
+def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
+    """Every split as arrays ``<input>_<split>`` and ``y_<split>`` (copies of everything: tests and
+    small data only; stages read ``split_inputs`` by rows)."""
+    out: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        for name, a in split_inputs(ref, split).items():
+            out[f"{name}_{split}"] = a
+        y = split_labels(ref, split)
+        if y is not None:
+            out[f"{LABELS}_{split}"] = y
+    return out
 
 
 def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
@@ -364,15 +409,17 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
     """
 
     def make(out: Path) -> dict[str, Any]:
-        if cfg.dataset is None:
-            x, y = digits_dataset()
-            raw: dict[str, np.ndarray] = {"x": x}
-            labels: np.ndarray | None = y
+        import json
+
+        path = Path(cfg.dataset).expanduser() if cfg.dataset is not None else None
+        src = open_source(path)
+        if path is None:
             source = "scikit-learn digits (bundled), upscaled to 3x32x32"
         else:
-            raw, labels = arrays_from_npz(Path(cfg.dataset))
-            source = f"npz file {Path(cfg.dataset).name} (sha256 {_key_inputs({'cfg': cfg})['source_digest']})"
-        inputs, y = check_dataset(raw, labels, source)
+            what = {"npy": "npy folder", "npz": "npz file", "npz-compressed": "compressed npz file"}[src.kind]
+            source = f"{what} {path.name}"
+        inputs, y = check_dataset(src.inputs, src.labels, source)
+        digest = content_digest(path, src)
         n = len(next(iter(inputs.values())))
         parts = split_indices(y, cfg, n)
         num_classes = int(y.max()) + 1 if y is not None else None
@@ -385,24 +432,21 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
         specs = [input_spec(k, v) for k, v in inputs.items()]
         meta: dict[str, Any] = {
             "config": cfg.model_dump(mode="json"),
-            "source": source,
+            "source": {"kind": src.kind, "path": str(path.resolve()) if path else None, "digest": digest, "bytes": src.nbytes, "resident_bytes": src.resident_bytes},
             "inputs": specs,
             "sample_shape": specs[0]["shape"],
             "has_labels": y is not None,
             "num_classes": num_classes,
             "sizes": {k: int(len(v)) for k, v in parts.items()},
         }
+        meta["source"]["description"] = f"{source} (sha256 {digest})"
         if y is not None and num_classes is not None:
             meta["class_counts"] = {k: np.bincount(y[v], minlength=num_classes).tolist() for k, v in parts.items()}
         if cfg.imbalance is not None and y is not None:
             meta["train_majority_share"] = float(np.mean(y[parts["train"]] == cfg.majority_class))
-        arrays = {}
-        for k, v in parts.items():
-            for name, a in inputs.items():
-                arrays[f"{name}_{k}"] = a[v]
-            if y is not None:
-                arrays[f"{LABELS}_{k}"] = y[v]
-        np.savez(out / SPLITS_FILE, **arrays)
+        # Row indices, not samples: the data is read from the dataset itself, by rows, when needed.
+        np.savez(out / SPLITS_FILE, **{k: v.astype(np.int64) for k, v in parts.items()})
+        (out / SOURCE_FILE).write_text(json.dumps({"digest": digest, "inputs": specs, "labels": y is not None, "samples": n}, indent=2))
         log.info("data: %s, inputs %s, %s samples, %s classes", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"], num_classes if num_classes is not None else "no labels, so no")
         return meta
 

@@ -78,6 +78,20 @@ def predict_outputs(model: nn.Module, inputs: Mapping[str, np.ndarray], batch_si
     return [np.concatenate(c) for c in chunks]
 
 
+def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: int = 256) -> list[np.ndarray]:
+    """``predict_outputs`` over one split of a ``data`` artifact, reading ``batch_size`` rows at a time."""
+    from tasks.data import split_batches
+
+    chunks: list[list[np.ndarray]] = []
+    for _, feed in split_batches(data, split, batch_size):
+        outs = predict_outputs(model, feed, batch_size)
+        if not chunks:
+            chunks = [[] for _ in outs]
+        for c, o in zip(chunks, outs):
+            c.append(o)
+    return [np.concatenate(c) for c in chunks]
+
+
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """The first output of a one-input model on ``x`` (eval mode, no gradients)."""
     return predict_outputs(model, {"x": x}, batch_size)[0]
@@ -213,6 +227,82 @@ def prepare_model(data: ArtifactRef, cfg: TrainConfig) -> Prepared:
     return Prepared(model=model, kwargs=kwargs, binding=binding, outputs=outputs, logits=logits)
 
 
+#: what a run holds besides the model and the data: torch, ONNX Runtime, Prefect (measured ~0.6 GiB)
+BASELINE_BYTES = 700 << 20
+
+
+def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, available: int | None = None) -> dict[str, Any]:
+    """Estimate the run's peak memory before training, and refuse a run that cannot fit.
+
+    The estimate adds the process baseline (``BASELINE_BYTES``), the dataset's bytes held in memory
+    (none for memory-mapped formats: the page cache holds what is read), the training state (weights,
+    gradients, Adam's two moments), one training batch (inputs, and every layer's activations kept
+    for the backward pass, measured on the trial batch) and the reference outputs verification keeps.
+
+    Returns:
+        The plan (bytes per part, the total, what is available, the largest batch that fits).
+
+    Raises:
+        ConfigError: the estimate exceeds the available memory; names a batch size that fits, or the
+            memory-mapped format.
+    """
+    import torch
+
+    from tasks.data import input_specs, source_of, split_inputs, split_size
+    from tasks.datasource import NPY_FIX, available_memory
+    from tasks.errors import ConfigError
+    from tasks.models import output_names
+
+    model = prepared.model
+    state = sum(p.numel() * p.element_size() for p in model.parameters()) * (4 if cfg.epochs_to_run else 1)
+    acts = [0]
+
+    def count(_m: Any, _i: Any, out: Any) -> None:
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                acts[0] += t.numel() * t.element_size()
+
+    n = min(2, split_size(data, "train"))
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        output_names(model, prepared.binding, split_inputs(data, "train", slice(0, n)))
+    finally:
+        for h in hooks:
+            h.remove()
+    per_sample_act = acts[0] / max(n, 1)
+    sample = sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize for s in input_specs(data))
+    batch = cfg.batch_size if cfg.epochs_to_run else 0
+    per_train_sample = 3 * per_sample_act + 2 * sample  # forward kept, gradients, the batch and its tensor
+    train_batch = batch * per_train_sample
+    eval_batch = 256 * (per_sample_act + sample)
+    outputs = 2 * split_size(data, "test") * sum(int(np.prod(s[1:])) * 4 for s in prepared.outputs.values())
+    src = source_of(data)
+    total = BASELINE_BYTES + src.resident_bytes + state + max(train_batch, eval_batch) + outputs
+    free = available if available is not None else available_memory() + src.resident_bytes  # the data is already in
+    fixed = BASELINE_BYTES + src.resident_bytes + state + outputs + eval_batch
+    fits = int(max(0, (0.9 * free - fixed) // max(per_train_sample, 1)))
+    plan = {
+        "baseline": BASELINE_BYTES, "resident_data": src.resident_bytes, "training_state": state, "train_batch": int(train_batch),
+        "eval_batch": int(eval_batch), "reference_outputs": outputs, "total": int(total), "available": int(free),
+        "largest_batch_that_fits": fits, "data_format": src.kind,
+    }
+    gib = 1 << 30
+    log.info("memory plan: about %.2f GiB at peak of %.2f GiB available (%s)", total / gib, free / gib, ", ".join(f"{k} {v / gib:.2f}" for k, v in plan.items() if isinstance(v, int) and k not in ("largest_batch_that_fits", "total", "available")))
+    if total > 0.9 * free:
+        fixes = []
+        if batch and fits >= 1:
+            fixes.append(f"--batch-size {min(fits, batch - 1)}")
+        if src.resident_bytes > 0.2 * free and src.kind != "digits":
+            fixes.append(NPY_FIX)
+        raise ConfigError(
+            got=f"an estimated peak of {total / gib:.2f} GiB (data held in memory {src.resident_bytes / gib:.2f}, training batch of {batch} {train_batch / gib:.2f}, model state {state / gib:.2f})",
+            expected=f"at most 90% of the {free / gib:.2f} GiB available",
+            because="the run would be killed by the system's out-of-memory killer part way through",
+            fix=" or ".join(fixes) if fixes else "free memory, or use a smaller model",
+        )
+    return plan
+
+
 def train_model(
     data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, progress: bool | None = None
 ) -> tuple[nn.Module, list[dict[str, float]]]:
@@ -247,7 +337,6 @@ def train_model(
     y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")
     if y_tr is None or y_val is None or num_classes is None or prepared.logits is None:
         raise ModelError(got=f"--epochs {epochs} with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or pass --weights without --epochs to convert the model as it is")
-    x_tr, x_val = split_inputs(data, "train"), split_inputs(data, "val")
     bound = bind(model, prepared.binding)
     at = list(prepared.outputs).index(prepared.logits)
     batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -284,8 +373,9 @@ def train_model(
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             if batch_norm and len(idx) == 1 and total:
                 continue  # BatchNorm cannot train on a single sample
-            rows = idx.numpy()
-            logits = bound(*(torch.from_numpy(a[rows]) for a in x_tr.values()))[at]
+            # Only this batch's rows are read (from a memory map for large data).
+            feed = split_inputs(data, "train", idx.numpy())
+            logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
             loss = loss_fn(logits, yt[idx])
             opt.zero_grad()
             loss.backward()
@@ -301,7 +391,7 @@ def train_model(
                 because="the optimisation diverged",
                 fix="lower --lr",
             )
-        val_logits = predict_outputs(bound, x_val)[at]
+        val_logits = predict_split(bound, data, "val")[at]
         val_loss = float(eval_loss_fn(torch.from_numpy(val_logits), torch.from_numpy(np.array(y_val))))
         row = {
             "epoch": epoch,
@@ -436,13 +526,14 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
         if num_classes is None and cfg.epochs_to_run:
             raise ModelError(got=f"--epochs {cfg.epochs} (fine-tuning) with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or drop --epochs to convert the weights as they are")
         prepared = prepare_model(data, cfg)
+        plan = memory_plan(data, cfg, prepared)
         model, history = train_model(data, cfg, prepared)
         metrics: dict[str, Any] = {}
         if num_classes is not None and prepared.logits is not None:
             y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")
             assert y_tr is not None and y_val is not None
             at = list(prepared.outputs).index(prepared.logits)
-            val_logits = predict_outputs(bind(model, prepared.binding), split_inputs(data, "val"))[at]
+            val_logits = predict_split(bind(model, prepared.binding), data, "val")[at]
             metrics = validation_metrics(y_tr, y_val, val_logits, int(num_classes))
             findings = collapse_findings(metrics, cfg.collapse_gate)
             report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
@@ -477,6 +568,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             "final": final,
             "epoch_seconds": [row["seconds"] for row in history],
             "validation_metrics": metrics,
+            "memory_plan": plan,
         }
         torch.save(
             {

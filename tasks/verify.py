@@ -60,6 +60,17 @@ def outputs_in_batches(runner: Any, inputs: str | Mapping[str, np.ndarray], x: n
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
+def outputs_of_split(runner: Any, data: ArtifactRef, split: str, b: int, min_batch: int) -> dict[str, np.ndarray]:
+    """``outputs_in_batches`` over one split of a ``data`` artifact, reading only ``b`` rows at a time."""
+    from tasks.data import split_batches
+
+    chunks: dict[str, list[np.ndarray]] = {}
+    for _, feed in split_batches(data, split, b):
+        for name, arr in outputs_in_batches(runner, feed, 0, b, min_batch).items():
+            chunks.setdefault(name, []).append(arr)
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
 #: PyTorch's test-split outputs of the latest (checkpoint, data) pair; see ``reference_outputs``
 _REFERENCE: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 _REFERENCE_LOCK = threading.Lock()
@@ -75,14 +86,13 @@ def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, n
     Returns:
         Output name -> read-only array (shared between callers).
     """
-    from tasks.data import split_inputs
-    from tasks.train import module_from_checkpoint, predict_outputs
+    from tasks.train import module_from_checkpoint, predict_split
 
     key = (checkpoint.digest, data.digest)
     with _REFERENCE_LOCK:
         if key not in _REFERENCE:
             names = list(checkpoint.meta.get("outputs") or ["logits"])
-            arrays = predict_outputs(module_from_checkpoint(checkpoint), split_inputs(data, "test"))
+            arrays = predict_split(module_from_checkpoint(checkpoint), data, "test")
             for a in arrays:
                 a.flags.writeable = False
             _REFERENCE.clear()  # only the current model's outputs are kept
@@ -137,10 +147,10 @@ def verification_of_engine(
     latest = Path(artifacts_dir) / LATEST.format(precision=precision.value)
 
     def make(out: Path) -> dict[str, Any]:
-        from tasks.data import split_inputs, split_labels
+        from tasks.data import split_labels, split_size
         from tasks.engine import engine_info, runner_from_build
 
-        inputs, y = split_inputs(data, "test"), split_labels(data, "test")
+        y = split_labels(data, "test")
         info = engine_info(engine)
         reference = reference_outputs(checkpoint, data)
         logits = checkpoint.meta.get("logits_output") if y is not None else None
@@ -149,7 +159,7 @@ def verification_of_engine(
         results, confusion = [], None
         with runner_from_build(engine) as runner:
             for b in batch_sizes(batch):
-                got = outputs_in_batches(runner, inputs, 0, b, batch.min)
+                got = outputs_of_split(runner, data, "test", b, batch.min)
                 results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y, task_outputs=task_outputs))
                 if b == batch.opt and logits and y is not None and logits in got:
                     pred = got[logits].argmax(axis=1)
@@ -158,7 +168,7 @@ def verification_of_engine(
         numerics, emulation = numerics_of(info.backend, precision), None
         if numerics == EMULATED and variant is not None:
             try:
-                emulated, emulation = emulated_fp16_check(variant, reference, inputs, y, batch.opt, tolerance, info.threads, task_outputs)
+                emulated, emulation = emulated_fp16_check(variant, reference, data, y, batch.opt, tolerance, info.threads, task_outputs)
                 results.append(emulated)
             except NoFp16Error:
                 numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
@@ -186,7 +196,7 @@ def verification_of_engine(
             "numerics": numerics,
             "passed": not failures,
             "failures": failures,
-            "samples": int(len(next(iter(inputs.values())))),
+            "samples": split_size(data, "test"),
             "outputs": list(reference),
             "logits_output": logits,
             "checks_run": checks_run,
@@ -233,7 +243,7 @@ def numerics_of(backend: str, precision: Precision) -> str:
 def emulated_fp16_check(
     variant: ArtifactRef,
     reference: dict[str, np.ndarray],
-    x: np.ndarray | Mapping[str, np.ndarray],
+    data: ArtifactRef,
     y: np.ndarray | None,
     batch: int,
     tolerance: Tolerance,
@@ -256,8 +266,7 @@ def emulated_fp16_check(
     with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:
         runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
         with runner:
-            feed = x if isinstance(x, Mapping) else {runner.input_specs()[0].name: x}
-            got = outputs_in_batches(runner, feed, 0, batch, 1)
+            got = outputs_of_split(runner, data, "test", batch, 1)  # its test split, batch by batch
     return compare_outputs(reference, got, tolerance, label=f"fp16 emulated batch {batch}", labels=y, task_outputs=task_outputs), info.to_dict()
 
 

@@ -1,0 +1,194 @@
+"""Scale: wall time per stage and peak memory against dataset size (datasets bigger than memory).
+
+Run from the repository root (never part of the test suite; large sizes need disk space and time)::
+
+    python benchmarks/scale.py                                  # 0.25, 1, 4 GiB as .npy folders
+    python benchmarks/scale.py --sizes 0.25,1,4,12              # the 12 GiB case too
+    python benchmarks/scale.py --sizes 2.2 --format npz --shape 3,256,256   # the 3000-image .npz case
+    python benchmarks/scale.py --work /data/scratch --keep       # where the datasets go; keep them
+
+For each size a synthetic classification dataset (float32 samples of ``--shape``, 10 classes with a
+weak class signal) is written in chunks (never whole in memory), then a fresh child process runs every
+stage as a plain function (data, train for ``--epochs``, export, validate, fp32/fp16/int8 variants,
+ONNX Runtime builds, verification; no Prefect, no profile), timing each. The child's peak RSS comes
+from ``resource.getrusage(RUSAGE_CHILDREN)`` after it exits (its whole lifetime, every stage), and
+each stage's RSS high-water mark from /proc/self/status (VmHWM) as it goes. Writes the ``scale``
+section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import ROOT, machine, write_section
+
+STAGES = ("data", "train", "export", "validate", "precision", "build", "verify")
+
+
+def write_dataset(folder: Path, gib: float, shape: tuple[int, ...], fmt: str, classes: int = 10, seed: int = 0) -> tuple[Path, int]:
+    """Write ``gib`` GiB of float32 samples (and int64 labels), chunk by chunk; return the path and N."""
+    sample = int(np.prod(shape)) * 4
+    n = max(classes * 20, int(gib * (1 << 30) // sample))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    folder.mkdir(parents=True, exist_ok=True)
+    x_path = folder / "x.npy"
+    x = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.float32, shape=(n, *shape))
+    step = max(1, (256 << 20) // sample)
+    signal = rng.standard_normal((classes, *shape), dtype=np.float32)
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        x[i:j] = rng.standard_normal((j - i, *shape), dtype=np.float32) * 0.5 + 0.5 * signal[y[i:j]]
+    x.flush()
+    del x
+    np.save(folder / "y.npy", y)
+    if fmt == "npy":
+        return folder, n
+    path = folder.with_suffix(".npz")
+    # np.savez writes a memory-mapped array in buffered chunks: stored (uncompressed) members.
+    np.savez(path, x=np.load(x_path, mmap_mode="r"), y=y)
+    shutil.rmtree(folder)
+    return path, n
+
+
+def child(dataset: str, root: str, epochs: int, batch_size: int) -> None:
+    """Run every stage once, cold, in this process; print per-stage seconds and RSS marks as JSON."""
+    from tasks.config import Backend, BatchProfile, DataConfig, Precision, TrainConfig
+    from tasks.data import splits_from_dataset
+    from tasks.engine import engine_from_variant
+    from tasks.export import onnx_from_checkpoint
+    from tasks.precision import variant_from_onnx
+    from tasks.train import checkpoint_from_splits
+    from tasks.validate import validated_onnx
+    from tasks.verify import verification_of_engine
+    from tasks.config import default_tolerances
+
+    def hwm() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / (1 << 20)  # GiB
+        return float("nan")
+
+    out: dict[str, Any] = {"seconds": {}, "hwm_gib": {}}
+    art = Path(root)
+
+    def timed(stage: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        r = fn(*args, **kwargs)
+        out["seconds"][stage] = out["seconds"].get(stage, 0.0) + time.perf_counter() - t0
+        out["hwm_gib"][stage] = hwm()
+        return r
+
+    batch = BatchProfile(min=1, opt=32, max=256)
+    data = timed("data", splits_from_dataset, DataConfig(dataset=Path(dataset)), art)
+    ckpt = timed("train", checkpoint_from_splits, data, TrainConfig(epochs=epochs, batch_size=batch_size), art)
+    onnx = timed("export", onnx_from_checkpoint, ckpt, art)
+    timed("validate", validated_onnx, onnx, data, art)
+    tol = default_tolerances()
+    passed = {}
+    for p in (Precision.fp32, Precision.fp16, Precision.int8):
+        v = timed("precision", variant_from_onnx, onnx, data, p, 256, art)
+        timed("validate", validated_onnx, v, data, art)
+        e = timed("build", engine_from_variant, v, Backend.onnxruntime, batch, {"threads": 2, "workspace_mib": 1024, "tf32": True}, art)
+        try:
+            r = timed("verify", verification_of_engine, e, ckpt, data, p, tol[p], batch, art)
+            passed[p.value] = r.meta["passed"]
+        except Exception as exc:  # a failed verification is a result too
+            passed[p.value] = f"failed: {type(exc).__name__}"
+    out["passed"] = passed
+    out["sizes"] = data.meta["sizes"]
+    out["memory_plan_gib"] = ckpt.meta.get("memory_plan", {}).get("total", 0) / (1 << 30)
+    print(json.dumps(out))
+
+
+def run_case(dataset: Path, epochs: int, batch_size: int) -> dict[str, Any]:
+    """Run the child on one dataset; add its wall time and whole-lifetime peak RSS."""
+    with tempfile.TemporaryDirectory(prefix="scale-art-") as root:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TRTFLOW_CACHE_DIR": str(Path(root) / "cache")}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(dataset), root, str(epochs), str(batch_size)],
+            capture_output=True, text=True, env=env, cwd=ROOT,
+        )
+        wall = time.perf_counter() - t0
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed on {dataset}:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = wall
+    # RUSAGE_CHILDREN keeps the largest child so far: a smaller later case cannot be told apart.
+    result["peak_rss_gib"] = peak_kib / (1 << 20) if peak_kib > before else max(result["hwm_gib"].values())
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.25,1,4", help="dataset sizes in GiB, comma-separated, ascending")
+    ap.add_argument("--shape", default="3,64,64", help="one sample's shape (float32)")
+    ap.add_argument("--format", choices=["npy", "npz"], default="npy")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--work", type=Path, default=None, help="folder for the datasets (default: a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the datasets")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        ds, root, epochs, bs = args.child
+        child(ds, root, int(epochs), int(bs))
+        return
+    shape = tuple(int(d) for d in args.shape.split(","))
+    work = args.work or Path(tempfile.mkdtemp(prefix="trtflow-scale-"))
+    rows = []
+    header = machine()
+    for gib in sorted(float(s) for s in args.sizes.split(",")):
+        case = work / f"scale-{gib:g}gib"
+        t0 = time.perf_counter()
+        dataset, n = write_dataset(case, gib, shape, args.format)
+        gen = time.perf_counter() - t0
+        print(f"{gib:g} GiB: {n} samples written in {gen:.0f}s; running the pipeline ...", flush=True)
+        r = run_case(dataset, args.epochs, args.batch_size)
+        r.update(gib=gib, samples=n, format=args.format)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        if not args.keep:
+            shutil.rmtree(dataset, ignore_errors=True) if dataset.is_dir() else dataset.unlink(missing_ok=True)
+    lines = [
+        "## Scale (benchmarks/scale.py)",
+        "",
+        f"Machine: {header}.",
+        f"Synthetic float32 samples of shape {shape} (10 classes), as {args.format}; default model, {args.epochs} epoch(s) at batch "
+        f"{args.batch_size}; every stage as a plain function in one fresh process (fp32/fp16/int8 on ONNX Runtime, no profile). "
+        "Peak RSS: the whole child process (getrusage RUSAGE_CHILDREN).",
+        "",
+        "| dataset | samples | wall s | " + " | ".join(f"{s} s" for s in STAGES) + " | peak RSS GiB | memory plan GiB | verified |",
+        "|---|---|---|" + "---|" * len(STAGES) + "---|---|---|",
+    ]
+    for r in rows:
+        secs = " | ".join(f"{r['seconds'].get(s, 0):.1f}" for s in STAGES)
+        ok = ", ".join(f"{k} {'yes' if v is True else v}" for k, v in r["passed"].items())
+        lines.append(f"| {r['gib']:g} GiB | {r['samples']} | {r['wall_s']:.0f} | {secs} | {r['peak_rss_gib']:.2f} | {r['memory_plan_gib']:.2f} | {ok} |")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        lines += [
+            "",
+            f"From {a['gib']:g} to {b['gib']:g} GiB ({b['gib'] / a['gib']:.0f}× the data): wall time {b['wall_s'] / a['wall_s']:.1f}×, "
+            f"peak RSS {b['peak_rss_gib'] / a['peak_rss_gib']:.2f}× ({a['peak_rss_gib']:.2f} → {b['peak_rss_gib']:.2f} GiB).",
+        ]
+    write_section(f"scale-{args.format}-{args.shape.replace(',', 'x')}", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
