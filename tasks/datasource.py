@@ -141,7 +141,7 @@ def open_npz(path: Path) -> Source:
                     with zf.open(info) as f:
                         arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
         except (ValueError, OSError, EOFError, struct.error) as exc:
-            raise DatasetError(got=f"{path} ({type(exc).__name__}: {exc})", expected="arrays of numbers in a readable .npz", because="the archive is damaged or holds Python objects, which trtflow never unpickles", fix=fix) from exc
+            raise DatasetError(got=f"{path} ({type(exc).__name__}: {exc})", expected="arrays of numbers in a readable .npz", because="the archive is damaged or holds Python objects (dtype=object), which trtflow never unpickles (allow_pickle=False)", fix=fix) from exc
     labels = arrays.pop(LABELS, None)
     resident = sum(int(a.nbytes) for a in [*arrays.values(), *([labels] if labels is not None else [])] if not isinstance(a, np.memmap))
     return Source(arrays, labels, "npz-compressed" if compressed else "npz", path, resident)
@@ -156,7 +156,7 @@ def open_npy_folder(path: Path) -> Source:
         DatasetError: no .npy files, or one that cannot be mapped.
     """
     files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
-    fix = "write one file per array with numpy.save(folder / 'x.npy', x) and numpy.save(folder / 'y.npy', labels)"
+    fix = "pass --dataset a .npz file, or a folder with one file per array: numpy.save(folder / 'x.npy', x) and numpy.save(folder / 'y.npy', labels)"
     if not [p for p in files if p.stem != LABELS]:
         raise DatasetError(got=f"folder {path} without input .npy files", expected="one <input>.npy per model input, and y.npy for the labels", because="a folder dataset is read from its .npy files", fix=fix)
     arrays: dict[str, np.ndarray] = {}
@@ -164,7 +164,7 @@ def open_npy_folder(path: Path) -> Source:
         try:
             arrays[p.stem] = np.load(p, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise DatasetError(got=f"{p} ({type(exc).__name__}: {str(exc)[:200]})", expected="a numeric .npy file", because="it cannot be memory-mapped (damaged, or an array of Python objects)", fix=fix) from exc
+            raise DatasetError(got=f"{p} ({type(exc).__name__}: {str(exc)[:200]})", expected="a numeric .npy file", because="it cannot be memory-mapped (damaged, or Python objects, which trtflow never unpickles: allow_pickle=False)", fix=fix) from exc
     labels = arrays.pop(LABELS, None)
     if labels is not None:
         labels = np.asarray(labels)  # one int per sample: small, read once

@@ -254,7 +254,10 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
     from tasks.models import output_names
 
     model = prepared.model
-    state = sum(p.numel() * p.element_size() for p in model.parameters()) * (4 if cfg.epochs_to_run else 1)
+    from torch.nn.parameter import is_lazy
+
+    # A lazy layer that the trial batch did not reach has no size yet: it counts once it has one.
+    state = sum(p.numel() * p.element_size() for p in model.parameters() if not is_lazy(p)) * (4 if cfg.epochs_to_run else 1)
     acts = [0]
 
     def count(_m: Any, _i: Any, out: Any) -> None:

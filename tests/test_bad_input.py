@@ -186,7 +186,7 @@ def _bad_dataset(tmp: Path, kind: str) -> Path:
 
 DATASET_CASES = {
     "missing": "does not exist",
-    "a folder": "folder, not a file",
+    "a folder": "without input .npy files",  # a folder is a dataset format: one .npy per array
     "not an npz": "not a numpy archive",
     "npy": r"numpy\.save",
     "truncated npz": "damaged",
