@@ -17,7 +17,7 @@ import numpy as np
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import DataConfig
-from tasks.datasource import LABELS, Source, content_digest, iter_chunks, open_source
+from tasks.datasource import LABELS, Source, content_digest, iter_chunks, open_source, release
 from tasks.errors import ArtifactError, ConfigError, DatasetError
 from tasks.stage import StageSpec, run_stage
 
@@ -354,6 +354,7 @@ def split_inputs(ref: ArtifactRef, split: str, rows: slice | np.ndarray | None =
     for spec in input_specs(ref):
         a = src.inputs[spec["name"]]
         rows_of = a[idx]  # fancy indexing reads only these rows, also from a memory map
+        release(a)  # ... and the pages read leave this process's resident set (page cache keeps them)
         out[spec["name"]] = rows_of.astype(np.float32, copy=False) if np.issubdtype(rows_of.dtype, np.floating) else rows_of
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -199,12 +200,31 @@ def open_source(path: Path | None) -> Source:
     return open_npz(path)
 
 
+def release(a: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped array that this process has touched (``MADV_DONTNEED``).
+
+    They stay in the page cache (the next read is as fast), but leave this process's resident set:
+    without this, every row ever read from a mapped dataset counts in RSS until the process ends, and
+    a pass over 12 GiB shows as 12 GiB resident. A no-op for arrays in memory.
+    """
+    mm = getattr(a, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advice is None:
+        return
+    try:
+        mm.madvise(advice)
+    except (ValueError, OSError):
+        pass  # a closed mapping or a platform without madvise: only memory accounting is affected
+
+
 def iter_chunks(a: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Any:
-    """Yield consecutive row blocks of ``a`` of about ``chunk_bytes`` each (each read once)."""
+    """Yield consecutive row blocks of ``a`` of about ``chunk_bytes`` each (each read once; a mapped
+    block's pages are released after use)."""
     row = max(1, int(a.nbytes // max(len(a), 1)))
     step = max(1, chunk_bytes // row)
     for i in range(0, len(a), step):
         yield a[i : i + step]
+        release(a)
 
 
 def _digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
