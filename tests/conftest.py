@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trtflow")
+# Dataset digests are remembered in a user cache file (tasks/datasource.py): keep tests out of the home folder.
+os.environ.setdefault("TRTFLOW_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="trtflow-test-cache-"))
 
 from tasks.artifacts import ArtifactRef  # noqa: E402
 from tasks.config import BatchProfile, DataConfig, PipelineConfig, ProfileConfig, TrainConfig  # noqa: E402
