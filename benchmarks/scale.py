@@ -10,9 +10,10 @@ Run from the repository root (never part of the test suite; large sizes need dis
 For each size a synthetic classification dataset (float32 samples of ``--shape``, 10 classes with a
 weak class signal) is written in chunks (never whole in memory), then a fresh child process runs every
 stage as a plain function (data, train for ``--epochs``, export, validate, fp32/fp16/int8 variants,
-ONNX Runtime builds, verification; no Prefect, no profile), timing each. The child's peak RSS comes
-from ``resource.getrusage(RUSAGE_CHILDREN)`` after it exits (its whole lifetime, every stage), and
-each stage's RSS high-water mark from /proc/self/status (VmHWM) as it goes. Writes the ``scale``
+ONNX Runtime builds, verification; no Prefect, no profile), timing each. Peak RSS is the child's own
+RSS high-water mark (VmHWM of /proc/self/status, read after each stage): the whole pipeline process
+from its start. (``getrusage(RUSAGE_CHILDREN)`` would also count the parent's pages at fork time,
+i.e. the dataset generator's.) Writes the ``scale``
 section of benchmarks/RESULTS.md.
 """
 
@@ -129,8 +130,9 @@ def run_case(dataset: Path, epochs: int, batch_size: int) -> dict[str, Any]:
         raise SystemExit(f"child failed on {dataset}:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = wall
-    # RUSAGE_CHILDREN keeps the largest child so far: a smaller later case cannot be told apart.
-    result["peak_rss_gib"] = peak_kib / (1 << 20) if peak_kib > before else max(result["hwm_gib"].values())
+    # The child's own high-water mark: RUSAGE_CHILDREN also counts the parent's pages at fork time.
+    result["peak_rss_gib"] = max(result["hwm_gib"].values())
+    result["rusage_children_gib"] = peak_kib / (1 << 20) if peak_kib > before else None
     return result
 
 
@@ -144,16 +146,25 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="folder for the datasets (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the datasets")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--from-log", type=Path, help="write the table from the JSON lines an earlier run printed")
     args = ap.parse_args()
     if args.child:
         ds, root, epochs, bs = args.child
         child(ds, root, int(epochs), int(bs))
         return
     shape = tuple(int(d) for d in args.shape.split(","))
-    work = args.work or Path(tempfile.mkdtemp(prefix="trtflow-scale-"))
     rows = []
     header = machine()
-    for gib in sorted(float(s) for s in args.sizes.split(",")):
+    sizes = [] if args.from_log else sorted(float(s) for s in args.sizes.split(","))
+    if args.from_log:
+        for line in args.from_log.read_text().splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                r["peak_rss_gib"] = max(r["hwm_gib"].values())
+                rows.append(r)
+        header += " (table rebuilt from the run's log)"
+    work = args.work or Path(tempfile.mkdtemp(prefix="trtflow-scale-"))
+    for gib in sizes:
         case = work / f"scale-{gib:g}gib"
         t0 = time.perf_counter()
         dataset, n = write_dataset(case, gib, shape, args.format)
@@ -171,7 +182,7 @@ def main() -> None:
         f"Machine: {header}.",
         f"Synthetic float32 samples of shape {shape} (10 classes), as {args.format}; default model, {args.epochs} epoch(s) at batch "
         f"{args.batch_size}; every stage as a plain function in one fresh process (fp32/fp16/int8 on ONNX Runtime, no profile). "
-        "Peak RSS: the whole child process (getrusage RUSAGE_CHILDREN).",
+        "Peak RSS: the pipeline process's high-water mark (VmHWM), every stage included.",
         "",
         "| dataset | samples | wall s | " + " | ".join(f"{s} s" for s in STAGES) + " | peak RSS GiB | memory plan GiB | verified |",
         "|---|---|---|" + "---|" * len(STAGES) + "---|---|---|",
