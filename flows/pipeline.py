@@ -28,7 +28,7 @@ from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig, Precision
 from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
 from tasks.engine import engine_from_variant
-from tasks.errors import DatasetError, PrecisionRepairError, TrtflowError, VerificationError
+from tasks.errors import DatasetError, PrecisionRepairError, StorageError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Graph, Instance, Node
 from tasks.models import factory_from_path, state_dict_from_file
@@ -239,6 +239,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     publish_links(report)
     publish_figures(root, checkpoint, {p.value: o["verify"] for p, o in outcomes.items() if "verify" in o})
     if errors:
+        # A full disk makes other stages fail in confusing ways (truncated files): name only the cause.
+        storage = [e for e in errors if isinstance(e, StorageError)]
+        if storage:
+            raise storage[0]
         verification = [e for e in errors if isinstance(e, VerificationError)]
         if len(verification) == len(errors) and len(errors) > 1:
             raise VerificationError([f for e in verification for f in e.failures], str(root / "report.json"))

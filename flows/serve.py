@@ -18,6 +18,7 @@ From Python::
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -70,7 +71,16 @@ def pipeline_on(task_runner: TaskRunnerName = "threads", dask_address: str | Non
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to the CLI's subparsers."""
-    p = sub.add_parser("serve", help="serve the pipeline as a deployment from this process (no work pool)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="serve the pipeline as a deployment from this process (no work pool)",
+        description=textwrap.fill(
+            "Register the deployment 'trtflow/NAME' with the Prefect server (PREFECT_API_URL) and run its "
+            "flow runs in this process until Ctrl-C: the UI's Run and Retry buttons, `prefect deployment run` and the "
+            "schedule all work, without a work pool or worker.", 88),
+        epilog="examples:\n  trtflow serve\n  trtflow serve --cron '0 2 * * *' --config nightly.json\n  trtflow serve --name gpu-box --limit 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--name", default=DEFAULT_NAME, help=f"deployment name (default {DEFAULT_NAME}; runs as 'trtflow/NAME')")
     p.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (UTC); default: on demand only")
     p.add_argument("--config", type=Path, help="JSON file of PipelineConfig: the deployment's default parameters")

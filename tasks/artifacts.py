@@ -424,6 +424,17 @@ class Staging:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+#: free bytes below which a failure while writing is put down to a full disk
+LOW_SPACE_BYTES = 1 << 20
+
+
+def _out_of_space(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -444,6 +455,14 @@ def staging(artifacts_dir: Path, stage: str, key: str) -> Iterator[Staging]:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise disk_full(s.dir.parent, stage, exc) from exc
+        if _out_of_space(s.dir.parent):
+            raise disk_full(s.dir.parent, stage, OSError(errno.ENOSPC, "No space left on device")) from exc
+        raise
+    except Exception as exc:
+        # Libraries that write through C++ (onnx, onnxruntime) may not report ENOSPC: their truncated
+        # output then fails to parse ("DecodeError"). On a full disk that is a storage problem.
+        if _out_of_space(s.dir.parent):
+            raise disk_full(s.dir.parent, stage, OSError(errno.ENOSPC, "No space left on device")) from exc
         raise
     finally:
         if s.dir.exists():

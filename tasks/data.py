@@ -91,6 +91,47 @@ def arrays_from_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | Non
     return src.inputs, src.labels
 
 
+#: largest |x| the data check accepts: beyond it, float32 training overflows or learns nothing
+MAX_ABS_VALUE = 1e6
+
+
+def _check_ranges(inputs: Mapping[str, np.ndarray], source: str) -> None:
+    for name, arr in inputs.items():
+        if np.issubdtype(arr.dtype, np.floating):
+            check_value_range(arr, source, name)
+
+
+def check_value_range(x: np.ndarray, source: str, name: str = "x") -> None:
+    """Refuse numerically absurd inputs: huge magnitudes, or samples that are all the same.
+
+    Raises:
+        DatasetError: |x| above ``MAX_ABS_VALUE``, or every sample identical (no signal to learn).
+    """
+    # In chunks: a memory-mapped dataset may be larger than memory.
+    lo, hi, varies = float("inf"), float("-inf"), False
+    first = np.asarray(x[:1]).reshape(1, -1)
+    for start in range(0, len(x), 4096):
+        chunk = np.asarray(x[start : start + 4096]).reshape(-1, first.shape[1])
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+        varies = varies or bool((chunk != first).any())
+    if max(abs(lo), abs(hi)) > MAX_ABS_VALUE:
+        raise DatasetError(
+            got=f"{name} values from {lo:.3g} to {hi:.3g} in {source}",
+            expected=f"inputs scaled to a sane range (|x| <= {MAX_ABS_VALUE:g}, typically about 0..1 or mean 0, std 1)",
+            because="such magnitudes overflow float32 activations and losses, so training cannot learn",
+            fix=f"normalise {name} before saving, e.g. {name} = ({name} - {name}.mean()) / {name}.std()",
+            summary=f"{name} holds values up to {max(abs(lo), abs(hi)):.3g} in magnitude; normalise it, e.g. {name} = ({name} - {name}.mean()) / {name}.std()",
+        )
+    if len(x) > 1 and not varies:
+        raise DatasetError(
+            got=f"{len(x)} identical samples of '{name}' in {source}",
+            expected="samples that differ",
+            because="a model cannot tell classes apart from identical inputs",
+            fix=f"check how {name} was built (a constant fill, a broken loader, all samples the same)",
+            summary=f"every sample of {name} is identical ({hi:.3g}); check how {name} was built",
+        )
+
+
 def labels_in(path: Path) -> bool:
     """Whether a dataset holds labels ``y`` (reads only the archive's table of contents or the folder)."""
     path = Path(path).expanduser()
@@ -116,7 +157,8 @@ def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source
         DatasetError: naming the first problem and how to fix it.
     """
     def fail(got: str, expected: str, because: str) -> DatasetError:
-        return DatasetError(got=f"{got} in {source}", expected=expected, because=because, fix=_NPZ_FIX)
+        return DatasetError(got=f"{got} in {source}", expected=expected, because=because, fix=_NPZ_FIX,
+                            summary=f"{got}, expected {expected}; fix x/y and save them with numpy.savez")
 
     out: dict[str, np.ndarray] = {}
     n = None
@@ -147,6 +189,7 @@ def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source
     if n == 0:
         raise fail("an empty dataset", "at least a few samples per class", "nothing can be trained on zero samples")
     if y is None:
+        _check_ranges(out, source)
         return out, None
     if y.ndim != 1:
         raise fail(f"y of shape {y.shape}", "y of rank 1 (N labels)", "each sample has one class label")
@@ -172,6 +215,8 @@ def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source
     if counts.min() < 3:
         rare = classes[counts < 3].tolist()
         raise fail(f"classes {rare} with fewer than 3 samples", "at least 3 samples per class", "the split keeps every class in train, validation and test")
+    # Last: a label problem is the more specific message for an all-zero placeholder array.
+    _check_ranges(out, source)
     return out, y
 
 

@@ -1,10 +1,45 @@
 """One exception class per failure kind.
 
 Every message follows the shape "got X, expected Y, because Z; do W" so that a user reading a failed
-flow run in the terminal or the Prefect UI knows what broke and how to fix it.
+flow run in the terminal or the Prefect UI knows what broke and how to fix it. Each error also has a
+``summary``: one line of at most ``SUMMARY_CHARS`` characters saying what happened and the fix, which
+the terminal shows first, followed by a few indented ``details`` lines (``render``).
+
+Inside a flow run ``str(error)`` speaks the UI's language: the command-line options named in the fix
+become the flow's parameter paths (``--lr`` -> ``config.train.lr``), and paths under the artifacts
+folder are given relative to it. The CLI renders its own lines from the fields, with the flags.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import sys
+import textwrap
+
+#: longest first line of an error in the terminal (with the CLI's 'trtflow: ' prefix: 159)
+SUMMARY_CHARS = 150
+#: longest indented detail line (wrapped, never cut)
+DETAIL_CHARS = 110
+#: most indented lines under the summary (without --debug)
+MAX_DETAIL_LINES = 6
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def plain(text: str) -> str:
+    """Remove ANSI colour codes (the exporter's messages carry them) and collapse blank runs."""
+    return re.sub(r"[ \t]+", " ", _ANSI.sub("", text)).strip()
+
+
+def one_line(text: str, limit: int = SUMMARY_CHARS) -> str:
+    """``text`` on one line, shortened at a word boundary to ``limit`` characters ('…' marks a cut)."""
+    text = " ".join(plain(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    if " " in cut[limit // 2 :]:
+        cut = cut[: cut.rfind(" ")]
+    return cut.rstrip(" ,;:") + "…"
 
 
 class TrtflowError(Exception):
@@ -12,17 +47,114 @@ class TrtflowError(Exception):
 
     ``retryable`` tells the Prefect wrappers whether a retry can help: deterministic failures (bad
     input, invalid model, failed verification) must fail at once.
+
+    Args:
+        got, expected, because, fix: the four parts of the message.
+        summary: the first terminal line (what happened and the fix); default: made from ``got`` and
+            ``fix``, shortened to ``SUMMARY_CHARS``.
     """
 
     retryable: bool = False
+    #: the summary's first words (default: the class name)
+    label: str | None = None
 
-    def __init__(self, got: str, expected: str, because: str, fix: str) -> None:
-        self.got, self.expected, self.because, self.fix = got, expected, because, fix
-        super().__init__(f"got {got}, expected {expected}, because {because}; {fix}")
+    def __init__(self, got: str, expected: str, because: str, fix: str, summary: str | None = None) -> None:
+        self.got, self.expected, self.because, self.fix = plain(got), plain(expected), plain(because), plain(fix)
+        self._summary = summary
+        super().__init__(f"got {self.got}, expected {self.expected}, because {self.because}; {self.fix}")
+
+    @property
+    def summary(self) -> str:
+        """One line of at most ``SUMMARY_CHARS`` characters: the kind, what happened, then the fix."""
+        label = self.label or type(self).__name__
+        limit = SUMMARY_CHARS - len(label) - 2
+        if self._summary:
+            return f"{label}: {one_line(self._summary, limit)}"
+        full = one_line(f"got {self.got}, expected {self.expected}; {self.fix}", 10**9)
+        if len(full) > limit:
+            fix = one_line(self.fix, limit // 2)
+            full = f"{one_line('got ' + self.got, limit - len(fix) - 2)}; {fix}"
+        return f"{label}: {full}"
+
+    def details(self) -> list[str]:
+        """The full message as short lines: got, expected, because, fix (wrapped, never cut)."""
+        out: list[str] = []
+        for label, text in (("got", self.got), ("expected", self.expected), ("because", self.because), ("fix", self.fix)):
+            out += textwrap.wrap(f"{label}: {text}", DETAIL_CHARS, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+        return out
+
+    def render(self, debug: bool = False) -> str:
+        """The terminal's text: the summary, then the parts it does not already say, indented.
+
+        At most ``MAX_DETAIL_LINES`` detail lines unless ``debug``; the full message stays in
+        ``str(error)``, Prefect's logs and the UI.
+        """
+        lines: list[str] = []
+        for label, text in (("got", self.got), ("expected", self.expected), ("because", self.because), ("fix", self.fix)):
+            if text in self.summary:
+                continue
+            lines += textwrap.wrap(f"{label}: {text}", DETAIL_CHARS, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+        if not debug and len(lines) > MAX_DETAIL_LINES:
+            lines = lines[: MAX_DETAIL_LINES - 1] + ["… (--debug shows the whole message)"]
+        return "\n".join([self.summary, *("  " + line for line in lines)])
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return for_ui(text) if _in_flow_run() else text
+
+
+def _in_flow_run() -> bool:
+    if "prefect" not in sys.modules:
+        return False
+    try:
+        from prefect.context import FlowRunContext
+
+        return FlowRunContext.get() is not None
+    except Exception:  # noqa: BLE001 - a message must always render
+        return False
+
+
+def for_ui(text: str) -> str:
+    """Say ``text`` in the Prefect UI's terms: parameter paths instead of options, relative artifact paths.
+
+    ``--lr`` becomes ``config.train.lr``, ``--balance class_weight`` becomes
+    ``config.train.balance=class_weight``, ``--tolerance fp16.atol=0.02`` becomes
+    ``config.tolerances.fp16.atol=0.02``; the artifacts folder of the current flow run is dropped from paths.
+    """
+    from tasks.options import parameter_path
+
+    def option(m: re.Match[str]) -> str:
+        flag, value = m.group(1), m.group(2)
+        if flag == "--tolerance" and value:
+            name, _, v = value.partition("=")
+            return f"config.tolerances.{name}" + (f"={v}" if v else "")
+        path = parameter_path(flag, value)
+        return path if path else m.group(0)
+
+    text = re.sub(r"(--[a-z][a-z0-9-]*)(?:[ =](?![-(])([^\s,;()]+))?", option, text)
+    root = _flow_artifacts_dir()
+    if root:
+        for prefix in {root, os.path.realpath(root)}:
+            text = text.replace(prefix.rstrip("/") + "/", "")
+    return text
+
+
+def _flow_artifacts_dir() -> str | None:
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        config = (ctx.parameters or {}).get("config") if ctx else None
+        folder = config.get("artifacts_dir") if isinstance(config, dict) else getattr(config, "artifacts_dir", None)
+        return os.path.abspath(os.path.expanduser(str(folder))) if folder else None
+    except Exception:  # noqa: BLE001 - a message must always render
+        return None
 
 
 class ConfigError(TrtflowError):
     """A parameter of the run is invalid (unknown precision, min > max batch, negative tolerance)."""
+
+    label = "invalid options"
 
 
 class DatasetError(TrtflowError):
@@ -63,7 +195,10 @@ class VerificationError(TrtflowError):
         self.failures = failures
         self.report_path = report_path
         got = f"{len(failures)} failing check(s): " + "; ".join(failures)
+        first = failures[0] if failures else "a failing check"
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
         super().__init__(
+            summary=f"verification failed: {one_line(first, 80)}{more}; see report.json, loosen --tolerance only if acceptable",
             got=got,
             expected="every metric within its precision's threshold",
             because="the engine's outputs drift from the PyTorch reference on held-out data",
@@ -99,7 +234,7 @@ class ModelCollapseError(TrtflowError):
     gate's findings and the path of the metrics report written before raising.
     """
 
-    def __init__(self, findings: list[str], report_path: str, because: str, fix: str) -> None:
+    def __init__(self, findings: list[str], report_path: str, because: str, fix: str, summary: str | None = None) -> None:
         self.findings = findings
         self.report_path = report_path
         super().__init__(
@@ -107,6 +242,7 @@ class ModelCollapseError(TrtflowError):
             expected="predictions spread over the classes about like the true labels, and balanced accuracy well above chance",
             because=because,
             fix=f"{fix}; the validation metrics are in {report_path}",
+            summary=summary,
         )
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.artifacts import ArtifactRef
-from tasks.errors import ExportError
+from tasks.errors import ExportError, one_line, plain
 from tasks.stage import StageSpec, run_stage
 
 if TYPE_CHECKING:
@@ -75,13 +76,7 @@ def onnx_from_module(
     except OSError:
         raise  # a full or failing disk is not the model's fault (the staging folder reports it)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            got=f"{type(exc).__name__}: {first[:400]}",
-            expected="a model torch.export can trace",
-            because="the model uses Python control flow or operations the dynamo ONNX exporter cannot capture",
-            fix="make forward() traceable (no data-dependent branches, no .item()/.numpy()), or simplify the model",
-        ) from exc
+        raise export_error(exc) from exc
     proto = onnx.load(str(path), load_external_data=False)
     _strip_stack_traces(proto)
     wanted_in = [s["name"] for s in inputs]
@@ -109,6 +104,44 @@ def onnx_from_module(
     }
 
 
+def export_error(exc: BaseException) -> ExportError:
+    """An ExportError that names what the exporter could not handle: the operator, or the control flow.
+
+    The exporter's own message is long, coloured with ANSI codes and starts with generic advice; the
+    useful part is the operator without an ONNX translation (e.g. ``aten.linalg_eig``) or the
+    data-dependent expression torch.export could not trace.
+    """
+    text = plain(str(exc))
+    ops = list(dict.fromkeys(re.findall(r"OpOverload\(op='([\w.]+)'", text) + re.findall(r"target=torch\.ops\.([\w]+\.[\w]+)", text)))
+    if ops:
+        names = ", ".join(ops[:3])
+        return ExportError(
+            got=f"operator {names} in the model, which has no ONNX translation",
+            expected="operators the ONNX exporter can translate",
+            because="the dynamo ONNX exporter (torch.onnx.export) has no function for it",
+            fix=f"replace {ops[0].split('.')[-1]} in forward() by supported operations, or compute it outside the model",
+            summary=f"export to ONNX failed: no ONNX translation for {names}; replace it in the model's forward()",
+        )
+    data_dependent = any(k in text for k in ("data-dependent", "GuardOnDataDependent", "Could not guard", "Dynamic control flow", "torch.cond", ".item()"))
+    # The exporter's message opens with generic advice; the cause follows "## Exception summary".
+    summary = re.search(r"## Exception summary\s*(.+?)(?:\n\s*\n|\(Refer to|$)", text, re.S)
+    core = summary.group(1) if summary else text
+    core = re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", core)
+    first = next((line.strip() for line in core.splitlines() if line.strip() and not line.strip().startswith("- ")), type(exc).__name__)
+    if data_dependent:
+        return ExportError(
+            got=f"{type(exc).__name__}: {one_line(first, 300)}",
+            expected="a forward() that torch.export can trace for any batch",
+            because="it branches on, or converts, values of tensors (Python control flow on data)",
+            fix="make forward() traceable: no branches on tensor values, no .item()/.numpy()/.tolist() (torch.cond for branches)",
+            summary="export to ONNX failed: forward() depends on tensor values (Python control flow); make it traceable",
+        )
+    return ExportError(
+        got=f"{type(exc).__name__}: {one_line(first, 300)}",
+        expected="a model the dynamo ONNX exporter can capture",
+        because="torch.export or the ONNX translation refused it (see the message)",
+        fix="run torch.onnx.export(model, (x,), dynamo=True, report=True) on the model to see the failing step, then simplify that part",
+    )
 def _rename_values(graph: Any, mapping: dict[str, str]) -> None:
     """Rename graph values (``old -> new``) everywhere they occur; a value already called ``new`` is
     moved aside first, so the graph stays in single static assignment form."""

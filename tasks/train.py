@@ -436,19 +436,45 @@ def validation_metrics(y_train: np.ndarray, y_val: np.ndarray, val_logits: np.nd
     return out
 
 
+#: a class holding more than this multiple of its fair share (1/classes) of the training labels is a majority
+SKEW_FACTOR = 1.5
+
+
 def _collapse_error(findings: list[str], metrics: dict[str, Any], cfg: TrainConfig, report: Path) -> ModelCollapseError:
+    """Explain a tripped collapse gate by the evidence: skewed labels, or no signal learnt at all.
+
+    Imbalance is blamed only when the training labels are skewed; balanced labels with a balanced
+    accuracy near chance mean the model learnt nothing (too few epochs, a too high learning rate, or
+    data without signal), which no re-balancing fixes.
+    """
     counts = metrics["train_label_counts"]
+    present = sum(1 for c in counts if c) or 1
+    share = metrics["train_majority_share"]
     top = int(np.argmax(counts))
+    bal, chance = metrics["balanced_accuracy"], 1.0 / max(1, metrics["num_classes"])
+    predicted = metrics["most_predicted"]
+    if share <= SKEW_FACTOR / present:
+        because = (
+            f"the training labels are balanced (largest class {share:.0%} of {present} classes) and the validation "
+            f"balanced accuracy {bal:.2f} is near chance ({chance:.2f}): the model learnt no signal"
+        )
+        fix = "train longer (--epochs), lower --lr, or check that x predicts y (labels shuffled or misaligned, constant or unscaled inputs)"
+        summary = f"the model learnt nothing (balanced accuracy {bal:.2f}, chance {chance:.2f}, labels balanced); raise --epochs, lower --lr, or check the data"
+        return ModelCollapseError(findings, str(report), because=because, fix=fix, summary=summary)
     because = (
-        f"class {top} is {metrics['train_majority_share']:.0%} of the training labels ({counts[top]} of {sum(counts)}), "
+        f"class {top} is {share:.0%} of the training labels ({counts[top]} of {sum(counts)}), "
         f"and with balance={cfg.balance} the loss is lowest by predicting it almost always"
     )
     others = [b for b in ("class_weight", "oversample") if b != cfg.balance]
-    fix = "retrain with " + " or ".join(f"--balance {b}" for b in others) + " (train.balance)"
+    fix = "retrain with " + " or ".join(f"--balance {b}" for b in others)
     if cfg.balance != "none":
         fix += ", more --epochs or a lower --lr"
     fix += "; or fix the label distribution of the dataset"
-    return ModelCollapseError(findings, str(report), because=because, fix=fix)
+    summary = (
+        f"the model collapsed onto class {predicted['class']} ({predicted['predicted_share']:.0%} of predictions), "
+        f"class {top} is {share:.0%} of the training labels; retrain with --balance {others[0]}"
+    )
+    return ModelCollapseError(findings, str(report), because=because, fix=fix, summary=summary)
 
 
 def load_checkpoint(ref: ArtifactRef) -> dict[str, Any]:

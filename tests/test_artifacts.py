@@ -74,3 +74,28 @@ def test_unwritable_artifacts_dir(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="--artifacts-dir"):
         ensure_writable(blocker / "artifacts")
+
+
+def test_a_parse_error_on_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
+    """onnx/onnxruntime write through C++ and may not report ENOSPC: their truncated output then fails
+    to parse (DecodeError). With no space left that must read as the StorageError, nothing else."""
+    import shutil
+    from collections import namedtuple
+
+    from tasks import artifacts
+    from tasks.errors import StorageError
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 0))
+
+    class DecodeError(Exception):
+        pass
+
+    with pytest.raises(StorageError, match="No space left") as info:
+        with artifacts.staging(tmp_path, "precision", "k" * 64):
+            raise DecodeError("Error parsing message with type 'onnx.ModelProto'")
+    assert "onnxruntime" not in str(info.value)
+    monkeypatch.undo()
+    with pytest.raises(DecodeError):  # with space left, the real error is kept
+        with artifacts.staging(tmp_path, "precision", "k" * 64):
+            raise DecodeError("Error parsing message")

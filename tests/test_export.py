@@ -26,3 +26,23 @@ class _DataDependent(torch.nn.Module):
 def test_untraceable_model_gets_a_clear_error(tmp_path):
     with pytest.raises(ExportError, match="make forward\\(\\) traceable"):
         onnx_from_module(_DataDependent(), (3, 8, 8), tmp_path / "m.onnx")
+
+
+def test_unexportable_operator_is_named_without_colour_codes(tmp_path):
+    """An operator without ONNX translation is named (not blamed on control flow); no ANSI codes, not cut."""
+    import torch
+    from torch import nn
+
+    from tasks.errors import ExportError
+    from tasks.export import onnx_from_module
+
+    class Eig(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.eigvals(x.flatten(1)[:, :16].reshape(-1, 4, 4)).real
+
+    with pytest.raises(ExportError) as info:
+        onnx_from_module(Eig(), (1, 4, 4), tmp_path / "m.onnx")
+    err = info.value
+    assert "aten.linalg_eig" in err.summary and "control flow" not in str(err)
+    assert "\x1b" not in str(err) and "Next steps" not in str(err)
+    assert len(err.summary) <= 150 and err.summary.endswith("forward()")

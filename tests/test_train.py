@@ -97,3 +97,35 @@ def test_balance_and_gate_enter_the_train_key(skewed):
 def test_balance_rejects_unknown_modes():
     with pytest.raises(ValueError, match="class_weight"):
         TrainConfig(balance="smote")
+
+
+def _collapse_metrics(train_counts: list[int], balanced_accuracy: float, top: int = 0, predicted_share: float = 0.9) -> dict:
+    k = len(train_counts)
+    return {
+        "train_label_counts": train_counts,
+        "train_majority_share": max(train_counts) / sum(train_counts),
+        "balanced_accuracy": balanced_accuracy,
+        "num_classes": k,
+        "most_predicted": {"class": top, "predicted_share": predicted_share, "true_share": 1 / k},
+    }
+
+
+def test_collapse_on_balanced_labels_is_explained_as_no_signal(tmp_path):
+    """Random balanced data (5 classes, 23% the largest): the fix is epochs/lr/data, never re-balancing."""
+    from tasks.config import TrainConfig
+    from tasks.train import _collapse_error
+
+    for balance in ("none", "class_weight"):
+        err = _collapse_error(["balanced accuracy 0.21 is below ..."], _collapse_metrics([115, 95, 95, 90, 95], 0.21), TrainConfig(balance=balance), tmp_path / "m.json")
+        assert "learnt no signal" in err.because and "balanced" in err.because
+        assert "--balance" not in str(err) and "imbalance" not in str(err)
+        assert "--epochs" in err.summary and "--lr" in err.summary and len(err.summary) <= 150
+
+
+def test_collapse_on_skewed_labels_is_explained_as_imbalance(tmp_path):
+    from tasks.config import TrainConfig
+    from tasks.train import _collapse_error
+
+    err = _collapse_error(["class 0 receives 97% ..."], _collapse_metrics([800, 50, 50, 50, 50], 0.22), TrainConfig(), tmp_path / "m.json")
+    assert "80% of the training labels" in err.because
+    assert "--balance class_weight" in err.summary and len(err.summary) <= 150

@@ -13,6 +13,16 @@ import pytest
 from flows.cli import EXIT_FAILED, EXIT_USAGE, config_from_args, main, _parser
 from tasks.config import Precision
 
+def assert_short_failure(err: str, reason: str) -> None:
+    """A failure as the terminal must show it: one line of <= 160 characters naming the reason, a few
+    indented detail lines, and no traceback."""
+    lines = err.rstrip("\n").splitlines()
+    assert "Traceback" not in err, err
+    assert lines[0].startswith("trtflow: ") and len(lines[0]) <= 160, lines[0]
+    assert reason in lines[0], f"{reason!r} not in the first line: {lines[0]!r}"
+    assert len(lines) <= 8 and all(line.startswith("  ") for line in lines[1:]), err
+
+
 TINY = ["--epochs", "1", "--min-batch", "1", "--opt-batch", "8", "--max-batch", "64", "--calibration-samples", "64"]
 
 
@@ -66,7 +76,8 @@ def test_config_file_is_overridden_by_options(tmp_path):
 def test_bad_options_exit_2_with_one_line_reason(argv, message, capsys):
     assert main(["run", *argv]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and err.startswith("trtflow: invalid options: got")
+    assert_short_failure(err, message)
+    assert err.startswith("trtflow: invalid options: ")
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -122,3 +133,52 @@ def test_fresh_processes_run_then_reuse_everything(tmp_path):
     finished = [line for line in log.splitlines() if "Task run" in line and "Finished in state" in line]
     # 4 shared stages, 4 per precision, and a profile per precision
     assert len(finished) == 19 and all("Cached" in line for line in finished), "\n".join(finished)
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("trtflow ")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--epochs N Training epochs (default: 5)", "--batch-size N Training mini-batch size (default: 64)", "(default: 256)", "(default: fp32,fp16,int8)"):
+        assert text in out
+
+
+def test_serve_help_is_not_a_docstring(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "From Python::" not in out and "pipeline_on" not in out and "--cron" in out
+    assert max(len(line) for line in out.splitlines()) <= 110
+
+
+def test_every_option_names_a_config_field():
+    """The option table is checked against the config: a renamed field breaks this, not a user's run."""
+    from tasks.options import all_options, field_at, parameter_path
+
+    for o in all_options():
+        for path in o.paths:
+            field_at(path)  # KeyError if the field is gone
+    assert parameter_path("--lr") == "config.train.lr"
+    assert parameter_path("--balance", "class_weight") == "config.train.balance=class_weight"
+    assert parameter_path("--no-profile") == "config.profile.enabled=false"
+
+
+def test_messages_in_the_ui_name_parameter_paths_and_relative_files(tmp_path, monkeypatch):
+    from tasks import errors
+
+    monkeypatch.setattr(errors, "_flow_artifacts_dir", lambda: str(tmp_path))
+    text = errors.for_ui(f"loosen --tolerance fp16.atol=0.05, retrain with --balance class_weight or lower --lr; read {tmp_path}/reports/train-metrics.json")
+    assert text == "loosen config.tolerances.fp16.atol=0.05, retrain with config.train.balance=class_weight or lower config.train.lr; read reports/train-metrics.json"
+
+
+def test_summary_paths_are_relative(tmp_path, monkeypatch, capsys):
+    from flows.cli import _print_summary
+
+    monkeypatch.chdir(tmp_path)
+    report = {"backend": "onnxruntime", "precisions": {"fp32": {"passed": True, "accuracy": 1, "top1_agreement": 1, "min_cosine": 1, "max_abs": 0, "engine": "build/abc/engine.onnx"}}}
+    _print_summary(report, tmp_path / "artifacts")
+    out = capsys.readouterr().out
+    assert "artifacts/build/abc/engine.onnx" in out and str(tmp_path) not in out

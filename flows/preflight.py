@@ -1,0 +1,123 @@
+"""Checks that need no Prefect, run by ``trtflow run`` before the temporary server starts (seconds, not minutes).
+
+The artifacts folder, the dataset's content (the data stage itself runs here), the model factory
+(import, weights, build, one forward pass on two samples, export of the untrained model to ONNX) and
+the backend: a bad input fails here in about two
+seconds instead of after the server start and the training. What passed is remembered in
+``<artifacts>/.preflight.json`` (by dataset file identity, model and source), so an unchanged re-run
+skips the dataset and model checks.
+
+    from flows.preflight import check_before_run
+    check_before_run(config)     # raises the TrtflowError a stage would raise later
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("trtflow.preflight")
+
+MEMO = ".preflight.json"
+DEFAULT_MODEL = "tasks.models:default_model"
+
+
+def _module_digest(model_path: str) -> str:
+    """Identity of the model factory's source file (size and mtime), so an edit re-checks it."""
+    with_file = ""
+    try:
+        spec = importlib.util.find_spec(model_path.partition(":")[0])
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            st = Path(spec.origin).stat()
+            with_file = f"{spec.origin}:{st.st_size}:{st.st_mtime_ns}"
+    except (ImportError, ValueError):
+        pass
+    return with_file
+
+
+def _memo_key(config: Any) -> str:
+    ds = config.data.dataset
+    weights = config.train.weights
+    ident: list[Any] = [config.train.model_dump(mode="json"), config.data.model_dump(mode="json"), _module_digest(config.train.model), Path(__file__).stat().st_mtime_ns]
+    if ds is not None:
+        p = Path(ds).expanduser()
+        try:
+            st = p.stat()
+            ident += [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        except OSError:
+            ident.append("missing")
+    if weights is not None:
+        try:
+            st = Path(weights).expanduser().stat()
+            ident += [st.st_size, st.st_mtime_ns]
+        except OSError:
+            ident.append("no weights")
+    return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()
+
+
+def _remembered(root: Path, key: str) -> bool:
+    try:
+        return json.loads((root / MEMO).read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remember(root: Path, key: str) -> None:
+    try:
+        (root / MEMO).write_text(json.dumps({"key": key}))
+    except OSError:
+        pass  # only a speed-up
+
+
+def model_checks(data: Any, train: Any) -> None:
+    """Build the model as the train stage will, run two samples through it, export it untrained to ONNX.
+
+    Args:
+        data: the ``data`` artifact (the dataset checked and split).
+        train: the run's TrainConfig.
+
+    Raises:
+        ModelError: the factory cannot build a fitting model. ExportError: it cannot become ONNX.
+    """
+    from tasks.data import input_specs
+    from tasks.export import onnx_from_module
+    from tasks.models import bind
+    from tasks.train import prepare_model
+
+    prepared = prepare_model(data, train)
+    specs = input_specs(data)
+    inputs = [{"name": s["name"], "dtype": s["dtype"], "shape": list(s["shape"])} for s in specs]
+    with tempfile.TemporaryDirectory(prefix="trtflow-preflight-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_from_module(bind(prepared.model, prepared.binding).eval(), tuple(inputs[0]["shape"]), Path(tmp) / "untrained.onnx", inputs=inputs, outputs=list(prepared.outputs))
+
+
+def check_before_run(config: Any) -> Path:
+    """Run every check that needs no Prefect server; returns the artifacts folder.
+
+    The flow's own ``preflight`` (folder, dataset file, factory, weights, labels, backend), then the
+    data stage itself (every dataset check; its artifact is what the run then reuses), then the model
+    built, tried on two samples and exported once untrained.
+
+    Raises:
+        ConfigError, DatasetError, ModelError, ExportError, BackendUnavailableError: what a stage
+        would raise later, with the same message.
+    """
+    from flows.pipeline import preflight
+    from tasks.data import splits_from_dataset
+
+    root, _, _ = preflight(config)
+    key = _memo_key(config)
+    if not _remembered(root, key):
+        data = splits_from_dataset(config.data, root)
+        # The default model on the bundled digits is known to build and export; anything else is tried.
+        if config.train.model != DEFAULT_MODEL or config.data.dataset is not None or config.train.weights is not None:
+            model_checks(data, config.train)
+        _remember(root, key)
+    return root

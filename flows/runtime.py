@@ -1,0 +1,407 @@
+"""Run the flow from the command line like a finished tool: its own temporary server, clean signals, short errors.
+
+``trtflow run`` without ``PREFECT_API_URL`` needs a temporary Prefect server. Prefect's own one lives in
+the terminal's process group, so Ctrl-C stops it first and the engine then retries its API calls for
+minutes. Here the server runs in its own session (a terminal's Ctrl-C reaches only trtflow), its output
+goes to ``$PREFECT_HOME/trtflow-server.log``, and:
+
+- a damaged Prefect database (``prefect.db``) is moved aside and a fresh one is created (one line says so);
+- a slow start gets a generous start-up timeout (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``,
+  default here ``DEFAULT_STARTUP_TIMEOUT_S``) and ends, if still too slow, with one line naming the fix;
+- Ctrl-C or SIGTERM at any point prints one line, marks the flow run Cancelled, stops the server and
+  exits 130 (143) within seconds; finished stages are committed artifacts, so the next run resumes;
+- Prefect's console handler prints one line per log record (no tracebacks) unless ``debug``.
+
+    from flows.runtime import run_flow
+    report = run_flow(pipeline, config, debug=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import TrtflowError, one_line
+
+#: start-up timeout of the temporary server unless the user set Prefect's setting (Prefect's default: 20 s)
+DEFAULT_STARTUP_TIMEOUT_S = 180
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+SERVER_LOG = "trtflow-server.log"
+#: seconds a signal may spend marking the run Cancelled and stopping the server
+SIGNAL_BUDGET_S = 3.0
+
+
+class PrefectServerError(TrtflowError):
+    """The temporary Prefect server could not be started (timeout, damaged or locked database)."""
+
+
+def prepare_environment() -> None:
+    """Settings trtflow wants before Prefect is imported: its loggers in Prefect's handlers, no telemetry."""
+    extra = [x for x in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if x]
+    if "trtflow" not in extra:
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*extra, "trtflow"])
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Another trtflow run's server may hold SQLite's write lock for a moment: wait, don't fail.
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT", "60")
+
+
+# --- the Prefect database ----------------------------------------------------------------------------
+
+
+def database_file() -> Path | None:
+    """The SQLite file of the Prefect database the temporary server would use (None: not SQLite)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.server.database.connection_url
+    text = url.get_secret_value() if hasattr(url, "get_secret_value") else str(url or "")
+    if not text:
+        return Path(settings.home).expanduser() / "prefect.db"
+    if not text.startswith("sqlite"):
+        return None
+    path = text.split(":///", 1)[-1].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path).expanduser()
+
+
+def database_problem(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is unusable, or None (also when it does not exist yet).
+
+    A locked database is not a problem here: the server waits for the lock.
+    """
+    if not path.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            row = con.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            con.close()
+    except sqlite3.OperationalError as exc:
+        return None if "locked" in str(exc) else str(exc)
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if row and row[0] == "ok" else str(row[0] if row else "empty answer to quick_check")
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged database (and its -wal/-shm/-journal files) to ``<name>.damaged-<time>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            src.rename(f"{target}{suffix}")
+    return target
+
+
+def heal_database(say: Callable[[str], None]) -> None:
+    """Move a damaged Prefect database aside (saying so in one line); a fresh one is created on start."""
+    path = database_file()
+    if path is None:
+        return
+    problem = database_problem(path)
+    if problem is None:
+        return
+    target = move_aside(path)
+    say(f"the Prefect database {path.name} was damaged ({one_line(problem, 60)}); moved it to {target.name} and started a fresh one (run history only)")
+
+
+# --- the temporary server ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def startup_timeout() -> float:
+    """Seconds the server may take to answer: the user's Prefect setting, else ``DEFAULT_STARTUP_TIMEOUT_S``."""
+    try:
+        return float(os.environ[STARTUP_TIMEOUT_ENV])
+    except (KeyError, ValueError):
+        return float(DEFAULT_STARTUP_TIMEOUT_S)
+
+
+class TemporaryServer:
+    """A Prefect API server in its own session, on a free port of 127.0.0.1, for one run."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log = log_dir / SERVER_LOG
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float) -> str:
+        """Start the server and wait until it answers; returns its API URL.
+
+        Raises:
+            PrefectServerError: it exited or did not answer within ``timeout`` seconds.
+        """
+        import prefect
+        from prefect.settings import get_current_settings
+
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        env = {
+            **os.environ,
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        env.pop("PREFECT_API_URL", None)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                # Its own session: the terminal's Ctrl-C reaches trtflow only, which then stops it in order.
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self._failed(f"exited with code {self.proc.returncode}")
+            with contextlib.suppress(OSError, ValueError):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.url
+            time.sleep(0.1)
+        self.stop()
+        raise self._failed(f"did not answer within {timeout:g} s", timed_out=True)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def _failed(self, what: str, timed_out: bool = False) -> PrefectServerError:
+        tail = self.log_tail()
+        if "locked" in tail:
+            return PrefectServerError(
+                got=f"a Prefect database that stays locked (the temporary server {what})",
+                expected="the database free within PREFECT_SERVER_DATABASE_TIMEOUT",
+                because="another process (a second run, a `prefect server`) holds its write lock",
+                fix="wait for the other run, or give this one its own PREFECT_HOME=<folder>",
+                summary=f"the Prefect database is locked by another process; wait for it, or run with PREFECT_HOME=<another folder>",
+            )
+        if timed_out:
+            return PrefectServerError(
+                got=f"a temporary Prefect server that {what}",
+                expected="it to answer on /api/health",
+                because="the machine is busy or the database is slow (its log is " + str(self.log) + ")",
+                fix=f"raise {STARTUP_TIMEOUT_ENV} (e.g. =600), or start `prefect server start` and set PREFECT_API_URL",
+                summary=f"the temporary Prefect server {what}; set {STARTUP_TIMEOUT_ENV}=600 (or use PREFECT_API_URL)",
+            )
+        last = next((line for line in reversed(tail.strip().splitlines()) if line.strip()), "no output")
+        return PrefectServerError(
+            got=f"a temporary Prefect server that {what} ({one_line(last, 100)})",
+            expected="it to start",
+            because=f"the server failed; its log is {self.log}",
+            fix="read that log; start `prefect server start` yourself and set PREFECT_API_URL to bypass it",
+            summary=f"the temporary Prefect server {what}: {one_line(last, 70)}; see {self.log.name} in PREFECT_HOME",
+        )
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Terminate the server (SIGTERM, SIGKILL after ``grace`` seconds)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def start_server(say: Callable[[str], None]) -> TemporaryServer:
+    """Heal the database, then start a temporary server; a start that fails on a damaged database heals and retries once.
+
+    Raises:
+        PrefectServerError: the server cannot start; its message names the fix.
+    """
+    from prefect.settings import get_current_settings
+
+    heal_database(say)
+    server = TemporaryServer(Path(get_current_settings().home).expanduser())
+    try:
+        server.start(startup_timeout())
+    except PrefectServerError:
+        tail = server.log_tail()
+        path = database_file()
+        damaged = any(s in tail for s in ("malformed", "not a database", "DatabaseError"))
+        if not (damaged and path is not None and path.exists()):
+            raise
+        target = move_aside(path)
+        say(f"the Prefect database {path.name} was damaged; moved it to {target.name} and started a fresh one (run history only)")
+        server.start(startup_timeout())
+    return server
+
+
+# --- signals -------------------------------------------------------------------------------------------
+
+
+def _api(url: str, path: str, body: dict[str, Any], timeout: float) -> Any:
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def cancel_flow_run(api_url: str, flow_run_id: str, why: str, timeout: float = 1.5) -> None:
+    """Mark a flow run and its unfinished task runs Cancelled through the REST API (best effort)."""
+    state = {"type": "CANCELLED", "name": "Cancelled", "message": why}
+    with contextlib.suppress(Exception):
+        runs = _api(api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "task_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING", "SCHEDULED"]}}}}, timeout)
+        for run in runs or []:
+            _api(api_url, f"/task_runs/{run['id']}/set_state", {"state": state, "force": True}, timeout)
+    with contextlib.suppress(Exception):
+        _api(api_url, f"/flow_runs/{flow_run_id}/set_state", {"state": state, "force": True}, timeout)
+
+
+def _current_flow_run_id() -> str | None:
+    with contextlib.suppress(Exception):
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        if ctx is not None and ctx.flow_run is not None:
+            return str(ctx.flow_run.id)
+    return None
+
+
+@contextlib.contextmanager
+def signals_end_the_run(server: TemporaryServer | None, api_url: str | None) -> Iterator[None]:
+    """Within the block, SIGINT/SIGTERM print one line, cancel the flow run, stop the server and exit 130/143.
+
+    The exit is immediate (``os._exit``): training threads and Prefect's retrying API clients would
+    otherwise keep the process alive for minutes. Nothing finished is lost: stages commit their
+    artifacts atomically, and a half-written staging folder is swept by the next run.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"trtflow: {what}; finished stages are kept, run the same command to resume\n")
+            sys.stderr.flush()
+        run_id = _current_flow_run_id()
+        if api_url and run_id:
+            cancel_flow_run(api_url, run_id, f"{what} by signal {signal.Signals(signum).name}")
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop(grace=SIGNAL_BUDGET_S / 2)
+        os._exit(128 + signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --- short console lines ---------------------------------------------------------------------------------
+
+
+class OneLineFormatter(logging.Formatter):
+    """Wraps a console formatter: every record on one line, no traceback (the API handler keeps them)."""
+
+    def __init__(self, inner: logging.Formatter | None, limit: int = 200) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.limit = limit
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if not (record.exc_info or record.exc_text or record.stack_info or "\n" in msg or len(msg) > self.limit):
+            return self.inner.format(record)
+        # A copy: the same record goes on to Prefect's API handler, which must keep the traceback.
+        short = copy.copy(record)
+        short.exc_info, short.exc_text, short.stack_info = None, None, None
+        short.msg, short.args = one_line(msg.strip().splitlines()[0] if msg.strip() else "", self.limit), None
+        return self.inner.format(short)
+
+
+@contextlib.contextmanager
+def one_line_console() -> Iterator[None]:
+    """Make Prefect's console handlers print one line per record (tracebacks stay in the API logs)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    changed: list[tuple[logging.Handler, logging.Formatter | None]] = []
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, PrefectConsoleHandler) and not isinstance(h.formatter, OneLineFormatter):
+                changed.append((h, h.formatter))
+                h.setFormatter(OneLineFormatter(h.formatter))
+    try:
+        yield
+    finally:
+        for h, f in changed:
+            h.setFormatter(f)  # type: ignore[arg-type]
+
+
+def _flush_logs() -> None:
+    # Prefect ships logs and events to the API from background workers; drain them while the server
+    # still answers, else they retry against a stopped server at exit for a minute or more.
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=5)
+
+
+def run_flow(flow: Callable[..., Any], config: Any, debug: bool = False, say: Callable[[str], None] | None = None) -> Any:
+    """Call the flow on ``config`` against a temporary server (or ``PREFECT_API_URL``), with clean signals.
+
+    Args:
+        flow: the pipeline flow (or a ``with_options`` variant).
+        config: its PipelineConfig.
+        debug: keep Prefect's tracebacks in the terminal.
+        say: prints a one-line notice (database healed); default: stderr with a "trtflow: " prefix.
+
+    Returns:
+        The flow's return value.
+
+    Raises:
+        PrefectServerError: no server could be started. Whatever the flow raises.
+    """
+    say = say or (lambda line: print(f"trtflow: {line}", file=sys.stderr))
+    server: TemporaryServer | None = None
+    with contextlib.ExitStack() as stack:
+        # Ctrl-C while the server starts: same one line and exit code, nothing to cancel yet.
+        stack.enter_context(signals_end_the_run(None, None))
+        from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+        api_url = get_current_settings().api.url
+        if not api_url:
+            server = start_server(say)
+            stack.callback(server.stop)
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.url}))
+            api_url = server.url
+        stack.callback(_flush_logs)
+        if logging.getLogger("trtflow").level == logging.NOTSET:
+            logging.getLogger("trtflow").setLevel(logging.INFO)  # per-epoch lines, stage summaries
+        if not debug:
+            stack.enter_context(one_line_console())
+        stack.enter_context(signals_end_the_run(server, api_url))
+        return flow(config)

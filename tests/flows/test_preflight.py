@@ -1,0 +1,114 @@
+"""Checks that run before the temporary Prefect server: bad inputs fail in seconds, in one short line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows import cli
+from flows.cli import EXIT_FAILED, main
+
+EIG_MODEL = '''
+import torch
+from torch import nn
+
+
+class Eig(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.fc = nn.Linear(in_channels * 8 * 8, 16)
+        self.out = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        h = self.fc(x.flatten(1)).view(-1, 4, 4)
+        return self.out(torch.linalg.eigvals(h).real)
+
+
+def make(num_classes, in_channels):
+    return Eig(num_classes, in_channels)
+'''
+
+
+@pytest.fixture
+def no_prefect(monkeypatch):
+    """Fail the test if the flow (and so the Prefect server) would start."""
+    import flows.runtime
+
+    def refuse(*a, **k):
+        raise AssertionError("the Prefect flow started although a check before it should have failed")
+
+    monkeypatch.setattr(flows.runtime, "run_flow", refuse)
+
+
+def _dataset(tmp_path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _small(n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.random((n, 1, 8, 8), dtype=np.float32), np.arange(n) % 3
+
+
+def _run(tmp_path, capsys, *argv: str) -> tuple[int, str]:
+    code = main(["run", "--artifacts-dir", str(tmp_path / "art"), "--epochs", "1", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_prefect")
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda x, y: (x * 1e30, y), "values up to 1e+30"),
+        (lambda x, y: (np.ones_like(x), y), "every sample of x is identical"),
+        (lambda x, y: (np.array([object()] * len(y)), y), "object array (dtype=object)"),
+        (lambda x, y: (x, y + 0.5), "expected integer class indices"),
+    ],
+    ids=["huge values", "identical samples", "object array", "fractional labels"],
+)
+def test_bad_dataset_fails_before_the_server(tmp_path, capsys, make, reason):
+    from test_cli import assert_short_failure
+
+    x, y = make(*_small())
+    if x.dtype == object:
+        path = tmp_path / "d.npz"
+        np.savez(path, x=x, y=y, allow_pickle=True)
+    else:
+        path = _dataset(tmp_path, x, y)
+    code, err = _run(tmp_path, capsys, "--dataset", str(path))
+    assert code == EXIT_FAILED
+    assert_short_failure(err, reason)
+
+
+@pytest.mark.usefixtures("no_prefect")
+def test_unexportable_model_names_the_operator_before_training(tmp_path, capsys, monkeypatch):
+    from test_cli import assert_short_failure
+
+    (tmp_path / "eig_model.py").write_text(EIG_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, y = _small()
+    code, err = _run(tmp_path, capsys, "--dataset", str(_dataset(tmp_path, x, y)), "--model", "eig_model:make")
+    assert code == EXIT_FAILED
+    assert_short_failure(err, "aten.linalg_eig")
+    assert "\x1b[" not in err and "control flow" not in err
+    assert not (tmp_path / "art" / "train").exists()
+
+
+def test_a_passing_check_is_remembered(tmp_path, monkeypatch):
+    from flows import preflight
+    from tasks.config import PipelineConfig
+
+    x, y = _small()
+    cfg = PipelineConfig(artifacts_dir=tmp_path / "art", data={"dataset": _dataset(tmp_path, x, y)})
+    calls = []
+    monkeypatch.setattr(preflight, "model_checks", lambda *a: calls.append(a))
+    preflight.check_before_run(cfg)
+    preflight.check_before_run(cfg)
+    assert len(calls) == 1
+    np.savez(tmp_path / "d.npz", x=x * 1e30, y=y)  # an edited dataset is checked again
+    with pytest.raises(Exception, match="sane range"):
+        preflight.check_before_run(cfg)
