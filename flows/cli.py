@@ -145,7 +145,7 @@ def _fail(exc: BaseException, debug: bool) -> None:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    text = exc.render(debug) if isinstance(exc, TrtflowError) else one_line(f"{type(exc).__name__}: {exc}", 150)
+    text = exc.render(debug) if isinstance(exc, TrtflowError) else one_line(f"{type(exc).__name__}: {exc}", 150)  # type: ignore[union-attr]
     print(f"trtflow: {text}", file=sys.stderr)
 
 
@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Everything that needs no Prefect, before its server starts: a bad input fails in seconds.
         from flows.preflight import check_before_run
+        from flows.runtime import RunHandle, run_flow, signals_end_the_run
 
-        check_before_run(config)
-        from flows.runtime import run_flow
+        with signals_end_the_run(RunHandle()):  # Ctrl-C / SIGTERM during the checks: one line too
+            check_before_run(config)
         from flows.serve import pipeline_on
 
         report = run_flow(pipeline_on(args.task_runner, args.dask_address, args.dask_workers), config, debug)
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trtflow: interrupted; finished stages are kept, run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line, not a traceback
+        _fail(exc, debug)
+        if not debug:
+            print("  (an unexpected error: run the same command with -v for the traceback, and report it)", file=sys.stderr)
+        return EXIT_FAILED
     root = Path(config.artifacts_dir).expanduser().resolve()
     if args.json:
         print(json.dumps(report, indent=2))

@@ -207,7 +207,7 @@ class TemporaryServer:
                 expected="it to answer on /api/health",
                 because="the machine is busy or the database is slow (its log is " + str(self.log) + ")",
                 fix=f"raise {STARTUP_TIMEOUT_ENV} (e.g. =600), or start `prefect server start` and set PREFECT_API_URL",
-                summary=f"the temporary Prefect server {what}; set {STARTUP_TIMEOUT_ENV}=600 (or use PREFECT_API_URL)",
+                summary=f"the temporary Prefect server {what.replace('did not answer', 'did not start')}; set {STARTUP_TIMEOUT_ENV}=600",
             )
         last = next((line for line in reversed(tail.strip().splitlines()) if line.strip()), "no output")
         return PrefectServerError(
@@ -231,18 +231,18 @@ class TemporaryServer:
             proc.wait(5)
 
 
-def start_server(say: Callable[[str], None]) -> TemporaryServer:
-    """Heal the database, then start a temporary server; a start that fails on a damaged database heals and retries once.
+def start_server(server: TemporaryServer, say: Callable[[str], None]) -> str:
+    """Heal the database, then start ``server``; a start that fails on a damaged database heals and retries once.
+
+    Returns:
+        The server's API URL.
 
     Raises:
         PrefectServerError: the server cannot start; its message names the fix.
     """
-    from prefect.settings import get_current_settings
-
     heal_database(say)
-    server = TemporaryServer(Path(get_current_settings().home).expanduser())
     try:
-        server.start(startup_timeout())
+        return server.start(startup_timeout())
     except PrefectServerError:
         tail = server.log_tail()
         path = database_file()
@@ -251,8 +251,7 @@ def start_server(say: Callable[[str], None]) -> TemporaryServer:
             raise
         target = move_aside(path)
         say(f"the Prefect database {path.name} was damaged; moved it to {target.name} and started a fresh one (run history only)")
-        server.start(startup_timeout())
-    return server
+        return server.start(startup_timeout())
 
 
 # --- signals -------------------------------------------------------------------------------------------
@@ -285,8 +284,15 @@ def _current_flow_run_id() -> str | None:
     return None
 
 
+class RunHandle:
+    """What a signal handler needs to end a run cleanly; filled in as the run gets going."""
+
+    server: TemporaryServer | None = None
+    api_url: str | None = None
+
+
 @contextlib.contextmanager
-def signals_end_the_run(server: TemporaryServer | None, api_url: str | None) -> Iterator[None]:
+def signals_end_the_run(run: RunHandle) -> Iterator[None]:
     """Within the block, SIGINT/SIGTERM print one line, cancel the flow run, stop the server and exit 130/143.
 
     The exit is immediate (``os._exit``): training threads and Prefect's retrying API clients would
@@ -301,11 +307,11 @@ def signals_end_the_run(server: TemporaryServer | None, api_url: str | None) -> 
             sys.stderr.write(f"trtflow: {what}; finished stages are kept, run the same command to resume\n")
             sys.stderr.flush()
         run_id = _current_flow_run_id()
-        if api_url and run_id:
-            cancel_flow_run(api_url, run_id, f"{what} by signal {signal.Signals(signum).name}")
-        if server is not None:
+        if run.api_url and run_id:
+            cancel_flow_run(run.api_url, run_id, f"{what} by signal {signal.Signals(signum).name}")
+        if run.server is not None:
             with contextlib.suppress(Exception):
-                server.stop(grace=SIGNAL_BUDGET_S / 2)
+                run.server.stop(grace=SIGNAL_BUDGET_S / 2)
         os._exit(128 + signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -386,22 +392,22 @@ def run_flow(flow: Callable[..., Any], config: Any, debug: bool = False, say: Ca
         PrefectServerError: no server could be started. Whatever the flow raises.
     """
     say = say or (lambda line: print(f"trtflow: {line}", file=sys.stderr))
-    server: TemporaryServer | None = None
+    run = RunHandle()
     with contextlib.ExitStack() as stack:
-        # Ctrl-C while the server starts: same one line and exit code, nothing to cancel yet.
-        stack.enter_context(signals_end_the_run(None, None))
+        # Installed first: Ctrl-C while the server starts also ends with one line and stops it.
+        stack.enter_context(signals_end_the_run(run))
         from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-        api_url = get_current_settings().api.url
-        if not api_url:
-            server = start_server(say)
-            stack.callback(server.stop)
-            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.url}))
-            api_url = server.url
+        run.api_url = get_current_settings().api.url or None
+        if run.api_url is None:
+            run.server = TemporaryServer(Path(get_current_settings().home).expanduser())
+            stack.callback(run.server.stop)
+            url = start_server(run.server, say)
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+            run.api_url = url
         stack.callback(_flush_logs)
         if logging.getLogger("trtflow").level == logging.NOTSET:
             logging.getLogger("trtflow").setLevel(logging.INFO)  # per-epoch lines, stage summaries
         if not debug:
             stack.enter_context(one_line_console())
-        stack.enter_context(signals_end_the_run(server, api_url))
         return flow(config)

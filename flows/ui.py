@@ -26,6 +26,7 @@ from uuid import UUID
 import numpy as np
 
 from tasks.metrics import confusion_matrix  # noqa: F401 - re-exported for the figure code and tests
+from tasks.progress import set_sink
 
 log = logging.getLogger("trtflow.ui")
 
@@ -66,8 +67,20 @@ class Progress:
         if _in_flow_run():
             from prefect.artifacts import create_progress_artifact
 
+            drop_earlier_attempts()
             # Called from the (sync) flow, so it returns the id, not a coroutine.
             self.id = cast(UUID, create_progress_artifact(progress=0.0, key="trtflow-progress", description=f"0/{self.total} stages"))
+            # Long stages (training) report through tasks.progress while they run, not only when done.
+            set_sink(self.within_stage)
+
+    def within_stage(self, stage: str, fraction: float, text: str) -> None:
+        """Move the bar inside a running stage (``tasks.progress`` sink): done + fraction of one stage."""
+        if self.id is None or not _in_flow_run():
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        share = min(self.done + max(0.0, min(fraction, 1.0)), self.total)
+        update_progress_artifact(self.id, progress=100.0 * share / self.total, description=f"{self.done}/{self.total} stages; now {text}")
 
     def expect(self, total: int) -> None:
         """Correct the number of planned stages once the branches are known (never below those done)."""
@@ -95,6 +108,34 @@ class Progress:
             update_progress_artifact(self.id, progress=100.0 * self.done / self.total, description=f"{self.done}/{self.total} stages; last: {what}")
         except Exception as exc:  # noqa: BLE001 - the UI's progress bar must never fail a run
             log.warning("could not update the progress artifact: %s", exc)
+
+
+def drop_earlier_attempts() -> int:
+    """On a retried flow run, delete the artifacts its earlier attempts made: one set per run in the UI.
+
+    Returns:
+        How many were deleted (0 on a first attempt, outside a flow run, or when the API refuses).
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None or (ctx.flow_run.run_count or 0) <= 1:
+        return 0
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        n = 0
+        with get_client(sync_client=True) as client:
+            old = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[ctx.flow_run.id])))
+            for artifact in old:
+                client.delete_artifact(artifact.id)
+                n += 1
+        log.info("retry %d of this flow run: replaced the %d artifacts of earlier attempts", ctx.flow_run.run_count, n)
+        return n
+    except Exception as exc:  # noqa: BLE001 - a stale card must never fail a run
+        log.warning("artifacts of earlier attempts not removed: %s", exc)
+        return 0
 
 
 # --- plain figure helpers -------------------------------------------------------------------------

@@ -52,6 +52,8 @@ def onnx_from_module(
     if inputs is None:
         inputs = [{"name": INPUT_NAME, "dtype": "float32", "shape": list(sample_shape or ())}]
     model.eval()
+    # "torchvision is not installed. Skipping torchvision::nms" x4 on every first export: noise.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # Batch 2, not 1: the exporter specialises size-1 dimensions to static 1. Zeros are valid for
     # every input, ids included (index 0 exists in any embedding).
     examples = tuple(torch.from_numpy(np.zeros((2, *s["shape"]), dtype=np.dtype(s["dtype"]))) for s in inputs)

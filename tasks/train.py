@@ -18,6 +18,7 @@ import numpy as np
 from tasks.artifacts import ArtifactRef, sha256_file
 from tasks.config import TrainConfig
 from tasks.errors import ArtifactError, ModelCollapseError, ModelError
+from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
 
 if TYPE_CHECKING:
@@ -325,7 +326,6 @@ def train_model(
         ModelError: the optimisation diverged, or training was asked for without labels.
     """
     import torch
-    from tqdm import tqdm
 
     from tasks.data import split_inputs, split_labels
     from tasks.models import bind
@@ -362,53 +362,57 @@ def train_model(
     n_tr = len(y_tr)
     history: list[dict[str, float]] = []
     steps = (n_tr + cfg.batch_size - 1) // cfg.batch_size
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        if sample_weights is None:
-            perm = torch.randperm(n_tr, generator=gen)
-        else:
-            # Same number of draws as samples, so an epoch costs the same; minority samples repeat.
-            perm = torch.multinomial(sample_weights, n_tr, replacement=True, generator=gen)
-        total, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", leave=False, disable=None if progress is None else not progress)
-        for s in bar:
-            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            if batch_norm and len(idx) == 1 and total:
-                continue  # BatchNorm cannot train on a single sample
-            # Only this batch's rows are read (from a memory map for large data).
-            feed = split_inputs(data, "train", idx.numpy())
-            logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
-            loss = loss_fn(logits, yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yt[idx]).sum())
-            total += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / total:.4f}")
-        if not np.isfinite(loss_sum):
-            raise ModelError(
-                got=f"a non-finite training loss in epoch {epoch}",
-                expected="a finite loss",
-                because="the optimisation diverged",
-                fix="lower --lr",
+    meter = Progress("train", total=epochs * steps, unit="batch", logger=log, bar=progress)
+    with meter:
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            if sample_weights is None:
+                perm = torch.randperm(n_tr, generator=gen)
+            else:
+                # Same number of draws as samples, so an epoch costs the same; minority samples repeat.
+                perm = torch.multinomial(sample_weights, n_tr, replacement=True, generator=gen)
+            total, correct, loss_sum = 0, 0, 0.0
+            for s in range(steps):
+                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                if batch_norm and len(idx) == 1 and total:
+                    meter.update()
+                    continue  # BatchNorm cannot train on a single sample
+                # Only this batch's rows are read (from a memory map for large data).
+                feed = split_inputs(data, "train", idx.numpy())
+                logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
+                loss = loss_fn(logits, yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * len(idx)
+                correct += int((logits.argmax(1) == yt[idx]).sum())
+                total += len(idx)
+                meter.update(samples=len(idx), epoch=epoch, loss=loss_sum / total)
+            if not np.isfinite(loss_sum):
+                raise ModelError(
+                    got=f"a non-finite training loss in epoch {epoch}",
+                    expected="a finite loss",
+                    because="the optimisation diverged",
+                    fix="lower --lr",
+                )
+            val_logits = predict_split(bound, data, "val")[at]
+            val_loss = float(eval_loss_fn(torch.from_numpy(val_logits), torch.from_numpy(np.array(y_val))))
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum / total,
+                "train_acc": correct / total,
+                "val_loss": val_loss,
+                "val_acc": float((val_logits.argmax(1) == y_val).mean()),
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(row)
+            # One line per epoch (Prefect's run log, the UI's progress): loss, accuracy, samples/s, ETA.
+            meter.milestone(
+                f"epoch {epoch}/{epochs}",
+                loss=round(row["train_loss"], 4), acc=round(row["train_acc"], 4),
+                val_loss=round(row["val_loss"], 4), val_acc=round(row["val_acc"], 4),
             )
-        val_logits = predict_split(bound, data, "val")[at]
-        val_loss = float(eval_loss_fn(torch.from_numpy(val_logits), torch.from_numpy(np.array(y_val))))
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / total,
-            "train_acc": correct / total,
-            "val_loss": val_loss,
-            "val_acc": float((val_logits.argmax(1) == y_val).mean()),
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(row)
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)",
-            epoch, epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"],
-        )
     model.eval()
     return model, history
 
