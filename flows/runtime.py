@@ -369,11 +369,11 @@ def _flush_logs() -> None:
     with contextlib.suppress(Exception):
         from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=5)
+        APILogWorker.drain_all(timeout=5, at_exit=False)
     with contextlib.suppress(Exception):
         from prefect.events.worker import EventsWorker
 
-        EventsWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5, at_exit=False)
 
 
 def run_flow(flow: Callable[..., Any], config: Any, debug: bool = False, say: Callable[[str], None] | None = None) -> Any:
@@ -405,7 +405,8 @@ def run_flow(flow: Callable[..., Any], config: Any, debug: bool = False, say: Ca
             url = start_server(run.server, say)
             stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
             run.api_url = url
-        stack.callback(_flush_logs)
+            # Drained only before our own server stops; a user's server keeps receiving them.
+            stack.callback(_flush_logs)
         if logging.getLogger("trtflow").level == logging.NOTSET:
             logging.getLogger("trtflow").setLevel(logging.INFO)  # per-epoch lines, stage summaries
         if not debug:

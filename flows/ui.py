@@ -350,4 +350,5 @@ def publish_links(report: Mapping[str, Any]) -> None:
         if "engine" in r:
             files.append((f"trtflow-engine-{p}", r["engine"], f"{p} engine ({r.get('backend')}), sha256 {r['engine_sha256'][:12]}…"))
     for key, rel, what in files:
-        create_link_artifact(key=key, link=rel, link_text=rel, description=f"{what}; path relative to the artifacts folder")
+        # The browser cannot open the worker's disk: the card says what the file is and where it lies.
+        create_link_artifact(key=key, link=rel, link_text=f"{what}: {rel} (in the artifacts folder)", description=f"{what}; path relative to the artifacts folder")

@@ -53,6 +53,8 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the data comes from and how it is split."""
 
+    model_config = ConfigDict(title="Data")
+
     dataset: Path | None = Field(
         None,
         description="A .npz file (or a folder of .npy files, memory-mapped) with one array per model input, named after forward's parameters (a single input "
@@ -98,6 +100,8 @@ class CollapseGate(_Strict):
       collapse the share rule cannot see because the collapsed-on class truly dominates.
     """
 
+    model_config = ConfigDict(title="Collapse gate")
+
     enabled: bool = Field(True, description="Check the trained model for collapse; off ships whatever trained.")
     max_majority_prediction_share: float = Field(
         0.8, gt=0, le=1, description="Largest share of validation predictions one class may take (if also over its true share + margin)."
@@ -112,6 +116,8 @@ class CollapseGate(_Strict):
 
 class TrainConfig(_Strict):
     """How the PyTorch model is made and trained."""
+
+    model_config = ConfigDict(title="Training")
 
     model: str = Field(
         "tasks.models:default_model",
@@ -148,7 +154,7 @@ class TrainConfig(_Strict):
         "probability 1/count of its class (seeded), so batches are balanced on average.",
     )
     collapse_gate: CollapseGate = Field(
-        default_factory=CollapseGate, description="Fail training when the model collapsed onto one class."
+        default_factory=CollapseGate, title="Collapse gate", description="Fail training when the model collapsed onto one class."
     )
 
     @field_validator("model")
@@ -169,6 +175,8 @@ class TrainConfig(_Strict):
 
 class BatchProfile(_Strict):
     """Batch sizes the engines are built for (TensorRT's optimization profile) and verified at."""
+
+    model_config = ConfigDict(title="Batch sizes")
 
     min: int = Field(1, ge=1, description="Smallest batch an engine accepts.")
     opt: int = Field(32, ge=1, description="Batch the engine is tuned for.")
@@ -255,6 +263,8 @@ class Tolerances(_Strict):
 class EngineOptions(_Strict):
     """Backend build and run options."""
 
+    model_config = ConfigDict(title="Engine options")
+
     threads: int = Field(2, ge=1, le=256, description="CPU threads of ONNX Runtime sessions.")
     workspace_mib: int = Field(1024, ge=16, description="TensorRT builder workspace limit (MiB).")
     tf32: bool = Field(True, description="Allow TF32 in TensorRT fp32 engines; off for strict fp32.")
@@ -267,6 +277,8 @@ class ProfileConfig(_Strict):
     timed work and ``min_iterations`` runs are reached; ``max_seconds`` caps a slow measurement, which
     then stops with fewer runs (the report states how many).
     """
+
+    model_config = ConfigDict(title="Speed profile")
 
     enabled: bool = Field(True, description="Time every engine and PyTorch eager (latency at batch 1, throughput at max batch).")
     min_seconds: float = Field(0.3, ge=0, le=600, description="Timed work per measurement, at least (seconds).")
@@ -297,16 +309,16 @@ class PipelineConfig(_Strict):
     """Everything a trtflow run needs. Defaults run the bundled example end to end on a CPU."""
 
     artifacts_dir: Path = Field(Path("artifacts"), description="Folder for every output and the cache.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig, title="Data", description="Dataset and split.")
+    train: TrainConfig = Field(default_factory=TrainConfig, title="Training", description="Model factory, optimiser and the collapse gate.")
     precisions: list[Precision] = Field(
         default_factory=lambda: [Precision.fp32, Precision.fp16, Precision.int8],
         min_length=1,
         description="Engines to build and verify.",
     )
     backend: Backend = Field(Backend.auto, description="auto: TensorRT when it and a GPU are present, else ONNX Runtime.")
-    batch: BatchProfile = Field(default_factory=BatchProfile)
-    engine: EngineOptions = Field(default_factory=EngineOptions)
+    batch: BatchProfile = Field(default_factory=BatchProfile, title="Batch sizes", description="Smallest, tuned-for and largest batch of every engine.")
+    engine: EngineOptions = Field(default_factory=EngineOptions, title="Engine options", description="Threads, TensorRT workspace and TF32.")
     calibration_samples: int = Field(256, ge=1, le=100000, description="Training samples used to calibrate int8.")
     tolerances: Tolerances = Field(
         default_factory=Tolerances, description="Per-precision pass/fail thresholds; a partial override keeps the precision's other defaults."
@@ -314,8 +326,8 @@ class PipelineConfig(_Strict):
     refresh: list[Stage] = Field(
         default_factory=list, description="Stages to recompute even when cached (their dependents follow)."
     )
-    profile: ProfileConfig = Field(default_factory=ProfileConfig, description="Speed measurement of every engine.")
-    repair: RepairConfig = Field(default_factory=RepairConfig, description="Automatic repair of fp16/int8 variants that fail verification.")
+    profile: ProfileConfig = Field(default_factory=ProfileConfig, title="Speed profile", description="Speed measurement of every engine.")
+    repair: RepairConfig = Field(default_factory=RepairConfig, title="Precision repair", description="Automatic repair of fp16/int8 variants that fail verification.")
 
     @field_validator("precisions")
     @classmethod

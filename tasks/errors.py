@@ -90,7 +90,8 @@ class TrtflowError(Exception):
         ``str(error)``, Prefect's logs and the UI.
         """
         lines: list[str] = []
-        for label, text in (("got", self.got), ("expected", self.expected), ("because", self.because), ("fix", self.fix)):
+        # Why and what to do first: the summary already says what happened.
+        for label, text in (("because", self.because), ("fix", self.fix), ("got", self.got), ("expected", self.expected)):
             if text in self.summary:
                 continue
             lines += textwrap.wrap(f"{label}: {text}", DETAIL_CHARS, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)

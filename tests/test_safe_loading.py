@@ -128,7 +128,7 @@ def test_engine_is_never_opened_before_its_digest_matches(good: kit.Good, tmp_pa
 
 # --- servers ----------------------------------------------------------------------------------------
 
-DOCUMENTED = ["README.md", "prefect.yaml", ".ci", "benchmarks", "flows", "tasks"]
+DOCUMENTED = ["README.md", "docs", "prefect.yaml", ".ci", "benchmarks", "flows", "tasks"]
 
 
 def _documented_files() -> list[Path]:

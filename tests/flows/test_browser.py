@@ -136,6 +136,10 @@ def test_retry_button_reruns_only_the_failed_stage(prefect_server: Server, worke
         run_id = api.client.create_flow_run_from_deployment(deployment_id, parameters={"config": bad}).id
         fr = api.wait(run_id)
         assert fr.state.type.value == "FAILED"
+        first_keys = sorted(str(a.key or a.type) for a in api.client.read_artifacts(artifact_filter=_of_run(run_id)))
+        # The UI's failure message names the flow's parameter, not a CLI flag, and no absolute path.
+        assert "config.tolerances" in (fr.state.message or "") and "--tolerance" not in (fr.state.message or "")
+        assert str(root) not in (fr.state.message or "")
 
         page.goto(f"{prefect_server.url}/runs/flow-run/{run_id}")
         page.get_by_text("Failed").first.wait_for()
@@ -147,9 +151,22 @@ def test_retry_button_reruns_only_the_failed_stage(prefect_server: Server, worke
         fr = api.wait(run_id)
         assert fr.run_count == 2 and fr.state.type.value == "FAILED"
         states = api.task_states(run_id)
+        # One set of artifacts per flow run: the retry replaced those of the first attempt.
+        after = [str(a.key or a.type) for a in api.client.read_artifacts(artifact_filter=_of_run(run_id))]
+    assert sorted(after) == first_keys and len(after) == len(set(after)), (first_keys, after)
+    page.goto(f"{prefect_server.url}/runs/flow-run/{run_id}")
+    page.get_by_text("Artifacts", exact=True).click()
+    page.get_by_text("trtflow-verification").first.wait_for()
+    assert page.get_by_text("trtflow-verification", exact=True).count() == 1
     for stage in ("data", "train", "export", "validate", "precision", "build"):
         assert set(states[stage]) == {"Cached"}, (stage, states)
     assert states["verify"] == ["Failed"]
+
+
+def _of_run(run_id: UUID) -> Any:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    return ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
 
 
 def test_invalid_value_in_the_run_form_is_refused_with_a_readable_message(prefect_server: Server, ui_deployment: tuple[UUID, Path], page: Any) -> None:
@@ -162,6 +179,10 @@ def test_invalid_value_in_the_run_form_is_refused_with_a_readable_message(prefec
     label = page.locator("span.schema-form-property__label", has_text="Epochs (Optional)")
     field = label.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' p-label ')][1]")
     assert "Training epochs." in field.inner_text()
+    # Sections carry the field's name and description, not the class name.
+    body = page.locator("body").inner_text()
+    assert "DataConfig" not in body and "TrainConfig" not in body and "BatchProfile" not in body
+    assert "Speed measurement of every engine." in body
     epochs = field.locator("input").first
     assert epochs.input_value() == "1"  # the deployment's default (tiny config)
     epochs.fill("0")
