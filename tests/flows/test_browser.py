@@ -158,6 +158,9 @@ def test_retry_button_reruns_only_the_failed_stage(prefect_server: Server, worke
     page.get_by_text("Artifacts", exact=True).click()
     page.get_by_text("trtflow-verification").first.wait_for()
     assert page.get_by_text("trtflow-verification", exact=True).count() == 1
+    # Task runs are named by stage and precision (the graph's instance ids), e.g. verify-fp32.
+    page.get_by_text("Task Runs", exact=True).first.click()
+    page.get_by_text("verify-fp32").first.wait_for()
     for stage in ("data", "train", "export", "validate", "precision", "build"):
         assert set(states[stage]) == {"Cached"}, (stage, states)
     assert states["verify"] == ["Failed"]

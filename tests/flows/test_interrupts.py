@@ -144,7 +144,7 @@ def test_sigterm_in_a_later_stage_then_the_next_run_resumes(tmp_path):
     assert again.finish() == 0, again.text()[-3000:]
     finished = [x for x in again.text().splitlines() if "Task run '" in x and "Finished in state" in x]
     for stage in ("data", "train", "export"):
-        assert any(f"Task run '{stage}-" in x and "Cached" in x for x in finished), "\n".join(finished)
+        assert any(f"Task run '{stage}'" in x and "Cached" in x for x in finished), "\n".join(finished)
 
 
 @pytest.mark.slow
