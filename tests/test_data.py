@@ -84,7 +84,7 @@ def test_missing_and_garbled_files(tmp_path):
 
 
 def test_check_arrays_converts_types():
-    x, y = check_arrays(np.zeros((9, 1, 4, 4), dtype=np.float64), np.array([0, 1, 2] * 3, dtype=np.int32), "test")
+    x, y = check_arrays(np.random.default_rng(0).random((9, 1, 4, 4)), np.array([0, 1, 2] * 3, dtype=np.int32), "test")
     assert x.dtype == np.float32 and y.dtype == np.int64
 
 
