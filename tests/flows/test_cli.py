@@ -142,7 +142,7 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("--epochs N Training epochs (default: 5)", "--batch-size N Training mini-batch size (default: 64)", "(default: 256)", "(default: fp32,fp16,int8)"):
+    for text in ("--epochs N Training epochs; with --weights: fine-tune for this many (without: load only) (default: 5)", "--batch-size N Training mini-batch size (default: 64)", "(default: 256)", "(default: fp32,fp16,int8)"):
         assert text in out
 
 
