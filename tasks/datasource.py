@@ -142,7 +142,12 @@ def open_npz(path: Path) -> Source:
                     with zf.open(info) as f:
                         arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
         except (ValueError, OSError, EOFError, struct.error) as exc:
-            raise DatasetError(got=f"{path} ({type(exc).__name__}: {exc})", expected="arrays of numbers in a readable .npz", because="the archive is damaged or holds Python objects (dtype=object), which trtflow never unpickles (allow_pickle=False)", fix=fix) from exc
+            objects = "Python objects" in str(exc) or "allow_pickle" in str(exc)
+            summary = (
+                f"{path.name}: {str(exc).split(' holds')[0] if ' holds' in str(exc) else 'an array'} is an object array (dtype=object); save one numeric array each, e.g. numpy.stack(...)"
+                if objects else f"{path.name} is damaged ({type(exc).__name__}); write it again with numpy.savez"
+            )
+            raise DatasetError(got=f"{path} ({type(exc).__name__}: {exc})", expected="arrays of numbers in a readable .npz", because="the archive is damaged or holds Python objects (dtype=object), which trtflow never unpickles (allow_pickle=False)", fix=fix, summary=summary) from exc
     labels = arrays.pop(LABELS, None)
     resident = sum(int(a.nbytes) for a in [*arrays.values(), *([labels] if labels is not None else [])] if not isinstance(a, np.memmap))
     return Source(arrays, labels, "npz-compressed" if compressed else "npz", path, resident)

@@ -194,7 +194,7 @@ DATASET_CASES = {
     "not an npz": "not a numpy archive",
     "npy": r"numpy\.save",
     "truncated npz": "damaged",
-    "pickled objects": r"array 'x' of Python objects \(dtype=object\)",
+    "pickled objects": r"holds Python objects \(dtype=object\)",
     "huge values": "sane range",
     "identical samples": "identical samples",
     "wrong keys": "name it 'y'",
