@@ -79,9 +79,25 @@ def predict_outputs(model: nn.Module, inputs: Mapping[str, np.ndarray], batch_si
     return [np.concatenate(c) for c in chunks]
 
 
-def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: int = 256) -> list[np.ndarray]:
-    """``predict_outputs`` over one split of a ``data`` artifact, reading ``batch_size`` rows at a time."""
+def eval_batch(data: ArtifactRef, limit: int = 256, budget: int = 256 << 20) -> int:
+    """Rows per evaluation forward pass: up to ``limit``, fewer for large samples.
+
+    Early layers hold about 10-20x a sample's bytes in activations (a 3×256×256 image makes 16 MB of
+    conv output at 32 channels); at 256 rows that alone is gigabytes. The batch is sized so that 16x
+    the input bytes stays within ``budget``.
+    """
+    from tasks.data import input_specs
+
+    sample = sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize for s in input_specs(data))
+    return int(max(1, min(limit, budget // max(16 * sample, 1))))
+
+
+def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: int | None = None) -> list[np.ndarray]:
+    """``predict_outputs`` over one split of a ``data`` artifact, reading ``batch_size`` rows at a time
+    (default ``eval_batch``: bounded memory for large samples)."""
     from tasks.data import split_batches
+
+    batch_size = batch_size or eval_batch(data)
 
     chunks: list[list[np.ndarray]] = []
     for _, feed in split_batches(data, split, batch_size):
@@ -278,20 +294,21 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
     batch = cfg.batch_size if cfg.epochs_to_run else 0
     per_train_sample = 3 * per_sample_act + 2 * sample  # forward kept, gradients, the batch and its tensor
     train_batch = batch * per_train_sample
-    eval_batch = 256 * (per_sample_act + sample)
+    eval_rows = eval_batch(data)
+    eval_bytes = eval_rows * (per_sample_act + sample)
     outputs = 2 * split_size(data, "test") * sum(int(np.prod(s[1:])) * 4 for s in prepared.outputs.values())
     src = source_of(data)
-    total = BASELINE_BYTES + src.resident_bytes + state + max(train_batch, eval_batch) + outputs
+    total = BASELINE_BYTES + src.resident_bytes + state + max(train_batch, eval_bytes) + outputs
     free = available if available is not None else available_memory() + src.resident_bytes  # the data is already in
-    fixed = BASELINE_BYTES + src.resident_bytes + state + outputs + eval_batch
+    fixed = BASELINE_BYTES + src.resident_bytes + state + outputs + eval_bytes
     fits = int(max(0, (0.9 * free - fixed) // max(per_train_sample, 1)))
     plan = {
         "baseline": BASELINE_BYTES, "resident_data": src.resident_bytes, "training_state": state, "train_batch": int(train_batch),
-        "eval_batch": int(eval_batch), "reference_outputs": outputs, "total": int(total), "available": int(free),
+        "eval_batch": int(eval_bytes), "eval_rows": eval_rows, "reference_outputs": outputs, "total": int(total), "available": int(free),
         "largest_batch_that_fits": fits, "data_format": src.kind,
     }
     gib = 1 << 30
-    log.info("memory plan: about %.2f GiB at peak of %.2f GiB available (%s)", total / gib, free / gib, ", ".join(f"{k} {v / gib:.2f}" for k, v in plan.items() if isinstance(v, int) and k not in ("largest_batch_that_fits", "total", "available")))
+    log.info("memory plan: about %.2f GiB at peak of %.2f GiB available (%s)", total / gib, free / gib, ", ".join(f"{k} {v / gib:.2f}" for k, v in plan.items() if isinstance(v, int) and k not in ("largest_batch_that_fits", "eval_rows", "total", "available")))
     if total > 0.9 * free:
         fixes = []
         if batch and fits >= 1:
