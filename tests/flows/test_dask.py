@@ -32,27 +32,34 @@ def test_branches_run_on_several_dask_worker_processes(prefect_server: Server, s
             monkeypatch.setenv(k, v)
     # The shared folder: upstream stages may come back Cached from other tests; fp16 is built here.
     config = PipelineConfig.model_validate(tiny(shared_root, precisions=["fp32", "fp16", "int8"]))
-    cluster_cm: Any = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)  # type: ignore[arg-type]
-    with cluster_cm as cluster, Client(cluster) as client_cm:
-        client: Any = client_cm
-        worker_pids = set(client.run(os.getpid).values())
-        assert len(worker_pids) == 2 and os.getpid() not in worker_pids
-        flow = pipeline_on("dask", dask_address=cluster.scheduler_address)
-        with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
-            from distributed import get_task_stream
+    try:
+        cluster_cm: Any = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)  # type: ignore[arg-type]
+        with cluster_cm as cluster, Client(cluster) as client_cm:
+            client: Any = client_cm
+            worker_pids = set(client.run(os.getpid).values())
+            assert len(worker_pids) == 2 and os.getpid() not in worker_pids
+            flow = pipeline_on("dask", dask_address=cluster.scheduler_address)
+            with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
+                from distributed import get_task_stream
 
-            stream: Any
-            with get_task_stream(client) as stream:
-                state = flow(config, return_state=True)
-            assert state.is_completed(), state.message
-            report = state.result()
-            second = flow(config, return_state=True)
-        with Api(prefect_server) as api:
-            cached = api.task_states(second.state_details.flow_run_id)
+                stream: Any
+                with get_task_stream(client) as stream:
+                    state = flow(config, return_state=True)
+                assert state.is_completed(), state.message
+                report = state.result()
+                second = flow(config, return_state=True)
+            with Api(prefect_server) as api:
+                cached = api.task_states(second.state_details.flow_run_id)
+    finally:
+        # This process's events worker was started against the test server's URL (task-run states
+        # travel as events); drain it so later flows in this process report to their own API again.
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all()
     workers = {t["worker"] for t in stream.data}
     assert len(workers) >= 2, f"all branch tasks ran on one worker: {workers}"
     assert report["passed"] and set(report["precisions"]) == {"fp32", "fp16", "int8"}
-    # The cache policy (which reads inputs["artifacts_dir"]) works inside Dask workers too.
+    # The artifact store (the only cache) is found from inside Dask workers too.
     assert set(cached["verify"]) == {"Cached"} and set(cached["build"]) == {"Cached"}, cached
 
 
