@@ -244,3 +244,13 @@ def test_model_kwargs_reach_the_train_key(tmp_path: Path) -> None:
     b = stage_key(SPEC, {"data": None, "cfg": TrainConfig(model_kwargs={"dim": 16})})
     assert a != b
     assert DataConfig  # the data config is untouched by model options
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs"),
+    [("test_models:build", {}), ("test_models:tv_style", {}), ("test_models:kw_only", {}), ("test_models:Net", {"hidden": 8})],
+    ids=["zero-argument function", "torchvision style (num_classes only)", "keyword-only", "Module subclass + --model-kwargs"],
+)
+def test_every_factory_form_runs_the_whole_pipeline(tmp_path: Path, path: str, kwargs: dict[str, Any]) -> None:
+    cfg = _config(tmp_path / "a", _vectors(tmp_path / "v.npz", (4,)), model=path, model_kwargs=kwargs)
+    _verified(kit.run_plain(cfg))
