@@ -21,16 +21,17 @@ from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
 from flows.report import publish, run_report
+from flows.runtime import reclaim_sigterm
 from flows.ui import Progress, publish_figures, publish_links
 from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig, Precision
 from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
-from tasks.engine import engine_from_variant
+from tasks.engine import batch_for_memory, engine_from_variant
 from tasks.errors import DatasetError, PrecisionRepairError, StorageError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
-from tasks.graph import PRECISION, Config, Graph, Instance, Node
+from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node
 from tasks.models import factory_from_path, state_dict_from_file
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
@@ -39,6 +40,9 @@ from tasks.repair import repair_of_variant, repaired_refs
 from tasks.train import checkpoint_from_splits
 from tasks.validate import validated_onnx
 from tasks.verify import verification_of_engine
+
+#: the batch profile of every engine: the configured one, fitted to memory on a CPU backend
+BATCH = Derived(batch_for_memory, (Config("batch"), Config("backend"), "train"))
 
 # fmt: off
 GRAPH = Graph(
@@ -50,20 +54,20 @@ GRAPH = Graph(
     Node("precision", variant_from_onnx,      {"model": "export", "data": "data", "precision": PRECISION,
                                                "calibration_samples": Config("calibration_samples")}, per_precision=True),
     Node("validate",  validated_onnx,         {"model": "precision", "data": "data"}, per_precision=True),
-    Node("build",     engine_from_variant,    {"variant": "precision", "backend": Config("backend"), "batch": Config("batch"),
+    Node("build",     engine_from_variant,    {"variant": "precision", "backend": Config("backend"), "batch": BATCH,
                                                "options": Config("engine")}, per_precision=True, after=("validate",)),
     # The variant too: an fp16 engine that computes in fp32 (ONNX Runtime) is also verified through its fp16 emulation.
     Node("verify",    verification_of_engine, {"engine": "build", "checkpoint": "train", "data": "data", "precision": PRECISION,
-                                               "tolerance": Config("tolerances.{precision}"), "batch": Config("batch"),
+                                               "tolerance": Config("tolerances.{precision}"), "batch": BATCH,
                                                "variant": "precision"}, per_precision=True),
     # Only when verify failed (fp16, int8): keep the worst nodes in fp32, rebuild, re-verify; its engine replaces build's.
     Node("repair",    repair_of_variant,      {"model": "export", "checkpoint": "train", "data": "data", "variant": "precision",
                                                "engine": "build", "precision": PRECISION, "tolerance": Config("tolerances.{precision}"),
-                                               "batch": Config("batch"), "options": Config("engine"),
+                                               "batch": BATCH, "options": Config("engine"),
                                                "calibration_samples": Config("calibration_samples"), "repair": Config("repair")},
                                               per_precision=True, recovers="verify", when=Config("repair.applies.{precision}")),
     # Timed alone, once every branch is done: a timing that shares the CPU with a build measures both.
-    Node("profile",   profile_of_engine,      {"engine": "build", "checkpoint": "train", "data": "data", "batch": Config("batch"),
+    Node("profile",   profile_of_engine,      {"engine": "build", "checkpoint": "train", "data": "data", "batch": BATCH,
                                                "settings": Config("profile"), "threads": Config("engine.threads")},
                                               per_precision=True, after=("verify",), last=True, when=Config("profile.enabled")),
 )
@@ -146,6 +150,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     Raises:
         TrtflowError: the first failing stage's error; VerificationError lists every failing check.
     """
+    reclaim_sigterm()
     logger = get_run_logger()
     root, builder, backend_reason = preflight(config)
     logger.info("backend %s", backend_reason)

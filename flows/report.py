@@ -53,9 +53,12 @@ def run_report(
                 precisions[p.value]["repair"] = repair_summary(out, root)
             continue
         engine, verify = out["engine"], out["verify"]
-        engine_file = engine_info(engine).engine_file
+        info = engine_info(engine)
+        engine_file = info.engine_file
         precisions[p.value] = {
             **{k: verify.meta.get(k) for k in ("passed", "backend", "numerics", "samples", *METRICS, "outputs", "checks_run", "checks_skipped")},
+            # the profile built, verified and timed (lowered from the config's on a CPU backend for large samples)
+            "batch": info.batch.model_dump(),
             "engine": _rel(engine.path(engine_file), root),
             "engine_sha256": engine.files[engine_file],
             "verification": _rel(verify.path("verification.json"), root),

@@ -314,12 +314,34 @@ def signals_end_the_run(run: RunHandle) -> Iterator[None]:
                 run.server.stop(grace=SIGNAL_BUDGET_S / 2)
         os._exit(128 + signum)
 
+    global _HANDLER
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _HANDLER = handler
     try:
         yield
     finally:
+        _HANDLER = None
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+#: the handler of the active ``signals_end_the_run`` block (None outside one, e.g. under a Prefect worker)
+_HANDLER: Any = None
+
+
+def reclaim_sigterm() -> None:
+    """Inside a flow run started by the CLI, put back the CLI's SIGTERM handler.
+
+    A flow run swaps in Prefect's handler, which raises ``TerminationSignal`` wherever the main thread
+    is. Raised inside a native import (ONNX Runtime's module initialisation), that exception comes
+    out as ``ImportError: initialization failed``: the stage fails and the run exits 1 instead of
+    143 (seen in 1 of 4 runs terminated as validate started). Under a Prefect worker or ``serve``
+    nothing is changed: their cancellation relies on Prefect's handler.
+    """
+    if _HANDLER is None:
+        return
+    with contextlib.suppress(ValueError):  # not the main thread: signals cannot be set here
+        signal.signal(signal.SIGTERM, _HANDLER)
 
 
 # --- short console lines ---------------------------------------------------------------------------------

@@ -143,6 +143,13 @@ class TrainConfig(_Strict):
         "shaped N×classes when the dataset has labels.",
     )
     batch_size: int = Field(64, ge=1, le=65536, description="Training mini-batch size.")
+    step_memory_mib: int = Field(
+        1024, ge=0, le=1 << 24,
+        description="The most activation memory one training step may take, estimated on a real batch. A larger "
+        "batch is computed in equal micro-batches whose gradients add up to the whole batch's (gradient "
+        "accumulation): same batch size, same optimizer steps (BatchNorm then normalizes per micro-batch). "
+        "0: never split.",
+    )
     lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate.")
     seed: int = Field(0, ge=0, description="Seed of weight init and shuffling.")
     threads: int = Field(2, ge=1, le=256, description="torch CPU threads; results depend on it.")
@@ -181,6 +188,12 @@ class BatchProfile(_Strict):
     min: int = Field(1, ge=1, description="Smallest batch an engine accepts.")
     opt: int = Field(32, ge=1, description="Batch the engine is tuned for.")
     max: int = Field(256, ge=1, le=1 << 20, description="Largest batch an engine accepts.")
+    cpu_memory_mib: int = Field(
+        512, ge=0, le=1 << 20,
+        description="For engines that run on the CPU (ONNX Runtime): the most memory one batch's activations may "
+        "take. opt and max are lowered to a power of two that fits, measured on the trained model, and the run "
+        "says so. 0 keeps the profile as given. Engines on a GPU (TensorRT) always keep it.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchProfile:

@@ -107,11 +107,12 @@ def check_value_range(x: np.ndarray, source: str, name: str = "x") -> None:
     Raises:
         DatasetError: |x| above ``MAX_ABS_VALUE``, or every sample identical (no signal to learn).
     """
-    # In chunks: a memory-mapped dataset may be larger than memory.
+    # Block by block (of bytes, not rows: one row may be megabytes), each block's mapped pages
+    # released after use: a memory-mapped dataset may be larger than memory.
     lo, hi, varies = float("inf"), float("-inf"), False
-    first = np.asarray(x[:1]).reshape(1, -1)
-    for start in range(0, len(x), 4096):
-        chunk = np.asarray(x[start : start + 4096]).reshape(-1, first.shape[1])
+    first = np.array(x[:1]).reshape(1, -1)
+    for block in iter_chunks(x):
+        chunk = np.asarray(block).reshape(len(block), -1)
         lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
         varies = varies or bool((chunk != first).any())
     if max(abs(lo), abs(hi)) > MAX_ABS_VALUE:

@@ -83,6 +83,49 @@ def engine_from_variant(
     return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
 
 
+#: (checkpoint digest, fitted max) pairs already told in the log: every branch's stages ask
+_TOLD: set[tuple[str, int]] = set()
+
+
+def batch_for_memory(batch: BatchProfile, backend: Backend, checkpoint: ArtifactRef) -> BatchProfile:
+    """The profile engines are built, verified and timed at: ``batch``, with opt and max lowered when
+    the engine runs on the CPU and one batch of the trained model's activations would take more than
+    ``batch.cpu_memory_mib``.
+
+    A batch of 256 images of 3×256×256 takes about 3 GiB in ONNX Runtime on the CPU (and as much in
+    PyTorch, timed beside it); three precision branches verifying at once would need three times that.
+    On a GPU backend the activations live in device memory and the profile is kept as given.
+
+    Args:
+        batch: the configured profile.
+        backend: the resolved backend.
+        checkpoint: the ``train`` artifact; its memory plan holds the activation bytes per sample,
+            measured on a real batch (every layer's output summed: an upper bound of what an
+            engine keeps alive at once).
+
+    Returns:
+        ``batch`` itself, or a copy with max the largest power of two that fits (never below min)
+        and opt at most that.
+    """
+    per_sample = int((checkpoint.meta.get("memory_plan") or {}).get("activation_per_sample", 0))
+    if not batch.cpu_memory_mib or per_sample <= 0 or not builder_for(backend).host_memory:
+        return batch
+    fits = (batch.cpu_memory_mib << 20) // per_sample
+    if fits >= batch.max:
+        return batch
+    top = max(batch.min, 1 << (int(fits).bit_length() - 1)) if fits >= 1 else batch.min
+    fitted = batch.model_copy(update={"max": top, "opt": min(batch.opt, top)})
+    if (checkpoint.digest, top) not in _TOLD:
+        _TOLD.add((checkpoint.digest, top))
+        log.warning(
+            "batch profile %d/%d/%d lowered to %d/%d/%d for %s on the CPU: one sample's activations take %.1f MiB, "
+            "so a batch of %d would take %.0f MiB (--cpu-batch-memory-mib is %d; raise it, or pass 0, to keep the profile)",
+            batch.min, batch.opt, batch.max, fitted.min, fitted.opt, fitted.max, backend.value if isinstance(backend, Backend) else backend,
+            per_sample / (1 << 20), batch.max, batch.max * per_sample / (1 << 20), batch.cpu_memory_mib,
+        )
+    return fitted
+
+
 def engine_info(engine: ArtifactRef) -> EngineInfo:
     """The typed description of a ``build`` artifact's engine."""
     return EngineInfo.of(engine.meta)

@@ -9,7 +9,9 @@ comes from:
   own precision, a shared node's otherwise);
 - ``Config("train")`` reads a field of the run's ``PipelineConfig`` (``{precision}`` is replaced by
   the branch's precision, e.g. ``Config("tolerances.{precision}")``);
-- ``PRECISION`` is the branch's precision.
+- ``PRECISION`` is the branch's precision;
+- ``Derived(fn, sources)`` is ``fn`` applied to other sources (config values, shared upstream
+  artifacts), e.g. the batch profile fitted to the memory the trained model needs.
 
     from flows.pipeline import GRAPH
     from tasks.graph import run_plain
@@ -48,7 +50,32 @@ class _Precision:
 #: an argument that is the branch's precision
 PRECISION = _Precision()
 
-Source = str | Config | _Precision
+
+
+@dataclass(frozen=True)
+class Derived:
+    """An argument computed by a plain function from other sources.
+
+    Attributes:
+        fn: called with the resolved sources, positionally.
+        sources: upstream node names (shared nodes only: their artifacts exist before any branch
+            starts), ``Config`` values or ``PRECISION``.
+    """
+
+    fn: Callable[..., Any]
+    sources: tuple[Any, ...]
+
+
+Source = str | Config | _Precision | Derived
+
+
+def _names(source: Source) -> list[str]:
+    """Upstream node names a source reads (a ``Derived`` reads those of its sources)."""
+    if isinstance(source, str):
+        return [source]
+    if isinstance(source, Derived):
+        return [n for s in source.sources for n in _names(s)]
+    return []
 
 
 @dataclass(frozen=True)
@@ -81,7 +108,7 @@ class Node:
     @property
     def upstream(self) -> list[str]:
         """Names of the nodes whose artifacts this node takes."""
-        return [s for s in self.inputs.values() if isinstance(s, str)]
+        return list(dict.fromkeys(n for s in self.inputs.values() for n in _names(s)))
 
 
 @dataclass(frozen=True)
@@ -101,7 +128,8 @@ class Graph:
     """Nodes in a valid execution order; upstream names resolve as described in the module doc.
 
     Raises:
-        ValueError: a node refers to one that is not declared before it, or a name repeats in a scope.
+        ValueError: a node refers to one that is not declared before it, a name repeats in a scope, or
+            a ``Derived`` reads a branch node (a branch's artifact may still be a future in the flow).
     """
 
     def __init__(self, *nodes: Node) -> None:
@@ -113,6 +141,9 @@ class Graph:
             for up in [*n.upstream, *n.after, *([n.recovers] if n.recovers else [])]:
                 if (up, False) not in seen and not (n.per_precision and (up, True) in seen):
                     raise ValueError(f"node '{n.name}' needs '{up}', which is not declared before it")
+            for s in n.inputs.values():
+                if isinstance(s, Derived) and any((up, False) not in seen for up in _names(s)):
+                    raise ValueError(f"node '{n.name}': {s.fn.__name__} may read shared nodes only, got {_names(s)}")
             seen.add((n.name, n.per_precision))
 
     def stages(self) -> list[str]:
@@ -153,24 +184,32 @@ class Graph:
             config: the run's config (backend already resolved).
             done: instance id -> its result (an ArtifactRef, or a future of one).
         """
-        args: dict[str, Any] = {}
-        for arg, source in inst.node.inputs.items():
-            if isinstance(source, str):
-                args[arg] = done[self.resolve(inst, source).id]
-            elif isinstance(source, Config):
-                args[arg] = source.read(config, inst.precision)
-            else:
-                args[arg] = inst.precision
-        return args
+        return {arg: self._value(inst, source, config, done) for arg, source in inst.node.inputs.items()}
+
+    def _value(self, inst: Instance, source: Source, config: PipelineConfig, done: Mapping[str, Any]) -> Any:
+        if isinstance(source, str):
+            return done[self.resolve(inst, source).id]
+        if isinstance(source, Config):
+            return source.read(config, inst.precision)
+        if isinstance(source, Derived):
+            return source.fn(*(self._value(inst, s, config, done) for s in source.sources))
+        return inst.precision
 
     def describe(self) -> str:
         """The graph as text, one line per node (for docs and ``trtflow graph``)."""
+
+        def text(s: Source) -> str:
+            if isinstance(s, str):
+                return s
+            if isinstance(s, Config):
+                return f"config.{s.path}"
+            if isinstance(s, Derived):
+                return f"{s.fn.__name__}({', '.join(text(x) for x in s.sources)})"
+            return "precision"
+
         lines = []
         for n in self.nodes:
-            ins = ", ".join(
-                f"{a}←{s}" if isinstance(s, str) else f"{a}←config.{s.path}" if isinstance(s, Config) else f"{a}←precision"
-                for a, s in n.inputs.items()
-            )
+            ins = ", ".join(f"{a}←{text(s)}" for a, s in n.inputs.items())
             extra = [" per precision" if n.per_precision else ""]
             extra += [f" after {', '.join(n.after)}"] if n.after else []
             extra += [" last"] if n.last else []

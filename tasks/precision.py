@@ -163,7 +163,8 @@ class _Calibration:
 
     def __init__(self, inputs: Mapping[str, np.ndarray], batch: int = 32) -> None:
         n = len(next(iter(inputs.values())))
-        self._batches = iter([{k: np.ascontiguousarray(v[i : i + batch]) for k, v in inputs.items()} for i in range(0, n, batch)])
+        # One batch copied at a time, not all of them up front.
+        self._batches = ({k: np.ascontiguousarray(v[i : i + batch]) for k, v in inputs.items()} for i in range(0, n, batch))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -174,6 +175,13 @@ class _Calibration:
 #: that TensorRT's builder refuses ("Quantized constant ... is only allowed before DQ"), and
 #: quantizing normalisation or residual arithmetic costs accuracy for no speed.
 INT8_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def calibration_batch(inputs: Mapping[str, np.ndarray], limit: int = 32, budget: int = 256 << 20) -> int:
+    """Rows per calibration run: up to ``limit``, fewer for large samples (16x the input bytes within
+    ``budget``, as ``tasks.train.eval_batch``). MinMax ranges do not depend on it."""
+    sample = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in inputs.values())
+    return int(max(1, min(limit, budget // max(16 * sample, 1))))
 
 
 def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray | Mapping[str, np.ndarray], keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
@@ -213,7 +221,7 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray | Mapping[str, 
         quantize_static(
             str(private),
             str(dst),
-            _Calibration(calibration),
+            _Calibration(calibration, calibration_batch(calibration)),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,

@@ -92,9 +92,9 @@ def eval_batch(data: ArtifactRef, limit: int = 256, budget: int = 256 << 20) -> 
     return int(max(1, min(limit, budget // max(16 * sample, 1))))
 
 
-def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: int | None = None) -> list[np.ndarray]:
+def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: int | None = None, progress: Progress | None = None) -> list[np.ndarray]:
     """``predict_outputs`` over one split of a ``data`` artifact, reading ``batch_size`` rows at a time
-    (default ``eval_batch``: bounded memory for large samples)."""
+    (default ``eval_batch``: bounded memory for large samples); ``progress`` counts the samples done."""
     from tasks.data import split_batches
 
     batch_size = batch_size or eval_batch(data)
@@ -102,6 +102,9 @@ def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: i
     chunks: list[list[np.ndarray]] = []
     for _, feed in split_batches(data, split, batch_size):
         outs = predict_outputs(model, feed, batch_size)
+        if progress is not None:
+            rows = len(next(iter(feed.values())))
+            progress.update(rows, samples=rows)
         if not chunks:
             chunks = [[] for _ in outs]
         for c, o in zip(chunks, outs):
@@ -293,7 +296,8 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
     sample = sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize for s in input_specs(data))
     batch = cfg.batch_size if cfg.epochs_to_run else 0
     per_train_sample = 3 * per_sample_act + 2 * sample  # forward kept, gradients, the batch and its tensor
-    train_batch = batch * per_train_sample
+    micro = micro_batch(batch, per_train_sample, cfg.step_memory_mib, prepared.model) if batch else 0
+    train_batch = micro * per_train_sample
     eval_rows = eval_batch(data)
     eval_bytes = eval_rows * (per_sample_act + sample)
     outputs = 2 * split_size(data, "test") * sum(int(np.prod(s[1:])) * 4 for s in prepared.outputs.values())
@@ -304,19 +308,27 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
     fits = int(max(0, (0.9 * free - fixed) // max(per_train_sample, 1)))
     plan = {
         "baseline": BASELINE_BYTES, "resident_data": src.resident_bytes, "training_state": state, "train_batch": int(train_batch),
+        "micro_batch": micro,
         "eval_batch": int(eval_bytes), "eval_rows": eval_rows, "reference_outputs": outputs, "total": int(total), "available": int(free),
         "largest_batch_that_fits": fits, "data_format": src.kind,
+        # every layer's output for one sample: what the engine batch is fitted with (tasks.engine.batch_for_memory)
+        "activation_per_sample": int(per_sample_act),
     }
     gib = 1 << 30
-    log.info("memory plan: about %.2f GiB at peak of %.2f GiB available (%s)", total / gib, free / gib, ", ".join(f"{k} {v / gib:.2f}" for k, v in plan.items() if isinstance(v, int) and k not in ("largest_batch_that_fits", "eval_rows", "total", "available")))
+    log.info("memory plan: about %.2f GiB at peak of %.2f GiB available (%s)", total / gib, free / gib, ", ".join(f"{k} {v / gib:.2f}" for k, v in plan.items() if isinstance(v, int) and k not in ("largest_batch_that_fits", "eval_rows", "total", "available", "activation_per_sample", "micro_batch")))
+    if micro and micro < batch:
+        log.info(
+            "train: each batch of %d runs as micro-batches of at most %d (gradient accumulation): one sample's "
+            "training step takes about %.1f MiB, and --step-memory-mib is %d", batch, micro, per_train_sample / (1 << 20), cfg.step_memory_mib,
+        )
     if total > 0.9 * free:
         fixes = []
         if batch and fits >= 1:
-            fixes.append(f"--batch-size {min(fits, batch - 1)}")
+            fixes.append(f"--batch-size {min(fits, batch - 1)}" if micro == batch else f"--step-memory-mib {max(1, int(fits * per_train_sample) >> 20)}")
         if src.resident_bytes > 0.2 * free and src.kind != "digits":
             fixes.append(NPY_FIX)
         raise ConfigError(
-            got=f"an estimated peak of {total / gib:.2f} GiB (data held in memory {src.resident_bytes / gib:.2f}, training batch of {batch} {train_batch / gib:.2f}, model state {state / gib:.2f})",
+            got=f"an estimated peak of {total / gib:.2f} GiB (data held in memory {src.resident_bytes / gib:.2f}, training step of {micro} rows {train_batch / gib:.2f}, model state {state / gib:.2f})",
             expected=f"at most 90% of the {free / gib:.2f} GiB available",
             because="the run would be killed by the system's out-of-memory killer part way through",
             fix=" or ".join(fixes) if fixes else "free memory, or use a smaller model",
@@ -324,8 +336,75 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
     return plan
 
 
+def micro_batch(batch: int, per_sample: float, budget_mib: int, model: nn.Module | None = None) -> int:
+    """Rows per forward/backward pass so that one step's activations stay within ``budget_mib``.
+
+    Args:
+        batch: the training batch size.
+        per_sample: estimated bytes one sample's training step takes.
+        budget_mib: the budget (0: no limit).
+        model: with BatchNorm layers a micro-batch keeps at least 2 rows (statistics of one sample
+            are undefined in training mode).
+
+    Returns:
+        ``batch`` when it fits (or no budget is set), else the largest row count that fits, at least 1.
+    """
+    import torch
+
+    if not budget_mib or batch * per_sample <= budget_mib << 20:
+        return batch
+    least = 2 if model is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    return int(min(batch, max(least, (budget_mib << 20) // max(int(per_sample), 1))))
+
+
+def backward_batch(
+    bound: nn.Module, at: int, data: ArtifactRef, idx: torch.Tensor, labels: torch.Tensor, loss_fn: nn.CrossEntropyLoss, micro: int | None = None
+) -> tuple[float, int]:
+    """Forward and backward one training batch; gradients accumulate on the model's parameters.
+
+    Only the batch's rows are read (from a memory map for large data). With ``micro`` smaller than
+    the batch, it runs as micro-batches of at most ``micro`` rows: the batch's mean loss is a sum over
+    micro-batches, each divided by the whole batch's weight, so the gradients add up to the unsplit
+    batch's while only one micro-batch's activations are alive at a time.
+
+    Args:
+        bound: the bound model (``tasks.models.bind``); ``at`` indexes its logits output.
+        data: the ``data`` artifact; ``idx`` are rows of its train split, ``labels`` the split's labels.
+        loss_fn: the (mean-reduced, possibly class-weighted) cross-entropy.
+        micro: rows per pass (None: the whole batch at once).
+
+    Returns:
+        The batch's mean loss and the number of correct top-1 predictions.
+    """
+    import torch
+
+    from tasks.data import split_inputs
+
+    if micro is None or micro >= len(idx):
+        feed = split_inputs(data, "train", idx.numpy())
+        logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
+        loss = loss_fn(logits, labels[idx])
+        loss.backward()
+        return loss.item(), int((logits.argmax(1) == labels[idx]).sum())
+    weight = loss_fn.weight
+    denom = float(weight[labels[idx]].sum()) if weight is not None else float(len(idx))
+    total, correct = 0.0, 0
+    parts = -(-len(idx) // micro)
+    if micro >= 2 and len(idx) // parts < 2:
+        parts = max(1, len(idx) // 2)  # no part of one row: BatchNorm cannot train on it (micro_batch keeps 2 for it)
+    for part in torch.tensor_split(idx, parts):
+        feed = split_inputs(data, "train", part.numpy())
+        logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
+        loss = torch.nn.functional.cross_entropy(logits, labels[part], weight=weight, reduction="sum") / denom
+        loss.backward()
+        total += loss.item()
+        correct += int((logits.argmax(1) == labels[part]).sum())
+        del logits, loss  # this micro-batch's activations go before the next one's
+    return total, correct
+
+
 def train_model(
-    data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, progress: bool | None = None
+    data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, progress: bool | None = None, micro: int | None = None
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a prepared model on the training split (``cfg.epochs_to_run`` epochs; 0 trains nothing).
 
@@ -334,6 +413,8 @@ def train_model(
         cfg: optimiser settings and ``balance`` (loss weights or oversampling).
         prepared: the model and its logits output (see ``prepare_model``).
         progress: show a progress bar (None: only on a terminal).
+        micro: rows per forward/backward pass (``micro_batch``; None: the whole batch at once). A
+            smaller value splits each batch and adds up the gradients before the optimizer step.
 
     Returns:
         The trained model (eval mode, not bound) and per-epoch metrics (train_loss, train_acc,
@@ -344,7 +425,7 @@ def train_model(
     """
     import torch
 
-    from tasks.data import split_inputs, split_labels
+    from tasks.data import split_labels
     from tasks.models import bind
 
     torch.set_num_threads(cfg.threads)
@@ -395,15 +476,11 @@ def train_model(
                 if batch_norm and len(idx) == 1 and total:
                     meter.update()
                     continue  # BatchNorm cannot train on a single sample
-                # Only this batch's rows are read (from a memory map for large data).
-                feed = split_inputs(data, "train", idx.numpy())
-                logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
-                loss = loss_fn(logits, yt[idx])
                 opt.zero_grad()
-                loss.backward()
+                loss_value, right = backward_batch(bound, at, data, idx, yt, loss_fn, micro)
                 opt.step()
-                loss_sum += loss.item() * len(idx)
-                correct += int((logits.argmax(1) == yt[idx]).sum())
+                loss_sum += loss_value * len(idx)
+                correct += right
                 total += len(idx)
                 meter.update(samples=len(idx), epoch=epoch, loss=loss_sum / total)
             if not np.isfinite(loss_sum):
@@ -577,7 +654,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             raise ModelError(got=f"--epochs {cfg.epochs} (fine-tuning) with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or drop --epochs to convert the weights as they are")
         prepared = prepare_model(data, cfg)
         plan = memory_plan(data, cfg, prepared)
-        model, history = train_model(data, cfg, prepared)
+        model, history = train_model(data, cfg, prepared, micro=plan["micro_batch"] or None)
         metrics: dict[str, Any] = {}
         if num_classes is not None and prepared.logits is not None:
             y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")

@@ -21,6 +21,7 @@ from tasks.compare import ComparisonResult, compare_outputs
 from tasks.config import BatchProfile, Precision, Tolerance
 from tasks.errors import TrtflowError, VerificationError
 from tasks.fp16_emulation import EMULATED, NATIVE, NoFp16Error
+from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.verify")
@@ -60,14 +61,18 @@ def outputs_in_batches(runner: Any, inputs: str | Mapping[str, np.ndarray], x: n
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
-def outputs_of_split(runner: Any, data: ArtifactRef, split: str, b: int, min_batch: int) -> dict[str, np.ndarray]:
-    """``outputs_in_batches`` over one split of a ``data`` artifact, reading only ``b`` rows at a time."""
+def outputs_of_split(runner: Any, data: ArtifactRef, split: str, b: int, min_batch: int, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """``outputs_in_batches`` over one split of a ``data`` artifact, reading only ``b`` rows at a time;
+    ``progress`` counts the samples done."""
     from tasks.data import split_batches
 
     chunks: dict[str, list[np.ndarray]] = {}
     for _, feed in split_batches(data, split, b):
         for name, arr in outputs_in_batches(runner, feed, 0, b, min_batch).items():
             chunks.setdefault(name, []).append(arr)
+        if progress is not None:
+            rows = len(next(iter(feed.values())))
+            progress.update(rows, samples=rows)
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
@@ -86,13 +91,16 @@ def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, n
     Returns:
         Output name -> read-only array (shared between callers).
     """
+    from tasks.data import split_size
     from tasks.train import module_from_checkpoint, predict_split
 
     key = (checkpoint.digest, data.digest)
     with _REFERENCE_LOCK:
         if key not in _REFERENCE:
             names = list(checkpoint.meta.get("outputs") or ["logits"])
-            arrays = predict_split(module_from_checkpoint(checkpoint), data, "test")
+            with Progress("verify reference (PyTorch)", total=split_size(data, "test"), unit="sample", logger=log) as meter:
+                arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter)
+                meter.milestone("PyTorch outputs of the test split")
             for a in arrays:
                 a.flags.writeable = False
             _REFERENCE.clear()  # only the current model's outputs are kept
@@ -157,27 +165,36 @@ def verification_of_engine(
         # Without labels there is no task: every output is still compared elementwise and by cosine.
         task_outputs = {logits} if logits else set()
         results, confusion = [], None
-        with runner_from_build(engine) as runner:
-            for b in batch_sizes(batch):
-                got = outputs_of_split(runner, data, "test", b, batch.min)
-                results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y, task_outputs=task_outputs))
-                if b == batch.opt and logits and y is not None and logits in got:
-                    pred = got[logits].argmax(axis=1)
-                    k = max(int(data.meta["num_classes"]), int(got[logits].shape[1]))
-                    confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, k).tolist()}
-        numerics, emulation = numerics_of(info.backend, precision), None
-        if numerics == EMULATED and variant is not None:
-            try:
-                emulated, emulation = emulated_fp16_check(variant, reference, data, y, batch.opt, tolerance, info.threads, task_outputs)
-                results.append(emulated)
-            except NoFp16Error:
-                numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
-            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
-                # Said in the report, not hidden: the engine was checked, its fp16 numerics were not.
-                log.warning("verify: the fp16 emulation could not run (%s); fp16 numerics not verified", exc)
-                numerics = f"fp16 weights, computed in fp32 (emulation failed: {str(exc)[:200]})"
-        elif numerics == EMULATED:
-            numerics = "fp16 weights, computed in fp32 (not emulated)"
+        numerics = numerics_of(info.backend, precision)
+        emulate = numerics == EMULATED and variant is not None
+        # Every pass over the test split counts: one per batch size, and the fp16 emulation's.
+        n = split_size(data, "test")
+        meter = Progress(f"verify {precision.value}", total=n * (len(batch_sizes(batch)) + emulate), unit="sample", logger=log)
+        with meter:
+            with runner_from_build(engine) as runner:
+                for b in batch_sizes(batch):
+                    got = outputs_of_split(runner, data, "test", b, batch.min, meter)
+                    results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y, task_outputs=task_outputs))
+                    meter.milestone(f"batch {b}: {n} samples compared ({'pass' if results[-1].passed else 'FAIL'})")
+                    if b == batch.opt and logits and y is not None and logits in got:
+                        pred = got[logits].argmax(axis=1)
+                        k = max(int(data.meta["num_classes"]), int(got[logits].shape[1]))
+                        confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, k).tolist()}
+            emulation = None
+            if emulate:
+                assert variant is not None
+                try:
+                    emulated, emulation = emulated_fp16_check(variant, reference, data, y, batch.opt, tolerance, info.threads, task_outputs, meter)
+                    meter.milestone(f"fp16 emulated batch {batch.opt}: {n} samples compared ({'pass' if emulated.passed else 'FAIL'})")
+                    results.append(emulated)
+                except NoFp16Error:
+                    numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
+                except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
+                    # Said in the report, not hidden: the engine was checked, its fp16 numerics were not.
+                    log.warning("verify: the fp16 emulation could not run (%s); fp16 numerics not verified", exc)
+                    numerics = f"fp16 weights, computed in fp32 (emulation failed: {str(exc)[:200]})"
+            elif numerics == EMULATED:
+                numerics = "fp16 weights, computed in fp32 (not emulated)"
         failures = [f for r in results for f in r.failures()]
         checks_run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
         checks_run.append("cosine per sample")
@@ -249,6 +266,7 @@ def emulated_fp16_check(
     tolerance: Tolerance,
     threads: int | None,
     task_outputs: set[str] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """Run the fp16 emulation of a variant on the test split and compare it like an engine.
 
@@ -266,7 +284,7 @@ def emulated_fp16_check(
     with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:
         runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
         with runner:
-            got = outputs_of_split(runner, data, "test", batch, 1)  # its test split, batch by batch
+            got = outputs_of_split(runner, data, "test", batch, 1, progress)  # its test split, batch by batch
     return compare_outputs(reference, got, tolerance, label=f"fp16 emulated batch {batch}", labels=y, task_outputs=task_outputs), info.to_dict()
 
 

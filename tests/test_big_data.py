@@ -152,3 +152,79 @@ def test_the_memory_plan_refuses_before_training_with_a_batch_that_fits(tmp_path
     fits = int(str(info.value).split("--batch-size ")[1].split()[0].rstrip(";,"))
     assert 1 <= fits < 4096
     memory_plan(data, cfg.model_copy(update={"batch_size": fits}), prepared, available=tight)  # that batch fits
+
+
+def test_micro_batches_add_up_to_the_whole_batchs_gradients(tmp_path: Path) -> None:
+    import torch
+
+    from tasks.models import bind
+    from tasks.train import backward_batch, prepare_model
+
+    data = splits_from_dataset(DataConfig(dataset=_write("npy", tmp_path / "d", _arrays())), tmp_path / "art")
+    prepared = prepare_model(data, TrainConfig())
+    bound = bind(prepared.model, prepared.binding).train()
+    labels = torch.from_numpy(np.array(tasks.data.split_labels(data, "train")))
+    idx = torch.arange(10)
+    for weight in (None, torch.tensor([0.5, 1.0, 2.0, 4.0])):
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        grads, results = [], []
+        for micro in (None, 3):
+            prepared.model.zero_grad()
+            results.append(backward_batch(bound, 0, data, idx, labels, loss_fn, micro))
+            grads.append([p.grad.clone() for p in prepared.model.parameters() if p.grad is not None])
+        (loss_a, right_a), (loss_b, right_b) = results
+        assert loss_b == pytest.approx(loss_a, rel=1e-5) and right_a == right_b
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(*grads, strict=True))
+
+
+def test_the_memory_plan_splits_a_batch_whose_step_exceeds_the_budget(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tasks.train import memory_plan, micro_batch, prepare_model, train_model
+
+    data = splits_from_dataset(DataConfig(dataset=_write("npy", tmp_path / "d", _arrays())), tmp_path / "art")
+    cfg = TrainConfig(batch_size=64, epochs=1, step_memory_mib=1)
+    prepared = prepare_model(data, cfg)
+    per = 3 * (1 << 20) // 8  # 3/8 MiB a sample: 2 rows fit in 1 MiB
+    assert micro_batch(64, per, 1) == 2 and micro_batch(64, per, 0) == 64 and micro_batch(2, per, 1) == 2
+    with caplog.at_level("INFO", logger="trtflow.train"):
+        plan = memory_plan(data, cfg.model_copy(update={"step_memory_mib": 0}), prepared, available=64 << 30)
+        assert plan["micro_batch"] == 64
+        tiny = plan["activation_per_sample"] * 3 * 16 >> 20  # room for about 16 rows
+        plan = memory_plan(data, cfg.model_copy(update={"step_memory_mib": max(tiny, 1)}), prepared, available=64 << 30)
+    assert 1 <= plan["micro_batch"] < 64 and "micro-batches" in caplog.text
+    model, history = train_model(data, cfg, prepared, progress=False, micro=plan["micro_batch"])
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+
+
+def test_engine_batches_are_fitted_to_memory_on_the_cpu_only() -> None:
+    from types import SimpleNamespace
+
+    from tasks.config import Backend
+    from tasks.engine import batch_for_memory
+
+    def ckpt(per_sample_mib: float) -> Any:
+        return SimpleNamespace(digest=str(per_sample_mib), meta={"memory_plan": {"activation_per_sample": int(per_sample_mib * (1 << 20))}})
+
+    profile = BatchProfile()  # 1/32/256, 512 MiB
+    assert batch_for_memory(profile, Backend.onnxruntime, ckpt(0.01)) == profile  # small samples: kept
+    fitted = batch_for_memory(profile, Backend.onnxruntime, ckpt(27))  # 256x256 images: 18 rows fit
+    assert (fitted.min, fitted.opt, fitted.max) == (1, 16, 16)
+    assert batch_for_memory(profile, Backend.onnxruntime, ckpt(4000)).max == 1  # never below min
+    assert batch_for_memory(BatchProfile(min=4, opt=8, max=64), Backend.onnxruntime, ckpt(1000)).max == 4
+    off = profile.model_copy(update={"cpu_memory_mib": 0})
+    assert batch_for_memory(off, Backend.onnxruntime, ckpt(27)) == off
+    assert batch_for_memory(profile, Backend.tensorrt, ckpt(27)) == profile  # device memory: kept
+    assert batch_for_memory(profile, Backend.onnxruntime, SimpleNamespace(digest="old", meta={})) == profile
+
+
+def test_the_range_check_reads_a_mapped_input_block_by_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.data import check_value_range
+
+    arrays = _arrays(64)
+    arrays["x"][-1, 0, 0, 0] = 1e9  # in the last row: every block is read
+    source = open_source(_write("npy", tmp_path / "d", arrays))
+    released: list[int] = []
+    real = tasks.datasource.release
+    monkeypatch.setattr(tasks.datasource, "release", lambda a: (released.append(len(a)), real(a)))
+    with pytest.raises(DatasetError, match="values from"):
+        check_value_range(source.inputs["x"], "d", "x")
+    assert released  # the mapped pages leave the process after each block (a 2.2 GiB .npz reached 2.8 GiB before)

@@ -45,10 +45,14 @@ def test_every_stage_is_in_the_graph_and_the_config_names_them() -> None:
 
 def test_a_branch_node_takes_its_own_branchs_artifact_and_shared_ones_otherwise() -> None:
     verify = Instance(next(n for n in GRAPH.nodes if n.name == "verify"), Precision.int8)
-    done = {i.id: i.id for i in GRAPH.instances(P)}
+    from types import SimpleNamespace
+
+    done: dict[str, object] = {i.id: i.id for i in GRAPH.instances(P)}
+    done["train"] = train = SimpleNamespace(digest="t", meta={})  # no memory plan: the profile stays
     cfg = PipelineConfig(precisions=P)
     args = GRAPH.arguments(verify, cfg, done)
-    assert args["engine"] == "build-int8" and args["checkpoint"] == "train" and args["data"] == "data"
+    assert args["engine"] == "build-int8" and args["checkpoint"] is train and args["data"] == "data"
+    assert args["batch"] == cfg.batch
     assert args["precision"] is Precision.int8
     assert args["tolerance"] == cfg.tolerance(Precision.int8)
     build = Instance(next(n for n in GRAPH.nodes if n.name == "build"), Precision.fp32)
@@ -107,3 +111,28 @@ def test_run_plain_never_runs_a_recovery_node(tmp_path) -> None:
     g = Graph(Node("a", stage("a")), Node("fix", stage("fix"), {"x": "a"}, recovers="a"))  # type: ignore[arg-type]
     run_plain(g, PipelineConfig(artifacts_dir=tmp_path, precisions=[Precision.fp32], backend="onnxruntime"))
     assert calls == ["a"]
+
+
+def test_a_derived_argument_reads_config_and_shared_artifacts_and_counts_as_an_edge() -> None:
+    from tasks.graph import Derived
+
+    def f(**_: object) -> None: ...
+
+    def pick(seed: int, a: str) -> str:
+        return f"{a}:{seed}"
+
+    g = Graph(Node("a", f), Node("b", f, {"x": Derived(pick, (Config("train.seed"), "a"))}, per_precision=True))  # type: ignore[arg-type]
+    (b,) = [i for i in g.instances([Precision.fp32]) if i.node.name == "b"]
+    assert g.arguments(b, PipelineConfig(), {"a": "A"}) == {"x": "A:0"}
+    assert g.refreshed(["a"], [Precision.fp32]) == {"a", "b-fp32"}
+    assert "x←pick(config.train.seed, a)" in g.describe()
+    with pytest.raises(ValueError, match="shared nodes only"):
+        Graph(Node("a", f, per_precision=True), Node("b", f, {"x": Derived(pick, (Config("seed"), "a"))}, per_precision=True))  # type: ignore[arg-type]
+
+
+def test_every_engine_stage_takes_the_batch_fitted_to_memory() -> None:
+    from flows.pipeline import BATCH
+
+    for name in ("build", "verify", "repair", "profile"):
+        (node,) = [n for n in GRAPH.nodes if n.name == name]
+        assert node.inputs["batch"] is BATCH and "train" in node.upstream

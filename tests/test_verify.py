@@ -65,3 +65,26 @@ def test_batches_cover_the_profile_and_pad_short_tails():
     out = outputs_in_batches(runner, "input", x, 4, min_batch=3)
     assert runner.seen == [4, 4, 3]  # tail of 2 padded to the minimum batch
     np.testing.assert_array_equal(out["out"], x.reshape(10, -1)[:, :2] * 2)
+
+
+def test_verification_reports_progress_in_samples_per_batch_size(trained, engines, monkeypatch, caplog):
+    from tasks import progress
+
+    root, built = engines
+    seen = []
+    monkeypatch.setattr(progress, "SINK_INTERVAL_S", 0.0)
+    previous = progress.set_sink(lambda stage, fraction, text: seen.append((stage, fraction)))
+    try:
+        with caplog.at_level("INFO", logger="trtflow.verify"):
+            variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp16, 64, root)  # cached: the engine's own
+            verification_of_engine(built[Precision.fp16], trained.checkpoint, trained.data, Precision.fp16, default_tolerances()[Precision.fp16], BATCH, root, refresh=True, variant=variant)
+    finally:
+        progress.set_sink(previous)
+    n = trained.data.meta["sizes"]["test"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify fp16: ")]
+    assert [line.split("  ")[0] for line in lines] == [
+        f"verify fp16: batch {b}: {n} samples compared (pass)" for b in (1, 8, 64)
+    ] + [f"verify fp16: fp16 emulated batch 8: {n} samples compared (pass)"]
+    assert all("samples/s" in line for line in lines)
+    fractions = [f for stage, f in seen if stage == "verify fp16"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 4  # during each pass, not only after

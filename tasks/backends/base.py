@@ -250,6 +250,8 @@ class EngineBuilder(abc.ABC):
     name: str
     #: whether its engines compute an fp16 graph in fp16; when not, verify also runs the fp16 emulation
     native_fp16: bool = True
+    #: whether its engines hold their activations in this process's memory (a CPU backend)
+    host_memory: bool = False
 
     @abc.abstractmethod
     def availability(self) -> str | None:

@@ -59,6 +59,7 @@ class OnnxRuntimeBuilder(EngineBuilder):
     name = "onnxruntime"
     # The CPU provider casts fp16 weights back to fp32 and computes in fp32 (facts: ORT CPU fp16).
     native_fp16 = False
+    host_memory = True
 
     def availability(self) -> str | None:
         try:

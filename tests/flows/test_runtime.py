@@ -67,3 +67,24 @@ def test_console_records_lose_their_traceback_but_the_api_keeps_it():
     assert text == "ERROR Encountered exception: boom" and "Traceback" not in text
     assert record.exc_info is not None  # the record itself still carries it for Prefect's API handler
     assert "Traceback" in inner.format(record)
+
+
+def test_the_flow_run_gets_the_clis_sigterm_handler_back():
+    """Prefect's own handler raises inside whatever runs; in a native import that became an ImportError (exit 1, not 143)."""
+    import signal
+
+    def prefects(signum, frame):  # stands in for the handler a flow run installs
+        raise RuntimeError("not ours")
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        runtime.reclaim_sigterm()  # outside the CLI (a worker, serve): nothing changes
+        assert signal.getsignal(signal.SIGTERM) is before
+        with runtime.signals_end_the_run(runtime.RunHandle()):
+            ours = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, prefects)
+            runtime.reclaim_sigterm()
+            assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, before)
