@@ -376,6 +376,11 @@ def input_specs(ref: ArtifactRef) -> list[dict[str, Any]]:
     return list(specs)
 
 
+def sample_bytes(ref: ArtifactRef) -> int:
+    """Bytes of one sample over every input of a ``data`` artifact (as the model receives it)."""
+    return sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize for s in input_specs(ref))
+
+
 def split_rows(ref: ArtifactRef, split: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
     """Dataset row numbers of one split (or of the given rows of it)."""
     idx = _indices(ref)[split]

@@ -178,10 +178,10 @@ INT8_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def calibration_batch(inputs: Mapping[str, np.ndarray], limit: int = 32, budget: int = 256 << 20) -> int:
-    """Rows per calibration run: up to ``limit``, fewer for large samples (16x the input bytes within
-    ``budget``, as ``tasks.train.eval_batch``). MinMax ranges do not depend on it."""
-    sample = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in inputs.values())
-    return int(max(1, min(limit, budget // max(16 * sample, 1))))
+    """Rows per calibration run (``tasks.datasource.rows_for_memory``). MinMax ranges do not depend on it."""
+    from tasks.datasource import rows_for_memory
+
+    return rows_for_memory(sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in inputs.values()), limit, budget)
 
 
 def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray | Mapping[str, np.ndarray], keep_fp32: Sequence[str] = ()) -> dict[str, Any]:

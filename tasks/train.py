@@ -80,16 +80,11 @@ def predict_outputs(model: nn.Module, inputs: Mapping[str, np.ndarray], batch_si
 
 
 def eval_batch(data: ArtifactRef, limit: int = 256, budget: int = 256 << 20) -> int:
-    """Rows per evaluation forward pass: up to ``limit``, fewer for large samples.
+    """Rows per evaluation forward pass: up to ``limit``, fewer for large samples (``rows_for_memory``)."""
+    from tasks.data import sample_bytes
+    from tasks.datasource import rows_for_memory
 
-    Early layers hold about 10-20x a sample's bytes in activations (a 3×256×256 image makes 16 MB of
-    conv output at 32 channels); at 256 rows that alone is gigabytes. The batch is sized so that 16x
-    the input bytes stays within ``budget``.
-    """
-    from tasks.data import input_specs
-
-    sample = sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize for s in input_specs(data))
-    return int(max(1, min(limit, budget // max(16 * sample, 1))))
+    return rows_for_memory(sample_bytes(data), limit, budget)
 
 
 def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: int | None = None, progress: Progress | None = None) -> list[np.ndarray]:
@@ -268,7 +263,7 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
     """
     import torch
 
-    from tasks.data import input_specs, source_of, split_inputs, split_size
+    from tasks.data import sample_bytes, source_of, split_inputs, split_size
     from tasks.datasource import NPY_FIX, available_memory
     from tasks.errors import ConfigError
     from tasks.models import output_names
@@ -293,7 +288,7 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
         for h in hooks:
             h.remove()
     per_sample_act = acts[0] / max(n, 1)
-    sample = sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize for s in input_specs(data))
+    sample = sample_bytes(data)
     batch = cfg.batch_size if cfg.epochs_to_run else 0
     per_train_sample = 3 * per_sample_act + 2 * sample  # forward kept, gradients, the batch and its tensor
     micro = micro_batch(batch, per_train_sample, cfg.step_memory_mib, prepared.model) if batch else 0
@@ -336,6 +331,13 @@ def memory_plan(data: ArtifactRef, cfg: TrainConfig, prepared: Prepared, availab
     return plan
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether the model normalizes by batch statistics in training (one row per pass is then undefined)."""
+    import torch
+
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def micro_batch(batch: int, per_sample: float, budget_mib: int, model: nn.Module | None = None) -> int:
     """Rows per forward/backward pass so that one step's activations stay within ``budget_mib``.
 
@@ -349,11 +351,9 @@ def micro_batch(batch: int, per_sample: float, budget_mib: int, model: nn.Module
     Returns:
         ``batch`` when it fits (or no budget is set), else the largest row count that fits, at least 1.
     """
-    import torch
-
     if not budget_mib or batch * per_sample <= budget_mib << 20:
         return batch
-    least = 2 if model is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    least = 2 if model is not None and has_batch_norm(model) else 1
     return int(min(batch, max(least, (budget_mib << 20) // max(int(per_sample), 1))))
 
 
@@ -440,7 +440,7 @@ def train_model(
         raise ModelError(got=f"--epochs {epochs} with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or pass --weights without --epochs to convert the model as it is")
     bound = bind(model, prepared.binding)
     at = list(prepared.outputs).index(prepared.logits)
-    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    batch_norm = has_batch_norm(model)
 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     counts = np.bincount(y_tr, minlength=num_classes).astype(np.float64)

@@ -213,7 +213,7 @@ def verification_of_engine(
             "numerics": numerics,
             "passed": not failures,
             "failures": failures,
-            "samples": split_size(data, "test"),
+            "samples": n,
             "outputs": list(reference),
             "logits_output": logits,
             "checks_run": checks_run,
