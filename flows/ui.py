@@ -62,6 +62,7 @@ class Progress:
         """
         self.total = max(total, 1)
         self.done = 0
+        self._within = 0.0  # the furthest point shown inside running stages
         self.id: UUID | None = None
         self._last_update = 0.0
         if _in_flow_run():
@@ -79,7 +80,9 @@ class Progress:
             return
         from prefect.artifacts import update_progress_artifact
 
-        share = min(self.done + max(0.0, min(fraction, 1.0)), self.total)
+        # Branches report concurrently, each its own fraction: the bar shows the furthest, never moving back.
+        share = max(self._within, min(self.done + max(0.0, min(fraction, 1.0)), self.total))
+        self._within = share
         update_progress_artifact(self.id, progress=100.0 * share / self.total, description=f"{self.done}/{self.total} stages; now {text}")
 
     def expect(self, total: int) -> None:

@@ -135,9 +135,10 @@ class Progress:
         return line
 
     def _status(self, metrics: dict[str, Any], what: str = "") -> str:
-        parts = [f"{self.stage}: {what}".rstrip(": ") if what else f"{self.stage}: {self.done}/{self.total} {self.unit}s"]
+        units = self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")  # batches, steps
+        parts = [f"{self.stage}: {what}".rstrip(": ") if what else f"{self.stage}: {self.done}/{self.total} {units}"]
         parts += [f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in metrics.items()]
-        parts.append(f"{self.rate():.0f} {'samples' if self.samples else self.unit + 's'}/s")
+        parts.append(f"{self.rate():.0f} {'samples' if self.samples else units}/s")
         eta = self.eta()
         if eta is not None and self.done < self.total:
             parts.append(f"ETA {_duration(eta)}")

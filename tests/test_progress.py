@@ -43,3 +43,8 @@ def test_a_failing_sink_never_fails_the_loop(monkeypatch):
             p.milestone("epoch 1/1")
     finally:
         progress.set_sink(previous)
+
+
+def test_units_are_pluralised_in_the_status_line():
+    line = progress.Progress("train", total=4, unit="batch", bar=False)._status({})
+    assert line.startswith("train: 0/4 batches") and line.endswith("batches/s")

@@ -92,3 +92,20 @@ def test_publish_figures_never_fails_the_run(tmp_path: Path, trained) -> None:  
 
     # A missing history and an unreadable verification: logged and skipped, nothing raised.
     assert publish_figures(tmp_path, Broken(), {"fp32": Broken()}) == {}
+
+
+def test_the_bar_never_moves_back_while_branches_report_concurrently(monkeypatch):
+    import uuid
+
+    import prefect.artifacts
+
+    from flows import ui
+
+    bar = ui.Progress(10)  # outside a flow run: no artifact yet
+    shown: list[float] = []
+    monkeypatch.setattr(ui, "_in_flow_run", lambda: True)
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda _id, progress, description: shown.append(progress))
+    bar.id, bar.done = uuid.uuid4(), 4
+    for fraction in (0.5, 0.2, 0.7, 0.1):  # verify-fp16 ahead of verify-int8
+        bar.within_stage("verify", fraction, "")
+    assert shown == [45.0, 45.0, 47.0, 47.0]
