@@ -26,7 +26,7 @@ def _environment(inputs: Mapping[str, Any]) -> dict[str, str]:
 
 SPEC = StageSpec(
     "build",
-    modules=("engine.py", "backends/base.py", "backends/onnxruntime.py", "backends/tensorrt.py", "backends/_trt_build.py"),
+    __name__,
     environment=_environment,
 )
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trtflow.export")
 
-SPEC = StageSpec("export", modules=("export.py",), libraries=("torch", "onnx", "onnxscript"))
+SPEC = StageSpec("export", __name__, libraries=("torch", "onnx", "onnxscript"))
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
