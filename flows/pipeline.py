@@ -249,7 +249,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     finished = {i: v.result() if isinstance(v, PrefectFuture) else v for i, v in finished.items()}
     finished.update({i: f.result() for i, f in timed.items() if names[i] == last[i].node.name and _error_of(f) is None})
     branch_of = {i.id: i.precision for i in plan}
-    passed = {i: v for i, v in finished.items() if branch_of.get(i) is None or "engine" in outcomes[branch_of[i]]}
+    passed = {i: v for i, v in finished.items() if (branch := branch_of.get(i)) is None or "engine" in outcomes[branch]}
     gathered: dict[str, Any] = {}
     late_errors: list[BaseException] = []
     for inst in (i for i in plan if i.node.gather):

@@ -522,11 +522,11 @@ class BundleCheck:
         return f"bundle {self.folder}: {self.files} files match bundle.json; config.pbtxt parses with Triton's schema; {self.samples}; ships {self.shipped}"
 
 
-def _broken(folder: Path, what: str, fix: str) -> BundleError:
+def _broken(folder: Path, what: str, fix: str, short_fix: str | None = None) -> BundleError:
     return BundleError(
         got=f"{what} in {folder}", expected="a bundle identical to what trtflow packaged",
         because="check-bundle compares every file with the SHA-256 recorded when it was verified and packaged",
-        fix=fix, summary=f"{what}; {fix}",
+        fix=fix, summary=f"{what}; {short_fix or fix}",
     )
 
 
@@ -557,7 +557,7 @@ def check_bundle(folder: Path, run_samples: bool = True) -> BundleCheck:
         raise _broken(folder, f"bundle format {bundle.get('format')!r}", f"check it with the trtflow that wrote it ({FORMAT} here)")
     if problems := _mismatches(folder, files):
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise _broken(folder, problems[0] + more, refetch)
+        raise _broken(folder, problems[0] + more, refetch, "copy it again or re-run trtflow run")
     text = (folder / shipped["config"]).read_text()
     config = parsed_config(text, shipped["config"])
     if problems := config_problems(config):
