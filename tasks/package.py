@@ -39,6 +39,7 @@ import numpy as np
 from tasks.artifacts import MANIFEST, ArtifactRef, sha256_file
 from tasks.config import TIMED_POLICIES, PipelineConfig, Precision, Tolerance, parse_ship_policy
 from tasks.errors import BundleError
+from tasks.locking import key_lock
 from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.package")
@@ -50,6 +51,8 @@ BUNDLE_DIR = "bundle"
 REPOSITORY = "model_repository"
 SAMPLES = "samples/samples.npz"
 FORMAT = "trtflow-bundle/1"
+#: the lock key under which bundle/ is replaced
+MATERIALISING = "materialising" + "0" * 51
 
 
 def _portable_config(config: PipelineConfig) -> dict[str, Any]:
@@ -460,7 +463,9 @@ def bundle_of_variants(
 
     inputs = {"engines": dict(engines), "verifications": dict(verifications), "profiles": dict(profiles), "checkpoint": checkpoint, "data": data, "config": config}
     ref = run_stage(SPEC, inputs, artifacts_dir, refresh, make)
-    materialised(ref, Path(artifacts_dir) / BUNDLE_DIR)
+    # Runs sharing an artifacts folder replace bundle/ one at a time.
+    with key_lock(artifacts_dir, SPEC.name, MATERIALISING):
+        materialised(ref, Path(artifacts_dir) / BUNDLE_DIR)
     return ref
 
 
@@ -547,7 +552,7 @@ def check_bundle(folder: Path, run_samples: bool = True) -> BundleCheck:
     from tasks.triton import config_problems, parsed_config
 
     folder = Path(folder)
-    refetch = "copy the bundle again from where trtflow wrote it, or run trtflow run to package it again"
+    refetch, again = "copy the bundle again from where trtflow wrote it, or run trtflow run to package it again", "copy it again or re-run trtflow run"
     try:
         bundle = json.loads((folder / BUNDLE_JSON).read_text())
         files, shipped = dict(bundle["files"]), bundle["shipped"]
@@ -557,13 +562,13 @@ def check_bundle(folder: Path, run_samples: bool = True) -> BundleCheck:
         raise _broken(folder, f"bundle format {bundle.get('format')!r}", f"check it with the trtflow that wrote it ({FORMAT} here)")
     if problems := _mismatches(folder, files):
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise _broken(folder, problems[0] + more, refetch, "copy it again or re-run trtflow run")
+        raise _broken(folder, problems[0] + more, refetch, again)
     text = (folder / shipped["config"]).read_text()
     config = parsed_config(text, shipped["config"])
     if problems := config_problems(config):
-        raise _broken(folder, f"{shipped['config']}: {problems[0]}", refetch)
+        raise _broken(folder, f"{shipped['config']}: {problems[0]}", refetch, again)
     if config.platform != shipped["platform"]:
-        raise _broken(folder, f"{shipped['config']} says platform {config.platform!r}, bundle.json {shipped['platform']!r}", refetch)
+        raise _broken(folder, f"{shipped['config']} says platform {config.platform!r}, bundle.json {shipped['platform']!r}", refetch, again)
     how = "samples not run (--no-samples)"
     if run_samples:
         how = _samples_through_backend(folder, bundle)
@@ -575,9 +580,9 @@ def _samples_through_backend(folder: Path, bundle: Mapping[str, Any]) -> str:
     from tasks.compare import compare_outputs
 
     shipped, samples, engine = bundle["shipped"], bundle["samples"], bundle["provenance"]["engine"]
-    runner, why_not = _local_runner(folder / shipped["model_file"], shipped["backend"], engine)
+    runner, backend = _local_runner(folder / shipped["model_file"], shipped["backend"], engine)
     if runner is None:
-        return f"samples not run: {why_not}"
+        return f"samples not run: {backend}"
     with np.load(folder / samples["file"], allow_pickle=False) as z:
         feed = {name: z[key] for name, key in samples["inputs"].items()}
         expected = {name: z[key] for name, key in samples["outputs"].items()}
@@ -598,29 +603,23 @@ def _samples_through_backend(folder: Path, bundle: Mapping[str, Any]) -> str:
             summary=f"samples differ from the bundle's verified outputs: {first}",
         )
     worst = max((s.max_abs for s in result.outputs.values()), default=0.0)
-    return f"{samples['count']} samples through {_backend_text(shipped['backend'])} within the {shipped['precision']} tolerance (max abs diff {worst:.3g})"
-
-
-def _backend_text(backend: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"{backend} {version('onnxruntime') if backend == 'onnxruntime' else __import__('tensorrt').__version__}"
-    except (PackageNotFoundError, ImportError, AttributeError):
-        return backend
+    return f"{samples['count']} samples through {backend} within the {shipped['precision']} tolerance (max abs diff {worst:.3g})"
 
 
 def _local_runner(model_file: Path, backend: str, engine: Mapping[str, Any]) -> tuple[Any, str]:
-    """A runner for the shipped file on this machine, or None and why it cannot run here."""
+    """A runner for the shipped file on this machine and the backend's name and version, or None and
+    why it cannot run here."""
     from tasks.backends.registry import builder_for
 
     batch = engine.get("batch") or {}
     if backend == "onnxruntime":
-        if (why := builder_for("onnxruntime").availability()) is not None:
+        ort = builder_for("onnxruntime")
+        if (why := ort.availability()) is not None:
             return None, why
         from tasks.backends.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(model_file, threads=engine.get("threads"), min_batch=batch.get("min"), max_batch=batch.get("max")), ""
+        runner = OnnxRuntimeRunner(model_file, threads=engine.get("threads"), min_batch=batch.get("min"), max_batch=batch.get("max"))
+        return runner, f"onnxruntime {ort.environment()['onnxruntime']}"
     if backend == "tensorrt":
         builder = builder_for("tensorrt")
         if (why := builder.availability()) is not None:
@@ -631,5 +630,5 @@ def _local_runner(model_file: Path, backend: str, engine: Mapping[str, Any]) -> 
                 return None, f"the plan was built for {key} {there.get(key)}, this machine has {here.get(key)} (plans are not portable)"
         from tasks.backends.tensorrt import TensorRTRunner
 
-        return TensorRTRunner(model_file), ""
+        return TensorRTRunner(model_file), f"TensorRT {here['tensorrt']} on {here['gpu']}"
     return None, f"no local runner for backend '{backend}'"
