@@ -149,14 +149,12 @@ def _print_summary(report: dict[str, Any], root: Path) -> None:
     skipped = next((r.get("checks_skipped") for r in report["precisions"].values() if r.get("checks_skipped")), None)
     if skipped:
         print("not checked: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
-    from flows.report import numerics_lines, repair_lines
+    from flows.report import bundle_lines, numerics_lines, repair_lines
 
     for line in numerics_lines(report["precisions"]):
         print(f"numerics {line}")
     for line in repair_lines(report["precisions"]):
         print(f"repair {line}")
-    from flows.report import bundle_lines
-
     for p, r in report["precisions"].items():
         if s := r.get("profile"):
             speed = f"profile failed: {s['error']}" if "error" in s else (

@@ -370,7 +370,7 @@ class ShipConfig(_Strict):
         "latency-budget=MS (the fastest whose batch-1 p50 is at most MS milliseconds).",
     )
     name: str | None = Field(
-        None, description="Triton model name (letters, digits, _ and -). Empty: the model factory's name, e.g. default_model."
+        None, description="Triton model name (letters, digits, '_', '-', '.'). Empty: the model factory's name, e.g. default_model."
     )
     samples: int = Field(8, ge=1, le=4096, description="Real test samples (inputs and verified outputs) stored in the bundle for smoke tests.")
     max_queue_delay_us: int = Field(100, ge=0, le=10_000_000, description="Triton dynamic batching: the longest a request waits for a fuller batch (microseconds).")

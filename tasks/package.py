@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import MANIFEST, ArtifactRef, sha256_file
-from tasks.config import TIMED_POLICIES, PipelineConfig, Precision, Tolerance, parse_ship_policy
+from tasks.config import PipelineConfig, Precision, Tolerance, parse_ship_policy
 from tasks.errors import BundleError
 from tasks.locking import key_lock
 from tasks.stage import StageSpec, run_stage
@@ -155,6 +155,7 @@ def choose(figures: Sequence[Figures], policy: str, attempted: Sequence[str]) ->
         best = min(figures, key=lambda f: f.engine_bytes)
         listed = ", ".join(f"{f.precision} {f.engine_bytes} bytes" for f in figures)
         return best.precision, f"smallest: {best.precision} has the smallest engine file of the variants that passed ({listed}){tail}"
+    # Every policy below compares measured speed (tasks.config.TIMED_POLICIES).
     untimed = [f for f in figures if f.samples_per_s is None or f.p50_ms is None]
     if untimed:
         f = untimed[0]
@@ -218,7 +219,7 @@ def check_policy(config: PipelineConfig) -> None:
     if not ship.enabled:
         return
     kind, value = parse_ship_policy(ship.policy)
-    if kind in TIMED_POLICIES and not config.profile.enabled:
+    if ship.needs_timings and not config.profile.enabled:
         raise ConfigError(
             got=f"--ship {ship.policy} with --no-profile",
             expected="the speed profile for a speed policy",
@@ -297,7 +298,7 @@ def write_model_repository(
     Raises:
         BundleError: a tensor type Triton cannot name, or a config Triton would refuse.
     """
-    from tasks.triton import PLATFORMS, WarmupInput, batched, config_problems, config_text, engine_io, model_of_engine, parsed_config, triton_type
+    from tasks.triton import NUMPY_TYPES, PLATFORMS, WarmupInput, batched, config_problems, config_text, engine_io, model_of_engine, parsed_config, triton_type
 
     model_dir = repository / name
     (model_dir / "1").mkdir(parents=True)
@@ -307,9 +308,14 @@ def write_model_repository(
     warmup, per_sample = [], batched(io)
     (model_dir / "warmup").mkdir()
     for i, (tensor, dtype, _) in enumerate(io.inputs):
-        sample = np.ascontiguousarray(feed[tensor][0] if per_sample else feed[tensor])
-        (model_dir / "warmup" / f"input_{i}").write_bytes(sample.tobytes())
-        warmup.append(WarmupInput(tensor, triton_type(dtype, tensor), tuple(sample.shape), f"input_{i}"))
+        kind = triton_type(dtype, tensor)
+        sample = np.asarray(feed[tensor][0] if per_sample else feed[tensor])
+        if kind not in NUMPY_TYPES:  # BF16: numpy has no such type, so the warm-up request is zeros
+            warmup.append(WarmupInput(tensor, kind, tuple(sample.shape)))
+            continue
+        raw = np.ascontiguousarray(sample, dtype=NUMPY_TYPES[kind]).tobytes()  # the bytes Triton reads, in the engine's type
+        (model_dir / "warmup" / f"input_{i}").write_bytes(raw)
+        warmup.append(WarmupInput(tensor, kind, tuple(sample.shape), f"input_{i}"))
     model = model_of_engine(info, name, max_queue_delay_us, warmup)
     text = config_text(model, header)
     if problems := config_problems(parsed_config(text)):
