@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ def main() -> int:
     print(f"TensorRT {trt.__version__} on {env.get('gpu', 'an unknown GPU')} (sm {env.get('compute_capability', '?')}); profile {batch}; {len(files)} files")
     rows, failed = [], 0
     for path in files:
-        stem = path.stem.replace(".", "_")
+        # One folder per file, named by its path under ONNX_DIR (precision/<key>/model.onnx files share a stem).
+        rel = path.with_suffix("").name if args.onnx.is_file() else str(path.relative_to(args.onnx).with_suffix(""))
+        stem = re.sub(r"[^A-Za-z0-9_]+", "_", rel).strip("_") or "model"
         out = args.out / stem
         build = out / "build"
         build.mkdir(parents=True, exist_ok=True)
