@@ -47,6 +47,32 @@ def _signature(path: Path) -> tuple[str, str]:
     return fmt(list(model.graph.input)), fmt(list(model.graph.output))
 
 
+def use_rtx() -> None:
+    """Make ``import tensorrt`` load TensorRT-RTX's bindings, here and in the build worker it starts."""
+    shim = Path(tempfile.mkdtemp(prefix="trt-alias-"))
+    (shim / "tensorrt.py").write_text(_ALIAS)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    sys.path.insert(0, str(shim))
+
+
+def worker_spec(path: Path, out_dir: Path, batch: tuple[int, ...], cache_dir: Path, trt_version: str) -> dict:
+    """The build worker's spec for one ONNX file (the pipeline's own build settings, strict fp32)."""
+    from tasks.backends.tensorrt import timing_cache_path
+
+    return {
+        "onnx_path": str(path.resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "engine_file": "engine.plan",
+        "layers_file": "layers.json",
+        "batch": list(batch),
+        "workspace_mib": 1024,
+        "tf32": False,
+        "builder_optimization_level": None,
+        "timing_cache_file": str(timing_cache_path(cache_dir, trt_version, "gpu", "x")),
+        "result_file": str(out_dir / "result.json"),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("onnx_dir", type=Path)
@@ -57,13 +83,10 @@ def main() -> int:
     batch = tuple(int(b) for b in args.batch.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.rtx:
-        shim = Path(tempfile.mkdtemp(prefix="trt-alias-"))
-        (shim / "tensorrt.py").write_text(_ALIAS)
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
-        sys.path.insert(0, str(shim))
+        use_rtx()
     import tensorrt as trt
 
-    from tasks.backends.tensorrt import run_build_worker, timing_cache_path
+    from tasks.backends.tensorrt import run_build_worker
     from tasks.errors import EngineBuildError
 
     files = sorted(args.onnx_dir.rglob("*.onnx"))
@@ -76,18 +99,7 @@ def main() -> int:
         ins, outs = _signature(path)
         out_dir = args.out / f"{i:02d}"
         out_dir.mkdir(exist_ok=True)
-        spec = {
-            "onnx_path": str(path.resolve()),
-            "out_dir": str(out_dir.resolve()),
-            "engine_file": "engine.plan",
-            "layers_file": "layers.json",
-            "batch": list(batch),
-            "workspace_mib": 1024,
-            "tf32": False,
-            "builder_optimization_level": None,
-            "timing_cache_file": str(timing_cache_path(args.out / "cache", trt.__version__, "gpu", "x")),
-            "result_file": str(out_dir / "result.json"),
-        }
+        spec = worker_spec(path, out_dir, batch, args.out / "cache", trt.__version__)
         (out_dir / "spec.json").write_text(json.dumps(spec))
         t0 = time.perf_counter()
         try:
