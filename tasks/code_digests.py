@@ -188,6 +188,19 @@ def _project_file(module: str) -> Path | None:
 
 
 @lru_cache(maxsize=None)
+def _project_imports(module: str) -> tuple[str, ...]:
+    """The project modules one project module loads directly: its imports and its parent packages."""
+    path = _project_file(module)
+    if path is None:
+        return ()
+    parts = module.split(".")
+    out = [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b runs a/__init__.py
+    for record in _read(path).imports:
+        out += [m for m in _absolute(record, module, path.name == "__init__.py") if m.split(".")[0] in PROJECT]
+    return tuple(m for m in dict.fromkeys(out) if _project_file(m) is not None)
+
+
+@lru_cache(maxsize=None)
 def project_code(module: str) -> dict[str, str]:
     """The digests of a project module and of every project module it imports, transitively.
 
@@ -198,25 +211,15 @@ def project_code(module: str) -> dict[str, str]:
         Path relative to the repository root (``tasks/export.py``) -> SHA-256, sorted by path; empty
         when ``module`` is not a project module.
     """
-    out: dict[str, str] = {}
     todo, seen = [module], set()
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = _project_file(name)
-        if path is None:
-            continue
-        found = _read(path)
-        out[path.relative_to(ROOT).as_posix()] = found.digest
-        is_package = path.name == "__init__.py"
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b runs a/__init__.py
-        for record in found.imports:
-            todo += [m for m in _absolute(record, name, is_package) if m.split(".")[0] in PROJECT]
+        if name not in seen and _project_file(name) is not None:
+            seen.add(name)
+            todo += _project_imports(name)
     _flush_imports()
-    return dict(sorted(out.items()))
+    files = {_project_file(m) for m in seen}
+    return dict(sorted((p.relative_to(ROOT).as_posix(), _read(p).digest) for p in files if p is not None))
 
 
 # --- the user's code -------------------------------------------------------------------------------
@@ -397,6 +400,7 @@ def forget() -> None:
     user_code.cache_clear()
     _read.cache_clear()
     _project_file.cache_clear()
+    _project_imports.cache_clear()
 
 
 def describe(model: str) -> dict[str, Any]:
