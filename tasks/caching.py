@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from tasks.artifacts import ArtifactRef
-from tasks.errors import is_retryable
+from tasks.errors import TrtflowError, is_retryable
 from tasks.stage import was_cached
 
 #: seconds between attempts of a transient failure
@@ -36,7 +36,7 @@ def _retry_transient(task: Task[..., Any], task_run: Any, state: Any) -> bool:
     return False
 
 
-def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAYS)) -> Task[..., Any]:
+def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAYS), recovered: bool = False) -> Task[..., Any]:
     """Wrap a stage function as a Prefect task with retries and a ``Cached`` state on a store hit.
 
     Args:
@@ -44,6 +44,11 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
             ``ArtifactRef`` made through ``run_stage``.
         name: the task's name (the stage name).
         retries: attempts after the first, for transient failures only.
+        recovered: a recovery stage stands behind this one (verify, repaired by repair). A recoverable
+            failure that the store already holds as a result (``TrtflowError.artifact``: a failing
+            verdict found again) is then a cache hit like any other: the task ends ``Cached`` with the
+            error as its result, for the flow to hand to the recovery, instead of failing again on
+            every re-run. A fresh failure still fails the task, so the UI shows it once.
 
     Returns:
         The task.
@@ -59,7 +64,12 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
         for arg, value in bound.arguments.items():
             if isinstance(value, ArtifactRef):
                 bound.arguments[arg] = value.under(root)
-        ref = fn(*bound.args, **bound.kwargs)
+        try:
+            ref = fn(*bound.args, **bound.kwargs)
+        except TrtflowError as exc:
+            if recovered and exc.recoverable and exc.artifact is not None and was_cached():
+                return Completed(data=exc, name="Cached", message=f"found in the artifact store: a recorded failure, recovered next ({exc.summary})")
+            raise
         if was_cached():
             return Completed(data=ref, name="Cached", message="found intact in the artifact store")
         return ref

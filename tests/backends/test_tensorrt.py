@@ -261,13 +261,14 @@ def test_layer_summary_counts_layers_per_precision_and_type() -> None:
     assert summary["layers"] == 6
     assert summary["by_precision"] == {"fp16": 1, "fp32": 1, "int8": 3, "other": 1}
     assert summary["by_type"]["CaskConvolution"] == 2
+    assert summary["compute"] == {"fp32": 1, "int8": 2}  # the convolutions and the GEMM, by their inputs
     assert summarize_layers(INSPECTOR_REPORT) == summary
 
 
 def test_layer_summary_without_detailed_verbosity() -> None:
     # Without ProfilingVerbosity.DETAILED the inspector lists names only.
     summary = summarize_layers({"Layers": ["conv1 + relu", "fc"], "Bindings": []})
-    assert summary == {"layers": 2, "by_precision": {"unknown": 2}, "by_type": {"?": 2}}
+    assert summary == {"layers": 2, "by_precision": {"unknown": 2}, "by_type": {"?": 2}, "compute": {"unknown": 1}}
     assert layer_precision("conv1") == "unknown"
     with pytest.raises(ValueError, match="Layers"):
         summarize_layers("{}")

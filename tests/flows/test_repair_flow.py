@@ -30,9 +30,18 @@ def test_fp16_overflow_fails_on_cpu_only_through_emulation_and_is_repaired(tiny_
     out = capsys.readouterr().out
     assert "numerics fp16: fp16 emulated on CPU" in out and f"kept {', '.join(kept)} in fp32" in out
 
-    # the same config again: the repair is cached like any stage
-    again = pipeline(cfg)
-    assert again["precisions"]["fp16"]["repair"]["kept_fp32"] == kept
+    # The same config again: every stage comes back Cached, the failed verification too (its failing
+    # verdict is an artifact, which the flow hands to the cached repair): no task run fails again.
+    from test_pipeline import task_states
+
+    state = pipeline(cfg, return_state=True)
+    states = task_states(state)
+    assert state.is_completed() and {name: set(c) for name, c in states.items()} == {name: {"Cached"} for name in states}, states
+    assert states["verify"]["Cached"] == 1 and states["repair"]["Cached"] == 1 and states["profile"]["Cached"] == 2  # the repaired engine and the one before
+    again = state.result()
+    assert again["precisions"]["fp16"]["repair"]["kept_fp32"] == kept and again["precisions"]["fp16"]["passed"]
+    # the repair's verification is the latest of fp16, cached or not
+    assert json.loads((cfg.artifacts_dir / "reports" / "verify-fp16.json").read_text())["passed"] is True
 
     # --no-repair: the same failure is reported as verify's, with the emulated check named
     from tasks.config import RepairConfig
