@@ -296,3 +296,24 @@ def test_verification_reports_progress_in_samples_per_batch_size(trained, engine
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 4  # during each pass, not only after
     passed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify: fp16 passed")]
     assert passed and f"batch 1 x{n}, 8 x{-(-n // 8)}" in passed[0]
+
+
+def test_the_stage_feeds_the_engine_every_batch_of_its_profile_at_its_size(trained, engines, monkeypatch):
+    from collections import Counter
+
+    import tasks.engine
+
+    root, built = engines
+    variant, engine = built[Precision.fp32]
+    real, fed = tasks.engine.runner_from_build, []
+
+    def spying(ref):
+        runner = real(ref)
+        infer = runner.infer_impl
+        runner.infer_impl = lambda feed: (fed.append(len(next(iter(feed.values())))), infer(feed))[1]
+        return runner
+
+    monkeypatch.setattr(tasks.engine, "runner_from_build", spying)
+    verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root, refresh=True, variant=variant)
+    n = trained.data.meta["sizes"]["test"]
+    assert Counter(fed) == {1: n, 8: -(-n // 8), 64: -(-n // 64)}  # every call at exactly min, opt or max
