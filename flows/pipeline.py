@@ -211,6 +211,9 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             original = done[f"build-{p.value}"].result()
             outcomes[p], error = _repair_outcome(recovered[rid], original, root)
             if error is not None:
+                failed_verify = _error_of(done[f"verify-{p.value}"])
+                if isinstance(failed_verify, VerificationError) and failed_verify.artifact is not None:
+                    outcomes[p]["verify"] = failed_verify.artifact  # the verdict the repair started from
                 errors.append(error)
             elif "engine" in outcomes[p]:
                 # The repaired engine and its verification are the branch's from here on (profile, report).

@@ -243,7 +243,7 @@ class PrecisionShareError(VerificationError):
 
 def share_summary(precision: str, finding: str) -> str:
     """The first line for an engine that is not its precision (``finding`` says how few operators are)."""
-    return f"{finding}; drop {precision} or accept it with --tolerance {precision}.min_compute_share=0"
+    return f"{finding}; drop {precision}"
 
 
 class PrecisionRepairError(VerificationError):
@@ -264,8 +264,11 @@ class PrecisionRepairError(VerificationError):
             got=f"{precision} still failing after repair kept {kept} in fp32: " + "; ".join(failures),
             expected="every metric within its precision's threshold",
             because=f"the repair stopped: {stopped}",
-            fix=f"read {report_path}; raise --repair-budget if more nodes may stay fp32, loosen that precision's "
-            "tolerance (--tolerance PRECISION.METRIC=VALUE) only if the drift is acceptable, or drop the precision",
+            fix=f"read {report_path}; "
+            + (f"drop {precision}, or accept the engine as it is with --tolerance {precision}.min_compute_share=0 (a larger "
+               "repair budget would keep even more nodes in fp32)" if finding else
+               "raise --repair-budget if more nodes may stay fp32, loosen that precision's tolerance "
+               "(--tolerance PRECISION.METRIC=VALUE) only if the drift is acceptable, or drop the precision"),
             # A repair that left too few operators in the precision: that is the news, not the checks.
             summary=share_summary(precision, finding) if finding else None,
         )
