@@ -2,6 +2,7 @@
 the compute share gated, and the verdict (passed or not) kept as an artifact."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from tasks.compute_share import ComputeShare
 from tasks.config import Backend, BatchProfile, DataConfig, Precision, Tolerance, default_tolerances
 from tasks.engine import engine_from_variant
 from tasks.errors import PrecisionShareError, VerificationError
+from tasks.fp16_emulation import EMULATED
 from tasks.precision import variant_from_onnx
 from tasks.verify import (
     BatchRun,
@@ -19,6 +21,7 @@ from tasks.verify import (
     describe_runs,
     engine_checks,
     outputs_at_batch,
+    reference_outputs,
     summary_of,
     verdict,
     verdict_error,
@@ -221,90 +224,149 @@ def test_batches_cover_the_profile_without_repeats():
     assert batch_sizes(BatchProfile(min=1, opt=8, max=64)) == [1, 8, 64]
 
 
-# --- the stage on real engines of the session's tiny trained model ---------------------------------
+# --- the stage on real ONNX Runtime engines of a one-product model (fast: no training, no exporter) -
+
+
+def _artifact(root, stage, files, meta):
+    """Commit an artifact of ``stage`` holding ``files`` (name -> bytes) and ``meta``, as a stage would."""
+    from tasks.artifacts import sha256_json
+    from tasks.stage import StageSpec, run_stage
+
+    def make(out):
+        for name, blob in files.items():
+            (out / name).write_bytes(blob)
+        return meta
+
+    return run_stage(StageSpec(stage, modules=()), {"content": sha256_json([sorted((k, v.hex()) for k, v in files.items()), meta])}, root, False, make)
 
 
 @pytest.fixture(scope="module")
-def engines(trained, tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    out = {}
-    for p in Precision:
-        variant = variant_from_onnx(trained.onnx, trained.data, p, 64, root)
-        out[p] = variant, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root)
-    return root, out
+def branch(small_data, monkeypatch_module):
+    """logits = x @ W as an ONNX MatMul, its variants and engines; PyTorch's reference is x @ W too."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import tasks.verify
+    from tasks.data import split_inputs
+
+    root = small_data.dir.parents[1]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(W, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["logits"], "precision": "fp32"})
+    checkpoint = _artifact(root, "train", {"model.pt": b"stands for the model"}, {"outputs": ["logits"], "logits_output": "logits"})
+    reference = {"logits": split_inputs(small_data, "test")["x"] @ W}
+    # the stand-in checkpoint has no model: its reference is given (every other checkpoint's is PyTorch's)
+    monkeypatch_module.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: reference if ckpt.digest == checkpoint.digest else reference_outputs(ckpt, data))
+    built = {}
+    for p, keep in ((Precision.fp32, None), (Precision.fp16, None), (Precision.int8, None), ("int8-kept", ["fc"]), ("fp16-kept", ["fc"])):
+        precision = p if isinstance(p, Precision) else Precision(p.split("-")[0])
+        variant = variant_from_onnx(exported, small_data, precision, 64, root, keep_fp32=keep)
+        built[p] = variant, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root)
+    return root, checkpoint, built
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _verify(branch, data, which, tolerance=None, **kw):
+    root, checkpoint, built = branch
+    variant, engine = built[which]
+    precision = which if isinstance(which, Precision) else Precision(which.split("-")[0])
+    return verification_of_engine(engine, checkpoint, data, precision, tolerance or default_tolerances()[precision], BATCH, root, variant=variant, **kw)
 
 
 @pytest.mark.parametrize("precision", list(Precision))
-def test_every_precision_verifies_with_default_tolerances(trained, engines, precision):
-    root, built = engines
-    variant, engine = built[precision]
-    ref = verification_of_engine(engine, trained.checkpoint, trained.data, precision, default_tolerances()[precision], BATCH, root, variant=variant)
+def test_every_precision_passes_and_reports_what_ran(branch, small_data, precision):
+    ref = _verify(branch, small_data, precision)
     report = json.loads(ref.path("verification.json").read_text())
-    n = trained.data.meta["sizes"]["test"]
-    assert report["passed"] and report["samples"] == n
-    assert [b["label"] for b in report["batches"]][:2] == [f"{precision.value} batch 1", f"{precision.value} batch 8"]
-    assert [r["batch"] for r in report["batches_run"]] == [1, 8, 64] and all(r["distinct_samples"] == n for r in report["batches_run"])
-    # the default model has 4 compute operators (2 Conv, 2 Gemm), every one in the engine's precision
-    assert report["compute"]["operators"] == 4 and report["compute"]["share"] == 1.0, report["compute"]
-    for key in ("max_abs", "mean_abs", "max_rel", "min_cosine", "top1_agreement", "accuracy", "accuracy_reference", "accuracy_drop"):
-        assert ref.meta[key] is not None
-    assert ref.meta["compute"] == report["compute"] and ref.meta["batches_run"] == report["batches_run"]
+    assert report["passed"] and report["samples"] == 15 and report["failures"] == []
+    assert report["batches_run"] == [
+        {"batch": 1, "runs": 15, "distinct_samples": 15, "rows_fed": 15, "repeated_rows": 0},
+        {"batch": 8, "runs": 2, "distinct_samples": 15, "rows_fed": 16, "repeated_rows": 1},
+        {"batch": 64, "runs": 1, "distinct_samples": 15, "rows_fed": 64, "repeated_rows": 49},
+    ]
+    labels = [b["label"] for b in report["batches"]]
+    assert labels[:5] == [f"{precision.value} batch 1", f"{precision.value} batch 8", f"{precision.value} batch 8 repeated rows", f"{precision.value} batch 64", f"{precision.value} batch 64 repeated rows"]
+    assert report["compute"]["by_precision"] == {precision.value: 1} and report["compute"]["share"] == 1.0
+    assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "int8": "native int8"}[precision.value]
+    assert report["backend"] == "onnxruntime" and report["engine_digest"] == branch[2][precision][1].digest
+    assert report["outputs"] == ["logits"] and report["logits_output"] == "logits" and report["confusion"]["batch"] == 8
+    assert ref.meta == summary_of(report) and ref.meta["passed"]
+    latest = json.loads((branch[0] / "reports" / f"verify-{precision.value}.json").read_text())
+    assert latest == report
 
 
-def test_a_failing_verdict_is_kept_as_an_artifact_and_raised_again_from_the_store(trained, engines):
-    root, built = engines
-    variant, engine = built[Precision.int8]
-    strict = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0, min_top1_agreement=1.0, max_accuracy_drop=0.0)
-    with pytest.raises(VerificationError) as err:
-        verification_of_engine(engine, trained.checkpoint, trained.data, Precision.int8, strict, BATCH, root, variant=variant)
-    msg = str(err.value)
-    assert "int8 batch 1: logits.share within atol=0.0 rtol=0.0" in msg and "threshold >= 1" in msg
-    assert len(err.value.failures) >= 3 and err.value.recoverable  # one per batch size at least: all collected
-    latest = json.loads((root / "reports" / "verify-int8.json").read_text())
-    assert latest["passed"] is False and latest["failures"] == err.value.failures
-    verdict_ref = err.value.artifact
-    assert verdict_ref.meta["passed"] is False and json.loads(verdict_ref.path("verification.json").read_text())["failures"] == err.value.failures
-
+def test_an_int8_variant_whose_only_product_stays_fp32_fails_and_is_not_repairable(branch, small_data):
+    with pytest.raises(PrecisionShareError) as err:
+        _verify(branch, small_data, "int8-kept")
+    assert err.value.summary == "PrecisionShareError: int8: 0 of 1 compute operators run in int8 after repair kept 1 in fp32; the model has no int8 benefit; drop int8"
+    assert not err.value.recoverable and err.value.artifact.meta["repairable"] is False
+    report = json.loads(err.value.artifact.path("verification.json").read_text())
+    assert report["passed"] is False and report["compute"]["by_precision"] == {"fp32": 1} and report["share_finding"]
+    assert json.loads((branch[0] / "reports" / "verify-int8.json").read_text())["passed"] is False
+    # the same verdict comes from the store, raised the same way
     from tasks.stage import was_cached
 
+    with pytest.raises(PrecisionShareError) as again:
+        _verify(branch, small_data, "int8-kept")
+    assert was_cached() and again.value.artifact.digest == err.value.artifact.digest
+
+
+def test_an_fp16_variant_kept_wholly_in_fp32_says_so_and_fails_its_share(branch, small_data):
+    with pytest.raises(PrecisionShareError) as err:
+        _verify(branch, small_data, "fp16-kept")
+    meta = err.value.artifact.meta
+    assert meta["numerics"] == "fp32 (a repair kept every node of the fp16 variant in fp32)" and meta["compute"]["share"] == 0.0
+
+
+def test_a_failing_verdict_is_kept_as_an_artifact_and_raised_again_from_the_store(branch, small_data):
+    from tasks.stage import was_cached
+
+    strict = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0, min_top1_agreement=1.0, max_accuracy_drop=0.0)
+    with pytest.raises(VerificationError) as err:
+        _verify(branch, small_data, Precision.fp16, strict)
+    assert err.value.recoverable and type(err.value) is VerificationError
+    assert "fp16 batch 1: logits.share within atol=0.0 rtol=0.0" in str(err.value) and "threshold >= 1" in str(err.value)
+    assert any(f.startswith("fp16 emulated batch 8: ") for f in err.value.failures)  # every failing check, emulation included
+    latest = json.loads((branch[0] / "reports" / "verify-fp16.json").read_text())
+    assert latest["passed"] is False and latest["failures"] == err.value.failures and latest["repairable"] is True
+    verdict_ref = err.value.artifact
+    assert verdict_ref.meta["passed"] is False and verdict_ref.meta["failures"] == err.value.failures
+    assert json.loads(verdict_ref.path("verification.json").read_text())["failures"] == err.value.failures
     with pytest.raises(VerificationError) as again:
-        verification_of_engine(engine, trained.checkpoint, trained.data, Precision.int8, strict, BATCH, root, variant=variant)
+        _verify(branch, small_data, Precision.fp16, strict)
     assert was_cached() and again.value.artifact.digest == verdict_ref.digest and again.value.failures == err.value.failures
+    _verify(branch, small_data, Precision.fp16)  # a passing verification is the latest again
+    assert json.loads((branch[0] / "reports" / "verify-fp16.json").read_text())["passed"] is True
 
 
-def test_verification_reports_progress_in_samples_per_batch_size(trained, engines, monkeypatch, caplog):
-    from tasks import progress
+def test_a_stage_error_leaves_a_failed_latest_report(branch, small_data, monkeypatch):
+    import tasks.engine
+    from tasks.errors import InferenceError
 
-    root, built = engines
-    seen = []
-    monkeypatch.setattr(progress, "SINK_INTERVAL_S", 0.0)
-    previous = progress.set_sink(lambda stage, fraction, text: seen.append((stage, fraction)))
-    variant, engine = built[Precision.fp16]
-    try:
-        with caplog.at_level("INFO", logger="trtflow.verify"):
-            verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, default_tolerances()[Precision.fp16], BATCH, root, refresh=True, variant=variant)
-    finally:
-        progress.set_sink(previous)
-    n = trained.data.meta["sizes"]["test"]
-    fill = {b: (-n) % b for b in (1, 8, 64)}
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify fp16: ")]
-    assert [line.split("  ")[0] for line in lines] == [
-        f"verify fp16: batch {b}: {n} samples compared" + (f", {fill[b]} rows repeated to fill the batch" if fill[b] else "") + " (pass)" for b in (1, 8, 64)
-    ] + [f"verify fp16: fp16 emulated batch 8: {n} samples compared (pass)"]
-    assert all("samples/s" in line for line in lines)
-    fractions = [f for stage, f in seen if stage == "verify fp16"]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 4  # during each pass, not only after
-    passed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify: fp16 passed")]
-    assert passed and f"batch 1 x{n}, 8 x{-(-n // 8)}" in passed[0]
+    def broken(ref):
+        raise InferenceError(got="x", expected="y", because="z", fix="w")
+
+    monkeypatch.setattr(tasks.engine, "runner_from_build", broken)
+    _verify(branch, small_data, Precision.fp32)  # cached: no runner needed
+    with pytest.raises(InferenceError):
+        _verify(branch, small_data, Precision.fp32, refresh=True)
+    latest = json.loads((branch[0] / "reports" / "verify-fp32.json").read_text())
+    assert latest["passed"] is False and latest["failures"] == [] and "got x, expected y" in latest["error"]
 
 
-def test_the_stage_feeds_the_engine_every_batch_of_its_profile_at_its_size(trained, engines, monkeypatch):
+def test_the_stage_feeds_the_engine_every_batch_of_its_profile_at_its_size(branch, small_data, monkeypatch):
     from collections import Counter
 
     import tasks.engine
 
-    root, built = engines
-    variant, engine = built[Precision.fp32]
     real, fed = tasks.engine.runner_from_build, []
 
     def spying(ref):
@@ -314,6 +376,64 @@ def test_the_stage_feeds_the_engine_every_batch_of_its_profile_at_its_size(train
         return runner
 
     monkeypatch.setattr(tasks.engine, "runner_from_build", spying)
-    verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root, refresh=True, variant=variant)
+    _verify(branch, small_data, Precision.fp32, refresh=True)
+    assert Counter(fed) == {1: 15, 8: 2, 64: 1}  # every call at exactly min, opt or max
+
+
+def test_verification_reports_progress_in_samples_per_batch_size(branch, small_data, monkeypatch, caplog):
+    from tasks import progress
+
+    seen = []
+    monkeypatch.setattr(progress, "SINK_INTERVAL_S", 0.0)
+    previous = progress.set_sink(lambda stage, fraction, text: seen.append((stage, fraction)))
+    try:
+        with caplog.at_level("INFO", logger="trtflow.verify"):
+            _verify(branch, small_data, Precision.fp16, refresh=True)
+    finally:
+        progress.set_sink(previous)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify fp16: ")]
+    assert [line.split("  ")[0] for line in lines] == [
+        "verify fp16: batch 1: 15 samples compared (pass)",
+        "verify fp16: batch 8: 15 samples compared, 1 rows repeated to fill the batch (pass)",
+        "verify fp16: batch 64: 15 samples compared, 49 rows repeated to fill the batch (pass)",
+        "verify fp16: fp16 emulated batch 8: 15 samples compared (pass)",
+    ]
+    assert all("samples/s" in line for line in lines)
+    fractions = [f for stage, f in seen if stage == "verify fp16"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 4  # during each pass, not only after
+    passed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify: fp16 passed")]
+    assert passed == ["verify: fp16 passed on 15 samples at batch 1 x15, 8 x2 (1 rows repeated), 64 x1 (49 rows repeated) "
+                      "(outputs ['logits']; checks elementwise (atol/rtol), cosine per sample, top-1 agreement, accuracy drop, balanced accuracy, compute share >= 10%)"]
+
+
+def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypatch):
+    import tasks.train
+
+    calls = []
+    x = _test_inputs(small_data)
+    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
+    monkeypatch.setattr(tasks.train, "predict_split", lambda scale, data, split, progress=None: (calls.append(scale), [x * scale, x - scale][: 2 if scale == 2.0 else 1])[1])
+    one = SimpleNamespace(digest="a", meta={"outputs": ["logits", "aux"], "scale": 2.0})
+    out = reference_outputs(one, small_data)
+    assert list(out) == ["logits", "aux"] and np.array_equal(out["logits"], x * 2.0) and np.array_equal(out["aux"], x - 2.0)
+    assert not out["logits"].flags.writeable  # shared between the branches: nobody may change it
+    assert reference_outputs(one, small_data) is out and calls == [2.0]
+    other = SimpleNamespace(digest="b", meta={"scale": 3.0})  # no names: one output, logits
+    assert list(reference_outputs(other, small_data)) == ["logits"] and calls == [2.0, 3.0]
+    assert reference_outputs(one, small_data) is not out and calls == [2.0, 3.0, 2.0]  # only the latest is kept
+
+
+# --- the stage on the session's tiny trained model (the default CNN on digits) --------------------
+
+
+@pytest.mark.parametrize("precision", [Precision.fp32, Precision.fp16])
+def test_the_default_model_verifies_with_default_tolerances(trained, tmp_path, precision):
+    variant = variant_from_onnx(trained.onnx, trained.data, precision, 64, tmp_path)
+    engine = engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, tmp_path)
+    ref = verification_of_engine(engine, trained.checkpoint, trained.data, precision, default_tolerances()[precision], BATCH, tmp_path, variant=variant)
     n = trained.data.meta["sizes"]["test"]
-    assert Counter(fed) == {1: n, 8: -(-n // 8), 64: -(-n // 64)}  # every call at exactly min, opt or max
+    assert ref.meta["passed"] and ref.meta["samples"] == n and all(r["distinct_samples"] == n for r in ref.meta["batches_run"])
+    # two Conv and two Gemm, every one in the engine's precision
+    assert ref.meta["compute"]["operators"] == 4 and ref.meta["compute"]["share"] == 1.0, ref.meta["compute"]
+    for key in ("max_abs", "mean_abs", "max_rel", "min_cosine", "top1_agreement", "accuracy", "accuracy_reference", "accuracy_drop"):
+        assert ref.meta[key] is not None
