@@ -483,7 +483,7 @@ def emulated_fp16_check(
     from tasks.fp16_emulation import emulation_runner
 
     variant.verify()
-    with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:  # pragma: no mutate (the folder's name)
         runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
         with runner:
             got, run = outputs_at_batch(runner, data, "test", batch, progress)

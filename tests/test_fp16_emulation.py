@@ -139,9 +139,12 @@ def test_verify_runs_the_emulation_on_a_cpu_backend_and_says_so(trained, fp16_en
     cpu = by_label["fp16 batch 8"]["outputs"]["logits"]
     # the emulation rounds activations the CPU engine keeps in fp32: its error is larger, not equal
     assert emulated["max_abs"] > cpu["max_abs"]
-    # without the variant the report does not pretend fp16 was checked
-    plain = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, batch, root)
-    assert "not emulated" in plain.meta["numerics"]
+    # without the variant the report does not pretend fp16 was checked: the engine's own graph computes in fp32
+    from tasks.errors import PrecisionShareError
+
+    with pytest.raises(PrecisionShareError, match="0 of 4 compute operators run in fp16"):
+        verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, batch, root)
+    assert "not emulated" in json.loads((root / "reports" / "verify-fp16.json").read_text())["numerics"]
 
 
 def test_native_backends_need_no_emulation():

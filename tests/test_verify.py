@@ -159,8 +159,9 @@ def test_an_int8_engine_with_no_int8_operator_fails_naming_what_repair_kept():
     assert v["share_finding"] == "int8: 0 of 5 compute operators run in int8 after repair kept 5 in fp32; the model has no int8 benefit"
     assert v["failures"][0] == "int8 compute share: 0 of 5 compute operators in int8 = 0% (threshold >= 10%)"
     assert v["compute"] == {"source": "onnx graph", "operators": 5, "by_precision": {"fp32": 5}, "precision": "int8", "share": 0.0, "floor": 0.1, "passed": False}
-    err = verdict_error({"precision": "int8", **v}, "reports/verify-int8.json")
+    err = verdict_error({"precision": "int8", **v}, "reports/verify-int8.json", artifact="the verdict")
     assert isinstance(err, PrecisionShareError) and not err.recoverable
+    assert err.report_path == "reports/verify-int8.json" and err.artifact == "the verdict" and err.failures == v["failures"]
     assert err.summary == "PrecisionShareError: int8: 0 of 5 compute operators run in int8 after repair kept 5 in fp32; the model has no int8 benefit; drop int8"
 
 
@@ -186,8 +187,8 @@ def test_fp32_is_never_gated_on_its_share_and_numeric_failures_are_repairable():
     assert fp32["passed"] and "floor" not in fp32["compute"]
     failing = verdict(Precision.int8, default_tolerances()[Precision.int8], _failing(), ComputeShare("onnx graph", {"int8": 4}))
     assert not failing["passed"] and failing["repairable"] and failing["share_finding"] is None
-    err = verdict_error({"precision": "int8", **failing}, "r.json")
-    assert type(err) is VerificationError and err.recoverable
+    err = verdict_error({"precision": "int8", **failing}, "r.json", artifact="the verdict")
+    assert type(err) is VerificationError and err.recoverable and err.report_path == "r.json" and err.artifact == "the verdict"
     both = verdict(Precision.int8, default_tolerances()[Precision.int8], _failing(), ComputeShare("onnx graph", {"fp32": 4}))
     assert not both["repairable"]  # keeping more nodes in fp32 cannot mend a share already too low
     unknown = verdict(Precision.int8, default_tolerances()[Precision.int8], _passing(), None)
@@ -216,6 +217,26 @@ def test_the_summary_keeps_the_worst_value_over_every_batch():
     assert s["accuracy"] == 0.0 and s["accuracy_reference"] == 1.0 and s["accuracy_drop"] == 1.0
     assert s["finite_share"] == 0.0 and s["failures"] == report["failures"] and s["repairable"]
     assert s["mean_abs"] == pytest.approx(1.0) and s["max_rel"] > 1e9 and s["balanced_accuracy"] == 0.0
+
+
+def test_the_summary_holds_every_figure_the_report_and_repair_read():
+    ref = np.array([[2.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    out = ref * np.float32(1.5)
+    results = [compare_outputs({"y": ref}, {"y": out}, Tolerance(atol=0.5, rtol=0.0), "fp32 batch 1")]
+    report = {"precision": "fp32", "backend": "onnxruntime", "numerics": "native fp32", "samples": 2, "outputs": ["y"],
+              "batches_run": [{"batch": 1}], **verdict(Precision.fp32, Tolerance(atol=0.5, rtol=0.0), results, ComputeShare("onnx graph", {"fp32": 1}), has_labels=False)}
+    assert summary_of(report) == {
+        "precision": "fp32", "backend": "onnxruntime", "numerics": "native fp32", "finite_share": 1.0,
+        "passed": False, "failures": ["fp32 batch 1: y.share within atol=0.5 rtol=0.0 = 0.5 (threshold >= 1)"], "repairable": True,
+        "samples": 2, "batches_run": [{"batch": 1}],
+        "compute": {"source": "onnx graph", "operators": 1, "by_precision": {"fp32": 1}, "precision": "fp32", "share": 1.0},
+        "outputs": ["y"], "checks_run": ["elementwise (atol/rtol)", "cosine per sample"],
+        "checks_skipped": {c: "the dataset has no labels" for c in ("top-1 agreement", "accuracy drop", "balanced accuracy")},
+        "max_abs": 1.0, "mean_abs": 0.5, "max_rel": 0.5, "min_cosine": pytest.approx(1.0), "top1_agreement": 1.0,
+        "accuracy_reference": None, "accuracy": None, "accuracy_drop": None,
+        "balanced_accuracy_reference": None, "balanced_accuracy": None,
+    }
+    assert summary_of({"precision": "int8", "backend": "b", "passed": True, "samples": 0, "batches": []})["failures"] == []
 
 
 def test_batches_cover_the_profile_without_repeats():
@@ -261,12 +282,22 @@ def branch(small_data, monkeypatch_module):
     reference = {"logits": split_inputs(small_data, "test")["x"] @ W}
     # the stand-in checkpoint has no model: its reference is given (every other checkpoint's is PyTorch's)
     monkeypatch_module.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: reference if ckpt.digest == checkpoint.digest else reference_outputs(ckpt, data))
-    built = {}
-    for p, keep in ((Precision.fp32, None), (Precision.fp16, None), (Precision.int8, None), ("int8-kept", ["fc"]), ("fp16-kept", ["fc"])):
-        precision = p if isinstance(p, Precision) else Precision(p.split("-")[0])
-        variant = variant_from_onnx(exported, small_data, precision, 64, root, keep_fp32=keep)
-        built[p] = variant, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root)
-    return root, checkpoint, built
+    return root, checkpoint, Built(exported, small_data, root)
+
+
+class Built(dict):
+    """Which (precision, or 'int8-kept': its product kept in fp32) -> (variant, engine), made when first asked."""
+
+    def __init__(self, exported, data, root):
+        super().__init__()
+        self.exported, self.data, self.root = exported, data, root
+
+    def __missing__(self, which):
+        precision = which if isinstance(which, Precision) else Precision(which.split("-")[0])
+        keep = ["fc"] if str(which).endswith("-kept") else None
+        variant = variant_from_onnx(self.exported, self.data, precision, 64, self.root, keep_fp32=keep)
+        self[which] = variant, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, self.root)
+        return self[which]
 
 
 @pytest.fixture(scope="module")
@@ -406,21 +437,34 @@ def test_verification_reports_progress_in_samples_per_batch_size(branch, small_d
                       "(outputs ['logits']; checks elementwise (atol/rtol), cosine per sample, top-1 agreement, accuracy drop, balanced accuracy, compute share >= 10%)"]
 
 
-def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypatch):
+def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypatch, caplog):
     import tasks.train
+    import tasks.verify
 
+    monkeypatch.setattr(tasks.verify, "_REFERENCE", {})  # another test in this process may have filled it
     calls = []
     x = _test_inputs(small_data)
     monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
-    monkeypatch.setattr(tasks.train, "predict_split", lambda scale, data, split, progress=None: (calls.append(scale), [x * scale, x - scale][: 2 if scale == 2.0 else 1])[1])
+
+    def predict_split(scale, data, split, progress=None):
+        assert data is small_data and split == "test" and progress.total == 15 and progress.unit == "sample"
+        calls.append(scale)
+        progress.update(15, samples=15)
+        return [x * scale, x - scale][: 2 if scale == 2.0 else 1]
+
+    monkeypatch.setattr(tasks.train, "predict_split", predict_split)
     one = SimpleNamespace(digest="a", meta={"outputs": ["logits", "aux"], "scale": 2.0})
-    out = reference_outputs(one, small_data)
+    with caplog.at_level("INFO", logger="trtflow.verify"):
+        out = reference_outputs(one, small_data)
+    assert [r.getMessage().split("  ")[0] for r in caplog.records] == ["verify reference (PyTorch): PyTorch outputs of the test split"]
     assert list(out) == ["logits", "aux"] and np.array_equal(out["logits"], x * 2.0) and np.array_equal(out["aux"], x - 2.0)
     assert not out["logits"].flags.writeable  # shared between the branches: nobody may change it
     assert reference_outputs(one, small_data) is out and calls == [2.0]
     other = SimpleNamespace(digest="b", meta={"scale": 3.0})  # no names: one output, logits
     assert list(reference_outputs(other, small_data)) == ["logits"] and calls == [2.0, 3.0]
     assert reference_outputs(one, small_data) is not out and calls == [2.0, 3.0, 2.0]  # only the latest is kept
+    with pytest.raises(ValueError):  # names that do not fit the outputs are an error, not a silent cut
+        reference_outputs(SimpleNamespace(digest="c", meta={"outputs": ["logits", "aux", "extra"], "scale": 2.0}), small_data)
 
 
 # --- the stage on the session's tiny trained model (the default CNN on digits) --------------------
@@ -437,3 +481,64 @@ def test_the_default_model_verifies_with_default_tolerances(trained, tmp_path, p
     assert ref.meta["compute"]["operators"] == 4 and ref.meta["compute"]["share"] == 1.0, ref.meta["compute"]
     for key in ("max_abs", "mean_abs", "max_rel", "min_cosine", "top1_agreement", "accuracy", "accuracy_reference", "accuracy_drop"):
         assert ref.meta[key] is not None
+
+
+def test_the_share_comes_from_tensorrt_layers_else_from_the_onnx_graph(branch, small_data):
+    from tasks.verify import compute_share_of
+
+    root, _, built = branch
+    variant, ort_engine = built[Precision.int8]
+
+    def trt_engine(files, **meta):
+        return _artifact(root, "build", {"engine.plan": b"a plan", **files}, {**ort_engine.meta, "backend": "tensorrt", "engine_file": "engine.plan", **meta})
+
+    typed = {"Layers": [{"LayerType": "CaskGemm", "Inputs": [{"Format/Datatype": "Int8"}]}, {"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Half"}]}]}
+    share = compute_share_of(trt_engine({"layers.json": json.dumps(typed).encode()}, layers_file="layers.json"), variant)
+    assert share.source == "tensorrt engine inspector" and share.by_precision == {"fp16": 1, "int8": 1}
+    untyped = trt_engine({"layers.json": b'{"Layers": ["fc"]}'}, layers_file="layers.json")
+    fallback = compute_share_of(untyped, variant)
+    assert fallback.source == "onnx graph (the engine's layer report types no compute layer)" and fallback.by_precision == {"int8": 1}
+    assert compute_share_of(untyped, None) is None  # a plan and no graph: nothing to count from
+    plain = compute_share_of(trt_engine({}), variant)  # no layer report at all (e.g. TensorRT-RTX)
+    assert plain.source == "onnx graph" and plain.by_precision == {"int8": 1}
+    own = compute_share_of(ort_engine, None)  # ONNX Runtime's engine is an ONNX file itself
+    assert own.source == "onnx graph" and own.by_precision == {"int8": 1}
+
+
+def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(branch, small_data, monkeypatch):
+    import tasks.fp16_emulation
+
+    real, threads = tasks.fp16_emulation.emulation_runner, []
+    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", lambda path, folder, n=None: (threads.append(n), real(path, folder, n))[1])
+    ref = _verify(branch, small_data, Precision.fp16, refresh=True)
+    assert threads == [1]  # the engine was built with one thread
+    report = json.loads(ref.path("verification.json").read_text())
+    by_label = {b["label"]: b for b in report["batches"]}
+    emulated = by_label["fp16 emulated batch 8"]["outputs"]["logits"]
+    assert emulated["accuracy"] is not None and emulated["top1_agreement"] is not None  # labels and the logits output
+    assert "fp16 emulated batch 8 repeated rows" in by_label and report["emulation"]["rounded_tensors"] >= 2
+
+
+def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_broken(branch, small_data, monkeypatch, caplog):
+    import tasks.fp16_emulation
+
+    root, checkpoint, built = branch
+    variant, engine = built[Precision.fp16]
+    tol = default_tolerances()[Precision.fp16]
+    # Without the variant there is no emulation, and the count comes from the engine's own graph, in
+    # which ONNX Runtime's CPU provider computes the product in fp32: not an fp16 engine.
+    with pytest.raises(PrecisionShareError) as plain:
+        verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root)
+    meta = plain.value.artifact.meta
+    assert meta["numerics"] == "fp16 weights, computed in fp32 (not emulated)" and meta["compute"]["by_precision"] == {"fp32": 1}
+
+    def broken(*_, **__):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", broken)
+    with caplog.at_level("WARNING", logger="trtflow.verify"):
+        ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root, refresh=True, variant=variant)
+    assert ref.meta["numerics"] == "fp16 weights, computed in fp32 (emulation failed: unsupported op)"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "verify: the fp16 emulation could not run (unsupported op); fp16 numerics not verified"]
+    assert not any(b["label"].startswith("fp16 emulated") for b in json.loads(ref.path("verification.json").read_text())["batches"])
