@@ -216,7 +216,8 @@ def compute_share_of(engine: ArtifactRef, variant: ArtifactRef | None) -> Comput
 
     info = engine_info(engine)
     layers = (info.model_extra or {}).get("layers_file")
-    if layers and layers in engine.files:
+    has_report = bool(layers) and layers in engine.files
+    if has_report:
         found = engine_compute_share(engine.path(layers).read_text())
         if found is not None:
             return found
@@ -227,7 +228,7 @@ def compute_share_of(engine: ArtifactRef, variant: ArtifactRef | None) -> Comput
     else:
         return None
     share = onnx_compute_share(onnx.load(str(graph), load_external_data=False))
-    if layers:
+    if has_report:
         share.source += " (the engine's layer report types no compute layer)"
     return share
 

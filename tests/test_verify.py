@@ -30,6 +30,7 @@ from tasks.verify import (
 
 BATCH = BatchProfile(min=1, opt=8, max=64)
 W = np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32)
+V = np.random.default_rng(4).normal(size=(4, 2)).astype(np.float32)
 
 
 # --- a tiny data artifact and a runner that records what it is fed (no model, no engine) ----------
@@ -106,6 +107,24 @@ def test_filled_rows_cycle_the_split_from_its_first_sample(small_data):
     np.testing.assert_array_equal(got["echo"], x[np.arange(18) % 15])
 
 
+def test_a_failing_batch_says_fail_and_each_pass_gets_labels_and_its_task_output(small_data, caplog):
+    from tasks.data import split_labels
+    from tasks.progress import Progress
+
+    reference = {"logits": _test_inputs(small_data) @ W}
+    y = split_labels(small_data, "test")
+    with caplog.at_level("INFO", logger="trtflow.verify"), Progress("verify int8", total=30, unit="sample", logger=__import__("logging").getLogger("trtflow.verify")) as meter:
+        checked = engine_checks(Spy(wrong_from=3), reference, small_data, Precision.int8, Tolerance(), BatchProfile(min=4, opt=4, max=8), y, "logits", meter)
+    lines = [r.getMessage().split("  ")[0] for r in caplog.records]
+    assert lines == ["verify int8: batch 4: 15 samples compared, 1 rows repeated to fill the batch (FAIL)",
+                     "verify int8: batch 8: 15 samples compared, 1 rows repeated to fill the batch (FAIL)"]
+    first = checked.results[0].outputs["logits"]
+    assert first.accuracy is not None and first.top1_agreement is not None
+    untask = engine_checks(Spy(), reference, small_data, Precision.fp32, Tolerance(), BatchProfile(min=4, opt=4, max=8), y, None)
+    assert all(r.outputs["logits"].top1_agreement is None for r in untask.results)  # no logits output: no task metrics
+    assert untask.confusion is None
+
+
 def test_a_wrong_row_among_the_repeated_ones_fails_the_batch(small_data):
     reference = {"logits": _test_inputs(small_data) @ W}
     got, run = outputs_at_batch(Spy(wrong_from=20), small_data, "test", 32)
@@ -171,6 +190,7 @@ def test_the_share_floor_is_inclusive_and_zero_accepts_everything():
     assert at["passed"] and at["compute"]["share"] == 0.25 and "compute share >= 25%" in at["checks_run"]
     below = verdict(Precision.fp16, tol, _passing(), ComputeShare("onnx graph", {"fp16": 1, "fp32": 4}))
     assert not below["passed"] and below["share_finding"].startswith("fp16: 1 of 5 compute operators run in fp16;")
+    assert below["failures"] == ["fp16 compute share: 1 of 5 compute operators in fp16 = 20% (threshold >= 25%)"]
     untyped = verdict(Precision.fp16, tol, _passing(), ComputeShare("tensorrt engine inspector", {"fp16": 1, "unknown": 4}))
     assert untyped["passed"] is False  # an operator the report cannot type is not shown to be fp16
     accept = verdict(Precision.int8, default_tolerances()[Precision.int8].model_copy(update={"min_compute_share": 0.0}), _passing(), ComputeShare("onnx graph", {"fp32": 5}))
@@ -191,8 +211,9 @@ def test_fp32_is_never_gated_on_its_share_and_numeric_failures_are_repairable():
     assert type(err) is VerificationError and err.recoverable and err.report_path == "r.json" and err.artifact == "the verdict"
     both = verdict(Precision.int8, default_tolerances()[Precision.int8], _failing(), ComputeShare("onnx graph", {"fp32": 4}))
     assert not both["repairable"]  # keeping more nodes in fp32 cannot mend a share already too low
+    assert both["failures"][0].startswith("int8 compute share: 0 of 4") and len(both["failures"]) > 1  # the news first
     unknown = verdict(Precision.int8, default_tolerances()[Precision.int8], _passing(), None)
-    assert unknown["passed"] and "compute share" in unknown["checks_skipped"]
+    assert unknown["passed"] and unknown["checks_skipped"]["compute share"] == "neither a layer report nor an ONNX graph of the engine"
 
 
 def test_checks_run_and_skipped_say_what_was_judged():
@@ -204,6 +225,9 @@ def test_checks_run_and_skipped_say_what_was_judged():
     assert no_labels["checks_skipped"] == {c: "the dataset has no labels" for c in ("top-1 agreement", "accuracy drop", "balanced accuracy")}
     unlabelled_logits = verdict(Precision.fp32, default_tolerances()[Precision.fp32], _passing(), None, logits=None, has_labels=True)
     assert set(unlabelled_logits["checks_skipped"].values()) == {"no logits output"}
+    assert verdict(Precision.fp32, default_tolerances()[Precision.fp32], _passing(), None)["checks_skipped"] == unlabelled_logits["checks_skipped"]  # labels by default
+    atol_only = verdict(Precision.fp32, Tolerance(atol=0.1), _passing(), None)
+    assert atol_only["checks_run"][0] == "elementwise (atol/rtol)" and "elementwise" not in atol_only["checks_skipped"]
 
 
 def test_the_summary_keeps_the_worst_value_over_every_batch():
@@ -236,7 +260,8 @@ def test_the_summary_holds_every_figure_the_report_and_repair_read():
         "accuracy_reference": None, "accuracy": None, "accuracy_drop": None,
         "balanced_accuracy_reference": None, "balanced_accuracy": None,
     }
-    assert summary_of({"precision": "int8", "backend": "b", "passed": True, "samples": 0, "batches": []})["failures"] == []
+    bare = summary_of({"precision": "int8", "backend": "b", "passed": True, "samples": 0, "batches": []})
+    assert bare["failures"] == [] and bare["repairable"] is False and bare["max_abs"] is None
 
 
 def test_batches_cover_the_profile_without_repeats():
@@ -263,7 +288,7 @@ def _artifact(root, stage, files, meta):
 
 @pytest.fixture(scope="module")
 def branch(small_data, monkeypatch_module):
-    """logits = x @ W as an ONNX MatMul, its variants and engines; PyTorch's reference is x @ W too."""
+    """logits = x @ W and emb = x @ V as ONNX MatMuls, its variants and engines; the reference is the same products."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -272,14 +297,16 @@ def branch(small_data, monkeypatch_module):
 
     root = small_data.dir.parents[1]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(W, "w")],
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc"), helper.make_node("MatMul", ["x", "v"], ["emb"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]), helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(W, "w"), numpy_helper.from_array(V, "v")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["logits"], "precision": "fp32"})
-    checkpoint = _artifact(root, "train", {"model.pt": b"stands for the model"}, {"outputs": ["logits"], "logits_output": "logits"})
-    reference = {"logits": split_inputs(small_data, "test")["x"] @ W}
+    exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["logits", "emb"], "precision": "fp32"})
+    checkpoint = _artifact(root, "train", {"model.pt": b"stands for the model"}, {"outputs": ["logits", "emb"], "logits_output": "logits"})
+    x = split_inputs(small_data, "test")["x"]
+    reference = {"logits": x @ W, "emb": x @ V}
     # the stand-in checkpoint has no model: its reference is given (every other checkpoint's is PyTorch's)
     monkeypatch_module.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: reference if ckpt.digest == checkpoint.digest else reference_outputs(ckpt, data))
     return root, checkpoint, Built(exported, small_data, root)
@@ -294,7 +321,7 @@ class Built(dict):
 
     def __missing__(self, which):
         precision = which if isinstance(which, Precision) else Precision(which.split("-")[0])
-        keep = ["fc"] if str(which).endswith("-kept") else None
+        keep = ["fc", "proj"] if str(which).endswith("-kept") else None
         variant = variant_from_onnx(self.exported, self.data, precision, 64, self.root, keep_fp32=keep)
         self[which] = variant, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, self.root)
         return self[which]
@@ -325,10 +352,14 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
     ]
     labels = [b["label"] for b in report["batches"]]
     assert labels[:5] == [f"{precision.value} batch 1", f"{precision.value} batch 8", f"{precision.value} batch 8 repeated rows", f"{precision.value} batch 64", f"{precision.value} batch 64 repeated rows"]
-    assert report["compute"]["by_precision"] == {precision.value: 1} and report["compute"]["share"] == 1.0
+    assert report["compute"]["by_precision"] == {precision.value: 2} and report["compute"]["share"] == 1.0
     assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "int8": "native int8"}[precision.value]
     assert report["backend"] == "onnxruntime" and report["engine_digest"] == branch[2][precision][1].digest
-    assert report["outputs"] == ["logits"] and report["logits_output"] == "logits" and report["confusion"]["batch"] == 8
+    assert report["outputs"] == ["logits", "emb"] and report["logits_output"] == "logits" and report["confusion"]["batch"] == 8
+    for b in report["batches"]:  # only the logits output is judged by task metrics, and only on distinct samples
+        assert b["outputs"]["emb"]["top1_agreement"] is None and b["outputs"]["emb"]["accuracy"] is None
+        distinct = "repeated" not in b["label"]
+        assert (b["outputs"]["logits"]["top1_agreement"] is not None) is distinct and (b["outputs"]["logits"]["accuracy"] is not None) is distinct
     assert ref.meta == summary_of(report) and ref.meta["passed"]
     latest = json.loads((branch[0] / "reports" / f"verify-{precision.value}.json").read_text())
     assert latest == report
@@ -337,10 +368,10 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
 def test_an_int8_variant_whose_only_product_stays_fp32_fails_and_is_not_repairable(branch, small_data):
     with pytest.raises(PrecisionShareError) as err:
         _verify(branch, small_data, "int8-kept")
-    assert err.value.summary == "PrecisionShareError: int8: 0 of 1 compute operators run in int8 after repair kept 1 in fp32; the model has no int8 benefit; drop int8"
+    assert err.value.summary == "PrecisionShareError: int8: 0 of 2 compute operators run in int8 after repair kept 2 in fp32; the model has no int8 benefit; drop int8"
     assert not err.value.recoverable and err.value.artifact.meta["repairable"] is False
     report = json.loads(err.value.artifact.path("verification.json").read_text())
-    assert report["passed"] is False and report["compute"]["by_precision"] == {"fp32": 1} and report["share_finding"]
+    assert report["passed"] is False and report["compute"]["by_precision"] == {"fp32": 2} and report["share_finding"]
     assert json.loads((branch[0] / "reports" / "verify-int8.json").read_text())["passed"] is False
     # the same verdict comes from the store, raised the same way
     from tasks.stage import was_cached
@@ -434,7 +465,7 @@ def test_verification_reports_progress_in_samples_per_batch_size(branch, small_d
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 4  # during each pass, not only after
     passed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify: fp16 passed")]
     assert passed == ["verify: fp16 passed on 15 samples at batch 1 x15, 8 x2 (1 rows repeated), 64 x1 (49 rows repeated) "
-                      "(outputs ['logits']; checks elementwise (atol/rtol), cosine per sample, top-1 agreement, accuracy drop, balanced accuracy, compute share >= 10%)"]
+                      "(outputs ['logits', 'emb']; checks elementwise (atol/rtol), cosine per sample, top-1 agreement, accuracy drop, balanced accuracy, compute share >= 10%)"]
 
 
 def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypatch, caplog):
@@ -495,14 +526,16 @@ def test_the_share_comes_from_tensorrt_layers_else_from_the_onnx_graph(branch, s
     typed = {"Layers": [{"LayerType": "CaskGemm", "Inputs": [{"Format/Datatype": "Int8"}]}, {"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Half"}]}]}
     share = compute_share_of(trt_engine({"layers.json": json.dumps(typed).encode()}, layers_file="layers.json"), variant)
     assert share.source == "tensorrt engine inspector" and share.by_precision == {"fp16": 1, "int8": 1}
+    missing = trt_engine({}, layers_file="layers.json")  # named in the engine info, but not among its files
+    assert compute_share_of(missing, variant).source == "onnx graph"
     untyped = trt_engine({"layers.json": b'{"Layers": ["fc"]}'}, layers_file="layers.json")
     fallback = compute_share_of(untyped, variant)
-    assert fallback.source == "onnx graph (the engine's layer report types no compute layer)" and fallback.by_precision == {"int8": 1}
+    assert fallback.source == "onnx graph (the engine's layer report types no compute layer)" and fallback.by_precision == {"int8": 2}
     assert compute_share_of(untyped, None) is None  # a plan and no graph: nothing to count from
     plain = compute_share_of(trt_engine({}), variant)  # no layer report at all (e.g. TensorRT-RTX)
-    assert plain.source == "onnx graph" and plain.by_precision == {"int8": 1}
+    assert plain.source == "onnx graph" and plain.by_precision == {"int8": 2}
     own = compute_share_of(ort_engine, None)  # ONNX Runtime's engine is an ONNX file itself
-    assert own.source == "onnx graph" and own.by_precision == {"int8": 1}
+    assert own.source == "onnx graph" and own.by_precision == {"int8": 2}
 
 
 def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(branch, small_data, monkeypatch):
@@ -516,6 +549,7 @@ def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(
     by_label = {b["label"]: b for b in report["batches"]}
     emulated = by_label["fp16 emulated batch 8"]["outputs"]["logits"]
     assert emulated["accuracy"] is not None and emulated["top1_agreement"] is not None  # labels and the logits output
+    assert by_label["fp16 emulated batch 8"]["outputs"]["emb"]["top1_agreement"] is None
     assert "fp16 emulated batch 8 repeated rows" in by_label and report["emulation"]["rounded_tensors"] >= 2
 
 
@@ -530,7 +564,7 @@ def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_br
     with pytest.raises(PrecisionShareError) as plain:
         verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root)
     meta = plain.value.artifact.meta
-    assert meta["numerics"] == "fp16 weights, computed in fp32 (not emulated)" and meta["compute"]["by_precision"] == {"fp32": 1}
+    assert meta["numerics"] == "fp16 weights, computed in fp32 (not emulated)" and meta["compute"]["by_precision"] == {"fp32": 2}
 
     def broken(*_, **__):
         raise RuntimeError("unsupported op")
