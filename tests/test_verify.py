@@ -416,8 +416,9 @@ def test_a_stage_error_leaves_a_failed_latest_report(branch, small_data, monkeyp
     def broken(ref):
         raise InferenceError(got="x", expected="y", because="z", fix="w")
 
+    _verify(branch, small_data, Precision.fp32)
     monkeypatch.setattr(tasks.engine, "runner_from_build", broken)
-    _verify(branch, small_data, Precision.fp32)  # cached: no runner needed
+    _verify(branch, small_data, Precision.fp32)  # found in the store: no runner needed
     with pytest.raises(InferenceError):
         _verify(branch, small_data, Precision.fp32, refresh=True)
     latest = json.loads((branch[0] / "reports" / "verify-fp32.json").read_text())
@@ -553,7 +554,7 @@ def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(
     assert "fp16 emulated batch 8 repeated rows" in by_label and report["emulation"]["rounded_tensors"] >= 2
 
 
-def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_broken(branch, small_data, monkeypatch, caplog):
+def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_broken(branch, small_data, monkeypatch, caplog, tmp_path):
     import tasks.fp16_emulation
 
     root, checkpoint, built = branch
@@ -571,7 +572,8 @@ def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_br
 
     monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", broken)
     with caplog.at_level("WARNING", logger="trtflow.verify"):
-        ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root, refresh=True, variant=variant)
+        # its own store: this verdict of a broken emulation must not stand in for the real one in other tests
+        ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, tmp_path, variant=variant)
     assert ref.meta["numerics"] == "fp16 weights, computed in fp32 (emulation failed: unsupported op)"
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "verify: the fp16 emulation could not run (unsupported op); fp16 numerics not verified"]
