@@ -29,7 +29,7 @@ from tasks.compare import ComparisonResult, compare_outputs
 from tasks.compute_share import ComputeShare, share_finding
 from tasks.config import BatchProfile, Precision, Tolerance
 from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
-from tasks.fp16_emulation import EMULATED, NATIVE, NoFp16Error
+from tasks.fp16_emulation import EMULATED, NoFp16Error
 from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
 
@@ -456,7 +456,7 @@ def numerics_of(backend: str, precision: Precision) -> str:
 
     if precision is Precision.fp16 and not builder_for(backend).native_fp16:
         return EMULATED
-    return NATIVE if precision is Precision.fp16 else f"native {precision.value}"
+    return f"native {precision.value}"  # NATIVE for fp16
 
 
 def emulated_fp16_check(

@@ -305,10 +305,12 @@ def branch(small_data, monkeypatch_module):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["logits", "emb"], "precision": "fp32"})
     checkpoint = _artifact(root, "train", {"model.pt": b"stands for the model"}, {"outputs": ["logits", "emb"], "logits_output": "logits"})
-    x = split_inputs(small_data, "test")["x"]
-    reference = {"logits": x @ W, "emb": x @ V}
-    # the stand-in checkpoint has no model: its reference is given (every other checkpoint's is PyTorch's)
-    monkeypatch_module.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: reference if ckpt.digest == checkpoint.digest else reference_outputs(ckpt, data))
+    def products(ckpt, data):
+        x = split_inputs(data, "test")["x"]
+        return {"logits": x @ W, "emb": x @ V}
+
+    # the stand-in checkpoint has no model: its reference is the products (every other checkpoint's is PyTorch's)
+    monkeypatch_module.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: products(ckpt, data) if ckpt.digest == checkpoint.digest else reference_outputs(ckpt, data))
     return root, checkpoint, Built(exported, small_data, root)
 
 
@@ -361,6 +363,11 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
         distinct = "repeated" not in b["label"]
         assert (b["outputs"]["logits"]["top1_agreement"] is not None) is distinct and (b["outputs"]["logits"]["accuracy"] is not None) is distinct
     assert ref.meta == summary_of(report) and ref.meta["passed"]
+    assert set(report) == {"precision", "backend", "numerics", "passed", "failures", "repairable", "share_finding", "compute", "checks_run",
+                           "checks_skipped", "batches", "samples", "batches_run", "outputs", "logits_output", "tolerance", "emulation",
+                           "confusion", "engine_digest", "checkpoint_digest"}
+    assert report["tolerance"] == default_tolerances()[precision].model_dump() and report["checkpoint_digest"] == branch[1].digest
+    assert (report["emulation"] is None) is (precision is not Precision.fp16)
     latest = json.loads((branch[0] / "reports" / f"verify-{precision.value}.json").read_text())
     assert latest == report
 
@@ -379,6 +386,7 @@ def test_an_int8_variant_whose_only_product_stays_fp32_fails_and_is_not_repairab
     with pytest.raises(PrecisionShareError) as again:
         _verify(branch, small_data, "int8-kept")
     assert was_cached() and again.value.artifact.digest == err.value.artifact.digest
+    assert err.value.report_path == str(branch[0] / "reports" / "verify-int8.json") == again.value.report_path
 
 
 def test_an_fp16_variant_kept_wholly_in_fp32_says_so_and_fails_its_share(branch, small_data):
@@ -388,12 +396,13 @@ def test_an_fp16_variant_kept_wholly_in_fp32_says_so_and_fails_its_share(branch,
     assert meta["numerics"] == "fp32 (a repair kept every node of the fp16 variant in fp32)" and meta["compute"]["share"] == 0.0
 
 
-def test_a_failing_verdict_is_kept_as_an_artifact_and_raised_again_from_the_store(branch, small_data):
+def test_a_failing_verdict_is_kept_as_an_artifact_and_raised_again_from_the_store(branch, small_data, caplog):
     from tasks.stage import was_cached
 
     strict = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0, min_top1_agreement=1.0, max_accuracy_drop=0.0)
-    with pytest.raises(VerificationError) as err:
+    with pytest.raises(VerificationError) as err, caplog.at_level("INFO", logger="trtflow.verify"):
         _verify(branch, small_data, Precision.fp16, strict)
+    assert "verify fp16: fp16 emulated batch 8: 15 samples compared (FAIL)" in [r.getMessage().split("  ")[0] for r in caplog.records]
     assert err.value.recoverable and type(err.value) is VerificationError
     assert "fp16 batch 1: logits.share within atol=0.0 rtol=0.0" in str(err.value) and "threshold >= 1" in str(err.value)
     assert any(f.startswith("fp16 emulated batch 8: ") for f in err.value.failures)  # every failing check, emulation included
@@ -422,7 +431,7 @@ def test_a_stage_error_leaves_a_failed_latest_report(branch, small_data, monkeyp
     with pytest.raises(InferenceError):
         _verify(branch, small_data, Precision.fp32, refresh=True)
     latest = json.loads((branch[0] / "reports" / "verify-fp32.json").read_text())
-    assert latest["passed"] is False and latest["failures"] == [] and "got x, expected y" in latest["error"]
+    assert latest == {"precision": "fp32", "passed": False, "failures": [], "error": "got x, expected y, because z; w"}
 
 
 def test_the_stage_feeds_the_engine_every_batch_of_its_profile_at_its_size(branch, small_data, monkeypatch):
@@ -448,7 +457,7 @@ def test_verification_reports_progress_in_samples_per_batch_size(branch, small_d
 
     seen = []
     monkeypatch.setattr(progress, "SINK_INTERVAL_S", 0.0)
-    previous = progress.set_sink(lambda stage, fraction, text: seen.append((stage, fraction)))
+    previous = progress.set_sink(lambda stage, fraction, text: seen.append((stage, fraction, text)))
     try:
         with caplog.at_level("INFO", logger="trtflow.verify"):
             _verify(branch, small_data, Precision.fp16, refresh=True)
@@ -462,11 +471,32 @@ def test_verification_reports_progress_in_samples_per_batch_size(branch, small_d
         "verify fp16: fp16 emulated batch 8: 15 samples compared (pass)",
     ]
     assert all("samples/s" in line for line in lines)
-    fractions = [f for stage, f in seen if stage == "verify fp16"]
+    fractions = [f for stage, f, _ in seen if stage == "verify fp16"]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 4  # during each pass, not only after
+    # four passes of 15 samples: three batch sizes and the emulation
+    at = {text.split("  ")[0]: f for stage, f, text in seen if stage == "verify fp16"}
+    assert at["verify fp16: batch 64: 15 samples compared, 49 rows repeated to fill the batch (pass)"] == 0.75
+    assert any(text.startswith("verify fp16: 15/60 samples") for stage, _, text in seen if stage == "verify fp16")
     passed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify: fp16 passed")]
     assert passed == ["verify: fp16 passed on 15 samples at batch 1 x15, 8 x2 (1 rows repeated), 64 x1 (49 rows repeated) "
                       "(outputs ['logits', 'emb']; checks elementwise (atol/rtol), cosine per sample, top-1 agreement, accuracy drop, balanced accuracy, compute share >= 10%)"]
+
+
+@pytest.fixture(scope="module")
+def unlabelled_data(small_data):
+    from tasks.data import split_inputs, splits_from_dataset
+
+    root = small_data.dir.parents[1]
+    np.savez(root / "x.npz", x=np.random.default_rng(5).normal(size=(100, 4)).astype(np.float32))
+    return splits_from_dataset(DataConfig(dataset=root / "x.npz"), root)
+
+
+def test_without_labels_no_output_is_judged_by_task_metrics(branch, unlabelled_data):
+    ref = _verify(branch, unlabelled_data, Precision.fp32)
+    report = json.loads(ref.path("verification.json").read_text())
+    assert report["passed"] and report["logits_output"] is None and report["confusion"] is None
+    assert report["checks_skipped"] == {c: "the dataset has no labels" for c in ("top-1 agreement", "accuracy drop", "balanced accuracy")}
+    assert all(o["top1_agreement"] is None for b in report["batches"] for o in b["outputs"].values())
 
 
 def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypatch, caplog):
@@ -566,15 +596,18 @@ def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_br
         verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root)
     meta = plain.value.artifact.meta
     assert meta["numerics"] == "fp16 weights, computed in fp32 (not emulated)" and meta["compute"]["by_precision"] == {"fp32": 2}
+    assert plain.value.summary == "PrecisionShareError: fp16: 0 of 2 compute operators run in fp16; the model has no fp16 benefit; drop fp16"
+    assert _verify(branch, small_data, Precision.fp16).meta["numerics"] == EMULATED  # with its variant: another verification
 
     def broken(*_, **__):
-        raise RuntimeError("unsupported op")
+        raise RuntimeError("unsupported op" + " in a node" * 30)
 
     monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", broken)
     with caplog.at_level("WARNING", logger="trtflow.verify"):
         # its own store: this verdict of a broken emulation must not stand in for the real one in other tests
         ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, tmp_path, variant=variant)
-    assert ref.meta["numerics"] == "fp16 weights, computed in fp32 (emulation failed: unsupported op)"
+    message = "unsupported op" + " in a node" * 30
+    assert ref.meta["numerics"] == f"fp16 weights, computed in fp32 (emulation failed: {message[:200]})"
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        "verify: the fp16 emulation could not run (unsupported op); fp16 numerics not verified"]
+        f"verify: the fp16 emulation could not run ({message}); fp16 numerics not verified"]
     assert not any(b["label"].startswith("fp16 emulated") for b in json.loads(ref.path("verification.json").read_text())["batches"])

@@ -567,6 +567,11 @@ def test_gpu_build_and_run(precision: str, tmp_path: Path) -> None:
     assert layers["layers"] > 0
     if precision != "fp32":
         assert layers["by_precision"].get(precision, 0) > 0, layers
+    # the compute layers (two convolutions, one product) run in the engine's precision, as verify reports
+    from tasks.compute_share import ENGINE_INSPECTOR, engine_compute_share
+
+    share = engine_compute_share((engine_dir / "layers.json").read_text())
+    assert share is not None and share.source == ENGINE_INSPECTOR and share.share(precision) >= 0.5, layers["compute"]
 
     rng = np.random.default_rng(1)
     ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
