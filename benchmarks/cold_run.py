@@ -75,7 +75,7 @@ def child(root: Path, epochs: int | None, profile_stage: str | None) -> None:
         v = timed("precision", f"precision {p.value}", variant_from_onnx, onnx, data, p, cfg.calibration_samples, root)
         timed("validate", f"validate {p.value}", validated_onnx, v, data, root)
         e = timed("build", f"build {p.value}", engine_from_variant, v, Backend(builder.name), cfg.batch, cfg.engine.model_dump(), root)
-        timed("verify", f"verify {p.value}", verification_of_engine, e, ckpt, data, p, cfg.tolerance(p), cfg.batch, root)
+        timed("verify", f"verify {p.value}", verification_of_engine, e, ckpt, data, p, cfg.tolerance(p), cfg.batch, root, False, v)
         timed("profile", f"profile {p.value}", profile_of_engine, e, ckpt, data, cfg.batch, cfg.profile, cfg.engine.threads, root)
     print("RESULT " + json.dumps({"stages": times, "detail": detail, "imports": imports}))
 

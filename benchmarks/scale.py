@@ -118,7 +118,7 @@ def child(dataset: str, root: str, epochs: int, batch_size: int) -> None:
         timed("validate", validated_onnx, v, data, art)
         e = timed("build", engine_from_variant, v, Backend.onnxruntime, batch, {"threads": 2, "workspace_mib": 1024, "tf32": True}, art)
         try:
-            r = timed("verify", verification_of_engine, e, ckpt, data, p, tol[p], batch, art)
+            r = timed("verify", verification_of_engine, e, ckpt, data, p, tol[p], batch, art, False, v)
             passed[p.value] = r.meta["passed"]
         except Exception as exc:  # a failed verification is a result too
             passed[p.value] = f"failed: {type(exc).__name__}"

@@ -136,20 +136,23 @@ def _shown(path: Path) -> str:
 
 
 def _print_summary(report: dict[str, Any], root: Path) -> None:
+    from flows.report import batch_lines, bundle_lines, compute_text, numerics_lines, repair_lines
+
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
     print(f"\ntrtflow: {report['backend']}")
-    print(f"{'precision':<10}{'passed':<8}{'accuracy':>10}{'top-1 agree':>13}{'min cosine':>12}{'max abs err':>13}  engine")
+    print(f"{'precision':<10}{'passed':<8}{'compute ops':>12}{'accuracy':>10}{'top-1 agree':>13}{'min cosine':>12}{'max abs err':>13}  engine")
     for p, r in report["precisions"].items():
         if "error" in r:
-            print(f"{p:<10}{'no':<8}  {r['failed_stage']} failed")
+            print(f"{p:<10}{'no':<8}{compute_text(r):>12}  {r['failed_stage']} failed")
             continue
-        def num(v: Any, fmt: str) -> str:
-            return "n/a" if v is None else format(v, fmt)
-
-        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{num(r['accuracy'], '.4f'):>10}{num(r['top1_agreement'], '.4f'):>13}{num(r['min_cosine'], '.6f'):>12}{num(r['max_abs'], '.3g'):>13}  {_shown(root / r['engine'])}")
+        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{compute_text(r):>12}{num(r['accuracy'], '.4f'):>10}{num(r['top1_agreement'], '.4f'):>13}{num(r['min_cosine'], '.6f'):>12}{num(r['max_abs'], '.3g'):>13}  {_shown(root / r['engine'])}")
+    for line in batch_lines(report["precisions"]):
+        print(f"verified {line}")
     skipped = next((r.get("checks_skipped") for r in report["precisions"].values() if r.get("checks_skipped")), None)
     if skipped:
         print("not checked: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
-    from flows.report import bundle_lines, numerics_lines, repair_lines
 
     for line in numerics_lines(report["precisions"]):
         print(f"numerics {line}")

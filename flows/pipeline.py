@@ -40,7 +40,7 @@ from tasks.repair import REPORT as REPAIR_REPORT
 from tasks.repair import repair_of_variant, repaired_refs
 from tasks.train import checkpoint_from_splits
 from tasks.validate import validated_onnx
-from tasks.verify import verification_of_engine
+from tasks.verify import verification_of_engine, write_latest
 
 #: the batch profile of every engine: the configured one, fitted to memory on a CPU backend
 BATCH = Derived(batch_for_memory, (Config("batch"), Config("backend"), "train"))
@@ -80,6 +80,12 @@ GRAPH = Graph(
 
 #: the Prefect task of each stage (retries, logs, the Cached state); the store is the only cache
 TASKS: dict[str, Task[..., Any]] = {n.name: stage_task(n.fn, n.name) for n in GRAPH.nodes}
+#: the task of a stage whose failure a recovery node repairs, when that node is in the run's plan: a
+#: failure recorded in the store comes back Cached (with the error) instead of failing on every re-run
+RECOVERED: dict[str, Task[..., Any]] = {
+    n.name: stage_task(n.fn, n.name, recovered=True)
+    for n in GRAPH.nodes if any(r.recovers == n.name for r in GRAPH.nodes)
+}
 
 
 def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
@@ -112,10 +118,9 @@ def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
 
 
 def _error_of(future: Any) -> BaseException | None:
+    """The error of a finished task: the one it failed with, or a recorded failure it came back Cached with."""
     # wait() keeps the final state on the future; .state alone asks the API server (one call each).
     future.wait()
-    if future.state.is_completed():
-        return None
     result = future.result(raise_on_failure=False)
     return result if isinstance(result, BaseException) else None
 
@@ -130,9 +135,10 @@ def _repair_outcome(future: Any, engine_before: Any, root: Path) -> tuple[dict[s
     except TrtflowError as exc:
         return {"failed_stage": "repair", "error": str(exc), "repair": repair}, exc
     if refs is not None:
+        write_latest(refs[1], root)  # the repaired verification is this precision's latest, cached or not
         return {"engine": refs[0], "verify": refs[1], "repair": repair, "engine_before_repair": engine_before}, None
     m = repair.meta
-    error = PrecisionRepairError(m["precision"], m["failures"], m["tried_fp32"], m["stopped"], str(repair.path(REPAIR_REPORT)))
+    error = PrecisionRepairError(m["precision"], m["failures"], m["tried_fp32"], m["stopped"], str(repair.path(REPAIR_REPORT)), m.get("share_finding"))
     return {"failed_stage": "repair", "error": str(error), "repair": repair}, error
 
 
@@ -168,9 +174,11 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     ]
     # Recovery nodes (repair) count only once they run: a passing branch never runs them.
     progress = Progress(sum(1 for i in plan if not i.node.recovers))
+    # Instances a planned recovery node stands behind (verify-int8 when repair-int8 may run).
+    recoverable = {GRAPH.resolve(i, i.node.recovers).id for i in plan if i.node.recovers}
 
     def call(inst: Instance, done: dict[str, Any], submit: bool) -> Any:
-        task = TASKS[inst.node.name].with_options(task_run_name=inst.id)
+        task = (RECOVERED if inst.id in recoverable else TASKS)[inst.node.name].with_options(task_run_name=inst.id)
         args = {**GRAPH.arguments(inst, run_config, done), "artifacts_dir": root, "refresh": inst.id in forced}
         if not submit:
             # A shared stage: every branch needs it, so its failure ends the run. (Called directly, a
@@ -192,10 +200,11 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             done[inst.id] = branches[inst.id] = call(inst, done, submit=True)
     _wait_all(branches, progress)
 
-    # A branch whose verification failed is repaired (fp16, int8), attempt by attempt; a passing one never.
+    # A branch whose verification failed is repaired (fp16, int8), attempt by attempt; a passing one never,
+    # nor one that failed in a way no repair can mend (too few operators in the precision).
     recovering = {
         i.id: i for i in plan
-        if i.node.recovers and isinstance(_error_of(done[GRAPH.resolve(i, i.node.recovers).id]), VerificationError)
+        if i.node.recovers and isinstance(e := _error_of(done[GRAPH.resolve(i, i.node.recovers).id]), VerificationError) and e.recoverable
     }
     progress.expect(progress.total + len(recovering))
     recovered = {i: call(inst, done, submit=True) for i, inst in recovering.items()}
@@ -208,6 +217,9 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             original = done[f"build-{p.value}"].result()
             outcomes[p], error = _repair_outcome(recovered[rid], original, root)
             if error is not None:
+                failed_verify = _error_of(done[f"verify-{p.value}"])
+                if isinstance(failed_verify, VerificationError) and failed_verify.artifact is not None:
+                    outcomes[p]["verify"] = failed_verify.artifact  # the verdict the repair started from
                 errors.append(error)
             elif "engine" in outcomes[p]:
                 # The repaired engine and its verification are the branch's from here on (profile, report).
@@ -219,6 +231,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             outcomes[p] = {"engine": done[f"build-{p.value}"].result(), "verify": done[f"verify-{p.value}"].result()}
         else:
             outcomes[p] = {"failed_stage": failed[0].node.name, "error": str(failed[1])}
+            if isinstance(failed[1], VerificationError) and failed[1].artifact is not None:
+                outcomes[p]["verify"] = failed[1].artifact  # the failing verdict: what ran, and in which precision
             errors.append(failed[1])
 
     # Nodes marked last (profile) run for the branches that verified, after everything else.
@@ -265,7 +279,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     report = run_report(config, root, backend_reason, data, checkpoint, onnx, outcomes, bundle=gathered.get("package"))
     publish(report, root)
     publish_links(report)
-    publish_figures(root, checkpoint, {p.value: o["verify"] for p, o in outcomes.items() if "verify" in o})
+    publish_figures(root, checkpoint, {p.value: o["verify"] for p, o in outcomes.items() if "engine" in o})
     # A bundle that could not be made fails the run only when nothing else did (its cause comes first).
     errors += late_errors if not errors else []
     if errors:

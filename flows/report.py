@@ -51,6 +51,11 @@ def run_report(
     for p, out in outcomes.items():
         if "error" in out:
             precisions[p.value] = {"passed": False, "failed_stage": out["failed_stage"], "error": out["error"]}
+            if "verify" in out:
+                # A failing verdict still says what ran and in which precision.
+                verdict = out["verify"]
+                precisions[p.value].update({k: verdict.meta.get(k) for k in ("numerics", "samples", "compute", "batches_run", "failures")})
+                precisions[p.value]["verification"] = _rel(verdict.path("verification.json"), root)
             if "repair" in out:
                 precisions[p.value]["repair"] = repair_summary(out, root)
             continue
@@ -59,12 +64,17 @@ def run_report(
         engine_file = info.engine_file
         precisions[p.value] = {
             **{k: verify.meta.get(k) for k in ("passed", "backend", "numerics", "samples", *METRICS, "outputs", "checks_run", "checks_skipped")},
+            # which precision the compute operators really run in, and how every verified batch was fed
+            "compute": verify.meta.get("compute"),
+            "batches_run": verify.meta.get("batches_run"),
             # the profile built, verified and timed (lowered from the config's on a CPU backend for large samples)
             "batch": info.batch.model_dump(),
             "engine": _rel(engine.path(engine_file), root),
             "engine_sha256": engine.files[engine_file],
             "verification": _rel(verify.path("verification.json"), root),
         }
+        if lowered := batch_lowered(config.batch.model_dump(), info.batch.model_dump()):
+            precisions[p.value]["batch_lowered"] = lowered
         if "profile" in out:
             precisions[p.value]["profile"] = {**out["profile"].meta, "report": _rel(out["profile"].path("profile.json"), root)}
         elif "profile_error" in out:
@@ -131,6 +141,41 @@ def bundle_lines(report: dict[str, Any], shown: str | None = None) -> list[str]:
     return [f"shipped: {b['precision']} ({b['reason']})", f"bundle: {shown or b['path']} (Triton model '{b['name']}', {b['platform']})"]
 
 
+def batch_lowered(configured: dict[str, Any], used: dict[str, Any]) -> str | None:
+    """Why the profile that ran differs from the configured one (None when it does not)."""
+    keys = ("min", "opt", "max")
+    if all(configured[k] == used[k] for k in keys):
+        return None
+    shown = "/".join(str(configured[k]) for k in keys), "/".join(str(used[k]) for k in keys)
+    return (f"profile {shown[0]} lowered to {shown[1]} to fit --cpu-batch-memory-mib {configured.get('cpu_memory_mib')}: "
+            f"batches above {used['max']} were neither built nor verified")
+
+
+def compute_text(r: dict[str, Any]) -> str:
+    """e.g. '3/4 int8': compute operators in the engine's precision, of all of them ('n/a': not counted)."""
+    c = r.get("compute")
+    if not c:
+        return "n/a"
+    p = c.get("precision") or "fp32"
+    return f"{(c.get('by_precision') or {}).get(p, 0)}/{c.get('operators', 0)} {p}"
+
+
+def batch_lines(precisions: dict[str, Any]) -> list[str]:
+    """How every precision's verification ran: the batches and their runs, the rows repeated to fill a
+    batch, and a profile lowered for memory. Precisions that ran alike share a line."""
+    from tasks.verify import describe_runs
+
+    grouped: dict[str, list[str]] = {}
+    for p, r in precisions.items():
+        if not r.get("batches_run"):
+            continue
+        text = f"{describe_runs(r['batches_run'])} on {r['samples']} test samples"
+        if r.get("batch_lowered"):
+            text += f"; {r['batch_lowered']}"
+        grouped.setdefault(text, []).append(p)
+    return [f"{', '.join(ps)}: {text}" for text, ps in grouped.items()]
+
+
 def repair_summary(outcome: dict[str, Any], root: Path) -> dict[str, Any]:
     """What a repair did: nodes kept in fp32, figures before and after, attempts, and its speed cost.
 
@@ -142,7 +187,7 @@ def repair_summary(outcome: dict[str, Any], root: Path) -> dict[str, Any]:
     repair = outcome["repair"]
     m = repair.meta
     out: dict[str, Any] = {
-        **{k: m.get(k) for k in ("passed", "kept_fp32", "tried_fp32", "budget", "attempts", "stopped", "before", "after")},
+        **{k: m.get(k) for k in ("passed", "kept_fp32", "tried_fp32", "budget", "attempts", "stopped", "share_finding", "before", "after")},
         "report": _rel(repair.path("repair.json"), root),
     }
     before, after = outcome.get("profile_before_repair"), outcome.get("profile")
@@ -199,15 +244,17 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"- Model: `{report['model']['factory']}` ({report['model'].get('mode', 'train')}), validation accuracy {_fmt(report['model']['val_acc'])}; "
         f"ONNX opset {report['model']['opset']} at `{report['model']['onnx']}`",
         "",
-        "| precision | passed | accuracy (torch → engine) | top-1 agreement | min cosine | max abs err | engine |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | passed | compute ops in precision | accuracy (torch → engine) | top-1 agreement | min cosine | max abs err | engine |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p, r in report["precisions"].items():
         if "error" in r:
-            lines.append(f"| {p} | no: {r['failed_stage']} failed | | | | | {r['error'][:200]} |")
+            lines.append(f"| {p} | no: {r['failed_stage']} failed | {compute_text(r)} | | | | | {r['error'][:200]} |")
         else:
             acc = f"{_fmt(r['accuracy_reference'])} → {_fmt(r['accuracy'])}"
-            lines.append(f"| {p} | {'yes' if r['passed'] else 'no'} | {acc} | {_fmt(r['top1_agreement'])} | {_fmt(r['min_cosine'])} | {_fmt(r['max_abs'])} | `{r['engine']}` |")
+            lines.append(f"| {p} | {'yes' if r['passed'] else 'no'} | {compute_text(r)} | {acc} | {_fmt(r['top1_agreement'])} | {_fmt(r['min_cosine'])} | {_fmt(r['max_abs'])} | `{r['engine']}` |")
+    if batches := batch_lines(report["precisions"]):
+        lines += ["", "**Verified at**", "", *(f"- {line}" for line in batches)]
     lines += numerics_markdown(report["precisions"])
     if repaired := repair_lines(report["precisions"]):
         lines += ["", "**Precision repair**", "", *(f"- {line}" for line in repaired)]
@@ -250,7 +297,7 @@ def publish(report: dict[str, Any], root: Path) -> None:
     if FlowRunContext.get() is None:
         return
     rows = [
-        {"precision": p, "passed": r.get("passed"), "numerics": r.get("numerics"), "kept in fp32": ", ".join((r.get("repair") or {}).get("kept_fp32") or []), **({k: _round(r.get(k)) for k in METRICS} if "error" not in r else {"error": r["error"][:300]}), **table_columns(r.get("profile"))}
+        {"precision": p, "passed": r.get("passed"), "numerics": r.get("numerics"), "compute ops": compute_text(r), "kept in fp32": ", ".join((r.get("repair") or {}).get("kept_fp32") or []), **({k: _round(r.get(k)) for k in METRICS} if "error" not in r else {"error": r["error"][:300]}), **table_columns(r.get("profile"))}
         for p, r in report["precisions"].items()
     ]
     create_table_artifact(key="trtflow-verification", table=rows, description="Per-precision verification against PyTorch")

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from tasks.artifacts import ArtifactRef
-from tasks.errors import is_retryable
+from tasks.errors import TrtflowError, is_retryable
 from tasks.stage import stage_instance, was_cached
 
 #: seconds between attempts of a transient failure
@@ -47,7 +47,7 @@ def _run_name() -> str | None:
     return ctx.task_run.name
 
 
-def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAYS)) -> Task[..., Any]:
+def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAYS), recovered: bool = False) -> Task[..., Any]:
     """Wrap a stage function as a Prefect task with retries and a ``Cached`` state on a store hit.
 
     Args:
@@ -55,6 +55,11 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
             ``ArtifactRef`` made through ``run_stage``.
         name: the task's name (the stage name).
         retries: attempts after the first, for transient failures only.
+        recovered: a recovery stage stands behind this one (verify, repaired by repair). A recoverable
+            failure that the store already holds as a result (``TrtflowError.artifact``: a failing
+            verdict found again) is then a cache hit like any other: the task ends ``Cached`` with the
+            error as its result, for the flow to hand to the recovery, instead of failing again on
+            every re-run. A fresh failure still fails the task, so the UI shows it once.
 
     Returns:
         The task.
@@ -73,8 +78,13 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
             elif isinstance(value, dict) and any(isinstance(v, ArtifactRef) for v in value.values()):
                 # a gather stage's {precision: artifact}
                 bound.arguments[arg] = {k: v.under(root) if isinstance(v, ArtifactRef) else v for k, v in value.items()}
-        with stage_instance(_run_name()):
-            ref = fn(*bound.args, **bound.kwargs)
+        try:
+            with stage_instance(_run_name()):
+                ref = fn(*bound.args, **bound.kwargs)
+        except TrtflowError as exc:
+            if recovered and exc.recoverable and exc.artifact is not None and was_cached():
+                return Completed(data=exc, name="Cached", message=f"found in the artifact store: a recorded failure, recovered next ({exc.summary})")
+            raise
         if was_cached():
             return Completed(data=ref, name="Cached", message="found intact in the artifact store")
         return ref

@@ -217,6 +217,11 @@ class Tolerance(_Strict):
     min_cosine: float = Field(0.999, ge=-1, le=1, description="Lowest cosine similarity per sample (worst sample).")
     min_top1_agreement: float = Field(0.99, ge=0, le=1, description="Lowest share of samples with the same argmax.")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest accuracy loss against PyTorch.")
+    min_compute_share: float = Field(
+        0.1, ge=0, le=1,
+        description="fp16 and int8: the smallest share of compute operators (Conv, Gemm, MatMul, ...) that must run "
+        "in that precision; below it the engine is not that precision and fails (0 accepts it, shown as it is).",
+    )
 
 
 def default_tolerances() -> dict[Precision, Tolerance]:

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import textwrap
+from typing import Any
 
 #: longest first line of an error in the terminal (with the CLI's 'trtflow: ' prefix: 159)
 SUMMARY_CHARS = 150
@@ -57,6 +58,10 @@ class TrtflowError(Exception):
     retryable: bool = False
     #: the summary's first words (default: the class name)
     label: str | None = None
+    #: the committed artifact that records this failure (a failing verification is a result too), or None
+    artifact: Any = None
+    #: whether a recovery stage (repair) can turn this failure into a pass
+    recoverable: bool = False
 
     def __init__(self, got: str, expected: str, because: str, fix: str, summary: str | None = None) -> None:
         self.got, self.expected, self.because, self.fix = plain(got), plain(expected), plain(because), plain(fix)
@@ -192,9 +197,12 @@ class VerificationError(TrtflowError):
     Carries every failing check, not only the first, so that one run shows the whole picture.
     """
 
-    def __init__(self, failures: list[str], report_path: str) -> None:
+    recoverable = True
+
+    def __init__(self, failures: list[str], report_path: str, artifact: Any = None) -> None:
         self.failures = failures
         self.report_path = report_path
+        self.artifact = artifact
         got = f"{len(failures)} failing check(s): " + "; ".join(failures)
         first = failures[0] if failures else "a failing check"
         more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
@@ -208,13 +216,46 @@ class VerificationError(TrtflowError):
         )
 
 
+class PrecisionShareError(VerificationError):
+    """An fp16 or int8 engine in which (almost) no compute operator runs in that precision.
+
+    Not recoverable: a repair keeps more nodes in fp32, it can never add reduced-precision operators.
+    """
+
+    recoverable = False
+
+    def __init__(self, precision: str, finding: str, failures: list[str], report_path: str, artifact: Any = None) -> None:
+        self.failures = failures
+        self.report_path = report_path
+        self.artifact = artifact
+        self.finding = finding
+        fix = (f"drop {precision} (--precisions without it): it runs like fp32 here; or accept the engine as it is "
+               f"with --tolerance {precision}.min_compute_share=0 (the report still shows the share)")
+        TrtflowError.__init__(
+            self,
+            got=f"{finding}: " + "; ".join(failures),
+            expected=f"at least the --tolerance {precision}.min_compute_share of compute operators in {precision}",
+            because=f"an engine that computes in fp32 is no {precision} engine: it has neither {precision}'s speed nor its numerics",
+            fix=f"read {report_path}; {fix}",
+            summary=share_summary(precision, finding),
+        )
+
+
+def share_summary(precision: str, finding: str) -> str:
+    """The first line for an engine that is not its precision (``finding`` says how few operators are)."""
+    return f"{finding}; drop {precision}"
+
+
 class PrecisionRepairError(VerificationError):
     """A variant still fails verification after the automatic repair kept nodes in fp32 up to its budget.
 
-    A VerificationError (the same failing checks), with the repair's findings and its own fix.
+    A VerificationError (the same failing checks), with the repair's findings and its own fix;
+    ``finding`` says when the repair stopped because too few compute operators were left in the precision.
     """
 
-    def __init__(self, precision: str, failures: list[str], tried: list[str], stopped: str, report_path: str) -> None:
+    recoverable = False
+
+    def __init__(self, precision: str, failures: list[str], tried: list[str], stopped: str, report_path: str, finding: str | None = None) -> None:
         self.failures = failures
         self.report_path = report_path
         kept = ", ".join(tried) if tried else "no node"
@@ -223,8 +264,13 @@ class PrecisionRepairError(VerificationError):
             got=f"{precision} still failing after repair kept {kept} in fp32: " + "; ".join(failures),
             expected="every metric within its precision's threshold",
             because=f"the repair stopped: {stopped}",
-            fix=f"read {report_path}; raise --repair-budget if more nodes may stay fp32, loosen that precision's "
-            "tolerance (--tolerance PRECISION.METRIC=VALUE) only if the drift is acceptable, or drop the precision",
+            fix=f"read {report_path}; "
+            + (f"drop {precision}, or accept the engine as it is with --tolerance {precision}.min_compute_share=0 (a larger "
+               "repair budget would keep even more nodes in fp32)" if finding else
+               "raise --repair-budget if more nodes may stay fp32, loosen that precision's tolerance "
+               "(--tolerance PRECISION.METRIC=VALUE) only if the drift is acceptable, or drop the precision"),
+            # A repair that left too few operators in the precision: that is the news, not the checks.
+            summary=share_summary(precision, finding) if finding else None,
         )
 
 

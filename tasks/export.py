@@ -44,6 +44,7 @@ def onnx_from_module(
 
     Raises:
         ExportError: the exporter cannot handle the model.
+        ModelError: an input no operation of the model reads (a misspelt name a ``**kwargs`` forward took).
     """
     import numpy as np
     import onnx
@@ -95,6 +96,10 @@ def onnx_from_module(
     if len(set(mapping.values())) != len(mapping) or len(mapping) != len(wanted_in) + len(wanted_out):
         raise ExportError(got=f"graph tensors {sorted(mapping)}", expected="distinct inputs and outputs", because="an output is an input passed through, or repeats another output", fix="return each output once, and no input unchanged")
     _rename_values(proto.graph, mapping)
+    if unread := unread_inputs(proto):
+        from tasks.models import unread_inputs_error
+
+        raise unread_inputs_error(model, unread, wanted_in)
     onnx.save(proto, str(path))
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
@@ -104,6 +109,21 @@ def onnx_from_module(
         "outputs": [o.name for o in proto.graph.output],
         "producer": f"{proto.producer_name} {proto.producer_version}",
     }
+
+
+def unread_inputs(proto: Any) -> list[str]:
+    """The graph inputs that no node reads (subgraphs included) and that are no graph output."""
+    read = {o.name for o in proto.graph.output}
+
+    def visit(graph: Any) -> None:
+        for node in graph.node:
+            read.update(node.input)
+            for a in node.attribute:
+                for g in (*([a.g] if a.HasField("g") else []), *a.graphs):
+                    visit(g)
+
+    visit(proto.graph)
+    return [i.name for i in proto.graph.input if i.name not in read]
 
 
 def export_error(exc: BaseException) -> ExportError:

@@ -9,6 +9,7 @@ tuple, a dict, nested) is flattened into named outputs (see ``flat_outputs``).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
@@ -325,14 +326,18 @@ def input_binding(model: nn.Module, names: Sequence[str]) -> dict[str, str | Non
             return {names[0]: None if named[0].kind is named[0].POSITIONAL_ONLY else named[0].name}
         if var_pos and not required:
             return {names[0]: None}
+    # A **kwargs forward takes any name: whether it reads the array shows in the exported graph
+    # (``unread_inputs_error``, checked before training).
     unknown = [n for n in names if n not in pnames] if not var_kw else []
     if unknown:
+        guesses = closest_parameters(unknown, pnames, names)
         raise ModelError(
             got=f"dataset input(s) {', '.join(map(repr, unknown))} that {type(model).__name__}.{sig} does not take",
             expected=f"one array per parameter of forward, named after it ({', '.join(pnames) or 'none'}), plus labels 'y'",
             because="trtflow passes each dataset array to the forward parameter of the same name",
             fix="rename the arrays in the dataset after forward's parameters, e.g. numpy.savez(path, "
             + ", ".join(f"{p}=..." for p in (pnames or ["x"])) + ", y=labels)",
+            summary=f"{_listed(unknown)}: not a parameter of {type(model).__name__}.forward{_did_you_mean(unknown, guesses)}",
         )
     missing = [r for r in required if r not in names]
     if missing:
@@ -343,6 +348,66 @@ def input_binding(model: nn.Module, names: Sequence[str]) -> dict[str, str | Non
             fix="add arrays named " + ", ".join(map(repr, missing)) + " to the dataset",
         )
     return {n: n for n in names}
+
+
+def _user_model(model: nn.Module) -> nn.Module:
+    """The user's model, also from inside its ``bind`` wrapper."""
+    return model.model if getattr(model, "wraps_user_model", False) else model  # type: ignore[return-value]
+
+
+def forward_parameters(model: nn.Module) -> list[str]:
+    """The named parameters of ``model.forward`` (of the user's model inside a ``bind`` wrapper)."""
+    try:
+        params = inspect.signature(_user_model(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
+
+
+def closest_parameters(arrays: Sequence[str], parameters: Sequence[str], taken: Sequence[str] = ()) -> dict[str, str | None]:
+    """For each array name, the closest parameter name no other array already fills (difflib), or None."""
+    free = [p for p in parameters if p not in taken] or list(parameters)
+    return {a: next(iter(difflib.get_close_matches(a, free, n=1, cutoff=0.6)), None) for a in arrays}
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names)
+
+
+def _did_you_mean(names: Sequence[str], guesses: Mapping[str, str | None]) -> str:
+    found = [(n, g) for n in names if (g := guesses.get(n))]
+    if not found:
+        return ""
+    if len(names) == 1:
+        return f"; did you mean {found[0][1]}?"
+    return "; did you mean " + ", ".join(f"{g} (for {n})" for n, g in found) + "?"
+
+
+def unread_inputs_error(model: nn.Module, unread: Sequence[str], names: Sequence[str]) -> ModelError:
+    """The error for dataset arrays that no operation of the exported model reads.
+
+    A ``forward(self, input_ids, attention_mask=None, **kwargs)`` takes a misspelt ``attention_masks``
+    into ``**kwargs`` and ignores it: the model would train and verify without its mask.
+
+    Args:
+        model: the model (or its ``bind`` wrapper).
+        unread: the arrays no node of the exported graph reads.
+        names: every dataset input, in order.
+    """
+    params = forward_parameters(model)
+    guesses = closest_parameters(unread, params, [n for n in names if n not in unread])
+    renames = [f"rename {n} to {g}" for n, g in guesses.items() if g]
+    drops = [n for n, g in guesses.items() if not g]
+    fix = "; ".join([*renames, *([f"drop {_listed(drops)} from the dataset (or use it in forward)"] if drops else [])])
+    return ModelError(
+        got=f"dataset input(s) {_listed(unread)} that no operation of {type(_user_model(model)).__name__} reads "
+        f"(forward's parameters: {_listed(params) or 'none'})",
+        expected="every dataset array (besides the labels y) read by the model",
+        because="an array forward does not use would become an engine input that changes nothing: a misspelt name "
+        "trains and verifies the model without that input",
+        fix=fix,
+        summary=f"{_listed(unread)}: not read by the model{_did_you_mean(unread, guesses)}",
+    )
 
 
 def flat_outputs(out: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -381,6 +446,9 @@ def _bound_class() -> type:
         This is what is traced and exported: ONNX inputs are the dataset's names, outputs the names
         ``flat_outputs`` gives, in order.
         """
+
+        #: tells this wrapper from a user model that happens to have a ``model`` attribute
+        wraps_user_model = True
 
         def __init__(self, model: nn.Module, binding: Mapping[str, str | None]) -> None:
             super().__init__()

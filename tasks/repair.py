@@ -34,7 +34,7 @@ import numpy as np
 
 from tasks.artifacts import ArtifactRef, load_ref
 from tasks.config import Backend, BatchProfile, EngineOptions, Precision, RepairConfig, Tolerance
-from tasks.errors import TrtflowError, VerificationError
+from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
 from tasks.fp16_emulation import EMULATION_SUFFIX, FP16_MAX, emulation_from_fp16_onnx, tensor_types
 from tasks.stage import StageSpec, run_stage
 
@@ -286,7 +286,7 @@ SPEC = StageSpec(
 ERRORS_FILE = "node_errors.json"
 REPORT = "repair.json"
 #: the verification figures a repair report shows before and after
-FIGURES = ("numerics", "finite_share", "max_abs", "min_cosine", "top1_agreement", "accuracy", "accuracy_drop")
+FIGURES = ("numerics", "compute", "finite_share", "max_abs", "min_cosine", "top1_agreement", "accuracy", "accuracy_drop")
 
 
 def sensitivity_of_variant(
@@ -340,16 +340,16 @@ def errors_of(sensitivity: ArtifactRef) -> list[NodeError]:
 def _verified(
     engine: ArtifactRef, variant: ArtifactRef, checkpoint: ArtifactRef, data: ArtifactRef, precision: Precision,
     tolerance: Tolerance, batch: BatchProfile, artifacts_dir: Path, refresh: bool,
-) -> tuple[ArtifactRef | None, dict[str, Any]]:
-    """Verify an engine; return its ``verify`` artifact (None when it fails) and the summary with its failures."""
-    from tasks.verify import summary_of, verification_of_engine
+) -> tuple[ArtifactRef | None, dict[str, Any], VerificationError | None]:
+    """Verify an engine; return its ``verify`` artifact (None when it fails), the summary with its failures, and the failure."""
+    from tasks.verify import verification_of_engine
 
     try:
         ref = verification_of_engine(engine, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh, variant=variant)
-        return ref, {**ref.meta, "failures": []}
+        return ref, {**ref.meta, "failures": []}, None
     except VerificationError as exc:
-        report = json.loads(Path(exc.report_path).read_text())
-        return None, {**summary_of(report), "failures": exc.failures}
+        # The failing verdict is an artifact too: its summary is the manifest's metadata.
+        return None, {**(exc.artifact.meta if exc.artifact is not None else {}), "failures": exc.failures}, exc
 
 
 def repair_of_variant(
@@ -403,11 +403,14 @@ def repair_of_variant(
 
     def make(out: Path) -> dict[str, Any]:
         backend = Backend(info.backend)
-        _, before = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
+        _, before, failure = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
         kept: list[str] = []
         attempts: list[dict[str, Any]] = []
-        current, final_engine, final_verify, stop = variant, engine, None, ""
-        while final_verify is None:
+        current, final_engine, final_verify, stop, finding = variant, engine, None, "", None
+        if isinstance(failure, PrecisionShareError):
+            finding = failure.finding
+            stop = f"{finding}; keeping nodes in fp32 cannot add {precision.value} operators"
+        while final_verify is None and finding is None:
             try:
                 ranking = sensitivity_of_variant(model, current, data, precision, repair.samples, info.threads, artifacts_dir, refresh)
             except TrtflowError:
@@ -428,7 +431,11 @@ def repair_of_variant(
             current = variant_from_onnx(model, data, precision, calibration_samples, artifacts_dir, refresh, keep_fp32=kept)
             validated_onnx(current, data, artifacts_dir, refresh)
             final_engine = engine_from_variant(current, backend, batch, options, artifacts_dir, refresh)
-            final_verify, figures = _verified(final_engine, current, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
+            final_verify, figures, failure = _verified(final_engine, current, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
+            if isinstance(failure, PrecisionShareError):
+                # Every further attempt keeps more in fp32: stop here, saying what is left.
+                finding = failure.finding
+                stop = f"{finding} (the floor is --tolerance {precision.value}.min_compute_share={tolerance.min_compute_share:g})"
             why = {e.node: e for e in errors}
             attempts.append({
                 "kept_fp32": kept,
@@ -447,6 +454,7 @@ def repair_of_variant(
             "tried_fp32": kept,
             "budget": repair.budget,
             "stopped": "verification passed" if passed else stop or "verification still fails",
+            "share_finding": finding,
             "before": {k: before.get(k) for k in FIGURES},
             "before_failures": before["failures"],
             "after": attempts[-1]["figures"] if attempts else None,
@@ -454,7 +462,7 @@ def repair_of_variant(
         }
         (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
         log.info("repair %s: %s (%s)", precision.value, "passed" if passed else "failed", report["stopped"])
-        meta = {k: report[k] for k in ("precision", "passed", "kept_fp32", "tried_fp32", "budget", "stopped", "before", "after")}
+        meta = {k: report[k] for k in ("precision", "passed", "kept_fp32", "tried_fp32", "budget", "stopped", "share_finding", "before", "after")}
         meta["attempts"] = len(attempts)
         meta["failures"] = attempts[-1]["failures"] if attempts else before["failures"]
         # Stage and key only: the artifacts are found again under whatever folder the store is in now.

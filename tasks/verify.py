@@ -1,8 +1,15 @@
 """Stage ``verify``: engine outputs against PyTorch on the held-out test split.
 
-Each engine runs at batch min, opt and max (the batches its profile was built for); each run is
-compared with PyTorch fp32 under the precision's tolerances. Every failing check is collected, the
-report is written either way (a failed verification keeps its evidence), and then the stage fails.
+Each engine runs at batch min, opt and max (the batches its profile was built for), every call at
+exactly that batch: a split smaller than a batch, or a last call short of it, is filled by repeating
+the split's samples from the first one (cycled), so a batch named in the report is a batch the engine
+ran. The distinct samples are compared with PyTorch fp32 under the precision's tolerances; the rows
+that repeat a sample are compared with that sample's reference too. An fp16 or int8 engine must also
+run a share of its compute operators in that precision (``tasks.compute_share``).
+
+The verdict, passed or failed, is the stage's artifact: a verification that records a failure is a
+valid, cacheable result. The stage function raises the failure (``VerificationError``, carrying that
+artifact) on every call that finds one, fresh or cached; the flow lets a repair stand behind it.
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +26,10 @@ import numpy as np
 
 from tasks.artifacts import ArtifactRef, write_json_atomic
 from tasks.compare import ComparisonResult, compare_outputs
+from tasks.compute_share import ComputeShare, share_finding
 from tasks.config import BatchProfile, Precision, Tolerance
-from tasks.errors import TrtflowError, VerificationError
-from tasks.fp16_emulation import EMULATED, NATIVE, NoFp16Error
+from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
+from tasks.fp16_emulation import EMULATED, NoFp16Error
 from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
 
@@ -37,6 +46,8 @@ SPEC = StageSpec("verify", __name__, libraries=("torch", "numpy", "onnx", "onnxr
 REPORT = "verification.json"
 #: where the latest verification of each precision is kept, passed or not (relative to the artifacts folder)
 LATEST = "reports/verify-{precision}.json"
+#: the checks of the task metrics, run when the dataset has labels and the model a logits output
+TASK_CHECKS = ("top-1 agreement", "accuracy drop", "balanced accuracy")
 
 
 def batch_sizes(batch: BatchProfile) -> list[int]:
@@ -44,43 +55,254 @@ def batch_sizes(batch: BatchProfile) -> list[int]:
     return sorted({batch.min, batch.opt, batch.max})
 
 
-def outputs_in_batches(runner: Any, inputs: str | Mapping[str, np.ndarray], x: np.ndarray | int, b: int, min_batch: int) -> dict[str, np.ndarray]:
-    """Run inputs through a runner in batches of ``b``; a short last batch is padded up to ``min_batch``.
+@dataclass(frozen=True)
+class BatchRun:
+    """How the test split went through the engine at one batch size.
+
+    Attributes:
+        batch: rows of every engine call.
+        runs: engine calls.
+        distinct_samples: the split's samples; the rows fed beyond them repeat samples (cycled).
+    """
+
+    batch: int
+    runs: int
+    distinct_samples: int
+
+    @property
+    def rows_fed(self) -> int:
+        return self.batch * self.runs
+
+    @property
+    def repeated_rows(self) -> int:
+        return self.rows_fed - self.distinct_samples
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "rows_fed": self.rows_fed, "repeated_rows": self.repeated_rows}
+
+
+def describe_runs(runs: Sequence[Mapping[str, int]]) -> str:
+    """e.g. 'batch 1 x150, 32 x5 (10 rows repeated), 256 x1 (106 rows repeated)': what the engine ran."""
+    parts = [f"{r['batch']} x{r['runs']}" + (f" ({r['repeated_rows']} rows repeated)" if r["repeated_rows"] else "") for r in runs]
+    return "batch " + ", ".join(parts)
+
+
+def outputs_at_batch(runner: Any, data: ArtifactRef, split: str, b: int, progress: Progress | None = None) -> tuple[dict[str, np.ndarray], BatchRun]:
+    """Run every sample of one split of a ``data`` artifact through a runner, every call at exactly ``b`` rows.
+
+    The split is read ``b`` rows at a time (bounded memory). The last call, and the only one when the
+    split is smaller than ``b``, is filled up to ``b`` rows by cycling the split from its first sample.
 
     Args:
         runner: an active runner.
-        inputs: input name -> array (all the same length). The older form ``(runner, name, x, b,
-            min_batch)`` with one input name and its array is accepted too.
-        x: the array of the older form (ignored otherwise; pass 0).
-        b: batch size.
-        min_batch: the engine's smallest batch.
+        data: the ``data`` artifact.
+        split: "test", "val" or "train".
+        b: the batch size.
+        progress: counts the split's samples done.
+
+    Returns:
+        Output name -> the outputs of every row fed (row ``i`` is sample ``i % n``), and how they ran.
     """
-    feed: Mapping[str, np.ndarray] = {inputs: x} if isinstance(inputs, str) else inputs  # type: ignore[dict-item]
-    n_all = len(next(iter(feed.values())))
+    from tasks.data import split_batches, split_inputs, split_size
+
+    n = split_size(data, split)
     chunks: dict[str, list[np.ndarray]] = {}
-    for i in range(0, n_all, b):
-        part = {k: v[i : i + b] for k, v in feed.items()}
-        n = len(next(iter(part.values())))
-        if n < min_batch:
-            part = {k: np.concatenate([v, np.repeat(v[-1:], min_batch - n, axis=0)]) for k, v in part.items()}
-        for name, arr in runner.infer(part).items():
-            chunks.setdefault(name, []).append(arr[:n])
-    return {k: np.concatenate(v) for k, v in chunks.items()}
-
-
-def outputs_of_split(runner: Any, data: ArtifactRef, split: str, b: int, min_batch: int, progress: Progress | None = None) -> dict[str, np.ndarray]:
-    """``outputs_in_batches`` over one split of a ``data`` artifact, reading only ``b`` rows at a time;
-    ``progress`` counts the samples done."""
-    from tasks.data import split_batches
-
-    chunks: dict[str, list[np.ndarray]] = {}
+    runs = 0
     for _, feed in split_batches(data, split, b):
-        for name, arr in outputs_in_batches(runner, feed, 0, b, min_batch).items():
+        rows = len(next(iter(feed.values())))
+        if rows < b:
+            fill = np.arange(b - rows) % n
+            head = split_inputs(data, split, slice(0, min(n, b - rows)))
+            feed = {k: np.concatenate([v, np.take(head[k], fill, axis=0)]) for k, v in feed.items()}
+        for name, arr in runner.infer(feed).items():
             chunks.setdefault(name, []).append(arr)
+        runs += 1
         if progress is not None:
-            rows = len(next(iter(feed.values())))
             progress.update(rows, samples=rows)
-    return {k: np.concatenate(v) for k, v in chunks.items()}
+    return {k: np.concatenate(v) for k, v in chunks.items()}, BatchRun(b, runs, n)
+
+
+def checks_at_batch(
+    reference: Mapping[str, np.ndarray],
+    got: Mapping[str, np.ndarray],
+    run: BatchRun,
+    tolerance: Tolerance,
+    label: str,
+    labels: np.ndarray | None = None,
+    task_outputs: set[str] | None = None,
+) -> list[ComparisonResult]:
+    """Compare what one batch size produced: the distinct samples, then the rows that repeat them.
+
+    The task metrics (agreement, accuracy: shares of samples) are computed on the distinct samples
+    only: a repeated sample must not count twice. The repeated rows must still match their sample's
+    reference row by row (cosine of the worst row, every element within atol/rtol, finite), so a batch
+    position that computes wrong cannot hide behind the fill.
+
+    Returns:
+        One result labelled ``label``, and one labelled ``'<label> repeated rows'`` when rows repeat.
+    """
+    n = run.distinct_samples
+    results = [compare_outputs(reference, {k: v[:n] for k, v in got.items()}, tolerance, label=label, labels=labels, task_outputs=task_outputs)]
+    if run.repeated_rows > 0:
+        rows = np.arange(n, run.rows_fed) % n
+        repeated_ref = {k: v[rows] for k, v in reference.items()}
+        results.append(compare_outputs(repeated_ref, {k: v[n:] for k, v in got.items()}, tolerance, label=f"{label} repeated rows", task_outputs=set()))
+    return results
+
+
+@dataclass
+class EngineChecks:
+    """What running an engine over the test split at each batch size found."""
+
+    results: list[ComparisonResult]
+    runs: list[BatchRun]
+    confusion: dict[str, Any] | None
+
+
+def engine_checks(
+    runner: Any,
+    reference: Mapping[str, np.ndarray],
+    data: ArtifactRef,
+    precision: Precision,
+    tolerance: Tolerance,
+    batch: BatchProfile,
+    labels: np.ndarray | None,
+    logits: str | None,
+    progress: Progress | None = None,
+) -> EngineChecks:
+    """Run an active runner over the test split at every batch of the profile and compare each pass.
+
+    Args:
+        runner: the engine's active runner.
+        reference: output name -> PyTorch's outputs on the test split.
+        data: the ``data`` artifact.
+        precision: names the checks ('int8 batch 32').
+        tolerance: that precision's thresholds.
+        batch: the profile (min, opt, max).
+        labels: the test split's labels (None without labels).
+        logits: the output judged by task metrics, or None.
+        progress: counts samples, one pass per batch size.
+
+    Returns:
+        The comparisons, how each batch size ran, and the confusion matrix at the opt batch.
+    """
+    from tasks.metrics import confusion_matrix
+
+    task_outputs = {logits} if logits else set()
+    out = EngineChecks([], [], None)
+    for b in batch_sizes(batch):
+        got, run = outputs_at_batch(runner, data, "test", b, progress)
+        results = checks_at_batch(reference, got, run, tolerance, f"{precision.value} batch {b}", labels, task_outputs)
+        out.results += results
+        out.runs.append(run)
+        if progress is not None:
+            fill = f", {run.repeated_rows} rows repeated to fill the batch" if run.repeated_rows else ""
+            progress.milestone(f"batch {b}: {run.distinct_samples} samples compared{fill} ({'pass' if all(r.passed for r in results) else 'FAIL'})")
+        if b == batch.opt and logits and labels is not None and logits in got:
+            head = got[logits][: run.distinct_samples]
+            pred = head.argmax(axis=1)
+            k = max(int(data.meta["num_classes"]), int(head.shape[1]))
+            out.confusion = {"batch": b, "accuracy": float((pred == labels).mean()), "matrix": confusion_matrix(labels, pred, k).tolist()}
+    return out
+
+
+def compute_share_of(engine: ArtifactRef, variant: ArtifactRef | None) -> ComputeShare | None:
+    """Which precision the engine's compute operators run in: TensorRT's layer report, else the ONNX graph.
+
+    The graph is the variant the engine was built from (what ONNX Runtime runs), or the engine file
+    itself when it is ONNX. None when neither is at hand.
+    """
+    import onnx
+
+    from tasks.compute_share import engine_compute_share, onnx_compute_share
+    from tasks.engine import engine_info
+
+    info = engine_info(engine)
+    layers = (info.model_extra or {}).get("layers_file")
+    has_report = bool(layers) and layers in engine.files
+    if has_report:
+        found = engine_compute_share(engine.path(layers).read_text())
+        if found is not None:
+            return found
+    if variant is not None:
+        graph = variant.path("model.onnx")
+    elif info.engine_file.endswith(".onnx"):
+        graph = engine.path(info.engine_file)
+    else:
+        return None
+    share = onnx_compute_share(onnx.load(str(graph), load_external_data=False))
+    if has_report:
+        share.source += " (the engine's layer report types no compute layer)"
+    return share
+
+
+def verdict(
+    precision: Precision,
+    tolerance: Tolerance,
+    results: Sequence[ComparisonResult],
+    share: ComputeShare | None,
+    kept_fp32: int = 0,
+    logits: str | None = None,
+    has_labels: bool = True,
+) -> dict[str, Any]:
+    """Judge the comparisons and the compute share of one engine: the verdict part of its report.
+
+    An fp16 or int8 engine passes only when at least ``tolerance.min_compute_share`` of its compute
+    operators run in that precision; that failure comes first and is not repairable (a repair keeps
+    more nodes in fp32). Every other failing check is repairable.
+
+    Args:
+        precision: the engine's precision.
+        tolerance: its thresholds.
+        results: every comparison (each batch size, the repeated rows, the fp16 emulation).
+        share: its compute operators by precision (None: not known, the check is skipped).
+        kept_fp32: nodes a repair kept in fp32 in the variant (named in the finding).
+        logits: the output judged by task metrics, or None.
+        has_labels: whether the test split has labels.
+
+    Returns:
+        passed, failures, repairable, share_finding (the sentence, or None), compute, checks_run,
+        checks_skipped, batches (each comparison).
+    """
+    failures = [f for r in results for f in r.failures()]
+    checks_run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
+    skipped: dict[str, str] = {} if checks_run else {"elementwise": f"no atol/rtol for {precision.value}"}
+    checks_run.append("cosine per sample")
+    if logits:
+        checks_run += list(TASK_CHECKS)
+    else:
+        skipped.update({c: "no logits output" if has_labels else "the dataset has no labels" for c in TASK_CHECKS})
+    compute = share.to_dict(precision.value) if share is not None else None
+    finding = None
+    if precision is not Precision.fp32:
+        if share is None:
+            skipped["compute share"] = "neither a layer report nor an ONNX graph of the engine"
+        else:
+            assert compute is not None
+            compute["floor"] = tolerance.min_compute_share
+            compute["passed"] = share.share(precision.value) >= tolerance.min_compute_share
+            checks_run.append(f"compute share >= {tolerance.min_compute_share:.0%}")
+            if not compute["passed"]:
+                finding = share_finding(share, precision.value, kept_fp32)
+                failures.insert(0, f"{precision.value} compute share: {share.count(precision.value)} of {share.total} compute operators "
+                                   f"in {precision.value} = {share.share(precision.value):.0%} (threshold >= {tolerance.min_compute_share:.0%})")
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "repairable": bool(failures) and finding is None,
+        "share_finding": finding,
+        "compute": compute,
+        "checks_run": checks_run,
+        "checks_skipped": skipped,
+        "batches": [r.to_dict() for r in results],
+    }
+
+
+def verdict_error(report: Mapping[str, Any], report_path: str, artifact: ArtifactRef | None = None) -> VerificationError:
+    """The error a failing verification report stands for (a ``PrecisionShareError`` when the share failed)."""
+    if report.get("share_finding"):
+        return PrecisionShareError(report["precision"], report["share_finding"], list(report["failures"]), report_path, artifact)
+    return VerificationError(list(report["failures"]), report_path, artifact)
 
 
 #: PyTorch's test-split outputs of the latest (checkpoint, data) pair; see ``reference_outputs``
@@ -126,12 +348,6 @@ def reference_threads(checkpoint: ArtifactRef) -> int:
     return int((checkpoint.meta.get("config") or {}).get("threads") or checkpoint.meta.get("torch_threads") or 1)
 
 
-def reference_logits(checkpoint: ArtifactRef, data: ArtifactRef, x: np.ndarray | None = None) -> np.ndarray:
-    """PyTorch's logits output on the test split (see ``reference_outputs``); ``x`` is ignored."""
-    ref = reference_outputs(checkpoint, data)
-    return ref[checkpoint.meta.get("logits_output") or next(iter(ref))]
-
-
 def verification_of_engine(
     engine: ArtifactRef,
     checkpoint: ArtifactRef,
@@ -157,18 +373,20 @@ def verification_of_engine(
         tolerance: thresholds of that precision.
         batch: the profile; verified at its min, opt and max.
         artifacts_dir: root of the artifact store.
-        refresh: re-verify even if an intact result exists.
-        variant: the ``precision`` artifact the engine was built from (the fp16 emulation's source).
+        refresh: re-verify even if a result exists.
+        variant: the ``precision`` artifact the engine was built from (its compute share, the fp16
+            emulation's source).
 
     Returns:
-        The ``verify`` artifact with ``verification.json`` (statistics per batch and output, every
-        check, and the engine's confusion matrix on the test split, which the UI draws).
+        The ``verify`` artifact of a passed verification, with ``verification.json`` (statistics per
+        batch and output, every check, how each batch ran, the compute share, and the engine's
+        confusion matrix on the test split, which the UI draws).
 
     Raises:
-        VerificationError: listing every failing check (precision, batch, metric, value, threshold).
+        VerificationError: listing every failing check (precision, batch, metric, value, threshold);
+            ``PrecisionShareError`` when too few compute operators run in the precision. Raised also
+            when the failing verdict is found in the store; ``error.artifact`` is that verdict.
     """
-    from tasks.metrics import confusion_matrix
-
     precision = Precision(precision)
     latest = Path(artifacts_dir) / LATEST.format(precision=precision.value)
 
@@ -180,31 +398,20 @@ def verification_of_engine(
         info = engine_info(engine)
         reference = reference_outputs(checkpoint, data)
         logits = checkpoint.meta.get("logits_output") if y is not None else None
-        # Without labels there is no task: every output is still compared elementwise and by cosine.
-        task_outputs = {logits} if logits else set()
-        results, confusion = [], None
         numerics = numerics_of(info.backend, precision)
         emulate = numerics == EMULATED and variant is not None
-        # Every pass over the test split counts: one per batch size, and the fp16 emulation's.
         n = split_size(data, "test")
-        meter = Progress(f"verify {precision.value}", total=n * (len(batch_sizes(batch)) + emulate), unit="sample", logger=log)
-        with meter:
+        emulation = None
+        # Every pass over the test split counts: one per batch size, and the fp16 emulation's.
+        with Progress(f"verify {precision.value}", total=n * (len(batch_sizes(batch)) + emulate), unit="sample", logger=log) as meter:
             with runner_from_build(engine) as runner:
-                for b in batch_sizes(batch):
-                    got = outputs_of_split(runner, data, "test", b, batch.min, meter)
-                    results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y, task_outputs=task_outputs))
-                    meter.milestone(f"batch {b}: {n} samples compared ({'pass' if results[-1].passed else 'FAIL'})")
-                    if b == batch.opt and logits and y is not None and logits in got:
-                        pred = got[logits].argmax(axis=1)
-                        k = max(int(data.meta["num_classes"]), int(got[logits].shape[1]))
-                        confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, k).tolist()}
-            emulation = None
+                checked = engine_checks(runner, reference, data, precision, tolerance, batch, y, logits, meter)
             if emulate:
                 assert variant is not None
                 try:
-                    emulated, emulation = emulated_fp16_check(variant, reference, data, y, batch.opt, tolerance, info.threads, task_outputs, meter)
-                    meter.milestone(f"fp16 emulated batch {batch.opt}: {n} samples compared ({'pass' if emulated.passed else 'FAIL'})")
-                    results.append(emulated)
+                    emulated, emulation = emulated_fp16_check(variant, reference, data, y, batch.opt, tolerance, info.threads, {logits} if logits else set(), meter)
+                    meter.milestone(f"fp16 emulated batch {batch.opt}: {n} samples compared ({'pass' if all(r.passed for r in emulated) else 'FAIL'})")
+                    checked.results += emulated
                 except NoFp16Error:
                     numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
                 except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
@@ -213,41 +420,26 @@ def verification_of_engine(
                     numerics = f"fp16 weights, computed in fp32 (emulation failed: {str(exc)[:200]})"
             elif numerics == EMULATED:
                 numerics = "fp16 weights, computed in fp32 (not emulated)"
-        failures = [f for r in results for f in r.failures()]
-        checks_run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
-        checks_run.append("cosine per sample")
-        skipped: dict[str, str] = {}
-        if not checks_run[0].startswith("elementwise"):
-            skipped["elementwise"] = f"no atol/rtol for {precision.value}"
-        if logits:
-            checks_run += ["top-1 agreement", "accuracy drop", "balanced accuracy"]
-        else:
-            reason = "the dataset has no labels" if y is None else "no logits output"
-            for c in ("top-1 agreement", "accuracy drop", "balanced accuracy"):
-                skipped[c] = reason
+        kept = len(((variant.meta.get("conversion") or {}).get("kept_fp32") or [])) if variant is not None else 0
+        judged = verdict(precision, tolerance, checked.results, compute_share_of(engine, variant), kept, logits, y is not None)
         report = {
             "precision": precision.value,
             "backend": info.backend,
             "numerics": numerics,
-            "passed": not failures,
-            "failures": failures,
+            **judged,
             "samples": n,
+            "batches_run": [r.to_dict() for r in checked.runs],
             "outputs": list(reference),
             "logits_output": logits,
-            "checks_run": checks_run,
-            "checks_skipped": skipped,
             "tolerance": tolerance.model_dump(),
-            "batches": [r.to_dict() for r in results],
             "emulation": emulation,
-            "confusion": confusion,
+            "confusion": checked.confusion,
             "engine_digest": engine.digest,
             "checkpoint_digest": checkpoint.digest,
         }
-        write_json_atomic(latest, report)
-        if failures:
-            raise VerificationError(failures, str(latest))
         (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
-        log.info("verify: %s passed on %d samples at batches %s (outputs %s; checks %s)", precision.value, report["samples"], batch_sizes(batch), list(reference), ", ".join(checks_run))
+        if report["passed"]:
+            log.info("verify: %s passed on %d samples at %s (outputs %s; checks %s)", precision.value, n, describe_runs(report["batches_run"]), list(reference), ", ".join(report["checks_run"]))
         return summary_of(report)
 
     inputs: dict[str, Any] = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch}
@@ -255,15 +447,21 @@ def verification_of_engine(
         inputs["variant"] = variant
     try:
         ref = run_stage(SPEC, inputs, artifacts_dir, refresh, make)
-    except VerificationError:
-        raise
     except TrtflowError as exc:
         # The latest report never keeps an older pass once this precision's verification failed.
         write_json_atomic(latest, {"precision": precision.value, "passed": False, "failures": [], "error": str(exc)})
         raise
-    # A reused verification is the current one too (an earlier run may have left another result).
-    write_json_atomic(latest, json.loads(ref.path(REPORT).read_text()))
+    report = write_latest(ref, artifacts_dir)
+    if not report["passed"]:
+        raise verdict_error(report, str(latest), ref)
     return ref
+
+
+def write_latest(verification: ArtifactRef, artifacts_dir: Path) -> dict[str, Any]:
+    """Make a ``verify`` artifact the latest verification of its precision (``LATEST``); returns its report."""
+    report = json.loads(verification.path(REPORT).read_text())
+    write_json_atomic(Path(artifacts_dir) / LATEST.format(precision=report["precision"]), report)
+    return report
 
 
 def numerics_of(backend: str, precision: Precision) -> str:
@@ -272,12 +470,12 @@ def numerics_of(backend: str, precision: Precision) -> str:
 
     if precision is Precision.fp16 and not builder_for(backend).native_fp16:
         return EMULATED
-    return NATIVE if precision is Precision.fp16 else f"native {precision.value}"
+    return f"native {precision.value}"  # NATIVE for fp16
 
 
 def emulated_fp16_check(
     variant: ArtifactRef,
-    reference: dict[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
     data: ArtifactRef,
     y: np.ndarray | None,
     batch: int,
@@ -285,11 +483,12 @@ def emulated_fp16_check(
     threads: int | None,
     task_outputs: set[str] | None = None,
     progress: Progress | None = None,
-) -> tuple[ComparisonResult, dict[str, Any]]:
+) -> tuple[list[ComparisonResult], dict[str, Any]]:
     """Run the fp16 emulation of a variant on the test split and compare it like an engine.
 
     Returns:
-        The comparison, labelled 'fp16 emulated batch B', and what the emulation rounded.
+        The comparisons, labelled 'fp16 emulated batch B' (and its repeated rows), and what the
+        emulation rounded.
 
     Raises:
         NoFp16Error: the variant has no fp16 tensor left.
@@ -299,15 +498,15 @@ def emulated_fp16_check(
     from tasks.fp16_emulation import emulation_runner
 
     variant.verify()
-    with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:  # pragma: no mutate (the folder's name)
         runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
         with runner:
-            got = outputs_of_split(runner, data, "test", batch, 1, progress)  # its test split, batch by batch
-    return compare_outputs(reference, got, tolerance, label=f"fp16 emulated batch {batch}", labels=y, task_outputs=task_outputs), info.to_dict()
+            got, run = outputs_at_batch(runner, data, "test", batch, progress)
+    return checks_at_batch(reference, got, run, tolerance, f"fp16 emulated batch {batch}", y, task_outputs), info.to_dict()
 
 
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:
-    """Condense a verification report to the worst value of each metric over all batches."""
+    """Condense a verification report to the worst value of each metric over all batches (the manifest's meta)."""
     stats = [o for b in report["batches"] for o in b["outputs"].values()]
 
     def worst(key: str, fn: Any) -> float | None:
@@ -322,7 +521,11 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         "numerics": report.get("numerics"),
         "finite_share": min(finite, default=1.0),
         "passed": report["passed"],
+        "failures": report.get("failures", []),
+        "repairable": report.get("repairable", False),
         "samples": report["samples"],
+        "batches_run": report.get("batches_run"),
+        "compute": report.get("compute"),
         "outputs": report.get("outputs"),
         "checks_run": report.get("checks_run"),
         "checks_skipped": report.get("checks_skipped"),

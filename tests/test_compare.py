@@ -135,3 +135,85 @@ def test_balanced_accuracy_in_report_and_summary_worst_over_batches():
     summary = summary_of(report)
     assert summary["balanced_accuracy_reference"] == 1.0
     assert summary["balanced_accuracy"] == pytest.approx(0.875)
+
+
+def test_an_error_exactly_at_atol_is_within_and_identical_outputs_pass_at_zero():
+    ref = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    exact = compare_outputs({"y": ref}, {"y": ref.copy()}, Tolerance(atol=0.0, rtol=0.0), "b")
+    assert exact.passed and exact.outputs["y"].within_tolerance == 1.0
+    at = compare_outputs({"y": ref}, {"y": ref + np.float32(0.5)}, Tolerance(atol=0.5, rtol=0.0, min_cosine=0.9), "b")
+    assert at.passed and at.outputs["y"].within_tolerance == 1.0  # |error| == atol counts as within
+    over = compare_outputs({"y": ref}, {"y": ref + np.float32(0.5001)}, Tolerance(atol=0.5, rtol=0.0, min_cosine=0.9), "b")
+    assert not over.passed and over.outputs["y"].within_tolerance == 0.0
+
+
+def test_an_error_above_atol_passes_within_rtol_of_the_reference_magnitude():
+    ref = np.array([[10.0, -20.0]], dtype=np.float32)
+    tol = Tolerance(atol=0.1, rtol=0.1, min_cosine=0.9)
+    # errors 0.5 and 1.0 exceed atol but not atol + rtol·|ref| (1.1 and 2.1): |ref|, also for negative values
+    near = compare_outputs({"y": ref}, {"y": np.array([[10.5, -21.0]], dtype=np.float32)}, tol, "b")
+    assert near.passed and near.outputs["y"].within_tolerance == 1.0
+    far = compare_outputs({"y": ref}, {"y": np.array([[10.5, -22.2]], dtype=np.float32)}, tol, "b")  # 2.2 > 2.1
+    assert not far.passed and far.outputs["y"].within_tolerance == 0.5
+    assert "y.share within atol=0.1 rtol=0.1 = 0.5 (threshold >= 1)" in far.failures()[0]
+
+
+def test_thresholds_met_exactly_pass():
+    ref = np.eye(4, dtype=np.float32)[np.arange(50) % 4] + 0.1
+    labels = ref.argmax(1)
+    out = ref.copy()
+    out[0] = np.roll(out[0], 1)  # one of 50 samples changes its class: agreement 0.98, accuracy drop 0.02
+    tol = Tolerance(atol=None, rtol=None, min_cosine=-1.0, min_top1_agreement=0.98, max_accuracy_drop=0.02)
+    r = compare_outputs({"y": ref}, {"y": out}, tol, "int8 batch 1", labels=labels)
+    s = r.outputs["y"]
+    assert s.top1_agreement == 0.98 and s.accuracy_drop == pytest.approx(0.02)
+    assert r.passed, r.failures()
+    stricter = compare_outputs({"y": ref}, {"y": out}, tol.model_copy(update={"min_top1_agreement": 0.99, "max_accuracy_drop": 0.019}), "b", labels=labels)
+    assert {c.metric for c in stricter.checks if not c.passed} == {"top1_agreement", "accuracy_drop"}
+
+
+def test_missing_misshapen_and_non_finite_outputs_fail_by_name_and_the_rest_is_still_checked():
+    ref = {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 2), np.float32), "c": np.ones((2, 2), np.float32), "d": np.ones((2, 2), np.float32)}
+    got = {"b": np.ones((2, 3), np.float32), "c": np.array([[1.0, np.inf], [1.0, 1.0]], np.float32), "d": np.ones((2, 2), np.float32)}
+    r = compare_outputs(ref, got, Tolerance(atol=0.0, rtol=0.0), "fp16 batch 2")
+    from tasks.compare import Check
+
+    assert r.checks[:3] == [
+        Check("a", "present", 0.0, 1.0, False, ">="),
+        Check("b", "shape (2, 3) vs (2, 2)", 0.0, 1.0, False, ">="),
+        Check("c", "finite share", 0.75, 1.0, False, ">="),
+    ]
+    assert set(r.outputs) == {"d"} and r.outputs["d"].name == "d"  # after three failures, d is still compared
+    assert r.failures()[:3] == [
+        "fp16 batch 2: a.present = 0 (threshold >= 1)",
+        "fp16 batch 2: b.shape (2, 3) vs (2, 2) = 0 (threshold >= 1)",
+        "fp16 batch 2: c.finite share = 0.75 (threshold >= 1)",
+    ]
+
+
+def test_failures_name_each_threshold_and_its_direction():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    out = ref[::-1].copy()
+    r = compare_outputs({"y": ref}, {"y": out}, TOL, "int8 batch 8", labels=np.array([0, 1]))
+    assert r.failures() == [
+        "int8 batch 8: y.share within atol=0.001 rtol=0.001 = 0 (threshold >= 1)",
+        "int8 batch 8: y.min_cosine = 0 (threshold >= 0.999)",
+        "int8 batch 8: y.top1_agreement = 0 (threshold >= 0.99)",
+        "int8 batch 8: y.accuracy_drop = 1 (threshold <= 0.01)",
+    ]
+
+
+def test_a_cosine_exactly_at_its_threshold_passes_and_atol_alone_checks_elements():
+    ref = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    r = compare_outputs({"y": ref}, {"y": ref.copy()}, Tolerance(min_cosine=1.0), "b")
+    assert r.outputs["y"].min_cosine == 1.0 and r.passed
+    only_atol = compare_outputs({"y": ref}, {"y": ref + np.float32(0.25)}, Tolerance(atol=0.1, min_cosine=-1.0), "b")
+    assert only_atol.outputs["y"].within_tolerance == 0.0 and not only_atol.passed
+    only_rtol = compare_outputs({"y": ref}, {"y": ref * np.float32(1.5)}, Tolerance(rtol=0.5, min_cosine=-1.0), "b")
+    assert only_rtol.outputs["y"].within_tolerance == 1.0 and only_rtol.passed
+
+
+def test_labels_beyond_the_logits_count_as_classes_never_predicted():
+    ref = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    s = output_stats("y", ref, ref.copy(), Tolerance(), labels=np.array([0, 1, 2, 3]))
+    assert s.balanced_accuracy == pytest.approx(0.75) and s.balanced_accuracy_reference == pytest.approx(0.75)  # class 3: recall 0

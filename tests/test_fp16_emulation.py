@@ -133,15 +133,18 @@ def test_verify_runs_the_emulation_on_a_cpu_backend_and_says_so(trained, fp16_en
     ref = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, batch, root, variant=variant)
     report = json.loads(ref.path("verification.json").read_text())
     assert report["numerics"] == EMULATED == ref.meta["numerics"]
-    assert [b["label"] for b in report["batches"]][-1] == "fp16 emulated batch 8"
-    assert report["emulation"]["rounded_tensors"] > 5
-    emulated = report["batches"][-1]["outputs"]["logits"]
-    cpu = report["batches"][1]["outputs"]["logits"]
+    by_label = {b["label"]: b for b in report["batches"]}
+    assert "fp16 emulated batch 8" in by_label and report["emulation"]["rounded_tensors"] > 5
+    emulated = by_label["fp16 emulated batch 8"]["outputs"]["logits"]
+    cpu = by_label["fp16 batch 8"]["outputs"]["logits"]
     # the emulation rounds activations the CPU engine keeps in fp32: its error is larger, not equal
     assert emulated["max_abs"] > cpu["max_abs"]
-    # without the variant the report does not pretend fp16 was checked
-    plain = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, batch, root)
-    assert "not emulated" in plain.meta["numerics"]
+    # without the variant the report does not pretend fp16 was checked: the engine's own graph computes in fp32
+    from tasks.errors import PrecisionShareError
+
+    with pytest.raises(PrecisionShareError, match="0 of 4 compute operators run in fp16"):
+        verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, batch, root)
+    assert "not emulated" in json.loads((root / "reports" / "verify-fp16.json").read_text())["numerics"]
 
 
 def test_native_backends_need_no_emulation():
@@ -164,3 +167,38 @@ def test_an_emulation_that_cannot_run_is_reported_not_hidden(trained, fp16_engin
     tol = default_tolerances()[Precision.fp16]
     ref = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, BatchProfile(min=1, opt=8, max=64), root, refresh=True, variant=variant)
     assert ref.meta["numerics"].startswith("fp16 weights, computed in fp32 (emulation failed: unsupported op")
+
+
+def _one_op(op: str, x_shape, weights: dict, inputs: list[str], **attrs):
+    """x (fp32) -> one ``op`` -> y (fp32), for the op kinds fp16 variants hold."""
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"], name=op.lower(), **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+ONE_OP_CASES = {
+    # every case computes 1e5 (past fp16's 65504) from inputs and weights that fit fp16
+    "Conv": (_one_op("Conv", [1, 1, 2, 2], {"w": np.full((1, 1, 1, 1), 1000.0)}, ["x", "w"]), np.full((1, 1, 2, 2), 100.0, np.float32)),
+    "ConvTranspose": (_one_op("ConvTranspose", [1, 1, 2, 2], {"w": np.full((1, 1, 1, 1), 1000.0)}, ["x", "w"]), np.full((1, 1, 2, 2), 100.0, np.float32)),
+    "Gemm": (_one_op("Gemm", [1, 2], {"w": np.full((2, 2), 500.0)}, ["x", "w"]), np.full((1, 2), 100.0, np.float32)),
+    "MatMul": (_one_op("MatMul", [1, 2], {"w": np.full((2, 2), 500.0)}, ["x", "w"]), np.full((1, 2), 100.0, np.float32)),
+    "Mul": (_one_op("Mul", [1, 2], {"w": np.full((1, 2), 1000.0)}, ["x", "w"]), np.full((1, 2), 100.0, np.float32)),
+    "Add": (_one_op("Add", [1, 2], {"w": np.full((1, 2), 50000.0)}, ["x", "w"]), np.full((1, 2), 50000.0, np.float32)),
+    "Exp": (_one_op("Exp", [1, 2], {}, ["x"]), np.full((1, 2), np.log(1e5), np.float32)),
+    "ReduceSum": (_one_op("ReduceSum", [1, 4], {}, ["x"], keepdims=1), np.full((1, 4), 25000.0, np.float32)),
+}
+
+
+@pytest.mark.parametrize("op", list(ONE_OP_CASES))
+def test_every_op_kind_rounds_its_output_to_fp16(op):
+    model, x = ONE_OP_CASES[op]
+    exact = run(model, x, optimize=False)
+    assert np.isfinite(exact).all() and np.abs(exact).max() >= 1e5 * 0.99  # fp32 holds the value
+    emulated, info = emulation_from_fp16_onnx(fp16(model))
+    out = run(emulated, x, optimize=False)
+    assert np.isinf(out).all(), (op, out)  # the op's own output went through fp16: inf, as on a GPU
+    assert info.rounded_tensors >= 2  # the input and the op's output

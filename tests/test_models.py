@@ -183,6 +183,9 @@ def test_binding_by_name_and_single_input_by_position():
     with pytest.raises(ModelError, match="'token_ids' that TwoIn.forward") as info:
         input_binding(TwoIn(), ["token_ids", "attention_mask"])
     assert "rename the arrays" in str(info.value) and "input_ids=..." in str(info.value)
+    with pytest.raises(ModelError) as typo:
+        input_binding(TwoIn(), ["input_ids", "attention_masks"])
+    assert typo.value.summary == "ModelError: attention_masks: not a parameter of TwoIn.forward; did you mean attention_mask?"
     with pytest.raises(ModelError, match="requiring 'attention_mask'"):
         input_binding(TwoIn(), ["input_ids", "scale"])
 

@@ -165,3 +165,43 @@ def test_a_repair_that_cannot_pass_says_what_it_tried_and_how_to_go_on():
     assert isinstance(err, VerificationError) and err.failures and err.report_path == "repair/x/repair.json"
     msg = str(err)
     assert "kept fc1, fc2 in fp32" in msg and "over the budget of 2" in msg and "--repair-budget" in msg
+
+
+@pytest.fixture(scope="module")
+def overflow_branch(tmp_path_factory):
+    """OverflowNet trained one epoch, exported, its fp16 variant and engine: verification fails (overflow)."""
+    from tasks.config import Backend, BatchProfile, DataConfig, TrainConfig
+    from tasks.data import splits_from_dataset
+    from tasks.engine import engine_from_variant
+    from tasks.export import onnx_from_checkpoint
+    from tasks.precision import variant_from_onnx
+    from tasks.train import checkpoint_from_splits
+
+    root, batch = tmp_path_factory.mktemp("overflow"), BatchProfile(min=1, opt=8, max=64)
+    data = splits_from_dataset(DataConfig(), root)
+    ckpt = checkpoint_from_splits(data, TrainConfig(model="_precision_models:OverflowNet", epochs=1), root)
+    exported = onnx_from_checkpoint(ckpt, root)
+    variant = variant_from_onnx(exported, data, Precision.fp16, 64, root)
+    engine = engine_from_variant(variant, Backend.onnxruntime, batch, {"threads": 1}, root)
+    return root, batch, data, ckpt, exported, variant, engine
+
+
+def test_a_repair_that_needs_exactly_the_budget_passes_and_one_less_fails(overflow_branch):
+    from tasks.config import RepairConfig
+    from tasks.repair import repair_of_variant
+
+    root, batch, data, ckpt, exported, variant, engine = overflow_branch
+    tol = default_tolerances()[Precision.fp16]
+
+    def repair(budget):
+        return repair_of_variant(exported, ckpt, data, variant, engine, Precision.fp16, tol, batch, {"threads": 1}, 64, RepairConfig(budget=budget), root).meta
+
+    generous = repair(10)
+    needed = len(generous["kept_fp32"])
+    assert generous["passed"] and needed >= 2, generous  # the range rule keeps every overflowing node at once
+    exact = repair(needed)
+    assert exact["passed"] and exact["kept_fp32"] == generous["kept_fp32"]
+    short = repair(needed - 1)
+    assert not short["passed"] and f"over the budget of {needed - 1}" in short["stopped"], short
+    # what the repaired variant computes in: the overflow is in fp32, the products still in fp16
+    assert exact["after"]["compute"]["share"] > 0.5 and exact["after"]["compute"]["precision"] == "fp16"

@@ -355,6 +355,46 @@ def layer_precision(layer: Mapping[str, Any] | str) -> str:
     return "other" if "other" in found else "unknown"
 
 
+#: inspector layer types that do a model's arithmetic: TensorRT's kernel families (CaskConvolution,
+#: CaskGemmConvolution, CaskDeconvolution, CaskGemm, MatrixMultiply) and the kernels of fused regions
+#: (gemm, correlation)
+_COMPUTE_LAYER = re.compile(r"conv|gemm|matrixmultiply|matmul|fullyconnected|correlation|rnn|lstm|attention", re.I)
+#: a fused region (Myelin) reported as one layer: it may hold compute, but its inside is not typed
+_FUSED_REGION = re.compile(r"myelin|foreignnode", re.I)
+
+
+def compute_layers(report: Mapping[str, Any] | str) -> dict[str, int]:
+    """Count the engine's compute layers by the precision they run in (the narrowest type of their inputs).
+
+    A fused region reported as one layer (``{ForeignNode[...]}``, Myelin) and a layer reported by
+    name only (no detailed profiling verbosity) count as "unknown": their precision is not shown.
+
+    Args:
+        report: the inspector's JSON report (text or parsed), as for ``summarize_layers``.
+
+    Returns:
+        precision -> compute layers.
+
+    Raises:
+        ValueError: the report is not JSON or has no "Layers" list.
+    """
+    data = json.loads(report) if isinstance(report, str) else report
+    layers = data.get("Layers") if isinstance(data, Mapping) else None
+    if not isinstance(layers, list):
+        raise ValueError("engine inspector report has no 'Layers' list")
+    counts: Counter[str] = Counter()
+    for layer in layers:
+        kind = str(layer.get("LayerType", "")) if isinstance(layer, Mapping) else ""
+        name = str(layer.get("Name", "")) if isinstance(layer, Mapping) else str(layer)
+        if _FUSED_REGION.search(kind) or _FUSED_REGION.search(name):
+            counts["unknown"] += 1
+        elif _COMPUTE_LAYER.search(kind or name):
+            inputs = {"Inputs": layer.get("Inputs", [])} if isinstance(layer, Mapping) else layer
+            precision = layer_precision(inputs)
+            counts[precision if precision != "unknown" else layer_precision(layer)] += 1
+    return dict(sorted(counts.items()))
+
+
 def summarize_layers(report: Mapping[str, Any] | str) -> dict[str, Any]:
     """Summarize the engine inspector's JSON layer report.
 
@@ -363,7 +403,8 @@ def summarize_layers(report: Mapping[str, Any] | str) -> dict[str, Any]:
             form: ``{"Layers": [...], "Bindings": [...]}``.
 
     Returns:
-        ``{"layers": count, "by_precision": {precision: count}, "by_type": {LayerType: count}}``.
+        ``{"layers": count, "by_precision": {precision: count}, "by_type": {LayerType: count},
+        "compute": {precision: count}}`` (``compute``: the compute layers only, see ``compute_layers``).
 
     Raises:
         ValueError: the report is not JSON or has no "Layers" list.
@@ -380,6 +421,7 @@ def summarize_layers(report: Mapping[str, Any] | str) -> dict[str, Any]:
         "layers": len(layers),
         "by_precision": dict(sorted(by_precision.items())),
         "by_type": dict(sorted(by_type.items())),
+        "compute": compute_layers(data),
     }
 
 

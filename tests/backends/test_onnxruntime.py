@@ -156,3 +156,26 @@ def test_a_qdq_engine_keeps_its_qdq_in_fp32_where_int8_kernels_saturate(tmp_path
     exact = (np.clip(np.round(x / 0.05), -128, 127) * 0.05) @ (onnx.numpy_helper.to_array(onnx.load(str(model)).graph.initializer[2]).astype(np.float32) * 0.01)
     if saturate:
         np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-4)
+
+
+def test_every_session_gets_the_configured_thread_count(tmp_path):
+    """Results and timings depend on the thread count: each ONNX Runtime session must use the configured one."""
+    import onnx
+    from _precision_models import overflowing_mlp
+
+    from tasks.fp16_emulation import emulation_runner
+    from tasks.precision import fp16_from_onnx
+    from tasks.repair import _session
+
+    model, _ = overflowing_mlp()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    built = OnnxRuntimeBuilder().engine_from_onnx(tmp_path / "m.onnx", tmp_path, (1, 4, 16), {"threads": 3})
+    info = EngineInfo.model_validate({**built.info, "engine_file": built.engine_file, "threads": 3})
+    fp16_from_onnx(tmp_path / "m.onnx", tmp_path / "half.onnx")
+    emulation, _ = emulation_runner(tmp_path / "half.onnx", tmp_path, threads=2)
+    for runner, threads in ((OnnxRuntimeBuilder().runner_from_engine(tmp_path / built.engine_file, info), 3), (emulation, 2)):
+        with runner:
+            options = runner._sess.get_session_options()
+            assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
+    options = _session(model, True, 5).get_session_options()  # repair's ranking sessions
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (5, 1)

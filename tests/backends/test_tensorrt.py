@@ -302,13 +302,14 @@ def test_layer_summary_counts_layers_per_precision_and_type() -> None:
     assert summary["layers"] == 6
     assert summary["by_precision"] == {"fp16": 1, "fp32": 1, "int8": 3, "other": 1}
     assert summary["by_type"]["CaskConvolution"] == 2
+    assert summary["compute"] == {"fp32": 1, "int8": 2}  # the convolutions and the GEMM, by their inputs
     assert summarize_layers(INSPECTOR_REPORT) == summary
 
 
 def test_layer_summary_without_detailed_verbosity() -> None:
     # Without ProfilingVerbosity.DETAILED the inspector lists names only.
     summary = summarize_layers({"Layers": ["conv1 + relu", "fc"], "Bindings": []})
-    assert summary == {"layers": 2, "by_precision": {"unknown": 2}, "by_type": {"?": 2}}
+    assert summary == {"layers": 2, "by_precision": {"unknown": 2}, "by_type": {"?": 2}, "compute": {"unknown": 1}}
     assert layer_precision("conv1") == "unknown"
     with pytest.raises(ValueError, match="Layers"):
         summarize_layers("{}")
@@ -624,6 +625,11 @@ def test_gpu_build_and_run(precision: str, tmp_path: Path) -> None:
     assert layers["layers"] > 0
     if precision != "fp32":
         assert layers["by_precision"].get(precision, 0) > 0, layers
+    # the compute layers (two convolutions, one product) run in the engine's precision, as verify reports
+    from tasks.compute_share import ENGINE_INSPECTOR, engine_compute_share
+
+    share = engine_compute_share((engine_dir / "layers.json").read_text())
+    assert share is not None and share.source == ENGINE_INSPECTOR and share.share(precision) >= 0.5, layers["compute"]
 
     rng = np.random.default_rng(1)
     ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])

@@ -112,3 +112,68 @@ def test_a_passing_check_is_remembered(tmp_path, monkeypatch):
     np.savez(tmp_path / "d.npz", x=x * 1e30, y=y)  # an edited dataset is checked again
     with pytest.raises(Exception, match="sane range"):
         preflight.check_before_run(cfg)
+
+
+HF_STYLE_MODEL = '''
+from torch import nn
+
+
+class TinyHF(nn.Module):
+    """Hugging Face style: named inputs, an optional mask, and **kwargs that swallow any other name."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return self.head(h.mean(1))
+'''
+
+
+#: a padding mask per sample (lengths 2..6 of 6): masks must differ between samples, like real ones
+MASK = (np.arange(6) < np.random.default_rng(1).integers(2, 7, size=(60, 1))).astype(np.float32)
+
+
+def _text_dataset(tmp_path: Path, **arrays: np.ndarray) -> Path:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(60, 6))
+    path = tmp_path / "text.npz"
+    np.savez(path, input_ids=ids, y=ids[:, 0] % 3, **arrays)
+    return path
+
+
+@pytest.mark.usefixtures("no_prefect")
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [
+        ({"attention_masks": MASK}, "attention_masks: not read by the model; did you mean attention_mask?"),
+        ({"attention_mask": MASK, "foo": np.random.default_rng(2).normal(size=(60, 2)).astype(np.float32)}, "foo: not read by the model"),
+    ],
+    ids=["misspelt mask", "extra array"],
+)
+def test_an_array_the_model_does_not_read_fails_before_training(tmp_path, capsys, monkeypatch, arrays, reason):
+    from test_cli import assert_short_failure
+
+    (tmp_path / "hf_style.py").write_text(HF_STYLE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = _run(tmp_path, capsys, "--dataset", str(_text_dataset(tmp_path, **arrays)), "--model", "hf_style:TinyHF")
+    assert code == EXIT_FAILED
+    assert_short_failure(err, reason)
+    if "foo" in reason:
+        assert "did you mean" not in err.splitlines()[0]  # nothing in forward is close to foo
+    assert not (tmp_path / "art" / "train").exists()
+
+
+def test_arrays_the_model_reads_pass_the_check(tmp_path, monkeypatch):
+    from flows.preflight import check_before_run
+    from tasks.config import PipelineConfig
+
+    (tmp_path / "hf_style.py").write_text(HF_STYLE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _text_dataset(tmp_path, attention_mask=MASK)
+    cfg = PipelineConfig(artifacts_dir=tmp_path / "art", data={"dataset": path}, train={"model": "hf_style:TinyHF"})
+    assert check_before_run(cfg) == (tmp_path / "art").resolve()

@@ -1,0 +1,41 @@
+"""The run report and the terminal summary say what really ran: the batches fed, a profile lowered for
+memory, and the precision the compute operators run in."""
+
+from __future__ import annotations
+
+import re
+
+from flows.cli import _print_summary
+from flows.report import batch_lines, compute_text, run_report, summary_markdown
+from tasks.config import Backend, BatchProfile, Precision
+from tasks.engine import batch_for_memory, engine_from_variant
+from tasks.precision import variant_from_onnx
+from tasks.verify import batch_sizes, verification_of_engine
+
+
+def test_a_profile_lowered_for_memory_is_reported_as_what_ran(trained, tmp_path, capsys):
+    root = tmp_path / "art"
+    asked = BatchProfile(min=1, opt=32, max=100_000, cpu_memory_mib=1)
+    fitted = batch_for_memory(asked, Backend.onnxruntime, trained.checkpoint)
+    assert fitted.max < 100_000
+    cfg = trained.config.model_copy(update={"precisions": [Precision.fp32], "batch": asked, "artifacts_dir": root})
+    variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp32, 64, root)
+    engine = engine_from_variant(variant, Backend.onnxruntime, fitted, {"threads": 1}, root)
+    verified = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp32, cfg.tolerance(Precision.fp32), fitted, root, variant=variant)
+    report = run_report(cfg, root, "test", trained.data, trained.checkpoint, trained.onnx, {Precision.fp32: {"engine": engine, "verify": verified}})
+    fp32 = report["precisions"]["fp32"]
+    n = trained.data.meta["sizes"]["test"]
+    assert fp32["batch"]["max"] == fitted.max and [r["batch"] for r in fp32["batches_run"]] == batch_sizes(fitted)
+    assert all(r["rows_fed"] == r["batch"] * r["runs"] >= n and r["distinct_samples"] == n for r in fp32["batches_run"])
+    assert fp32["batch_lowered"].startswith(f"profile 1/32/100000 lowered to {fitted.min}/{fitted.opt}/{fitted.max}")
+    assert compute_text(fp32) == "4/4 fp32"
+    (line,) = batch_lines(report["precisions"])
+    assert line.startswith("fp32: batch 1 x") and f"on {n} test samples" in line and "100000 lowered" in line
+
+    _print_summary(report, root)
+    out = capsys.readouterr().out
+    assert "verified fp32: batch 1 x" in out and "4/4 fp32" in out
+    # no batch is named that did not run: 100000 appears only as the configured value that was lowered
+    for text in (out, summary_markdown(report)):
+        named = {int(b) for b in re.findall(r"batch (\d+)", text)} | {int(b) for b in re.findall(r", (\d+) x\d+", text)}
+        assert named <= set(batch_sizes(fitted)), named
