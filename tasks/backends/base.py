@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from tasks.errors import InferenceError
+from tasks.errors import InferenceError, TrtflowError, one_line, plain
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,18 @@ class EngineInfo(BaseModel):
         return cls.model_validate(dict(meta))
 
 
+def engine_unloadable(name: str, exc: BaseException) -> InferenceError:
+    """The error of an engine file the backend refuses to load (damaged, or written by something else)."""
+    first = plain(str(exc)).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InferenceError(
+        got=f"an engine the backend cannot load ({name}): {type(exc).__name__}: {one_line(first, 200)}",
+        expected="an engine file as the build stage wrote it",
+        because="the file is damaged or was replaced (its manifest may have been updated with it, so its digest still matches)",
+        fix="rebuild it: run the same command with --refresh build",
+        summary=f"the engine {name} cannot be loaded ({type(exc).__name__}); rebuild it: run the same command with --refresh build",
+    )
+
+
 class BaseRunner(abc.ABC):
     """Runs one engine. Subclasses implement the ``*_impl`` methods."""
 
@@ -87,9 +99,22 @@ class BaseRunner(abc.ABC):
         self.is_active = False
 
     def activate(self) -> None:
-        """Acquire what inference needs (idempotent)."""
+        """Acquire what inference needs (idempotent).
+
+        Raises:
+            InferenceError: the engine cannot be loaded (a damaged file); the fix is ``--refresh build``.
+        """
         if not self.is_active:
-            self.activate_impl()
+            try:
+                self.activate_impl()
+            except TrtflowError:
+                raise
+            except MemoryError:
+                raise
+            except Exception as exc:
+                # The backend's own error (ONNX Runtime's InvalidProtobuf, with its coloured log line)
+                # says nothing about what to do: an engine file that does not load must be rebuilt.
+                raise engine_unloadable(self.name, exc) from exc
             self.is_active = True
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -66,6 +66,7 @@ def test_config_file_is_overridden_by_options(tmp_path):
         (["--min-batch", "64", "--max-batch", "8"], "min <= opt <= max"),
         (["--tolerance", "fp16.atol=-1"], "greater than or equal to 0"),
         (["--tolerance", "fp16.speed=1"], "METRIC one of"),
+        (["--tolerance", "fp99.atol=1"], "--tolerance fp99.atol=1: PRECISION one of fp32, fp16, int8"),
         (["--epochs", "0"], "train.epochs"),
         (["--model", "no_colon"], "package.module:callable"),
         (["--config", "/nonexistent/c.json"], "config file"),
