@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,17 +23,19 @@ from uuid import UUID
 import numpy as np
 import pytest
 
-from prefect_env import REPO, Api, Server, prefect_bin, tiny
+from prefect_env import REPO, Api, Server, Worker, prefect_bin, tiny
 from tasks.policy import BUILTIN_MODELS, MODELS_ENV, ROOTS_ENV
 
 PAYLOAD = "import os\nos.system('touch {marker}')\n"
 
 
-def _create(server: Server, deployment_id: UUID, config: dict[str, Any], enforce: bool | None = False) -> tuple[int, Any]:
+def _create(server: Server, deployment_id: UUID, config: dict[str, Any], enforce: bool | None = False, job_variables: dict[str, Any] | None = None, state: str = "PENDING") -> tuple[int, Any]:
     """POST /deployments/{id}/create_flow_run as the UI or any API client does; (HTTP status, body)."""
-    body: dict[str, Any] = {"parameters": {"config": config}, "state": {"type": "PENDING", "name": "Pending"}}
+    body: dict[str, Any] = {"parameters": {"config": config}, "state": {"type": state, "name": state.title()}}
     if enforce is not None:
         body["enforce_parameter_schema"] = enforce
+    if job_variables is not None:
+        body["job_variables"] = job_variables
     req = urllib.request.Request(f"{server.api}/deployments/{deployment_id}/create_flow_run", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -145,3 +148,25 @@ def test_a_worker_flow_run_process_refuses_os_system(prefect_server: Server, dep
     message = fr.state.message or ""
     assert "PolicyError" in message and "train.model 'os:system'" in message and MODELS_ENV in message, message
     assert not marker.exists() and os.environ.get(MODELS_ENV) is None
+
+
+@pytest.mark.slow
+def test_a_runs_job_variables_cannot_replace_the_workers_command_or_environment(prefect_server: Server, worker: Worker, deployed: dict[str, UUID], tmp_path: Path) -> None:
+    """Prefect's Custom run also takes job variables; on the documented pool (work-pool-template.json) a run
+    cannot set the process's command (`touch`) nor its environment (an allow-list of its own, PYTHONPATH)."""
+    command_marker, import_marker = tmp_path / "COMMAND-RAN", tmp_path / "IMPORTED"
+    (tmp_path / "hostile_probe.py").write_text(PAYLOAD.format(marker=import_marker) + "Net = None\n")
+    config = tiny(tmp_path / "art", precisions=["fp32"], train={"model": "hostile_probe:Net"})
+    job_variables = {"command": f"touch {command_marker}", "env": {MODELS_ENV: "hostile_probe:Net", "PYTHONPATH": str(tmp_path)}}
+    status, body = _create(prefect_server, deployed["on-demand"], config, job_variables=job_variables, state="SCHEDULED")
+    assert status == 201, body
+    with Api(prefect_server) as api:
+        deadline = time.monotonic() + 300
+        while not command_marker.exists():  # a replaced command never runs the flow: stop waiting at once
+            fr = api.client.read_flow_run(UUID(body["id"]))
+            if (fr.state is not None and fr.state.is_final()) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert not command_marker.exists(), "the run's job variables replaced the worker's command"
+    assert not import_marker.exists(), "the run's job variables changed the flow run's environment"
+    assert fr.state.type.value == "FAILED" and "PolicyError" in (fr.state.message or ""), fr.state
