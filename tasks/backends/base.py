@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from tasks.errors import InferenceError, TrtflowError, one_line, plain
+from tasks.errors import InferenceError, one_line, plain
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,11 @@ class EngineInfo(BaseModel):
 
 
 def engine_unloadable(name: str, exc: BaseException) -> InferenceError:
-    """The error of an engine file the backend refuses to load (damaged, or written by something else)."""
+    """The error of an engine file the backend refuses to load (damaged, or written by something else).
+
+    The backend's own error (ONNX Runtime's InvalidProtobuf) says nothing about what to do: an engine
+    file that does not load must be rebuilt.
+    """
     first = plain(str(exc)).splitlines()[0] if str(exc).strip() else type(exc).__name__
     return InferenceError(
         got=f"an engine the backend cannot load ({name}): {type(exc).__name__}: {one_line(first, 200)}",
@@ -99,22 +103,9 @@ class BaseRunner(abc.ABC):
         self.is_active = False
 
     def activate(self) -> None:
-        """Acquire what inference needs (idempotent).
-
-        Raises:
-            InferenceError: the engine cannot be loaded (a damaged file); the fix is ``--refresh build``.
-        """
+        """Acquire what inference needs (idempotent)."""
         if not self.is_active:
-            try:
-                self.activate_impl()
-            except TrtflowError:
-                raise
-            except MemoryError:
-                raise
-            except Exception as exc:
-                # The backend's own error (ONNX Runtime's InvalidProtobuf, with its coloured log line)
-                # says nothing about what to do: an engine file that does not load must be rebuilt.
-                raise engine_unloadable(self.name, exc) from exc
+            self.activate_impl()
             self.is_active = True
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
