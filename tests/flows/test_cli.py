@@ -85,7 +85,7 @@ def test_bad_options_exit_2_with_one_line_reason(argv, message, capsys):
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
-        (["--dataset", "/nonexistent/data.npz"], EXIT_FAILED, "DatasetError: got dataset path"),
+        (["--dataset", "/nonexistent/data.npz"], EXIT_FAILED, "DatasetError: dataset path /nonexistent/data.npz does not exist"),
         (["--model", "no_such_pkg_xyz.models:Net"], EXIT_FAILED, "ModelError: got model 'no_such_pkg_xyz.models:Net'"),
         (["--backend", "tensorrt"], EXIT_FAILED, "BackendUnavailableError"),
     ],
