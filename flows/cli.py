@@ -96,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """
     from pydantic import ValidationError
 
-    from tasks.config import PipelineConfig, Tolerance, parse_precisions, read_config_file, validation_problems
+    from tasks.config import PipelineConfig, Precision, Tolerance, parse_precisions, read_config_file, validation_problems
     from tasks.errors import ConfigError
     from tasks.options import config_dict_from_args
 
@@ -108,7 +108,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if metric not in Tolerance.model_fields or not value:
             raise ConfigError(got=f"--tolerance {item}", expected=f"PRECISION.METRIC=VALUE with METRIC one of {sorted(Tolerance.model_fields)}", because="only those thresholds exist", fix="e.g. --tolerance fp16.atol=0.02",
                               summary=f"--tolerance {item}: METRIC one of {', '.join(sorted(Tolerance.model_fields))}, e.g. fp16.atol=0.02")
-        thresholds = raw.setdefault("tolerances", {}).setdefault(parse_precisions(prec)[0].value, {})
+        try:
+            precision = parse_precisions(prec)[0]
+        except ConfigError:
+            names = ", ".join(p.value for p in Precision)
+            raise ConfigError(got=f"--tolerance {item}", expected=f"PRECISION.METRIC=VALUE with PRECISION one of {names}", because="each precision has its own thresholds", fix="e.g. --tolerance fp16.atol=0.02",
+                              summary=f"--tolerance {item}: PRECISION one of {names}, e.g. fp16.atol=0.02") from None
+        thresholds = raw.setdefault("tolerances", {}).setdefault(precision.value, {})
         thresholds[metric] = None if value.lower() == "none" else value
     raw = config_dict_from_args(args, raw)
     if getattr(args, "weights", None) and args.epochs is not None:
@@ -167,7 +173,8 @@ def _print_summary(report: dict[str, Any], root: Path) -> None:
             print(f"speed {p:<5} {speed}")
     for line in bundle_lines(report, _shown(root / (report.get("bundle") or {}).get("path", "bundle"))):
         print(line)
-    print(f"report: {_shown(root / 'report.json')}")
+    # This run's own report: report.json may already hold a concurrent run's.
+    print(f"report: {_shown(root / report.get('report', 'report.json'))}")
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -208,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _fail(exc, debug)
         return EXIT_USAGE
+    started = False  # once the flow runs, whatever fails is a failed stage (exit 1), never an invalid option
     try:
         # Everything that needs no Prefect, before its server starts: a bad input fails in seconds.
         from flows.preflight import check_before_run
@@ -217,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             check_before_run(config)
         from flows.serve import pipeline_on
 
-        report = run_flow(pipeline_on(args.task_runner, args.dask_address, args.dask_workers), config, debug)
+        flow = pipeline_on(args.task_runner, args.dask_address, args.dask_workers)
+        started = True
+        report = run_flow(flow, config, debug)
     except ConfigError as exc:
         _fail(exc, debug)
-        return EXIT_USAGE
+        return EXIT_FAILED if started else EXIT_USAGE
     except (TrtflowError, PrefectServerError) as exc:
         _fail(exc, debug)
         return EXIT_FAILED

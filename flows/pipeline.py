@@ -21,7 +21,7 @@ from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
 from flows.report import publish, run_report
-from flows.runtime import reclaim_sigterm
+from flows.runtime import reclaim_sigterm, started_by_deployment
 from flows.ui import Progress, publish_figures, publish_links
 from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
@@ -34,6 +34,7 @@ from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node
 from tasks.models import factory_from_path, state_dict_from_file
 from tasks.package import bundle_of_variants, check_policy
+from tasks.policy import check_run
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
 from tasks.repair import REPORT as REPAIR_REPORT
@@ -157,12 +158,16 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         config: everything the run needs (the Prefect UI renders it as a form).
 
     Returns:
-        The run report (also written to ``<artifacts_dir>/report.json``).
+        The run report (also written to ``<artifacts_dir>/reports/run-….json``, copied to ``report.json``).
 
     Raises:
         TrtflowError: the first failing stage's error; VerificationError lists every failing check.
     """
     reclaim_sigterm()
+    if started_by_deployment():
+        # Parameters from the API (the UI's form): only the worker's allowed factories and folders,
+        # checked before the run imports or reads anything it names.
+        check_run(config)
     logger = get_run_logger()
     root, builder, backend_reason = preflight(config)
     logger.info("backend %s", backend_reason)
@@ -275,6 +280,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             late_errors.append(e)
         progress.step(inst.id + ("" if e is None else " (failed)"))
 
+    progress.flush()  # the bar's last update was sent in the background
     data, checkpoint, onnx = done["data"], done["train"], done["export"]
     report = run_report(config, root, backend_reason, data, checkpoint, onnx, outcomes, bundle=gathered.get("package"))
     publish(report, root)
@@ -289,6 +295,6 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             raise storage[0]
         verification = [e for e in errors if isinstance(e, VerificationError)]
         if len(verification) == len(errors) and len(errors) > 1:
-            raise VerificationError([f for e in verification for f in e.failures], str(root / "report.json"))
+            raise VerificationError([f for e in verification for f in e.failures], str(root / report["report"]))
         raise errors[0]
     return report

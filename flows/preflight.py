@@ -79,9 +79,43 @@ def model_checks(data: Any, train: Any) -> None:
     prepared = prepare_model(data, train)
     specs = input_specs(data)
     inputs = [{"name": s["name"], "dtype": s["dtype"], "shape": list(s["shape"])} for s in specs]
+    bound = bind(prepared.model, prepared.binding).eval()
     with tempfile.TemporaryDirectory(prefix="trtflow-preflight-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_from_module(bind(prepared.model, prepared.binding).eval(), tuple(inputs[0]["shape"]), Path(tmp) / "untrained.onnx", inputs=inputs, outputs=list(prepared.outputs))
+        onnx_from_module(bound, tuple(inputs[0]["shape"]), Path(tmp) / "untrained.onnx", inputs=inputs, outputs=list(prepared.outputs))
+        check_batch_axis(bound, inputs, Path(tmp) / "untrained.onnx")
+
+
+def check_batch_axis(bound: Any, inputs: list[dict[str, Any]], onnx_path: Path) -> None:
+    """Refuse an export whose batch axis came out fixed: forward turned the batch size into a number.
+
+    The exporter freezes the batch to the example's 2 when forward computes with it in Python
+    (``int(x.shape[0])``); the engines would then take only batches of 2. The line is found by
+    torch.export's guard log.
+
+    Raises:
+        ExportError: naming the line (when known), the cause and the fix.
+    """
+    import numpy as np
+    import torch
+
+    from tasks.diagnose import batch_frozen_at, static_batch_inputs
+    from tasks.errors import ExportError
+
+    static = static_batch_inputs(onnx_path)
+    if not static:
+        return
+    examples = tuple(torch.from_numpy(np.zeros((2, *s["shape"]), dtype=np.dtype(s["dtype"]))) for s in inputs)
+    where = batch_frozen_at(bound, examples)
+    at = f" at {where}" if where else ""
+    raise ExportError(
+        got=f"an ONNX export with a fixed batch of 2 for input(s) {', '.join(static)}",
+        expected="a dynamic batch axis (engines run batches of 1 up to the profile's max)",
+        because=f"forward turns the batch size into a Python number{at}: int(x.shape[0]), .item() or the size in Python "
+        "arithmetic make the exporter fix it to the example batch of 2",
+        fix="keep it a tensor size: x.size(0) without int(), x.reshape(x.size(0), -1) or x.flatten(1), -1 in reshapes",
+        summary=f"forward fixes the batch size to a number{at}; use x.size(0) without int(), or reshape(-1, ...)",
+    )
 
 
 def check_before_run(config: Any) -> Path:

@@ -13,6 +13,8 @@ from tasks.profile import speed_markdown, table_columns
 from tasks.artifacts import write_json_atomic
 
 REPORT = "report.json"
+#: each run's own report: ``reports/run-<UTC time>-<flow run id[:8] or pid>.json`` (report.json copies the latest)
+RUN_REPORTS = "reports"
 METRICS = ("max_abs", "mean_abs", "max_rel", "min_cosine", "top1_agreement", "accuracy_reference", "accuracy", "accuracy_drop")
 
 
@@ -34,7 +36,11 @@ def run_report(
     outcomes: dict[Precision, dict[str, Any]],
     bundle: ArtifactRef | str | None = None,
 ) -> dict[str, Any]:
-    """Assemble the run report and write it to ``<root>/report.json``.
+    """Assemble the run report, write it as the run's own file and copy it to ``<root>/report.json``.
+
+    Every run writes its own ``reports/run-<time>-<id>.json`` (never shared, so concurrent runs cannot
+    mix), then replaces ``report.json`` atomically by a whole copy: it is always the latest complete
+    run's report. The report's ``report`` field names the run's own file.
 
     Args:
         config: the run's config.
@@ -46,7 +52,12 @@ def run_report(
 
     Returns:
         The report as a dict.
+
+    Raises:
+        StorageError: a folder stands where a report file goes (named, with the fix).
     """
+    created = dt.datetime.now(dt.timezone.utc)
+    own = f"{RUN_REPORTS}/run-{created.strftime('%Y%m%dT%H%M%S')}-{_run_tag()}.json"
     precisions: dict[str, Any] = {}
     for p, out in outcomes.items():
         if "error" in out:
@@ -82,7 +93,8 @@ def run_report(
         if "repair" in out:
             precisions[p.value]["repair"] = repair_summary(out, root)
     report = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": created.isoformat(timespec="seconds"),
+        "report": own,
         "passed": all(v["passed"] for v in precisions.values()),
         "backend": backend_reason,
         "data": {"source": data.meta["source"]["description"] if isinstance(data.meta["source"], dict) else data.meta["source"], "sizes": data.meta["sizes"], "num_classes": data.meta["num_classes"],
@@ -108,6 +120,7 @@ def run_report(
     if report["config"]["data"].get("dataset"):
         # The file name only: an absolute path would put this machine's folders into the report and UI.
         report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
+    write_json_atomic(root / own, report)
     write_json_atomic(root / REPORT, report)
     return report
 
@@ -174,6 +187,19 @@ def batch_lines(precisions: dict[str, Any]) -> list[str]:
             text += f"; {r['batch_lowered']}"
         grouped.setdefault(text, []).append(p)
     return [f"{', '.join(ps)}: {text}" for text, ps in grouped.items()]
+
+
+def _run_tag() -> str:
+    """What tells this run's report from a concurrent one's: the flow run's id, else the process and a random part."""
+    import os
+    import uuid
+
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        return str(ctx.flow_run.id)[:8]
+    return f"pid{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def repair_summary(outcome: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -265,7 +291,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         else:
             lines += ["", "## Bundle", "", f"Shipped **{b['precision']}** ({b['backend']}) as Triton model `{b['name']}` in `{b['path']}/`: {b['reason']}.",
                       "", f"Config `{b['config']}`, engine `{b['model_file']}` (sha256 {b['model_sha256'][:12]}…); check it before deploying: `trtflow check-bundle {b['path']}`."]
-    lines += ["", "Files are relative to the artifacts folder; the full report is `report.json` there."]
+    lines += ["", f"Files are relative to the artifacts folder; this run's full report is `{report.get('report', REPORT)}` there (`report.json` is the latest run's)."]
     return "\n".join(lines)
 
 

@@ -10,7 +10,11 @@ goes to ``$PREFECT_HOME/trtflow-server.log``, and:
   default here ``DEFAULT_STARTUP_TIMEOUT_S``) and ends, if still too slow, with one line naming the fix;
 - Ctrl-C or SIGTERM at any point prints one line, marks the flow run Cancelled, stops the server and
   exits 130 (143) within seconds; finished stages are committed artifacts, so the next run resumes;
-- Prefect's console handler prints one line per log record (no tracebacks) unless ``debug``.
+- Prefect's console handler prints one line per log record (no tracebacks) unless ``debug``;
+- the temporary server dies with trtflow, also when trtflow is SIGKILLed (``_server_child.py``);
+- a ``PREFECT_API_URL`` that does not answer fails at once with one line naming it and the fix, and an
+  API that stops answering during the run (the server died) ends the run within ``API_DEAD_AFTER_S``
+  seconds with that line and exit status 1 (finished stages are kept), instead of hanging in retries.
 
     from flows.runtime import run_flow
     report = run_flow(pipeline, config, debug=False)
@@ -28,6 +32,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -40,6 +45,12 @@ from tasks.errors import TrtflowError, one_line
 DEFAULT_STARTUP_TIMEOUT_S = 180
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 SERVER_LOG = "trtflow-server.log"
+#: the start-up script of the temporary server (beside this file): it dies with the trtflow process
+SERVER_CHILD = "_server_child.py"
+#: seconds the Prefect API may stay silent during a run before the run ends (Prefect's client would retry for minutes)
+API_DEAD_AFTER_S = 40.0
+#: seconds between two health checks of the API during a run
+API_POLL_S = 2.0
 #: seconds a signal may spend marking the run Cancelled and stopping the server
 SIGNAL_BUDGET_S = 3.0
 
@@ -167,7 +178,9 @@ class TemporaryServer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+                # uvicorn behind a start-up script that ties the server's life to this process (see there).
+                [sys.executable, str(Path(__file__).with_name(SERVER_CHILD)), str(os.getpid()),
+                 "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
                  "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 # Its own session: the terminal's Ctrl-C reaches trtflow only, which then stops it in order.
@@ -252,6 +265,108 @@ def start_server(server: TemporaryServer, say: Callable[[str], None]) -> str:
         target = move_aside(path)
         say(f"the Prefect database {path.name} was damaged; moved it to {target.name} and started a fresh one (run history only)")
         return server.start(startup_timeout())
+
+
+# --- is the API there? ----------------------------------------------------------------------------------
+
+
+def api_answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether anything answers HTTP at ``<url>/health`` (any status: an answer, even 401, means the server is up)."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def api_unreachable(url: str, temporary: bool, during_run: bool, what: str = "") -> PrefectServerError:
+    """The one-line error of a Prefect API that does not (or no longer) answer, naming PREFECT_API_URL and the fix.
+
+    Args:
+        url: the API's URL.
+        temporary: it is trtflow's own temporary server.
+        during_run: it answered when the run started.
+        what: how it failed, for the details (e.g. "stopped answering for 40 s").
+    """
+    kept = "; finished stages are kept, the same command resumes" if during_run else ""
+    if temporary:
+        return PrefectServerError(
+            got=f"trtflow's temporary Prefect server at {url} that {what or 'does not answer'}",
+            expected="it to answer until the run ends",
+            because=f"it was stopped or died (its log is {SERVER_LOG} in PREFECT_HOME)",
+            fix=f"run the same command again{kept}; or start `prefect server start` and set PREFECT_API_URL",
+            summary=f"the temporary Prefect server {what or 'does not answer'}; run the same command again (finished stages are kept)",
+        )
+    return PrefectServerError(
+        got=f"PREFECT_API_URL={url}, where no Prefect server answers" + (f" ({what})" if what else ""),
+        expected="a running Prefect server at that address",
+        because="the flow records its runs and stages through that API",
+        fix=f"start it (prefect server start) or unset PREFECT_API_URL so that trtflow starts a temporary server{kept}",
+        summary=(f"the server at PREFECT_API_URL={url} is gone; start it (prefect server start) or unset PREFECT_API_URL" if during_run
+                 else f"nothing answers at PREFECT_API_URL={url}; start it (prefect server start) or unset PREFECT_API_URL"),
+    )
+
+
+def check_api(url: str, attempts: int = 3) -> None:
+    """Fail at once, with one line, when the user's PREFECT_API_URL does not answer (a few tries, a second apart).
+
+    Raises:
+        PrefectServerError: nothing answers there.
+    """
+    for i in range(attempts):
+        if api_answers(url):
+            return
+        if i + 1 < attempts:
+            time.sleep(1.0)
+    raise api_unreachable(url, temporary=False, during_run=False)
+
+
+class ApiWatchdog:
+    """Ends the run (one line, exit status 1) when the Prefect API stops answering for ``dead_after`` seconds.
+
+    Without it, a server that dies mid-run hangs the run: Prefect's client retries every state change
+    for minutes. Finished stages are committed artifacts, so the next run resumes; a half-written
+    staging folder is swept by it.
+    """
+
+    def __init__(self, run: RunHandle, dead_after: float = API_DEAD_AFTER_S, poll: float = API_POLL_S) -> None:
+        self.run, self.dead_after, self.poll = run, dead_after, poll
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="trtflow-api-watchdog", daemon=True)
+
+    def start(self) -> ApiWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        url = self.run.api_url or ""
+        last_answer = time.monotonic()
+        while not self._stop.wait(self.poll):
+            server = self.run.server
+            if server is not None and server.proc is not None and server.proc.poll() is not None:
+                self._end(api_unreachable(url, temporary=True, during_run=True, what=f"exited during the run (code {server.proc.returncode})"))
+            if api_answers(url, timeout=min(self.poll * 2, 5.0)):
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer > self.dead_after and not self._stop.is_set():
+                self._end(api_unreachable(url, temporary=server is not None, during_run=True, what=f"stopped answering for {self.dead_after:g} s during the run"))
+
+    def _end(self, error: PrefectServerError) -> None:
+        if self._stop.is_set():  # the run ended meanwhile
+            return
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"trtflow: {error.summary}\n")
+            sys.stderr.flush()
+        if self.run.server is not None:
+            with contextlib.suppress(Exception):
+                self.run.server.stop(grace=1.0)
+        os._exit(1)
 
 
 # --- signals -------------------------------------------------------------------------------------------
@@ -344,6 +459,18 @@ def reclaim_sigterm() -> None:
         signal.signal(signal.SIGTERM, _HANDLER)
 
 
+def started_by_deployment() -> bool:
+    """Whether the current flow run comes from a deployment (a worker, ``trtflow serve``, the UI's Run button).
+
+    Such a run's parameters come from whoever reached the API, so ``tasks.policy`` limits them; a flow
+    called directly (``trtflow run``) is the user's own.
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id is not None
+
+
 # --- short console lines ---------------------------------------------------------------------------------
 
 
@@ -411,7 +538,8 @@ def run_flow(flow: Callable[..., Any], config: Any, debug: bool = False, say: Ca
         The flow's return value.
 
     Raises:
-        PrefectServerError: no server could be started. Whatever the flow raises.
+        PrefectServerError: no server could be started, PREFECT_API_URL does not answer, or the API died
+            during the run. Whatever the flow raises.
     """
     say = say or (lambda line: print(f"trtflow: {line}", file=sys.stderr))
     run = RunHandle()
@@ -429,8 +557,20 @@ def run_flow(flow: Callable[..., Any], config: Any, debug: bool = False, say: Ca
             run.api_url = url
             # Drained only before our own server stops; a user's server keeps receiving them.
             stack.callback(_flush_logs)
+        else:
+            check_api(run.api_url)
+        # Stopped first at the end (LIFO): the server's own stop is not a death.
+        stack.callback(ApiWatchdog(run).start().stop)
         if logging.getLogger("trtflow").level == logging.NOTSET:
             logging.getLogger("trtflow").setLevel(logging.INFO)  # per-epoch lines, stage summaries
         if not debug:
             stack.enter_context(one_line_console())
-        return flow(config)
+        try:
+            return flow(config)
+        except TrtflowError:
+            raise
+        except Exception as exc:
+            # Prefect's client gives up with its own error (httpx.ConnectError...) when the API is gone.
+            if not api_answers(run.api_url):
+                raise api_unreachable(run.api_url, temporary=run.server is not None, during_run=True, what="stopped answering during the run") from exc
+            raise

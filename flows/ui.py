@@ -14,11 +14,13 @@ Used by ``flows.pipeline``; every function is a no-op outside a flow run except 
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -46,6 +48,70 @@ def _in_flow_run() -> bool:
 
 #: least seconds between two updates of the progress artifact (the final update is never skipped)
 PROGRESS_INTERVAL_S = 0.5
+#: seconds the end of a run waits for the last progress update to reach the API
+PROGRESS_FLUSH_S = 5.0
+#: seconds an idle sender thread lives on (it starts again with the next update)
+SENDER_IDLE_S = 30.0
+
+
+class LatestOnlySender:
+    """Sends UI updates from a background thread, so that no stage ever waits on the Prefect API.
+
+    One update is in flight at a time; a newer one replaces the one still waiting (a progress bar
+    needs only its latest value). A server that is slow or gone delays the bar, never the training
+    loop: Prefect's client retries a dead server for minutes, on this thread only. Failures are logged
+    at debug level and dropped. The thread runs in a copy of the caller's context (Prefect's settings,
+    e.g. the temporary server's URL, live in context variables) and ends after ``SENDER_IDLE_S`` idle.
+    """
+
+    def __init__(self, name: str = "trtflow-ui-sender") -> None:
+        self.name = name
+        self._ctx = contextvars.copy_context()
+        self._cv = threading.Condition()
+        self._pending: Callable[[], Any] | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, send: Callable[[], Any]) -> None:
+        """Queue ``send`` (a call to the API); an earlier one that has not started yet is dropped."""
+        with self._cv:
+            self._pending = send
+            self._cv.notify_all()
+            if self._thread is None or not self._thread.is_alive():
+                # A copy per thread: a context cannot be entered by two threads at once.
+                self._thread = threading.Thread(target=self._ctx.copy().run, args=(self._loop,), name=self.name, daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._pending is None:
+                    self._cv.wait(SENDER_IDLE_S)
+                if self._pending is None:  # idle: end; the next submit starts a new thread
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return
+                send, self._pending = self._pending, None
+                self._busy = True
+            try:
+                send()
+            except Exception as exc:  # noqa: BLE001 - the UI must never fail a run
+                log.debug("UI update dropped: %s", exc)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def flush(self, timeout: float = PROGRESS_FLUSH_S) -> bool:
+        """Wait up to ``timeout`` seconds until nothing is waiting or in flight; True when all was sent."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending is not None or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
 
 
 class Progress:
@@ -65,6 +131,7 @@ class Progress:
         self._within = 0.0  # the furthest point shown inside running stages
         self.id: UUID | None = None
         self._last_update = 0.0
+        self._sender = LatestOnlySender("trtflow-progress")
         if _in_flow_run():
             from prefect.artifacts import create_progress_artifact
 
@@ -83,7 +150,9 @@ class Progress:
         # Branches report concurrently, each its own fraction: the bar shows the furthest, never moving back.
         share = max(self._within, min(self.done + max(0.0, min(fraction, 1.0)), self.total))
         self._within = share
-        update_progress_artifact(self.id, progress=100.0 * share / self.total, description=f"{self.done}/{self.total} stages; now {text}")
+        artifact, value, description = self.id, 100.0 * share / self.total, f"{self.done}/{self.total} stages; now {text}"
+        # Called from the training loop: never wait for the API here.
+        self._sender.submit(lambda: update_progress_artifact(artifact, progress=value, description=description))
 
     def expect(self, total: int) -> None:
         """Correct the number of planned stages once the branches are known (never below those done)."""
@@ -98,19 +167,21 @@ class Progress:
         self.done = min(self.done + 1, self.total)
         if self.id is None:
             return
-        # Each update is a synchronous API call (~40 ms); a cached run finishes ~20 stages in well
-        # under a second, where these calls were most of its own time. So at most one update per
-        # PROGRESS_INTERVAL_S, and always the last one (the bar may lag one quick stage behind).
+        # Each update is an API call (~40 ms); a cached run finishes ~20 stages in well under a
+        # second. So at most one update per PROGRESS_INTERVAL_S, and always the last one (the bar may
+        # lag one quick stage behind); sent in the background, never waited for.
         now = time.monotonic()
         if self.done < self.total and now - self._last_update < PROGRESS_INTERVAL_S:
             return
         self._last_update = now
         from prefect.artifacts import update_progress_artifact
 
-        try:
-            update_progress_artifact(self.id, progress=100.0 * self.done / self.total, description=f"{self.done}/{self.total} stages; last: {what}")
-        except Exception as exc:  # noqa: BLE001 - the UI's progress bar must never fail a run
-            log.warning("could not update the progress artifact: %s", exc)
+        artifact, value, description = self.id, 100.0 * self.done / self.total, f"{self.done}/{self.total} stages; last: {what}"
+        self._sender.submit(lambda: update_progress_artifact(artifact, progress=value, description=description))
+
+    def flush(self, timeout: float = PROGRESS_FLUSH_S) -> bool:
+        """Give the last update up to ``timeout`` seconds to reach the API (the end of a run); True when sent."""
+        return self._sender.flush(timeout)
 
 
 def drop_earlier_attempts() -> int:
@@ -345,7 +416,7 @@ def publish_links(report: Mapping[str, Any]) -> None:
     from prefect.artifacts import create_link_artifact
 
     files: list[tuple[str, str, str]] = [
-        ("trtflow-report", "report.json", "The run report (JSON)"),
+        ("trtflow-report", report.get("report", "report.json"), "The run report (JSON)"),
         ("trtflow-onnx", report["model"]["onnx"], f"ONNX model, opset {report['model']['opset']}"),
         ("trtflow-checkpoint", report["model"]["checkpoint"], "PyTorch checkpoint"),
     ]

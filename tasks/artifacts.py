@@ -175,7 +175,22 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     Args:
         path: destination; its folder is created if missing.
         data: the content.
+
+    Raises:
+        StorageError: a folder (or something else that is not a file) stands at ``path``, or on its way.
+        OSError: the disk failed.
     """
+    path = Path(path)
+    blocker = path if path.is_dir() else _in_the_way(path.parent)
+    if blocker is not None:
+        what = "a folder" if blocker == path else "a file, not a folder"
+        raise StorageError(
+            got=f"{blocker} is {what}, where trtflow writes the file {path.name}",
+            expected=f"{path} to be a file (or absent)",
+            because="the file is replaced as a whole on every write, which cannot replace a folder" if blocker == path else f"{path.name} is written inside it",
+            fix=f"move or delete {blocker} (e.g. rm -r {blocker}) and run the same command again: finished stages are reused",
+            summary=f"{blocker} is {what}; move or delete it (rm -r {blocker}) and run the same command again",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -243,6 +258,69 @@ def unwritable(folder: Path, exc: OSError) -> ConfigError:
     )
 
 
+def _in_the_way(path: Path) -> Path | None:
+    """The first existing part of ``path`` (from the top) that is not a folder: what blocks a write there."""
+    path = Path(path)
+    for p in [*reversed(path.parents), path]:
+        if (p.exists() or p.is_symlink()) and not p.is_dir():
+            return p
+    return None
+
+
+def store_unwritable(root: Path, exc: OSError, stage: str) -> StorageError:
+    """The error of a stage that cannot write into the store at run time: names the real path and its fix.
+
+    At run time (the options were checked before), this is a storage problem of the store, exit status
+    1, not an invalid option.
+    """
+    where = Path(exc.filename) if exc.filename else Path(root)
+    blocker = _in_the_way(where)
+    if blocker is not None:
+        what = "a file" if blocker.is_file() else "a broken link" if blocker.is_symlink() and not blocker.exists() else "not a folder"
+        return StorageError(
+            got=f"{blocker} is {what}, where the {stage} stage needs a folder",
+            expected="folders on the path of every stage's output",
+            because="something other than trtflow put it there (trtflow heals only files inside its own stage folders)",
+            fix=f"move or delete {blocker} and run the same command again: finished stages are reused",
+            summary=f"{blocker} is {what}, not a folder; move or delete it and run the same command again",
+        )
+    return StorageError(
+        got=f"'{exc.strerror or exc}' at {where} while the {stage} stage wrote",
+        expected="a store this user can write",
+        because="every stage writes its output into the artifacts folder",
+        fix=f"fix {where} (permissions, or what sits there) and run the same command again: finished stages are reused",
+        summary=f"{where}: {exc.strerror or exc}; fix it and run the same command again",
+    )
+
+
+def stage_folder(artifacts_dir: Path, stage: str) -> Path:
+    """The folder of one stage's artifacts, created if missing; a file in its place is removed first.
+
+    Stage folders are trtflow's own: a regular file where one belongs holds nothing trtflow made (a
+    user's mistake, a bad copy), so it is deleted, like an artifact folder replaced by a file. A
+    symbolic link is the user's choice and is left alone.
+
+    Raises:
+        OSError: the folder cannot be created (the caller names the path).
+    """
+    folder = Path(artifacts_dir) / stage
+    if not folder.is_symlink() and folder.exists() and not folder.is_dir():
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # another process healed it first
+            folder.unlink()
+            log.warning("%s was a file, not the %s stage's folder: removed it", folder, stage)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder tree (best effort: what cannot be removed stays)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def disk_full(folder: Path, stage: str, exc: OSError) -> StorageError:
     """The error of a stage that ran out of disk space while writing its artifact (never retried)."""
     return StorageError(
@@ -281,7 +359,7 @@ def _is_stale(folder: Path, now: float) -> bool:
 
 
 def clean_stale(artifacts_dir: Path, stage: str | None = None) -> list[Path]:
-    """Delete staging and trash folders left by processes that died (or that are older than ``STALE_AFTER_S``).
+    """Delete staging and trash folders (and trash files) left by processes that died (or older than ``STALE_AFTER_S``).
 
     Never touches committed artifacts, lock files, or the staging folder of a live process on this host.
 
@@ -290,16 +368,17 @@ def clean_stale(artifacts_dir: Path, stage: str | None = None) -> list[Path]:
         stage: only this stage's folder; None: every stage.
 
     Returns:
-        The folders removed.
+        The paths removed.
     """
     root = Path(artifacts_dir)
     parents = [root / stage] if stage else [p for p in _listdir(root) if p.is_dir() and not p.name.startswith(".")]
     now, removed = time.time(), []
     for parent in parents:
         for p in _listdir(parent):
-            if p.name.startswith((".tmp-", ".trash-")) and p.is_dir() and _is_stale(p, now):
-                shutil.rmtree(p, ignore_errors=True)
-                if not p.exists():
+            # Files too: an artifact folder replaced by a file is moved aside as a .trash-… file.
+            if p.name.startswith((".tmp-", ".trash-")) and _is_stale(p, now):
+                remove_path(p)
+                if not (p.exists() or p.is_symlink()):
                     removed.append(p)
                     log.info("removed %s, left by an interrupted run", p)
     return removed
@@ -345,8 +424,7 @@ class Staging:
     """A private folder a stage writes into; committed atomically by ``commit``.
 
     Raises:
-        ConfigError: the stage folder cannot be created (artifacts folder unwritable).
-        StorageError: the disk is full.
+        StorageError: the stage folder cannot be created (the path that blocks it is named), or the disk is full.
     """
 
     def __init__(self, artifacts_dir: Path, stage: str, key: str) -> None:
@@ -354,9 +432,10 @@ class Staging:
         self.final = artifact_dir(artifacts_dir, stage, key)
         self.dir = self.final.parent / f".tmp-{self.final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            self.dir.mkdir(parents=True)
+            stage_folder(self.root, stage)
+            self.dir.mkdir()
         except OSError as exc:
-            raise (disk_full(self.final.parent, stage, exc) if exc.errno == errno.ENOSPC else unwritable(self.root, exc)) from exc
+            raise (disk_full(self.final.parent, stage, exc) if exc.errno == errno.ENOSPC else store_unwritable(self.root, exc, stage)) from exc
         clean_stale(self.root, stage)
         # The artifact that was there when we started (a damaged one, or one being refreshed) may be
         # replaced; one that appears while we work was made by another process and is kept.
@@ -414,7 +493,7 @@ class Staging:
                 except FileNotFoundError:
                     pass  # another process moved it first
                 else:
-                    shutil.rmtree(trash, ignore_errors=True)
+                    remove_path(trash)  # a folder, or a file that stood in the artifact's place
             try:
                 os.replace(self.dir, self.final)
             except OSError as exc:

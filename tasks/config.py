@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.errors import ConfigError
+from tasks.policy import model_schema
 
 
 class Precision(str, Enum):
@@ -124,7 +125,10 @@ class TrainConfig(_Strict):
         "tasks.models:default_model",
         description="Model factory as 'package.module:callable' (an nn.Module subclass or any callable returning one). "
         "It gets only the keyword arguments its signature names out of num_classes, in_channels, in_features and "
-        "input_shape, plus model_kwargs. Default: a CNN for images (N×C×H×W), an MLP for vectors and sequences.",
+        "input_shape, plus model_kwargs. Default: a CNN for images (N×C×H×W), an MLP for vectors and sequences. "
+        "A deployment offers the factories its worker allows (TRTFLOW_ALLOWED_MODELS).",
+        # The form's choice: read when the schema is made (prefect deploy, trtflow serve), see tasks.policy.
+        json_schema_extra=model_schema,
     )
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of the factory (JSON); they override the known ones."

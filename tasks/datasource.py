@@ -198,11 +198,20 @@ def open_source(path: Path | None) -> Source:
 
         x, y = digits_dataset()
         return Source({"x": x}, y, "digits", None, int(x.nbytes + y.nbytes))
+    from tasks.paths import file_problem
+
     path = Path(path).expanduser()
+    problem = file_problem(path, folder_ok=True)
+    if problem is not None:
+        fix = "check --dataset, or omit it to use the bundled digits"
+        if "pipe" in problem or "device" in problem or "socket" in problem:
+            fix = "write the data to a file first (numpy.savez(path, x=..., y=...)) and pass that file with --dataset"
+        elif "loop" in problem or "symbolic link" in problem:
+            fix = f"point --dataset at the real file (ls -l {path} shows where the link goes)"
+        raise DatasetError(got=f"dataset path {path}", expected="an existing .npz file or a folder of .npy files", because=f"it {problem}", fix=fix,
+                           summary=f"dataset path {path} {problem.split(':')[0]}; {fix}")
     if path.is_dir():
         return open_npy_folder(path)
-    if not path.is_file():
-        raise DatasetError(got=f"dataset path {path}", expected="an existing .npz file or a folder of .npy files", because="the file does not exist", fix="check --dataset, or omit it to use the bundled digits")
     try:
         with open(path, "rb") as f:
             magic = f.read(6)

@@ -163,6 +163,12 @@ class ConfigError(TrtflowError):
     label = "invalid options"
 
 
+class PolicyError(TrtflowError):
+    """A deployment run asked for a model factory or a path that the worker's operator does not allow."""
+
+    label = "not allowed"
+
+
 class DatasetError(TrtflowError):
     """The dataset file is missing, garbled, or its arrays are unusable."""
 

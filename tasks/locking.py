@@ -19,7 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from tasks.artifacts import unwritable
+from tasks.artifacts import remove_path, stage_folder, store_unwritable
 
 log = logging.getLogger("trtflow.lock")
 
@@ -42,14 +42,19 @@ def key_lock(artifacts_dir: Path, stage: str, key: str) -> Iterator[None]:
         key: the stage's cache key.
 
     Raises:
-        ConfigError: the artifacts folder cannot be created (e.g. a regular file is in the way).
+        StorageError: the stage folder or lock file cannot be created; names the path in the way.
     """
     path = lock_path(artifacts_dir, stage, key)
     # One FileLock object per call: flock locks belong to an open file, so two threads of one process
     # exclude each other too (a shared, re-entrant object would let the second one in).
     lock = FileLock(path, thread_local=False)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        stage_folder(artifacts_dir, stage)
+        if path.is_dir() and not path.is_symlink():
+            # A folder where the (empty, trtflow-named) lock file belongs: nothing of value is in it.
+            # rmtree never deletes a lock file that another process put back meanwhile (not a folder).
+            log.warning("%s was a folder, not a lock file: removed it", path)
+            remove_path(path)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -57,7 +62,7 @@ def key_lock(artifacts_dir: Path, stage: str, key: str) -> Iterator[None]:
             lock.acquire()
     except OSError as exc:
         if exc.errno not in _READ_ONLY:
-            raise unwritable(Path(artifacts_dir), exc) from exc
+            raise store_unwritable(Path(artifacts_dir), exc, stage) from exc
         # Read-only store: cached artifacts can still be read; a stage that must write fails with a
         # clear error when it creates its staging folder.
         log.debug("no lock for %s/%s (%s)", stage, key[:16], exc.strerror)

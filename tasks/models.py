@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,9 @@ def factory_from_path(path: str) -> Any:
         ModelError: the module cannot be imported or has no such callable.
     """
     mod_name, _, attr = path.partition(":")
+    if _standard_library(mod_name):
+        # Never imported: 'os:system', 'subprocess:run', 'builtins:exec' are commands, not models.
+        raise _not_a_factory(path, f"'{mod_name}' is a module of Python's standard library")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -102,7 +106,41 @@ def factory_from_path(path: str) -> Any:
         factory = getattr(factory, part, None)
     if not callable(factory):
         raise ModelError(got=f"model '{path}'", expected=f"a callable '{attr}' in {mod_name}", because="there is no such callable", fix=_FIX)
+    if (why := _not_a_model_factory(factory)) is not None:
+        raise _not_a_factory(path, why)
     return factory
+
+
+def _standard_library(module: str) -> bool:
+    return module.split(".")[0] in sys.stdlib_module_names
+
+
+def _not_a_model_factory(factory: Any) -> str | None:
+    """Why ``factory`` cannot be a model factory (it is called with user-given keyword arguments), or None.
+
+    A factory is an ``nn.Module`` subclass, or a Python function (or bound method) outside the standard
+    library. Builtins (``os.system``, ``exec``) and standard-library callables never build a model, and
+    called with ``--model-kwargs`` they run commands.
+    """
+    owner = getattr(factory, "__module__", None) or ""
+    if inspect.isclass(factory):
+        if not any(c.__name__ == "Module" and c.__module__ == "torch.nn.modules.module" for c in inspect.getmro(factory)):
+            return f"{factory.__qualname__} is a class but not a torch.nn.Module"
+    elif not (inspect.isfunction(factory) or inspect.ismethod(factory)):
+        return f"it is a {type(factory).__name__}, not a class or a Python function"
+    if _standard_library(owner) or owner == "builtins":
+        return f"it comes from Python's standard library ({owner})"
+    return None
+
+
+def _not_a_factory(path: str, why: str) -> ModelError:
+    return ModelError(
+        got=f"model '{path}': {why}",
+        expected="an nn.Module subclass, or a function of your own code that returns one",
+        because="trtflow calls the factory with the run's --model-kwargs, and a builtin or standard-library callable (os.system, subprocess.run, exec) would run a command instead",
+        fix=_FIX,
+        summary=f"model '{path}' is not a model factory ({why}); pass your nn.Module class or a function returning one",
+    )
 
 
 def known_kwargs(input_shape: Sequence[int], num_classes: int | None) -> dict[str, Any]:
@@ -214,8 +252,10 @@ def state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
 
     path = Path(path).expanduser()
     fix = "pass --weights a file written by torch.save(model.state_dict(), path) or safetensors.torch.save_file"
-    if not path.is_file():
-        raise ModelError(got=f"weights file {path}", expected="an existing file", because="it does not exist" if not path.exists() else "it is not a file", fix=fix)
+    from tasks.paths import file_problem
+
+    if (problem := file_problem(path)) is not None:
+        raise ModelError(got=f"weights file {path}", expected="an existing file", because=f"it {problem}", fix=fix, summary=f"weights file {path} {problem.split(':')[0]}; {fix}")
     with open(path, "rb") as f:
         head = f.read(8)
     is_safetensors = path.suffix == ".safetensors" or (len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000 and not head.startswith((b"PK", b"\x80")))

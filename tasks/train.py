@@ -166,10 +166,21 @@ def _trial_error(exc: Exception, feed: Mapping[str, np.ndarray], model_path: str
         because = "the model's layers do not fit the dataset's inputs (channels, sizes, features or names)"
         fix = "use a dataset whose inputs fit the model, or a model made for these inputs (--model, --model-kwargs)"
     return ModelError(
-        got=f"{type(exc).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''} on one real batch ({desc})",
+        got=f"{type(exc).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''} on one real batch (the trial batch of {len(next(iter(feed.values())))} samples: {desc})",
         expected=f"{model_path} to accept the dataset's inputs",
         because=because,
         fix=fix,
+    )
+
+
+def _hard_coded_batch_error(exc: Exception, size: int, trial: int, model_path: str) -> ModelError:
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return ModelError(
+        got=f"{type(exc).__name__}: {text} on the trial batch of {trial} samples, while a batch of {size} runs",
+        expected=f"{model_path} to accept any batch size (engines run batches of 1 up to the profile's max)",
+        because=f"forward hard-codes the batch size {size} (e.g. x.view({size}, -1), torch.zeros(1, {size}, hidden))",
+        fix=f"take the batch size from the input: x.view(x.size(0), -1) or x.flatten(1), torch.zeros(1, x.size(0), hidden)",
+        summary=f"the model hard-codes a batch size of {size}: the trial batch of {trial} samples fails; use x.size(0), e.g. x.view(x.size(0), -1)",
     )
 
 
@@ -242,6 +253,10 @@ def prepare_model(data: ArtifactRef, cfg: TrainConfig) -> Prepared:
     except ModelError:
         raise
     except Exception as exc:
+        from tasks.diagnose import hard_coded_batch
+
+        if (size := hard_coded_batch(model, binding, feed, str(exc), extra=(cfg.batch_size,))) is not None:
+            raise _hard_coded_batch_error(exc, size, n, cfg.model) from exc
         raise _trial_error(exc, feed, cfg.model) from exc
     outputs: dict[str, list[int]] = {}
     for name, value in flat:

@@ -169,3 +169,88 @@ def test_a_commit_that_fails_during_the_move_leaves_no_half_filled_artifact(tmp_
             assert ref.problems() == [] or (folder / MANIFEST).read_text() == old_manifest
         again = run_stage(spec, {"x": 1}, root, False, _three_files)
         assert again.problems() == [] and set(again.files) == {"a.bin", "b.bin", "c.bin"}
+
+
+# --- damage where a stage writes: healed where it is trtflow's own, else named with its fix -----------------
+
+
+def _run_demo(root: Path, key: str = "d" * 64) -> ArtifactRef:
+    from tasks.stage import StageSpec, run_stage
+
+    def make(folder: Path) -> dict:
+        (folder / "out.bin").write_bytes(b"made")
+        return {}
+
+    return run_stage(StageSpec("build", modules=("stage.py",)), {"key": key}, root, False, make)
+
+
+def test_stale_trash_files_are_removed_like_folders(tmp_path):
+    from tasks.artifacts import _HOST, clean_stale
+
+    stage = tmp_path / "build"
+    stage.mkdir()
+    dead = 2**22 + 1  # above the default pid_max: no such process
+    stale_file = stage / f".trash-{'a' * 16}-{_HOST}-{dead}-0123abcd"
+    stale_file.write_bytes(b"an artifact folder that was replaced by a file")
+    stale_dir = stage / f".trash-{'b' * 16}-{_HOST}-{dead}-0123abcd"
+    stale_dir.mkdir()
+    live_file = stage / f".trash-{'c' * 16}-{_HOST}-{__import__('os').getpid()}-0123abcd"
+    live_file.write_bytes(b"")
+    removed = clean_stale(tmp_path)
+    assert set(removed) == {stale_file, stale_dir}
+    assert not stale_file.exists() and not stale_dir.exists() and live_file.exists()
+
+
+def test_an_artifact_folder_replaced_by_a_file_heals_without_leaving_trash(tmp_path):
+    ref = _run_demo(tmp_path)
+    import shutil
+
+    shutil.rmtree(ref.dir)
+    ref.dir.write_bytes(b"not a folder")
+    healed = _run_demo(tmp_path)
+    assert healed.dir.is_dir() and healed.path("out.bin").read_bytes() == b"made"
+    assert not [p for p in healed.dir.parent.iterdir() if p.name.startswith(".trash-")]
+
+
+def test_a_stage_folder_replaced_by_a_file_heals(tmp_path):
+    import shutil
+
+    ref = _run_demo(tmp_path)
+    shutil.rmtree(tmp_path / "build")
+    (tmp_path / "build").write_bytes(b"someone's file")
+    again = _run_demo(tmp_path)
+    assert (tmp_path / "build").is_dir() and again.path("out.bin").read_bytes() == b"made" and again.key == ref.key
+
+
+def test_a_lock_file_replaced_by_a_folder_heals(tmp_path):
+    from tasks.locking import lock_path
+
+    ref = _run_demo(tmp_path)
+    lock = lock_path(tmp_path, "build", ref.key)
+    lock.unlink()
+    (lock / "inside").mkdir(parents=True)
+    assert _run_demo(tmp_path).key == ref.key
+    assert lock.is_file()
+
+
+def test_what_cannot_be_healed_is_named_with_its_fix(tmp_path):
+    """A dangling link where the stage folder goes: the user's, never removed; a StorageError (exit 1), not an option error."""
+    from tasks.errors import StorageError
+
+    (tmp_path / "build").symlink_to(tmp_path / "unmounted-disk" / "build")
+    with pytest.raises(StorageError) as info:
+        _run_demo(tmp_path)
+    assert info.value.summary.startswith(f"StorageError: {tmp_path / 'build'} is a broken link, not a folder; move or delete it")
+    assert (tmp_path / "build").is_symlink()
+
+
+def test_a_folder_where_a_report_file_goes_is_named(tmp_path):
+    from tasks.artifacts import write_json_atomic
+    from tasks.errors import StorageError
+
+    (tmp_path / "report.json" / "x").mkdir(parents=True)
+    with pytest.raises(StorageError) as info:
+        write_json_atomic(tmp_path / "report.json", {"a": 1})
+    summary = info.value.summary
+    assert f"{tmp_path / 'report.json'} is a folder" in summary and "rm -r" in summary and "disk" not in summary
+    assert not list(tmp_path.glob(".report.json.*"))  # no temporary file named instead

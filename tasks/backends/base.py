@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from tasks.errors import InferenceError
+from tasks.errors import InferenceError, one_line, plain
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,22 @@ class EngineInfo(BaseModel):
     def of(cls, meta: Mapping[str, Any]) -> EngineInfo:
         """Read the engine info from a ``build`` artifact's metadata."""
         return cls.model_validate(dict(meta))
+
+
+def engine_unloadable(name: str, exc: BaseException) -> InferenceError:
+    """The error of an engine file the backend refuses to load (damaged, or written by something else).
+
+    The backend's own error (ONNX Runtime's InvalidProtobuf) says nothing about what to do: an engine
+    file that does not load must be rebuilt.
+    """
+    first = plain(str(exc)).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InferenceError(
+        got=f"an engine the backend cannot load ({name}): {type(exc).__name__}: {one_line(first, 200)}",
+        expected="an engine file as the build stage wrote it",
+        because="the file is damaged or was replaced (its manifest may have been updated with it, so its digest still matches)",
+        fix="rebuild it: run the same command with --refresh build",
+        summary=f"the engine {name} cannot be loaded ({type(exc).__name__}); rebuild it: run the same command with --refresh build",
+    )
 
 
 class BaseRunner(abc.ABC):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec
+from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec, engine_unloadable
 from tasks.errors import EngineBuildError
 
 ENGINE_FILE = "engine.onnx"
@@ -181,9 +181,15 @@ class OnnxRuntimeRunner(BaseRunner):
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
-        self._sess = ort.InferenceSession(
-            str(self.onnx_path), session_options(self.threads, self.optimize, self._fuse_int8()), providers=["CPUExecutionProvider"]
-        )
+        from google.protobuf.message import DecodeError
+
+        state = ort.capi.onnxruntime_pybind11_state
+        try:
+            # _fuse_int8 may read the file too (onnx.load): a damaged one fails there first.
+            options = session_options(self.threads, self.optimize, self._fuse_int8())
+            self._sess = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+        except (state.Fail, state.InvalidProtobuf, state.InvalidGraph, state.NoSuchFile, DecodeError) as exc:
+            raise engine_unloadable(self.name, exc) from exc
 
     def _fuse_int8(self) -> bool:
         if self.fuse_int8 is not None:

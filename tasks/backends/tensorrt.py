@@ -780,7 +780,7 @@ class TensorRTRunner(BaseRunner):
                 got=f"an engine file TensorRT {trt.__version__} cannot load ({self.engine_path})",
                 expected="an engine built by this TensorRT version on this GPU model",
                 because="engines are not portable across TensorRT versions or GPUs (TensorRT's log says more)",
-                fix="rebuild the engine here: the engine cache key includes the TensorRT version and GPU",
+                fix="rebuild the engine here: run the same command with --refresh build (the engine cache key includes the TensorRT version and GPU)",
             )
         self._engine = engine
         context = engine.create_execution_context()

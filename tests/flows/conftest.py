@@ -5,8 +5,8 @@ in its own process group) and always stopped again, also when a test fails:
 
 - ``prefect_server``: ``prefect server start`` on 127.0.0.1, a free port, a fresh PREFECT_HOME (so a
   fresh database) under the session's temp folder;
-- ``deployed``: the work pool ``trtflow-local`` and ``prefect --no-prompt deploy --all`` of the repo's
-  prefect.yaml, run from the repo root;
+- ``deployed``: the work pool ``trtflow-local`` (with the repo's locked work-pool-template.json) and
+  ``prefect --no-prompt deploy --all`` of the repo's prefect.yaml, run from the repo root;
 - ``worker``: ``prefect worker start --pool trtflow-local`` polling every second.
 
 Helpers (``Api``, ``tiny``, ...) live in prefect_env.py.
@@ -24,7 +24,7 @@ from uuid import UUID
 
 import pytest
 
-from prefect_env import POOL, Api, Server, Worker, _env, free_port, prefect_bin, stop
+from prefect_env import POOL, REPO, Api, Server, Worker, _env, free_port, prefect_bin, stop
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,8 @@ def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def deployed(prefect_server: Server) -> dict[str, UUID]:
     """The repo's prefect.yaml deployed as an operator would: pool created, ``deploy --all`` from the root."""
-    prefect_server.cli("work-pool", "create", POOL, "--type", "process")
+    # The locked template of the docs: a run's job variables cannot replace the command or the environment.
+    prefect_server.cli("work-pool", "create", POOL, "--type", "process", "--base-job-template", str(REPO / "work-pool-template.json"))
     prefect_server.cli("--no-prompt", "deploy", "--all")
     with Api(prefect_server) as api:
         return {d.name: d.id for d in api.client.read_deployments()}

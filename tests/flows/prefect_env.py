@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -141,6 +142,8 @@ def _env(home: Path, port: int) -> dict[str, str]:
         PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="60",
         PREFECT_LOGGING_EXTRA_LOGGERS="trtflow",
         PYTHONUNBUFFERED="1",
+        # Deployment runs read and write only under allowed folders (tasks/policy.py); tests use temp folders.
+        TRTFLOW_ALLOWED_ROOTS=os.pathsep.join(sorted({tempfile.gettempdir(), os.path.realpath(tempfile.gettempdir())})),
     )
     return env
 

@@ -66,6 +66,7 @@ def test_config_file_is_overridden_by_options(tmp_path):
         (["--min-batch", "64", "--max-batch", "8"], "min <= opt <= max"),
         (["--tolerance", "fp16.atol=-1"], "greater than or equal to 0"),
         (["--tolerance", "fp16.speed=1"], "METRIC one of"),
+        (["--tolerance", "fp99.atol=1"], "--tolerance fp99.atol=1: PRECISION one of fp32, fp16, int8"),
         (["--epochs", "0"], "train.epochs"),
         (["--model", "no_colon"], "package.module:callable"),
         (["--config", "/nonexistent/c.json"], "config file"),
@@ -84,7 +85,7 @@ def test_bad_options_exit_2_with_one_line_reason(argv, message, capsys):
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
-        (["--dataset", "/nonexistent/data.npz"], EXIT_FAILED, "DatasetError: got dataset path"),
+        (["--dataset", "/nonexistent/data.npz"], EXIT_FAILED, "DatasetError: dataset path /nonexistent/data.npz does not exist"),
         (["--model", "no_such_pkg_xyz.models:Net"], EXIT_FAILED, "ModelError: got model 'no_such_pkg_xyz.models:Net'"),
         (["--backend", "tensorrt"], EXIT_FAILED, "BackendUnavailableError"),
     ],

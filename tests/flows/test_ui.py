@@ -108,7 +108,9 @@ def test_the_bar_never_moves_back_while_branches_report_concurrently(monkeypatch
     bar.id, bar.done = uuid.uuid4(), 4
     for fraction in (0.5, 0.2, 0.7, 0.1):  # verify-fp16 ahead of verify-int8
         bar.within_stage("verify", fraction, "")
-    assert shown == [45.0, 45.0, 47.0, 47.0]
+    assert bar.flush(30)
+    # Sent in the background, latest first (some may be dropped): never backwards, ending at the furthest.
+    assert shown and shown == sorted(shown) and shown[-1] == 47.0 and set(shown) <= {45.0, 47.0}, shown
 
 
 def test_the_ui_shows_the_bundle_as_a_link_with_the_choice_and_its_reason(prefect_harness) -> None:  # type: ignore[no-untyped-def]
