@@ -44,7 +44,7 @@ def _module_digest(model_path: str) -> str:
 def _memo_key(config: Any) -> str:
     ds = config.data.dataset
     weights = config.train.weights
-    ident: list[Any] = [config.train.model_dump(mode="json"), config.data.model_dump(mode="json"), _module_digest(config.train.model), Path(__file__).stat().st_mtime_ns]
+    ident: list[Any] = [config.train.model_dump(mode="json"), config.data.model_dump(mode="json"), config.shapes.model_dump(mode="json"), _module_digest(config.train.model), Path(__file__).stat().st_mtime_ns]
     if ds is not None:
         p = Path(ds).expanduser()
         try:
@@ -75,27 +75,33 @@ def _remember(root: Path, key: str) -> None:
         pass  # only a speed-up
 
 
-def model_checks(data: Any, train: Any) -> None:
-    """Build the model as the train stage will, run two samples through it, export it untrained to ONNX.
+def model_checks(data: Any, train: Any, shapes: Any = None) -> None:
+    """Build the model as the train stage will, run two samples through it, export it untrained to ONNX
+    (with the shape profile's dynamic axes: a model that fixes a declared length fails here).
 
     Args:
         data: the ``data`` artifact (the dataset checked and split).
         train: the run's TrainConfig.
+        shapes: the run's ShapeProfile (None: the batch only).
 
     Raises:
         ModelError: the factory cannot build a fitting model. ExportError: it cannot become ONNX.
+        ConfigError: the shapes do not fit the dataset's inputs.
     """
+    from tasks.config import BatchProfile
     from tasks.data import input_specs
     from tasks.export import onnx_from_module
     from tasks.models import bind
+    from tasks.shapes import dim_groups, engine_profile
     from tasks.train import prepare_model
 
-    prepared = prepare_model(data, train)
     specs = input_specs(data)
+    dims = dim_groups(engine_profile(BatchProfile(), shapes, specs)) if shapes is not None and shapes.axes() else []
+    prepared = prepare_model(data, train)
     inputs = [{"name": s["name"], "dtype": s["dtype"], "shape": list(s["shape"])} for s in specs]
     with tempfile.TemporaryDirectory(prefix="trtflow-preflight-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_from_module(bind(prepared.model, prepared.binding).eval(), tuple(inputs[0]["shape"]), Path(tmp) / "untrained.onnx", inputs=inputs, outputs=list(prepared.outputs))
+        onnx_from_module(bind(prepared.model, prepared.binding).eval(), tuple(inputs[0]["shape"]), Path(tmp) / "untrained.onnx", inputs=inputs, outputs=list(prepared.outputs), dims=dims)
 
 
 def check_before_run(config: Any) -> Path:
@@ -118,6 +124,6 @@ def check_before_run(config: Any) -> Path:
         data = splits_from_dataset(config.data, root)
         # The default model on the bundled digits is known to build and export; anything else is tried.
         if config.train.model != DEFAULT_MODEL or config.data.dataset is not None or config.train.weights is not None:
-            model_checks(data, config.train)
+            model_checks(data, config.train, config.shapes)
         _remember(root, key)
     return root

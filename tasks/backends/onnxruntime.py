@@ -74,7 +74,8 @@ class OnnxRuntimeBuilder(EngineBuilder):
         return {"onnxruntime": version("onnxruntime"), "cpu": _cpu_name(), "machine": platform.machine()}
 
     def engine_from_onnx(
-        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any]
+        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any],
+        shapes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> BuildResult:
         import onnxruntime as ort
 
@@ -99,12 +100,14 @@ class OnnxRuntimeBuilder(EngineBuilder):
                 "inputs": [s.__dict__ for s in _specs(sess.get_inputs())],
                 "outputs": [s.__dict__ for s in _specs(sess.get_outputs())],
                 "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+                # ONNX Runtime runs any length; the runner holds feeds to the profile, as TensorRT does.
+                "shapes": {k: {lvl: list(v[lvl]) for lvl in ("min", "opt", "max")} for k, v in (shapes or {}).items()},
                 "graph_optimization": "extended (saved) + all (at load)",
             },
         )
 
     def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
-        return OnnxRuntimeRunner(engine_path, threads=info.threads, min_batch=info.batch.min, max_batch=info.batch.max)
+        return OnnxRuntimeRunner(engine_path, threads=info.threads, min_batch=info.batch.min, max_batch=info.batch.max, shapes=info.shapes)
 
 
 class OnnxRuntimeRunner(BaseRunner):
@@ -117,12 +120,14 @@ class OnnxRuntimeRunner(BaseRunner):
         optimize: bool = True,
         min_batch: int | None = None,
         max_batch: int | None = None,
+        shapes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(onnx_path).name}")
         self.onnx_path = Path(onnx_path)
         self.threads = threads or min(os.cpu_count() or 1, 8)
         self.optimize = optimize
         self.min_batch, self.max_batch = min_batch, max_batch
+        self.shapes = {k: (tuple(v["min"]), tuple(v["max"])) for k, v in (shapes or {}).items()}
         self._sess: Any = None
 
     def activate_impl(self) -> None:
@@ -136,6 +141,9 @@ class OnnxRuntimeRunner(BaseRunner):
         if self.min_batch is None and self.max_batch is None:
             return None
         return self.min_batch or 1, self.max_batch or (1 << 62)
+
+    def shape_limits(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        return dict(self.shapes)
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._sess.get_outputs()]
