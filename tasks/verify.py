@@ -1,7 +1,9 @@
 """Stage ``verify``: engine outputs against PyTorch on the held-out test split.
 
-Each engine runs at batch min, opt and max (the batches its profile was built for); each run is
-compared with PyTorch fp32 under the precision's tolerances. Every failing check is collected, the
+Each engine runs at batch min, opt and max (the batches its profile was built for), or, with dynamic
+axes beyond the batch, at the profile's min, opt and max shape (real samples cut or padded to each
+length, PyTorch run on the same inputs); each run is compared with PyTorch fp32 under the precision's
+tolerances. Every failing check is collected, the
 report is written either way (a failed verification keeps its evidence), and then the stage fails.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.verify")
 
-SPEC = StageSpec("verify", modules=("verify.py", "compare.py", "metrics.py", "train.py", "fp16_emulation.py"), libraries=("torch", "numpy", "onnx", "onnxruntime"))
+SPEC = StageSpec("verify", modules=("verify.py", "compare.py", "metrics.py", "train.py", "fp16_emulation.py", "shapes.py"), libraries=("torch", "numpy", "onnx", "onnxruntime", "scikit-learn"))
 REPORT = "verification.json"
 #: where the latest verification of each precision is kept, passed or not (relative to the artifacts folder)
 LATEST = "reports/verify-{precision}.json"
@@ -61,13 +64,17 @@ def outputs_in_batches(runner: Any, inputs: str | Mapping[str, np.ndarray], x: n
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
-def outputs_of_split(runner: Any, data: ArtifactRef, split: str, b: int, min_batch: int, progress: Progress | None = None) -> dict[str, np.ndarray]:
+def outputs_of_split(
+    runner: Any, data: ArtifactRef, split: str, b: int, min_batch: int, progress: Progress | None = None,
+    fit: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+) -> dict[str, np.ndarray]:
     """``outputs_in_batches`` over one split of a ``data`` artifact, reading only ``b`` rows at a time;
-    ``progress`` counts the samples done."""
+    ``progress`` counts the samples done; ``fit`` changes each batch first (cut or pad it to a length)."""
     from tasks.data import split_batches
 
     chunks: dict[str, list[np.ndarray]] = {}
     for _, feed in split_batches(data, split, b):
+        feed = fit(feed) if fit is not None else feed
         for name, arr in outputs_in_batches(runner, feed, 0, b, min_batch).items():
             chunks.setdefault(name, []).append(arr)
         if progress is not None:
@@ -106,6 +113,35 @@ def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, n
             _REFERENCE.clear()  # only the current model's outputs are kept
             _REFERENCE[key] = dict(zip(names, arrays, strict=True))
         return _REFERENCE[key]
+
+
+#: PyTorch's test-split outputs at other lengths than the dataset's, of the latest (checkpoint, data) pair
+_REFERENCE_AT: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+
+
+def reference_outputs_at(checkpoint: ArtifactRef, data: ArtifactRef, point: Any, pad_values: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """PyTorch's outputs on the test split cut or padded to a shape point's lengths (``tasks.shapes``),
+    computed once per process and point; without lengths, ``reference_outputs``."""
+    from functools import partial
+
+    from tasks.data import split_size
+    from tasks.shapes import fit_lengths
+    from tasks.train import module_from_checkpoint, predict_split
+
+    if not point.lengths:
+        return reference_outputs(checkpoint, data)
+    key = (checkpoint.digest, data.digest, point.key()[1], tuple(sorted(pad_values.items())))
+    with _REFERENCE_LOCK:
+        if key not in _REFERENCE_AT:
+            names = list(checkpoint.meta.get("outputs") or ["logits"])
+            with Progress(f"verify reference (PyTorch) at {point.text()}", total=split_size(data, "test"), unit="sample", logger=log) as meter:
+                arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter, fit=partial(fit_lengths, lengths=point.lengths, pad_values=pad_values))
+            for a in arrays:
+                a.flags.writeable = False
+            if len({k[:2] for k in _REFERENCE_AT} | {key[:2]}) > 1:
+                _REFERENCE_AT.clear()  # only the current model's outputs are kept
+            _REFERENCE_AT[key] = dict(zip(names, arrays, strict=True))
+        return _REFERENCE_AT[key]
 
 
 def reference_logits(checkpoint: ArtifactRef, data: ArtifactRef, x: np.ndarray | None = None) -> np.ndarray:
@@ -158,8 +194,12 @@ def verification_of_engine(
         from tasks.data import split_labels, split_size
         from tasks.engine import engine_info, runner_from_build
 
+        from tasks.data import input_specs
+        from tasks.shapes import fit_lengths, opt_point, shape_points
+
         y = split_labels(data, "test")
         info = engine_info(engine)
+        regression = data.meta.get("task") == "regression"
         reference = reference_outputs(checkpoint, data)
         logits = checkpoint.meta.get("logits_output") if y is not None else None
         # Without labels there is no task: every output is still compared elementwise and by cosine.
@@ -167,25 +207,36 @@ def verification_of_engine(
         results, confusion = [], None
         numerics = numerics_of(info.backend, precision)
         emulate = numerics == EMULATED and variant is not None
-        # Every pass over the test split counts: one per batch size, and the fp16 emulation's.
+        # The batch sizes min, opt and max; with dynamic axes beyond the batch, the min, opt and max shapes.
+        points, specs, pads = shape_points(batch), input_specs(data), dict(getattr(batch, "pad_values", {}) or {})
+        opt = opt_point(batch)
+
+        def fit_to(point: Any) -> Any:
+            return partial(fit_lengths, lengths=point.lengths, pad_values=pads) if point.lengths else None
+
+        # Every pass over the test split counts: one per shape, and the fp16 emulation's.
         n = split_size(data, "test")
-        meter = Progress(f"verify {precision.value}", total=n * (len(batch_sizes(batch)) + emulate), unit="sample", logger=log)
+        meter = Progress(f"verify {precision.value}", total=n * (len(points) + emulate), unit="sample", logger=log)
         with meter:
             with runner_from_build(engine) as runner:
-                for b in batch_sizes(batch):
-                    got = outputs_of_split(runner, data, "test", b, batch.min, meter)
-                    results.append(compare_outputs(reference, got, tolerance, label=f"{precision.value} batch {b}", labels=y, task_outputs=task_outputs))
-                    meter.milestone(f"batch {b}: {n} samples compared ({'pass' if results[-1].passed else 'FAIL'})")
-                    if b == batch.opt and logits and y is not None and logits in got:
+                for point in points:
+                    expected = reference_outputs_at(checkpoint, data, point, pads)
+                    got = outputs_of_split(runner, data, "test", point.batch, batch.min, meter, fit=fit_to(point))
+                    results.append(compare_outputs(expected, got, tolerance, label=f"{precision.value} {point.text(specs)}", labels=y, task_outputs=task_outputs, regression=regression))
+                    meter.milestone(f"{point.text(specs)}: {n} samples compared ({'pass' if results[-1].passed else 'FAIL'})")
+                    if point.key() == opt.key() and logits and y is not None and logits in got and not regression:
                         pred = got[logits].argmax(axis=1)
                         k = max(int(data.meta["num_classes"]), int(got[logits].shape[1]))
-                        confusion = {"batch": b, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, k).tolist()}
+                        confusion = {"batch": point.batch, "accuracy": float((pred == y).mean()), "matrix": confusion_matrix(y, pred, k).tolist()}
             emulation = None
             if emulate:
                 assert variant is not None
                 try:
-                    emulated, emulation = emulated_fp16_check(variant, reference, data, y, batch.opt, tolerance, info.threads, task_outputs, meter)
-                    meter.milestone(f"fp16 emulated batch {batch.opt}: {n} samples compared ({'pass' if emulated.passed else 'FAIL'})")
+                    emulated, emulation = emulated_fp16_check(
+                        variant, reference_outputs_at(checkpoint, data, opt, pads), data, y, batch.opt, tolerance, info.threads, task_outputs, meter,
+                        fit=fit_to(opt), shape=opt.text(specs), regression=regression,
+                    )
+                    meter.milestone(f"fp16 emulated {opt.text(specs)}: {n} samples compared ({'pass' if emulated.passed else 'FAIL'})")
                     results.append(emulated)
                 except NoFp16Error:
                     numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
@@ -196,17 +247,7 @@ def verification_of_engine(
             elif numerics == EMULATED:
                 numerics = "fp16 weights, computed in fp32 (not emulated)"
         failures = [f for r in results for f in r.failures()]
-        checks_run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
-        checks_run.append("cosine per sample")
-        skipped: dict[str, str] = {}
-        if not checks_run[0].startswith("elementwise"):
-            skipped["elementwise"] = f"no atol/rtol for {precision.value}"
-        if logits:
-            checks_run += ["top-1 agreement", "accuracy drop", "balanced accuracy"]
-        else:
-            reason = "the dataset has no labels" if y is None else "no logits output"
-            for c in ("top-1 agreement", "accuracy drop", "balanced accuracy"):
-                skipped[c] = reason
+        checks_run, skipped = checks_of(precision, tolerance, reference, task_outputs, regression, y is not None)
         report = {
             "precision": precision.value,
             "backend": info.backend,
@@ -218,6 +259,9 @@ def verification_of_engine(
             "logits_output": logits,
             "checks_run": checks_run,
             "checks_skipped": skipped,
+            "task": "regression" if regression else "classification" if y is not None else None,
+            "outputs_not_judged": not_judged(checkpoint, list(reference), logits),
+            "shapes": [{"level": p.level, "batch": p.batch, "shapes": p.shapes(specs), "label": f"{precision.value} {p.text(specs)}"} for p in points],
             "tolerance": tolerance.model_dump(),
             "batches": [r.to_dict() for r in results],
             "emulation": emulation,
@@ -229,7 +273,7 @@ def verification_of_engine(
         if failures:
             raise VerificationError(failures, str(latest))
         (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
-        log.info("verify: %s passed on %d samples at batches %s (outputs %s; checks %s)", precision.value, report["samples"], batch_sizes(batch), list(reference), ", ".join(checks_run))
+        log.info("verify: %s passed on %d samples at %s (outputs %s; checks %s)", precision.value, report["samples"], "; ".join(p.text(specs) for p in points), list(reference), ", ".join(checks_run))
         return summary_of(report)
 
     inputs: dict[str, Any] = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch}
@@ -267,11 +311,19 @@ def emulated_fp16_check(
     threads: int | None,
     task_outputs: set[str] | None = None,
     progress: Progress | None = None,
+    fit: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    shape: str | None = None,
+    regression: bool = False,
 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """Run the fp16 emulation of a variant on the test split and compare it like an engine.
 
+    Args:
+        fit: cuts or pads each batch to the shape the reference was computed at (see ``outputs_of_split``).
+        shape: that shape as the label says it (default ``batch B``).
+        regression: compare as a regression (``compare_outputs``).
+
     Returns:
-        The comparison, labelled 'fp16 emulated batch B', and what the emulation rounded.
+        The comparison, labelled 'fp16 emulated batch B' (or the shape), and what the emulation rounded.
 
     Raises:
         NoFp16Error: the variant has no fp16 tensor left.
@@ -284,8 +336,50 @@ def emulated_fp16_check(
     with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:
         runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
         with runner:
-            got = outputs_of_split(runner, data, "test", batch, 1, progress)  # its test split, batch by batch
-    return compare_outputs(reference, got, tolerance, label=f"fp16 emulated batch {batch}", labels=y, task_outputs=task_outputs), info.to_dict()
+            got = outputs_of_split(runner, data, "test", batch, 1, progress, fit=fit)  # its test split, batch by batch
+    return compare_outputs(reference, got, tolerance, label=f"fp16 emulated {shape or f'batch {batch}'}", labels=y, task_outputs=task_outputs, regression=regression), info.to_dict()
+
+
+def checks_of(
+    precision: Precision, tolerance: Tolerance, reference: Mapping[str, np.ndarray], task_outputs: set[str], regression: bool, labelled: bool
+) -> tuple[list[str], dict[str, str]]:
+    """Which checks a verification ran, and which it did not (with why), as the report says them."""
+    from tasks.compare import judged_by_relative_rmse
+
+    run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
+    skipped: dict[str, str] = {} if run else {"elementwise": f"no atol/rtol for {precision.value}"}
+    relative = [k for k, v in reference.items() if judged_by_relative_rmse(k, v, task_outputs, regression)]
+    if relative:
+        run.append(f"relative RMSE ({', '.join(relative)})")
+    if len(relative) < len(reference):
+        run.append("cosine per sample")
+    if regression:
+        if task_outputs:
+            run += ["R² drop (R², MAE, RMSE against the labels)"]
+        else:
+            skipped["R² drop"] = "the dataset has no labels"
+    elif task_outputs:
+        run += ["top-1 agreement", "accuracy drop", "balanced accuracy"]
+    else:
+        reason = "the dataset has no labels" if not labelled else "no logits output"
+        for c in ("top-1 agreement", "accuracy drop", "balanced accuracy"):
+            skipped[c] = reason
+    return run, skipped
+
+
+def not_judged(checkpoint: ArtifactRef, outputs: list[str], task_output: str | None) -> dict[str, str]:
+    """The outputs that are not the task's, each with what was (and was not) done with it.
+
+    Such an output (a second head, an embedding) is verified against PyTorch like every output, but
+    no label scores it, and training did not train it when trtflow trained the model (the loss reads
+    the task output only).
+    """
+    if task_output is None:
+        return {}
+    trained = checkpoint.meta.get("mode", "train") != "load"
+    why = (f"not trained (the loss used only '{task_output}') and not scored against labels" if trained
+           else "not scored against labels (the weights were loaded as given)")
+    return {k: f"{why}: verified against PyTorch only" for k in outputs if k != task_output}
 
 
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +402,9 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         "outputs": report.get("outputs"),
         "checks_run": report.get("checks_run"),
         "checks_skipped": report.get("checks_skipped"),
+        "task": report.get("task"),
+        "outputs_not_judged": report.get("outputs_not_judged") or {},
+        "shapes": [s["label"] for s in report.get("shapes") or []],
         "max_abs": worst("max_abs", max),
         "mean_abs": worst("mean_abs", max),
         "max_rel": worst("max_rel", max),
@@ -318,4 +415,11 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         "accuracy_drop": worst("accuracy_drop", max),
         "balanced_accuracy_reference": worst("balanced_accuracy_reference", max),
         "balanced_accuracy": worst("balanced_accuracy", min),
+        "max_relative_rmse": worst("max_relative_rmse", max),
+        "r2_reference": worst("r2_reference", max),
+        "r2": worst("r2", min),
+        "r2_drop": worst("r2_drop", max),
+        "mae_reference": worst("mae_reference", min),
+        "mae": worst("mae", max),
+        "rmse": worst("rmse", max),
     }
