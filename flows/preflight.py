@@ -88,15 +88,14 @@ def model_checks(data: Any, train: Any, shapes: Any = None) -> None:
         ModelError: the factory cannot build a fitting model. ExportError: it cannot become ONNX.
         ConfigError: the shapes do not fit the dataset's inputs.
     """
-    from tasks.config import BatchProfile
     from tasks.data import input_specs
     from tasks.export import onnx_from_module
     from tasks.models import bind
-    from tasks.shapes import dim_groups, engine_profile
+    from tasks.shapes import export_dims
     from tasks.train import prepare_model
 
     specs = input_specs(data)
-    dims = dim_groups(engine_profile(BatchProfile(), shapes, specs)) if shapes is not None and shapes.axes() else []
+    dims = export_dims(shapes, specs)
     prepared = prepare_model(data, train)
     inputs = [{"name": s["name"], "dtype": s["dtype"], "shape": list(s["shape"])} for s in specs]
     with tempfile.TemporaryDirectory(prefix="trtflow-preflight-") as tmp, warnings.catch_warnings():

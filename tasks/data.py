@@ -555,10 +555,10 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
         # Row indices, not samples: the data is read from the dataset itself, by rows, when needed.
         np.savez(out / SPLITS_FILE, **{k: v.astype(np.int64) for k, v in parts.items()})
         (out / SOURCE_FILE).write_text(json.dumps({"digest": digest, "inputs": specs, "labels": y is not None, "samples": n}, indent=2))
-        if regression:
+        if regression and y is not None:
             log.info("data: %s, inputs %s, %s samples, regression targets of shape N%s (%s)", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"],
                      "".join(f"×{d}" for d in meta.get("target_shape", [])),
-                     "forced by --task regression" if cfg.task == "regression" else f"inferred from y of dtype {src.labels.dtype}; --task classification if y holds classes")
+                     "forced by --task regression" if cfg.task == "regression" else f"inferred from y of dtype {getattr(src.labels, 'dtype', None)}; --task classification if y holds classes")
         else:
             log.info("data: %s, inputs %s, %s samples, %s classes", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"], num_classes if num_classes is not None else "no labels, so no")
         return meta

@@ -92,8 +92,10 @@ def onnx_from_module(
     examples = tuple(torch.from_numpy(np.zeros((2, *size), dtype=np.dtype(s["dtype"]))) for s, size in zip(inputs, sizes))
     dynamic_shapes: Any = (tuple(per_input),) if _takes_varargs(model) else tuple(per_input)
     declared = [d[0] for d in dims]
+    refused: list[str] = []
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _declared_axes_stay_dynamic(declared) as refused:
+        with torch.no_grad(), warnings.catch_warnings(), _declared_axes_stay_dynamic(declared) as seen:
+            refused = seen
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
@@ -279,6 +281,7 @@ def specialized_axis_error(
         source line, the operation and the guard, with the fix.
     """
     import torch
+    import torch.fx.experimental._config as fx_config
 
     log_ = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     handler = _GuardLog(model)
@@ -290,7 +293,7 @@ def specialized_axis_error(
     log_.propagate = False
     violation = ""
     try:
-        with torch.no_grad(), warnings.catch_warnings(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
             warnings.simplefilter("ignore")
             torch.export.export(model, examples, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - torch.export's UserError, or anything the model raises
@@ -471,15 +474,14 @@ def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: 
     """
 
     def make(out: Path) -> dict[str, Any]:
-        from tasks.config import BatchProfile
-        from tasks.shapes import dim_groups, engine_profile
+        from tasks.shapes import export_dims
         from tasks.train import module_from_checkpoint
 
         model = module_from_checkpoint(checkpoint)
         shape = tuple(checkpoint.meta["sample_shape"])
         inputs = checkpoint.meta.get("inputs") or [{"name": INPUT_NAME, "dtype": "float32", "shape": list(shape)}]
         outputs = list(checkpoint.meta.get("outputs") or [OUTPUT_NAME])
-        dims = dim_groups(engine_profile(BatchProfile(), shapes, inputs)) if shapes is not None and shapes.axes() else []
+        dims = export_dims(shapes, inputs)
         meta = onnx_from_module(model, shape, out / ONNX_FILE, inputs=inputs, outputs=outputs, dims=dims)
         task_shape = (checkpoint.meta.get("outputs") or {}).get(checkpoint.meta.get("logits_output"))
         meta.update(

@@ -209,6 +209,18 @@ def dim_groups(profile: BatchProfile) -> list[tuple[str, int, int, list[tuple[st
     return [(f"{m[0][0]}_axis{m[0][1]}", rng[0], rng[2], m) for rng, m in groups.items()]
 
 
+def export_dims(shapes: ShapeProfile | None, specs: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, int, list[tuple[str, int]]]]:
+    """The export's dynamic dimensions beyond the batch (``dim_groups``) of a shape profile, checked
+    against the inputs (``engine_profile``); none without a profile or dynamic axes.
+
+    Raises:
+        ConfigError: as ``engine_profile``.
+    """
+    if shapes is None or not shapes.axes():
+        return []
+    return dim_groups(engine_profile(BatchProfile.model_validate({}), shapes, specs))
+
+
 def full_shapes(profile: BatchProfile, specs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[int]]]:
     """Every input's min, opt and max shape (batch first), as TensorRT's profile and the engine info record them."""
     out: dict[str, dict[str, list[int]]] = {s["name"]: {} for s in specs}
