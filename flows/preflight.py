@@ -4,8 +4,8 @@ The artifacts folder, the dataset's content (the data stage itself runs here), t
 (import, weights, build, one forward pass on two samples, export of the untrained model to ONNX) and
 the backend: a bad input fails here in about two
 seconds instead of after the server start and the training. What passed is remembered in
-``<artifacts>/.preflight.json`` (by dataset file identity, model and source), so an unchanged re-run
-skips the dataset and model checks.
+``<artifacts>/.preflight.json`` (by dataset file identity, the model's source as the cache keys see it,
+``tasks.code_digests``), so an unchanged re-run skips the dataset and model checks.
 
     from flows.preflight import check_before_run
     check_before_run(config)     # raises the TrtflowError a stage would raise later
@@ -14,7 +14,6 @@ skips the dataset and model checks.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import tempfile
@@ -28,36 +27,23 @@ MEMO = ".preflight.json"
 DEFAULT_MODEL = "tasks.models:default_model"
 
 
-def _module_digest(model_path: str) -> str:
-    """Identity of the model factory's source file (size and mtime), so an edit re-checks it."""
-    with_file = ""
-    try:
-        spec = importlib.util.find_spec(model_path.partition(":")[0])
-        if spec is not None and spec.origin and Path(spec.origin).is_file():
-            st = Path(spec.origin).stat()
-            with_file = f"{spec.origin}:{st.st_size}:{st.st_mtime_ns}"
-    except (ImportError, ValueError):
-        pass
-    return with_file
-
-
 def _memo_key(config: Any) -> str:
+    from tasks.code_digests import describe, project_code
+    from tasks.datasource import identity
+
     ds = config.data.dataset
     weights = config.train.weights
-    ident: list[Any] = [config.train.model_dump(mode="json"), config.data.model_dump(mode="json"), config.shapes.model_dump(mode="json"), _module_digest(config.train.model), Path(__file__).stat().st_mtime_ns]
-    if ds is not None:
-        p = Path(ds).expanduser()
+    # The model's source (and what it imports) and these checks' own code, by content; the dataset and
+    # the weights by file identity (path, size, mtime, ctime, inode).
+    ident: list[Any] = [config.train.model_dump(mode="json"), config.data.model_dump(mode="json"), config.shapes.model_dump(mode="json"), describe(config.train.model), project_code(__name__)]
+    for path in (ds, weights):
+        if path is None:
+            ident.append(None)
+            continue
         try:
-            st = p.stat()
-            ident += [str(p.resolve()), st.st_size, st.st_mtime_ns]
+            ident.append(identity(Path(path).expanduser()))
         except OSError:
             ident.append("missing")
-    if weights is not None:
-        try:
-            st = Path(weights).expanduser().stat()
-            ident += [st.st_size, st.st_mtime_ns]
-        except OSError:
-            ident.append("no weights")
     return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()
 
 

@@ -136,16 +136,23 @@ class ArtifactRef(BaseModel):
             )
         return self.dir / name
 
-    def problems(self) -> list[str]:
-        """List what is wrong with the files on disk (missing, changed); empty when intact."""
+    def damage(self) -> list[tuple[str, str]]:
+        """What is wrong with the files on disk: (file name, ``missing`` or ``digest mismatch``); empty when intact."""
         found = []
         for name, digest in sorted(self.files.items()):
             p = self.dir / name
             if not p.is_file():
-                found.append(f"{p} is missing")
+                found.append((name, "missing"))
             elif file_digest(p) != digest:
-                found.append(f"{p} changed since it was written (digest mismatch)")
+                found.append((name, "digest mismatch"))
         return found
+
+    def problems(self) -> list[str]:
+        """List what is wrong with the files on disk (missing, changed), as sentences; empty when intact."""
+        return [
+            f"{self.dir / name} is missing" if why == "missing" else f"{self.dir / name} changed since it was written (digest mismatch)"
+            for name, why in self.damage()
+        ]
 
     def verify(self) -> None:
         """Check every file against its recorded digest before it is used.
@@ -355,7 +362,7 @@ class Staging:
         # replaced; one that appears while we work was made by another process and is kept.
         self._found = _identity(self.final)
 
-    def commit(self, meta: dict[str, Any]) -> ArtifactRef:
+    def commit(self, meta: dict[str, Any], ingredients: dict[str, Any] | None = None) -> ArtifactRef:
         """Hash the staged files, write the manifest and move the folder into place.
 
         When another process committed an intact artifact of the same key while this one worked, that
@@ -363,6 +370,8 @@ class Staging:
 
         Args:
             meta: small JSON-able metadata stored in the manifest (config, metrics, names).
+            ingredients: what the key is the digest of (``tasks.stage.key_ingredients``), recorded in
+                the manifest beside the reference (not part of ``ArtifactRef``).
 
         Returns:
             The reference to the committed artifact (the other process's, when it won).
@@ -378,7 +387,10 @@ class Staging:
         }
         ref = ArtifactRef(stage=self.stage, key=self.key, dir=self.final, files=files, meta=meta)
         tmp_manifest = self.dir / (MANIFEST + ".tmp")
-        tmp_manifest.write_text(ref.model_dump_json(indent=2))
+        manifest = ref.model_dump(mode="json")
+        if ingredients is not None:
+            manifest["ingredients"] = ingredients
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, default=str))
         for p in self.dir.rglob("*"):
             if p.is_file():
                 _fsync(p)

@@ -21,7 +21,7 @@ from prefect.states import Completed
 
 from tasks.artifacts import ArtifactRef
 from tasks.errors import is_retryable
-from tasks.stage import was_cached
+from tasks.stage import stage_instance, was_cached
 
 #: seconds between attempts of a transient failure
 RETRY_DELAYS = [1, 4]
@@ -34,6 +34,17 @@ def _retry_transient(task: Task[..., Any], task_run: Any, state: Any) -> bool:
     except Exception as exc:
         return is_retryable(exc)
     return False
+
+
+def _run_name() -> str | None:
+    """The task run's name when the flow set it (``verify-fp32``: the graph instance), else None."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    # Only a name the flow gave (with_options(task_run_name=...)); Prefect's default has a random suffix.
+    if ctx is None or not isinstance(getattr(ctx.task, "task_run_name", None), str):
+        return None
+    return ctx.task_run.name
 
 
 def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAYS)) -> Task[..., Any]:
@@ -59,7 +70,8 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
         for arg, value in bound.arguments.items():
             if isinstance(value, ArtifactRef):
                 bound.arguments[arg] = value.under(root)
-        ref = fn(*bound.args, **bound.kwargs)
+        with stage_instance(_run_name()):
+            ref = fn(*bound.args, **bound.kwargs)
         if was_cached():
             return Completed(data=ref, name="Cached", message="found intact in the artifact store")
         return ref

@@ -24,25 +24,25 @@ from tasks.stage import StageSpec, run_stage
 log = logging.getLogger("trtflow.data")
 
 def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    # The user's data enters the key by content (digest remembered by size, mtime and inode, see
-    # tasks.datasource.content_digest), so editing it re-runs everything after. Its format and place
-    # enter too: the artifact records where to read the rows, and a moved or converted dataset with
-    # the same arrays gets the same split files (same digest), so everything downstream stays cached.
+    # The user's data enters the key by content (digest remembered by path, size, mtime, ctime and
+    # inode, see tasks.datasource.content_digest), so editing it re-runs everything after. Its format
+    # and place enter too: the artifact records where to read the rows, and a moved or converted
+    # dataset with the same arrays gets the same split files (same digest), so everything downstream
+    # stays cached. The file's name lets a re-run say "d.npz changed".
     cfg: DataConfig = inputs["cfg"]
     if cfg.dataset is None:
         return {"cfg": cfg}
     path = Path(cfg.dataset).expanduser()
+    rest = cfg.model_copy(update={"dataset": None})
     if not path.exists():
-        return {"cfg": cfg.model_copy(update={"dataset": None}), "source_digest": "missing"}
+        return {"cfg": rest, "dataset": {"file": path.name, "digest": "missing"}}
     return {
-        "cfg": cfg.model_copy(update={"dataset": None}),
-        "source_digest": content_digest(path),
-        "source_path": str(path.resolve()),
-        "source_kind": "npy" if path.is_dir() else "npz",
+        "cfg": rest,
+        "dataset": {"file": path.name, "path": str(path.resolve()), "kind": "npy" if path.is_dir() else "npz", "digest": content_digest(path)},
     }
 
 
-SPEC = StageSpec("data", modules=("data.py", "datasource.py"), libraries=("numpy", "scikit-learn"), key_inputs=_key_inputs)
+SPEC = StageSpec("data", __name__, libraries=("numpy", "scikit-learn"), key_inputs=_key_inputs)
 #: the split indices (int64 rows of the dataset for train, val, test), not the samples themselves
 SPLITS_FILE = "splits.npz"
 #: the dataset's content digest and input specs: the split files identify the data they index

@@ -7,8 +7,8 @@ memory-mapped (``numpy.load(mmap_mode="r")``), and so is every member of an **un
 the one-line conversion to a ``.npy`` folder. Readers then take only the rows they use.
 
 A dataset's identity is a digest of its arrays' names, dtypes, shapes and bytes, the same whichever
-format holds them. It is computed once and remembered by the files' size, mtime and inode (see
-``content_digest``).
+format holds them. It is computed once and remembered by the files' path, size, mtime, ctime and inode
+(see ``content_digest``).
 """
 
 from __future__ import annotations
@@ -232,9 +232,10 @@ def release(a: np.ndarray) -> None:
         pass  # a closed mapping or a platform without madvise: only memory accounting is affected
 
 
-def iter_chunks(a: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Any:
-    """Yield consecutive row blocks of ``a`` of about ``chunk_bytes`` each (each read once; a mapped
-    block's pages are released after use)."""
+def iter_chunks(a: np.ndarray, chunk_bytes: int | None = None) -> Any:
+    """Yield consecutive row blocks of ``a`` of about ``chunk_bytes`` each (default ``CHUNK_BYTES``; each
+    read once; a mapped block's pages are released after use)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     row = max(1, int(a.nbytes // max(len(a), 1)))
     step = max(1, chunk_bytes // row)
     for i in range(0, len(a), step):
@@ -252,18 +253,23 @@ def _digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def identity(path: Path) -> list[Any]:
-    """What ``content_digest`` trusts: each file's resolved path, size, mtime (ns) and inode."""
+    """What ``content_digest`` trusts: each file's resolved path, size, mtime (ns), ctime (ns) and inode.
+
+    The ctime (inode change time) is what makes this safe against an in-place rewrite whose mtime was
+    set back (``os.utime``): any write or ``utime`` sets it to now, and no user call can set it back.
+    """
     files = sorted(p for p in path.iterdir() if p.suffix == ".npy") if path.is_dir() else [path]
     out = []
     for p in files:
         st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     return out
 
 
 def _cache_file() -> Path:
-    base = os.environ.get("TRTFLOW_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "trtflow")
-    return Path(base) / "dataset-digests.json"
+    from tasks.code_digests import cache_dir
+
+    return cache_dir() / "dataset-digests.json"
 
 
 _MEMO: dict[str, tuple[Any, str]] = {}
@@ -275,9 +281,9 @@ def content_digest(path: Path | None, source: Source | None = None) -> str:
 
     The same arrays give the same digest in a ``.npz`` or a ``.npy`` folder. Hashing reads every byte
     once (in ``CHUNK_BYTES`` blocks); the result is remembered in ``~/.cache/trtflow/dataset-digests.json``
-    (``TRTFLOW_CACHE_DIR`` moves it) under the files' resolved path, size, mtime and inode, and reused
-    while those are unchanged. That trusts that nobody rewrites a file in place with the same size and
-    then resets its mtime: any ordinary write, copy or replacement changes one of them.
+    (``TRTFLOW_CACHE_DIR`` moves it) under the files' resolved path, size, mtime, ctime and inode, and
+    reused while those are unchanged. Any write, copy, replacement or ``os.utime`` changes the ctime,
+    which only the kernel sets: the memo trusts the file system's clock, not the user.
     """
     if path is None:
         return _digest_arrays((source or open_source(None)).arrays)

@@ -34,7 +34,7 @@ def _shapes_in_key(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
 
 SPEC = StageSpec(
     "build",
-    modules=("engine.py", "shapes.py", "backends/base.py", "backends/onnxruntime.py", "backends/tensorrt.py", "backends/_trt_build.py"),
+    __name__,
     environment=_environment,
     key_inputs=_shapes_in_key,
 )

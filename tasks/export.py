@@ -34,7 +34,7 @@ def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
     return out
 
 
-SPEC = StageSpec("export", modules=("export.py", "shapes.py"), libraries=("torch", "onnx", "onnxscript"), key_inputs=_key_inputs)
+SPEC = StageSpec("export", __name__, libraries=("torch", "onnx", "onnxscript"), key_inputs=_key_inputs)
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

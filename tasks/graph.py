@@ -27,6 +27,7 @@ from typing import Any
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import Backend, PipelineConfig, Precision
+from tasks.stage import stage_instance
 
 
 @dataclass(frozen=True)
@@ -252,5 +253,6 @@ def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ())
         if inst.node.recovers or (inst.node.when is not None and not inst.node.when.read(config, inst.precision)):
             continue
         args = graph.arguments(inst, config, out)
-        out[inst.id] = inst.node.fn(**args, artifacts_dir=root, refresh=inst.id in forced)
+        with stage_instance(inst.id):
+            out[inst.id] = inst.node.fn(**args, artifacts_dir=root, refresh=inst.id in forced)
     return out

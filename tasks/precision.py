@@ -28,7 +28,7 @@ def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
     return {k: v for k, v in inputs.items() if k not in ("data", "calibration_samples")}
 
 
-SPEC = StageSpec("precision", modules=("precision.py",), libraries=("onnx", "onnxruntime", "numpy"), key_inputs=_key_inputs)
+SPEC = StageSpec("precision", __name__, libraries=("onnx", "onnxruntime", "numpy"), key_inputs=_key_inputs)
 ONNX_FILE = "model.onnx"
 
 

@@ -92,14 +92,14 @@ def _torch_environment(inputs: Mapping[str, Any]) -> dict[str, str]:
 
 SPEC = StageSpec(
     "profile",
-    modules=("profile.py", "engine.py", "backends/base.py", "backends/onnxruntime.py", "backends/tensorrt.py", "backends/cuda_buffers.py"),
+    __name__,
     libraries=("numpy", "onnxruntime", "tensorrt"),
     environment=_engine_environment,
     key_inputs=_settings_in_key,
 )
 TORCH_SPEC = StageSpec(
     "profile-torch",
-    modules=("profile.py", "train.py", "models.py"),
+    __name__,
     libraries=("torch", "numpy"),
     environment=_torch_environment,
     key_inputs=_settings_in_key,

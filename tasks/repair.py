@@ -274,10 +274,10 @@ def next_nodes(errors: Sequence[NodeError], kept: Sequence[str]) -> list[str]:
 
 # --- stages -------------------------------------------------------------------------------------
 
-SENSITIVITY = StageSpec("sensitivity", modules=("repair.py", "fp16_emulation.py", "precision.py"), libraries=("onnx", "onnxruntime", "numpy"))
+SENSITIVITY = StageSpec("sensitivity", __name__, libraries=("onnx", "onnxruntime", "numpy"))
 SPEC = StageSpec(
     "repair",
-    modules=("repair.py", "fp16_emulation.py", "precision.py", "validate.py", "engine.py", "verify.py", "compare.py"),
+    __name__,
     libraries=("onnx", "onnxruntime", "numpy", "torch"),
 )
 ERRORS_FILE = "node_errors.json"

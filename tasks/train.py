@@ -6,9 +6,10 @@ floating-point reductions, hence the weights) is set and recorded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,21 +29,39 @@ if TYPE_CHECKING:
 log = logging.getLogger("trtflow.train")
 
 def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    # User weights enter the key by content: a changed weights file re-runs from here.
+    # User weights enter the key by content: a changed weights file re-runs from here. (The model's
+    # source enters through cfg.model: tasks.stage hashes the factory's code.)
     cfg: TrainConfig = inputs["cfg"]
     if cfg.weights is None:
         return inputs
     path = Path(cfg.weights).expanduser()
     digest = sha256_file(path) if path.is_file() else "missing"
-    return {**inputs, "cfg": cfg.model_copy(update={"weights": None}), "weights_digest": digest}
+    return {**inputs, "cfg": cfg.model_copy(update={"weights": None}), "weights": {"file": path.name, "digest": digest}}
 
 
-SPEC = StageSpec("train", modules=("train.py", "models.py", "metrics.py"), libraries=("torch", "numpy"), key_inputs=_key_inputs)
+SPEC = StageSpec("train", __name__, libraries=("torch", "numpy", "scikit-learn"), key_inputs=_key_inputs)
 CHECKPOINT = "model.pt"
 HISTORY = "history.json"
 METRICS = "metrics.json"
 #: the latest train stage's validation metrics, kept even when the collapse gate fails the stage
 METRICS_REPORT = "train-metrics.json"
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(threads)``, restoring the process's count after.
+
+    Float reductions split over another number of threads may round differently: whatever is stored
+    must be computed under a thread count its key holds.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -837,7 +856,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
         meta: dict[str, Any] = {
             "config": config,
             "mode": "train" if history and cfg.weights is None else ("fine-tune" if history else "load"),
-            "weights_digest": _key_inputs({"cfg": cfg}).get("weights_digest"),
+            "weights_digest": (_key_inputs({"cfg": cfg}).get("weights") or {}).get("digest"),
             "num_classes": num_classes,
             "model_kwargs": prepared.kwargs,
             "inputs": data.meta.get("inputs"),

@@ -22,7 +22,7 @@ from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.validate")
 
-SPEC = StageSpec("validate", modules=("validate.py",), libraries=("onnx", "onnxruntime", "numpy"))
+SPEC = StageSpec("validate", __name__, libraries=("onnx", "onnxruntime", "numpy"))
 REPORT = "validation.json"
 
 

@@ -29,7 +29,14 @@ from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.verify")
 
-SPEC = StageSpec("verify", modules=("verify.py", "compare.py", "metrics.py", "train.py", "fp16_emulation.py", "shapes.py"), libraries=("torch", "numpy", "onnx", "onnxruntime", "scikit-learn"))
+def _environment(inputs: Mapping[str, Any]) -> dict[str, str]:
+    # The thread counts of both sides: a float reduction split over other threads may round otherwise.
+    from tasks.engine import engine_info
+
+    return {"engine_threads": str(engine_info(inputs["engine"]).threads), "torch_threads": str(reference_threads(inputs["checkpoint"]))}
+
+
+SPEC = StageSpec("verify", __name__, libraries=("torch", "numpy", "onnx", "onnxruntime", "scikit-learn"), environment=_environment)
 REPORT = "verification.json"
 #: where the latest verification of each precision is kept, passed or not (relative to the artifacts folder)
 LATEST = "reports/verify-{precision}.json"
@@ -84,7 +91,7 @@ def outputs_of_split(
 
 
 #: PyTorch's test-split outputs of the latest (checkpoint, data) pair; see ``reference_outputs``
-_REFERENCE: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+_REFERENCE: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
 _REFERENCE_LOCK = threading.Lock()
 
 
@@ -99,13 +106,19 @@ def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, n
         Output name -> read-only array (shared between callers).
     """
     from tasks.data import split_size
-    from tasks.train import module_from_checkpoint, predict_split
+    from tasks.train import module_from_checkpoint, predict_split, torch_threads
 
-    key = (checkpoint.digest, data.digest)
+    from tasks.code_digests import user_code
+    from tasks.stage import factories_in
+
+    # The model's code too: the same weights through an edited forward are another reference.
+    key = (checkpoint.digest, data.digest, *(str(user_code(f).files) for f in factories_in({"checkpoint": checkpoint})))
     with _REFERENCE_LOCK:
         if key not in _REFERENCE:
             names = list(checkpoint.meta.get("outputs") or ["logits"])
-            with Progress("verify reference (PyTorch)", total=split_size(data, "test"), unit="sample", logger=log) as meter:
+            # The training's thread count, not whatever this process has: the reference must not depend
+            # on which process (one that trained, or one that found the checkpoint cached) computes it.
+            with Progress("verify reference (PyTorch)", total=split_size(data, "test"), unit="sample", logger=log) as meter, torch_threads(reference_threads(checkpoint)):
                 arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter)
                 meter.milestone("PyTorch outputs of the test split")
             for a in arrays:
@@ -115,30 +128,37 @@ def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, n
         return _REFERENCE[key]
 
 
+def reference_threads(checkpoint: ArtifactRef) -> int:
+    """The torch thread count the PyTorch reference runs with: the one the checkpoint was trained with."""
+    return int((checkpoint.meta.get("config") or {}).get("threads") or checkpoint.meta.get("torch_threads") or 1)
+
+
 #: PyTorch's test-split outputs at other lengths than the dataset's, of the latest (checkpoint, data) pair
 _REFERENCE_AT: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
 
 
 def reference_outputs_at(checkpoint: ArtifactRef, data: ArtifactRef, point: Any, pad_values: Mapping[str, float]) -> dict[str, np.ndarray]:
     """PyTorch's outputs on the test split cut or padded to a shape point's lengths (``tasks.shapes``),
-    computed once per process and point; without lengths, ``reference_outputs``."""
-    from functools import partial
-
+    computed once per process and point, as ``reference_outputs`` (which it is without lengths)."""
+    from tasks.code_digests import user_code
     from tasks.data import split_size
     from tasks.shapes import fit_lengths
-    from tasks.train import module_from_checkpoint, predict_split
+    from tasks.stage import factories_in
+    from tasks.train import module_from_checkpoint, predict_split, torch_threads
 
     if not point.lengths:
         return reference_outputs(checkpoint, data)
-    key = (checkpoint.digest, data.digest, point.key()[1], tuple(sorted(pad_values.items())))
+    model_key = (checkpoint.digest, data.digest, *(str(user_code(f).files) for f in factories_in({"checkpoint": checkpoint})))
+    key = (*model_key, point.key()[1], tuple(sorted(pad_values.items())))
     with _REFERENCE_LOCK:
         if key not in _REFERENCE_AT:
             names = list(checkpoint.meta.get("outputs") or ["logits"])
-            with Progress(f"verify reference (PyTorch) at {point.text()}", total=split_size(data, "test"), unit="sample", logger=log) as meter:
-                arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter, fit=partial(fit_lengths, lengths=point.lengths, pad_values=pad_values))
+            fit = partial(fit_lengths, lengths=point.lengths, pad_values=pad_values)
+            with Progress(f"verify reference (PyTorch) at {point.text()}", total=split_size(data, "test"), unit="sample", logger=log) as meter, torch_threads(reference_threads(checkpoint)):
+                arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter, fit=fit)
             for a in arrays:
                 a.flags.writeable = False
-            if len({k[:2] for k in _REFERENCE_AT} | {key[:2]}) > 1:
+            if any(k[: len(model_key)] != model_key for k in _REFERENCE_AT):
                 _REFERENCE_AT.clear()  # only the current model's outputs are kept
             _REFERENCE_AT[key] = dict(zip(names, arrays, strict=True))
         return _REFERENCE_AT[key]

@@ -99,3 +99,73 @@ def test_a_parse_error_on_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
     with pytest.raises(DecodeError):  # with space left, the real error is kept
         with artifacts.staging(tmp_path, "precision", "k" * 64):
             raise DecodeError("Error parsing message")
+
+
+def _three_files(out: Path) -> dict:
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (out / name).write_bytes(name.encode() * 100)
+    return {"n": 3}
+
+
+def _moves_during_commit(tmp_path: Path, monkeypatch) -> int:
+    """How many os.replace/os.rename calls a commit of the demo stage makes (a dry run)."""
+    import os
+
+    from tasks.stage import StageSpec, run_stage
+
+    seen = []
+    for name in ("replace", "rename"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda src, dst, _real=real: (seen.append(str(dst)), _real(src, dst))[1])
+    run_stage(StageSpec("demo"), {"x": 0}, tmp_path / "dry", False, _three_files)
+    monkeypatch.undo()
+    return sum(1 for d in seen if _in_commit(d))
+
+
+def _in_commit(dst) -> bool:
+    # The commit's moves: staged manifest and the folder into place (not the explanation record after it).
+    return "/demo/" in str(dst) and not Path(dst).name.startswith(".last-")
+
+
+@pytest.mark.parametrize("damaged_before", [False, True], ids=["new", "replacing-a-damaged-one"])
+def test_a_commit_that_fails_during_the_move_leaves_no_half_filled_artifact(tmp_path, monkeypatch, damaged_before):
+    """Fail each file move of a commit in turn (after the first one succeeded): the artifact is whole or absent."""
+    import os
+
+    from tasks.stage import StageSpec, run_stage, stage_key
+
+    spec = StageSpec("demo")
+    moves = _moves_during_commit(tmp_path, monkeypatch)
+    assert moves >= 2
+    for failing in range(2, moves + 1):
+        root = tmp_path / f"fail-{failing}"
+        old_manifest = None
+        if damaged_before:
+            old = run_stage(spec, {"x": 1}, root, False, _three_files)
+            old.path("b.bin").write_bytes(b"torn")
+            old_manifest = (old.dir / MANIFEST).read_text()
+        count = [0]
+        for name in ("replace", "rename"):
+            real = getattr(os, name)
+
+            def move(src, dst, _real=real):
+                if _in_commit(dst):
+                    count[0] += 1
+                    if count[0] == failing:
+                        raise OSError(5, "Input/output error (injected)")
+                return _real(src, dst)
+
+            monkeypatch.setattr(os, name, move)
+        with pytest.raises(OSError, match="injected"):
+            run_stage(spec, {"x": 1}, root, False, _three_files)
+        monkeypatch.undo()
+        for folder in (p for p in (root / "demo").iterdir() if p.is_dir()):
+            assert not folder.name.startswith((".tmp-", ".trash-")), f"left {folder.name}"
+            ref = load_ref(root, "demo", stage_key(spec, {"x": 1}))
+            # Whatever is in place is a whole artifact, never some of its files: the new one intact, or
+            # the damaged one it was replacing, untouched (a lookup recomputes that one).
+            assert ref is not None and set(ref.files) == {"a.bin", "b.bin", "c.bin"}, sorted(os.listdir(folder))
+            assert sorted(os.listdir(folder)) == ["a.bin", "b.bin", "c.bin", MANIFEST]
+            assert ref.problems() == [] or (folder / MANIFEST).read_text() == old_manifest
+        again = run_stage(spec, {"x": 1}, root, False, _three_files)
+        assert again.problems() == [] and set(again.files) == {"a.bin", "b.bin", "c.bin"}

@@ -228,3 +228,65 @@ def test_the_range_check_reads_a_mapped_input_block_by_block(tmp_path: Path, mon
     with pytest.raises(DatasetError, match="values from"):
         check_value_range(source.inputs["x"], "d", "x")
     assert released  # the mapped pages leave the process after each block (a 2.2 GiB .npz reached 2.8 GiB before)
+
+
+def test_a_dataset_rewritten_in_place_with_its_mtime_set_back_is_not_cached(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Same size, same inode, mtime restored with os.utime: only the ctime tells, and it does."""
+    import logging
+
+    from tasks.stage import was_cached
+
+    arrays = _arrays()
+    path = _write("npz", tmp_path / "d", arrays)
+    cfg = DataConfig(dataset=path)
+    first = splits_from_dataset(cfg, tmp_path / "art")
+    before = path.stat()
+    at = path.read_bytes().find(arrays["x"].tobytes()[:64])
+    assert at > 0
+    with open(path, "r+b") as f:  # a NaN written over the first float of x, in place
+        f.seek(at)
+        f.write(np.array([np.nan], dtype=np.float32).tobytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (before.st_size, before.st_ino, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+    with caplog.at_level(logging.INFO, logger="trtflow"), pytest.raises(DatasetError, match="NaN"):
+        splits_from_dataset(cfg, tmp_path / "art")
+    assert not was_cached()
+    assert "data: d.npz changed" in caplog.messages
+    with pytest.raises(ArtifactError, match="other content"):  # nor is the earlier split read against it
+        split_inputs(first, "train", slice(0, 2))
+
+
+def test_the_digest_changes_with_dtype_and_with_shape_for_the_same_bytes(tmp_path: Path) -> None:
+    raw = np.arange(48, dtype=np.float32)
+    variants = {
+        "float32 12x4": raw.reshape(12, 4),
+        "int32 12x4": raw.view(np.int32).reshape(12, 4),
+        "float32 6x8": raw.reshape(6, 8),
+        "float32 24x2": raw.reshape(24, 2),
+    }
+    # The same labels beside each x: only x's dtype or shape differs, never a byte.
+    digests = {k: content_digest(_write("npy", tmp_path / k.replace(" ", "-"), {"x": v, "y": np.zeros(4, np.int64)})) for k, v in variants.items()}
+    assert len(set(digests.values())) == len(variants), digests
+
+
+@pytest.mark.parametrize("fault", ["nan", "huge", "only-the-last-block-differs"])
+def test_a_check_over_a_mapped_input_visits_every_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """Blocks of 1 KiB over a mapped input of 64 rows of 768 bytes: a fault only in the last block is found."""
+    monkeypatch.setattr(tasks.datasource, "CHUNK_BYTES", 1024)
+    arrays = _arrays(64)
+    row = arrays["x"][0].nbytes
+    assert len(arrays["x"]) * row > 8 * 1024  # many blocks
+    if fault == "only-the-last-block-differs":
+        arrays["x"][:] = 0.5
+        arrays["x"][-1, 0, 0, 0] = 1.0  # samples that differ, in the last block only: not 'identical'
+    else:
+        arrays["x"][-1, 2, 7, 7] = np.nan if fault == "nan" else 1e9
+    source = open_source(_write("npy", tmp_path / "d", arrays))
+    assert isinstance(source.inputs["x"], np.memmap)
+    if fault == "only-the-last-block-differs":
+        tasks.data.check_dataset(source.inputs, source.labels, "d")
+        return
+    with pytest.raises(DatasetError, match="NaN or inf values in 1 sample" if fault == "nan" else "values from"):
+        tasks.data.check_dataset(source.inputs, source.labels, "d")

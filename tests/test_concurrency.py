@@ -50,7 +50,7 @@ def test_three_runs_at_once_on_one_folder_train_once_and_agree(good: kit.Good, t
     assert all(r.problems() == [] for r in refs.values())
 
 
-SPEC = StageSpec("demo", modules=())
+SPEC = StageSpec("demo")
 
 
 def _stage(root: Path, key: str, content: bytes) -> Staging:
