@@ -153,3 +153,32 @@ def test_the_ui_form_gets_a_typed_described_shapes_section():
     assert shapes["properties"]["pad_values"]["additionalProperties"] == {"type": "number"}
     assert {"max_relative_rmse", "max_r2_drop"} <= set(defs["Tolerance"]["properties"])
     assert defs["DataConfig"]["properties"]["task"]["enum"] == ["auto", "classification", "regression"]
+
+
+def test_each_stage_key_follows_the_part_of_the_shapes_it_uses():
+    """export: the dynamic axes only; build: the engine's shapes, not the pad values; verify: both."""
+    from types import SimpleNamespace
+
+    from tasks.engine import SPEC as BUILD, profile_for
+    from tasks.export import SPEC as EXPORT
+    from tasks.stage import stage_key
+    from tasks.verify import SPEC as VERIFY
+
+    ckpt = SimpleNamespace(digest="c", meta={"inputs": SPECS, "memory_plan": {"activation_per_sample": 1}})
+
+    def keys(shapes):
+        profile = profile_for(BatchProfile(min=1, opt=8, max=16), shapes, "onnxruntime", ckpt)  # type: ignore[arg-type]
+        return (
+            stage_key(EXPORT, {"checkpoint": None, "shapes": shapes}),
+            stage_key(BUILD, {"variant": None, "backend": "onnxruntime", "batch": profile, "options": {}}),
+            stage_key(VERIFY.__class__(VERIFY.name, VERIFY.module, VERIFY.libraries), {"engine": None, "batch": profile}),
+        )
+
+    base = keys(TEXT)
+    longer = keys(TEXT.model_copy(update={"max": {"input_ids": [16, 64], "attention_mask": [16, 64]}}))
+    padded = keys(TEXT.model_copy(update={"pad_values": {"input_ids": 3}}))
+    more_batch = keys(TEXT.model_copy(update={"opt": {"input_ids": [4, 16], "attention_mask": [4, 16]}}))
+    assert all(a != b for a, b in zip(base, longer))  # a longer max shape: every stage again
+    assert padded[0] == base[0] and padded[1] == base[1] and padded[2] != base[2]  # pad values: verify only
+    assert more_batch[0] == base[0]  # only the axes beyond the batch shape the export
+    assert stage_key(EXPORT, {"checkpoint": None, "shapes": ShapeProfile()}) == stage_key(EXPORT, {"checkpoint": None})  # no shapes: as before
