@@ -67,6 +67,34 @@ def _profile_of(path: Path, options: dict[str, dict[str, list[int]]] | None) -> 
     return {n: shapes for n, shapes in options.items() if n in names}
 
 
+def use_rtx() -> None:
+    """Make ``import tensorrt`` load TensorRT-RTX's bindings, here and in the build worker it starts."""
+    shim = Path(tempfile.mkdtemp(prefix="trt-alias-"))
+    (shim / "tensorrt.py").write_text(_ALIAS)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    sys.path.insert(0, str(shim))
+
+
+def worker_spec(path: Path, out_dir: Path, batch: tuple[int, ...], cache_dir: Path, trt_version: str, shapes: dict | None = None) -> dict:
+    """The build worker's spec for one ONNX file (the pipeline's own build settings, strict fp32);
+    ``shapes``: the min/opt/max shape of each input with dynamic axes beyond the batch."""
+    from tasks.backends.tensorrt import timing_cache_path
+
+    return {
+        "onnx_path": str(path.resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "engine_file": "engine.plan",
+        "layers_file": "layers.json",
+        "batch": list(batch),
+        "shapes": shapes or {},
+        "workspace_mib": 1024,
+        "tf32": False,
+        "builder_optimization_level": None,
+        "timing_cache_file": str(timing_cache_path(cache_dir, trt_version, "gpu", "x")),
+        "result_file": str(out_dir / "result.json"),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("onnx_dir", type=Path)
@@ -85,13 +113,10 @@ def main() -> int:
         options = {n: {lvl: levels[lvl][n] for lvl in levels} for n in levels["max"]}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.rtx:
-        shim = Path(tempfile.mkdtemp(prefix="trt-alias-"))
-        (shim / "tensorrt.py").write_text(_ALIAS)
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
-        sys.path.insert(0, str(shim))
+        use_rtx()
     import tensorrt as trt
 
-    from tasks.backends.tensorrt import run_build_worker, timing_cache_path
+    from tasks.backends.tensorrt import run_build_worker
     from tasks.errors import EngineBuildError
 
     files = sorted(args.onnx_dir.rglob("*.onnx"))
@@ -107,19 +132,7 @@ def main() -> int:
         shapes = _profile_of(path, options)
         file_batch = tuple(next(iter(shapes.values()))[lvl][0] for lvl in ("min", "opt", "max")) if shapes else batch
         profile = "; ".join(f"{n} {'/'.join('x'.join(map(str, v[lvl])) for lvl in ('min', 'opt', 'max'))}" for n, v in shapes.items()) or "batch " + "/".join(map(str, file_batch))
-        spec = {
-            "onnx_path": str(path.resolve()),
-            "out_dir": str(out_dir.resolve()),
-            "engine_file": "engine.plan",
-            "layers_file": "layers.json",
-            "batch": list(file_batch),
-            "shapes": shapes,
-            "workspace_mib": 1024,
-            "tf32": False,
-            "builder_optimization_level": None,
-            "timing_cache_file": str(timing_cache_path(args.out / "cache", trt.__version__, "gpu", "x")),
-            "result_file": str(out_dir / "result.json"),
-        }
+        spec = worker_spec(path, out_dir, file_batch, args.out / "cache", trt.__version__, shapes)
         (out_dir / "spec.json").write_text(json.dumps(spec))
         t0 = time.perf_counter()
         try:

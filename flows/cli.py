@@ -6,6 +6,7 @@
     trtflow run --refresh verify             # recompute one stage and what depends on it
     trtflow run --task-runner dask           # stages on a local Dask cluster (pip install ".[dask]")
     trtflow serve --cron "0 2 * * *"         # a deployment served from this process (see flows/serve.py)
+    trtflow check-bundle artifacts/bundle    # digests, Triton config and samples of the bundle a run shipped
     trtflow --help
 
 Exit status: 0 when every precision verified, 1 when a stage failed, 2 for invalid options,
@@ -57,7 +58,34 @@ def _parser() -> argparse.ArgumentParser:
 
     add_runner_options(run)
     add_serve_parser(sub)
+    check = sub.add_parser(
+        "check-bundle", help="verify a deployment bundle before it ships: digests, Triton config, samples",
+        description="Check a bundle written by `trtflow run` (artifacts/bundle/): every file against its SHA-256 in bundle.json, "
+        "config.pbtxt against Triton's schema, and the stored samples through the local backend (ONNX Runtime; TensorRT "
+        "with the same version on the same GPU model) within the shipped variant's tolerance. Exit 0, or 1 with one line "
+        "naming what does not match.",
+    )
+    check.add_argument("dir", nargs="?", type=Path, default=Path("artifacts/bundle"), help="the bundle folder, holding bundle.json (default: artifacts/bundle)")
+    check.add_argument("--no-samples", action="store_true", help="check digests and config only")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.add_argument("-v", "--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def check_bundle_command(args: argparse.Namespace) -> int:
+    """``trtflow check-bundle DIR``: 0 when the bundle is intact and its samples reproduce, else 1 with one line."""
+    from tasks.package import check_bundle
+
+    try:
+        result = check_bundle(args.dir, run_samples=not args.no_samples)
+    except Exception as exc:  # noqa: BLE001 - a BundleError, or anything else: one line, never a traceback
+        _fail(exc, args.debug)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"ok": True, "folder": str(result.folder), "files": result.files, "shipped": result.shipped, "samples": result.samples}))
+    else:
+        print(result.text)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -127,7 +155,7 @@ def _print_summary(report: dict[str, Any], root: Path) -> None:
     skipped = next((r.get("checks_skipped") for r in report["precisions"].values() if r.get("checks_skipped")), None)
     if skipped:
         print("not checked: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
-    from flows.report import judged_lines, numerics_lines, repair_lines
+    from flows.report import bundle_lines, judged_lines, numerics_lines, repair_lines
 
     for line in judged_lines(report["precisions"]):
         print(line)
@@ -146,6 +174,8 @@ def _print_summary(report: dict[str, Any], root: Path) -> None:
                 f"{s['throughput_batch']}, {s['speedup']['throughput'] or 0:.2f}x PyTorch throughput"
             )
             print(f"speed {p:<5} {speed}")
+    for line in bundle_lines(report, _shown(root / (report.get("bundle") or {}).get("path", "bundle"))):
+        print(line)
     print(f"report: {_shown(root / 'report.json')}")
 
 
@@ -168,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     # Like `python -m`: model factories in the current folder are importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if args.command == "check-bundle":
+        return check_bundle_command(args)
     from flows.runtime import PrefectServerError, prepare_environment
     from tasks.errors import ConfigError, StorageError, TrtflowError
 

@@ -33,6 +33,7 @@ from tasks.errors import DatasetError, PrecisionRepairError, StorageError, Trtfl
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node
 from tasks.models import factory_from_path, state_dict_from_file
+from tasks.package import bundle_of_variants, check_policy
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
 from tasks.repair import REPORT as REPAIR_REPORT
@@ -71,6 +72,10 @@ GRAPH = Graph(
     Node("profile",   profile_of_engine,      {"engine": "build", "checkpoint": "train", "data": "data", "batch": BATCH,
                                                "settings": Config("profile"), "threads": Config("engine.threads")},
                                               per_precision=True, after=("verify",), last=True, when=Config("profile.enabled")),
+    # Once every branch is done: of the variants that passed, ship one (--ship) as a Triton model repository.
+    Node("package",   bundle_of_variants,     {"engines": "build", "verifications": "verify", "profiles": "profile",
+                                               "checkpoint": "train", "data": "data", "config": Config("")},
+                                              gather=True, when=Config("ship.enabled")),
 )
 # fmt: on
 
@@ -85,10 +90,11 @@ def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
         The resolved artifacts folder, the engine builder, and why that backend was chosen.
 
     Raises:
-        ConfigError: unwritable artifacts folder. DatasetError: missing dataset file.
-        ModelError: unknown model factory, unreadable weights. BackendUnavailableError: requested backend missing.
-        DatasetError: a dataset without labels and no weights.
+        ConfigError: unwritable artifacts folder, a ship policy this config cannot meet. DatasetError:
+        missing dataset file. ModelError: unknown model factory, unreadable weights.
+        BackendUnavailableError: requested backend missing. DatasetError: a dataset without labels and no weights.
     """
+    check_policy(config)
     root = ensure_writable(config.artifacts_dir)
     if config.data.dataset is not None and not Path(config.data.dataset).expanduser().is_file():
         arrays_from_npz(Path(config.data.dataset))  # raises the dataset error with its fix
@@ -178,7 +184,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     done: dict[str, Any] = {}
     branches: dict[str, Any] = {}
     for inst in plan:
-        if inst.node.last or inst.node.recovers:
+        if inst.node.last or inst.node.recovers or inst.node.gather:
             continue
         if inst.precision is None:
             done[inst.id] = call(inst, done, submit=False)
@@ -239,11 +245,30 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             outcomes[p][f"{names[i]}_error"] = str(e)
             errors.append(e)
 
+    # Gather nodes (package) run once everything else is done, over the branches that passed.
+    finished = {i: v for i, v in done.items() if not isinstance(v, PrefectFuture) or _error_of(v) is None}
+    finished = {i: v.result() if isinstance(v, PrefectFuture) else v for i, v in finished.items()}
+    finished.update({i: f.result() for i, f in timed.items() if names[i] == last[i].node.name and _error_of(f) is None})
+    branch_of = {i.id: i.precision for i in plan}
+    passed = {i: v for i, v in finished.items() if (branch := branch_of.get(i)) is None or "engine" in outcomes[branch]}
+    gathered: dict[str, Any] = {}
+    late_errors: list[BaseException] = []
+    for inst in (i for i in plan if i.node.gather):
+        future = call(inst, passed, submit=True)
+        if (e := _error_of(future)) is None:
+            gathered[inst.node.name] = future.result()
+        else:
+            gathered[inst.node.name] = str(e)
+            late_errors.append(e)
+        progress.step(inst.id + ("" if e is None else " (failed)"))
+
     data, checkpoint, onnx = done["data"], done["train"], done["export"]
-    report = run_report(config, root, backend_reason, data, checkpoint, onnx, outcomes)
+    report = run_report(config, root, backend_reason, data, checkpoint, onnx, outcomes, bundle=gathered.get("package"))
     publish(report, root)
     publish_links(report)
     publish_figures(root, checkpoint, {p.value: o["verify"] for p, o in outcomes.items() if "verify" in o})
+    # A bundle that could not be made fails the run only when nothing else did (its cause comes first).
+    errors += late_errors if not errors else []
     if errors:
         # A full disk makes other stages fail in confusing ways (truncated files): name only the cause.
         storage = [e for e in errors if isinstance(e, StorageError)]

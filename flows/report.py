@@ -34,6 +34,7 @@ def run_report(
     checkpoint: ArtifactRef,
     onnx: ArtifactRef,
     outcomes: dict[Precision, dict[str, Any]],
+    bundle: ArtifactRef | str | None = None,
 ) -> dict[str, Any]:
     """Assemble the run report and write it to ``<root>/report.json``.
 
@@ -43,6 +44,7 @@ def run_report(
         backend_reason: which backend ran and why.
         data, checkpoint, onnx: the shared upstream artifacts.
         outcomes: per precision, either {"engine", "verify"} artifacts or {"failed_stage", "error"}.
+        bundle: the ``package`` artifact, or its error, or None when no bundle was asked for.
 
     Returns:
         The report as a dict.
@@ -102,6 +104,8 @@ def run_report(
     if report["model"]["task"] == "regression":
         vm = checkpoint.meta.get("validation_metrics") or {}
         report["model"]["validation"] = {k: vm.get(k) for k in ("r2", "mae", "rmse", "r2_of_train_mean")}
+    if bundle is not None:
+        report["bundle"] = bundle_summary(bundle)
     if report["config"]["train"].get("weights"):
         report["config"]["train"]["weights"] = Path(report["config"]["train"]["weights"]).name
     if report["config"]["data"].get("dataset"):
@@ -109,6 +113,35 @@ def run_report(
         report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
     write_json_atomic(root / REPORT, report)
     return report
+
+
+def bundle_summary(bundle: ArtifactRef | str) -> dict[str, Any]:
+    """What was shipped and why (paths relative to the artifacts folder), or why no bundle was made."""
+    from tasks.package import BUNDLE_DIR
+
+    if isinstance(bundle, str):
+        return {"error": bundle}
+    m = bundle.meta
+    return {
+        "path": BUNDLE_DIR, "name": m["name"], "precision": m["precision"], "backend": m["backend"], "platform": m["platform"],
+        "policy": m["policy"], "reason": m["reason"], "config": f"{BUNDLE_DIR}/{m['config']}", "model_file": f"{BUNDLE_DIR}/{m['model_file']}",
+        "model_sha256": m["model_sha256"], "artifact": f"{bundle.stage}/{bundle.dir.name}",
+    }
+
+
+def bundle_lines(report: dict[str, Any], shown: str | None = None) -> list[str]:
+    """The shipped variant and the bundle's place, or why there is no bundle (no lines without one).
+
+    Args:
+        report: the run report.
+        shown: the bundle folder as the reader should type it (default: relative to the artifacts folder).
+    """
+    b = report.get("bundle")
+    if not b:
+        return []
+    if "error" in b:
+        return [f"bundle: not written: {b['error']}"]
+    return [f"shipped: {b['precision']} ({b['reason']})", f"bundle: {shown or b['path']} (Triton model '{b['name']}', {b['platform']})"]
 
 
 def repair_summary(outcome: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -203,6 +236,12 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if repaired := repair_lines(report["precisions"]):
         lines += ["", "**Precision repair**", "", *(f"- {line}" for line in repaired)]
     lines += speed_markdown(report["precisions"])
+    if b := report.get("bundle"):
+        if "error" in b:
+            lines += ["", "## Bundle", "", f"Not written: {b['error'][:300]}"]
+        else:
+            lines += ["", "## Bundle", "", f"Shipped **{b['precision']}** ({b['backend']}) as Triton model `{b['name']}` in `{b['path']}/`: {b['reason']}.",
+                      "", f"Config `{b['config']}`, engine `{b['model_file']}` (sha256 {b['model_sha256'][:12]}…); check it before deploying: `trtflow check-bundle {b['path']}`."]
     lines += ["", "Files are relative to the artifacts folder; the full report is `report.json` there."]
     return "\n".join(lines)
 

@@ -355,6 +355,8 @@ def publish_links(report: Mapping[str, Any]) -> None:
     for p, r in report["precisions"].items():
         if "engine" in r:
             files.append((f"trtflow-engine-{p}", r["engine"], f"{p} engine ({r.get('backend')}), sha256 {r['engine_sha256'][:12]}…"))
+    if (b := report.get("bundle")) and "error" not in b:
+        files.append(("trtflow-bundle", f"{b['path']}/bundle.json", f"Deployment bundle: {b['precision']} shipped as Triton model '{b['name']}' ({b['reason']})"))
     for key, rel, what in files:
         # The browser cannot open the worker's disk: the card says what the file is and where it lies.
         create_link_artifact(key=key, link=rel, link_text=f"{what}: {rel} (in the artifacts folder)", description=f"{what}; path relative to the artifacts folder")

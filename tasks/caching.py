@@ -70,6 +70,9 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
         for arg, value in bound.arguments.items():
             if isinstance(value, ArtifactRef):
                 bound.arguments[arg] = value.under(root)
+            elif isinstance(value, dict) and any(isinstance(v, ArtifactRef) for v in value.values()):
+                # a gather stage's {precision: artifact}
+                bound.arguments[arg] = {k: v.under(root) if isinstance(v, ArtifactRef) else v for k, v in value.items()}
         with stage_instance(_run_name()):
             ref = fn(*bound.args, **bound.kwargs)
         if was_cached():

@@ -44,6 +44,7 @@ class Stage(str, Enum):
     verify = "verify"
     repair = "repair"
     profile = "profile"
+    package = "package"
 
 
 class _Strict(BaseModel):
@@ -439,6 +440,83 @@ class RepairConfig(_Strict):
         return {p.value: self.enabled and p is not Precision.fp32 for p in Precision}
 
 
+#: ship policies that need the speed profile (timings of every engine)
+TIMED_POLICIES = ("fastest", "lowest-latency", "latency-budget")
+
+
+def parse_ship_policy(text: str) -> tuple[str, str | float | None]:
+    """Split a ``--ship`` policy into its kind and value.
+
+    Args:
+        text: ``fastest``, ``lowest-latency``, ``smallest``, a precision (``fp16``) or
+            ``latency-budget=MS`` (milliseconds, > 0).
+
+    Returns:
+        ``(kind, value)``: ``("fastest", None)``, ``("precision", "fp16")``, ``("latency-budget", 2.5)``.
+
+    Raises:
+        ValueError: any other text (the message names the accepted forms).
+    """
+    t = str(text).strip().lower()
+    if t in ("fastest", "lowest-latency", "smallest"):
+        return t, None
+    if t in {p.value for p in Precision}:
+        return "precision", t
+    kind, sep, value = t.partition("=")
+    if kind == "latency-budget" and sep:
+        import math
+
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if ms > 0 and math.isfinite(ms):
+            return "latency-budget", ms
+    raise ValueError(
+        f"got ship policy {text!r}, expected fastest, lowest-latency, smallest, a precision ({', '.join(p.value for p in Precision)}) "
+        "or latency-budget=MS with MS > 0 (milliseconds at batch 1); e.g. --ship latency-budget=2.5"
+    )
+
+
+class ShipConfig(_Strict):
+    """What the ``package`` stage ships: one verified engine as a Triton model repository (docs/shipping.md)."""
+
+    model_config = ConfigDict(title="Shipping")
+
+    enabled: bool = Field(True, description="Write the deployment bundle (artifacts/bundle/) after verify and profile.")
+    policy: str = Field(
+        "fastest",
+        description="Which variant that PASSED its gates is shipped: fastest (highest throughput at the max batch), "
+        "lowest-latency (p50 at batch 1), smallest (engine file size), a precision (fp32, fp16, int8), or "
+        "latency-budget=MS (the fastest whose batch-1 p50 is at most MS milliseconds).",
+    )
+    name: str | None = Field(
+        None, description="Triton model name (letters, digits, '_', '-', '.'). Empty: the model factory's name, e.g. default_model."
+    )
+    samples: int = Field(8, ge=1, le=4096, description="Real test samples (inputs and verified outputs) stored in the bundle for smoke tests.")
+    max_queue_delay_us: int = Field(100, ge=0, le=10_000_000, description="Triton dynamic batching: the longest a request waits for a fuller batch (microseconds).")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        kind, value = parse_ship_policy(v)
+        return kind if value is None else (str(value) if kind == "precision" else f"latency-budget={value:g}")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError(f"got model name {v!r}, expected letters, digits, '_', '-' and '.' (not first), at most 128; e.g. --bundle-name my_model")
+        return v
+
+    @property
+    def needs_timings(self) -> bool:
+        """Whether the policy compares speed figures (the profile stage must run)."""
+        return parse_ship_policy(self.policy)[0] in TIMED_POLICIES
+
+
 class PipelineConfig(_Strict):
     """Everything a trtflow run needs. Defaults run the bundled example end to end on a CPU."""
 
@@ -466,6 +544,7 @@ class PipelineConfig(_Strict):
     )
     profile: ProfileConfig = Field(default_factory=ProfileConfig, title="Speed profile", description="Speed measurement of every engine.")
     repair: RepairConfig = Field(default_factory=RepairConfig, title="Precision repair", description="Automatic repair of fp16/int8 variants that fail verification.")
+    ship: ShipConfig = Field(default_factory=ShipConfig, title="Shipping", description="The deployment bundle: which verified variant to ship, as a Triton model repository.")
 
     @field_validator("precisions")
     @classmethod

@@ -264,6 +264,13 @@ class LearntNothingError(ModelCollapseError):
         )
 
 
+class BundleError(TrtflowError):
+    """A deployment bundle cannot be made (no variant passed, none meets the ship policy, a config
+    Triton would refuse), or a bundle on disk does not match its ``bundle.json``."""
+
+    label = "bundle"
+
+
 class ArtifactError(TrtflowError):
     """An artifact on disk is missing, or its content no longer matches its recorded digest."""
 

@@ -8,10 +8,15 @@ comes from:
 - a string names an upstream node: its artifact is passed (a per-precision node gets the one of its
   own precision, a shared node's otherwise);
 - ``Config("train")`` reads a field of the run's ``PipelineConfig`` (``{precision}`` is replaced by
-  the branch's precision, e.g. ``Config("tolerances.{precision}")``);
+  the branch's precision, e.g. ``Config("tolerances.{precision}")``); ``Config("")`` is the whole config;
 - ``PRECISION`` is the branch's precision;
 - ``Derived(fn, sources)`` is ``fn`` applied to other sources (config values, shared upstream
   artifacts), e.g. the batch profile fitted to the memory the trained model needs.
+
+A ``gather`` node is shared and runs once every branch is done: an argument naming a per-precision node
+gets ``{precision: artifact}`` over the branches that passed (in the flow: verified, repaired or not;
+``run_plain`` stops at the first failure, so there every branch), e.g. the ``package`` stage choosing
+which verified engine to ship.
 
     from flows.pipeline import GRAPH
     from tasks.graph import run_plain
@@ -38,6 +43,8 @@ class Config:
 
     def read(self, config: PipelineConfig, precision: Precision | None) -> Any:
         value: Any = config
+        if not self.path:
+            return config
         for part in self.path.format(precision=precision.value if precision else "").split("."):
             value = value[part] if isinstance(value, Mapping) else getattr(value, part)
         return value
@@ -95,6 +102,9 @@ class Node:
         recovers: the node of its branch whose ``VerificationError`` this node repairs: it runs only
             when that node failed so, and its artifact then stands in for the branch's engine and
             verification (the flow does that; ``run_plain`` never runs it and raises the failure).
+        gather: a shared node that runs after every other node (``last`` ones included) and takes the
+            branches' artifacts: an input naming a per-precision node gets ``{precision: artifact}``
+            of the branches that passed.
     """
 
     name: str
@@ -105,6 +115,7 @@ class Node:
     last: bool = False
     when: Config | None = None
     recovers: str | None = None
+    gather: bool = False
 
     @property
     def upstream(self) -> list[str]:
@@ -129,18 +140,21 @@ class Graph:
     """Nodes in a valid execution order; upstream names resolve as described in the module doc.
 
     Raises:
-        ValueError: a node refers to one that is not declared before it, a name repeats in a scope, or
-            a ``Derived`` reads a branch node (a branch's artifact may still be a future in the flow).
+        ValueError: a node refers to one that is not declared before it, a name repeats in a scope, a
+            ``Derived`` reads a branch node (a branch's artifact may still be a future in the flow), or
+            a gather node is declared per precision or before a node that is not a gather node.
     """
 
     def __init__(self, *nodes: Node) -> None:
         self.nodes = nodes
         seen: set[tuple[str, bool]] = set()
-        for n in nodes:
+        for i, n in enumerate(nodes):
             if (n.name, n.per_precision) in seen:
                 raise ValueError(f"node '{n.name}' declared twice")
+            if n.gather and (n.per_precision or n.recovers or not all(m.gather for m in nodes[i:])):
+                raise ValueError(f"gather node '{n.name}' must be shared, recover nothing and come after every other node")
             for up in [*n.upstream, *n.after, *([n.recovers] if n.recovers else [])]:
-                if (up, False) not in seen and not (n.per_precision and (up, True) in seen):
+                if (up, False) not in seen and not ((n.per_precision or n.gather) and (up, True) in seen):
                     raise ValueError(f"node '{n.name}' needs '{up}', which is not declared before it")
             for s in n.inputs.values():
                 if isinstance(s, Derived) and any((up, False) not in seen for up in _names(s)):
@@ -164,6 +178,20 @@ class Graph:
             return Instance(next(n for n in self.nodes if n.name == name and n.per_precision), inst.precision)
         return Instance(next(n for n in self.nodes if n.name == name and not n.per_precision))
 
+    def _gathered(self, inst: Instance, name: str) -> bool:
+        """Whether ``name`` means every branch's instance for ``inst`` (a gather node naming a branch node)."""
+        return inst.node.gather and any(n.name == name and n.per_precision for n in self.nodes)
+
+    def upstream_ids(self, inst: Instance, precisions: Iterable[Precision]) -> list[str]:
+        """Ids of the instances whose artifacts ``inst`` takes (every branch's, for a gather node)."""
+        out: list[str] = []
+        for up in inst.node.upstream:
+            if self._gathered(inst, up):
+                out += [f"{up}-{Precision(p).value}" for p in precisions]
+            else:
+                out.append(self.resolve(inst, up).id)
+        return out
+
     def refreshed(self, stages: Iterable[str], precisions: Iterable[Precision]) -> set[str]:
         """Instance ids to recompute for ``--refresh``: the named stages and their true descendants.
 
@@ -171,9 +199,10 @@ class Graph:
         validation never rebuilds an engine.
         """
         wanted = {str(getattr(s, "value", s)) for s in stages}
+        precisions = list(precisions)
         out: set[str] = set()
         for inst in self.instances(precisions):
-            if inst.node.name in wanted or any(self.resolve(inst, up).id in out for up in inst.node.upstream):
+            if inst.node.name in wanted or any(up in out for up in self.upstream_ids(inst, precisions)):
                 out.add(inst.id)
         return out
 
@@ -183,11 +212,14 @@ class Graph:
         Args:
             inst: the instance.
             config: the run's config (backend already resolved).
-            done: instance id -> its result (an ArtifactRef, or a future of one).
+            done: instance id -> its result (an ArtifactRef, or a future of one); for a gather node,
+                the branch instances present in ``done`` are the ones it gets.
         """
         return {arg: self._value(inst, source, config, done) for arg, source in inst.node.inputs.items()}
 
     def _value(self, inst: Instance, source: Source, config: PipelineConfig, done: Mapping[str, Any]) -> Any:
+        if isinstance(source, str) and self._gathered(inst, source):
+            return {p.value: done[i] for p in config.precisions if (i := f"{source}-{p.value}") in done}
         if isinstance(source, str):
             return done[self.resolve(inst, source).id]
         if isinstance(source, Config):
@@ -203,7 +235,7 @@ class Graph:
             if isinstance(s, str):
                 return s
             if isinstance(s, Config):
-                return f"config.{s.path}"
+                return f"config.{s.path}" if s.path else "config"
             if isinstance(s, Derived):
                 return f"{s.fn.__name__}({', '.join(text(x) for x in s.sources)})"
             return "precision"
@@ -216,6 +248,7 @@ class Graph:
             extra += [" last"] if n.last else []
             extra += [f" when config.{n.when.path}"] if n.when else []
             extra += [f" if {n.recovers} fails"] if n.recovers else []
+            extra += [" over the passed precisions"] if n.gather else []
             lines.append(f"{n.name:<10} {n.fn.__name__}({ins}){''.join(extra)}")
         return "\n".join(lines)
 

@@ -128,6 +128,11 @@ OPTIONS: dict[str, list[Option]] = {
         _opt("--repair", "repair.enabled", toggle=True, help="Keep the worst nodes of a failing fp16/int8 variant in fp32 and re-verify."),
         _opt("--repair-budget", "repair.budget", metavar="N"),
     ],
+    "shipping": [
+        _opt("--ship", "ship.policy", metavar="POLICY", help="Which verified variant goes into artifacts/bundle/: fastest, lowest-latency, smallest, fp32|fp16|int8, or latency-budget=MS."),
+        _opt("--bundle-name", "ship.name", metavar="NAME", help="Triton model name in the bundle (default: the model factory's name)."),
+        _opt("--no-package", "ship.enabled", switch=False, help="Write no deployment bundle (the package stage)."),
+    ],
     "run": [
         _opt("--artifacts-dir", "artifacts_dir"),
         _opt("--refresh", "refresh", metavar="STAGE", help="Recompute this stage and its dependents (repeatable)."),

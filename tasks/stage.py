@@ -167,7 +167,7 @@ def was_cached() -> bool:
 
 
 def checked_inputs(inputs: Mapping[str, Any]) -> None:
-    """Check every upstream artifact among ``inputs`` against its files on disk.
+    """Check every upstream artifact among ``inputs`` (and in mappings among them) against its files on disk.
 
     Raises:
         ArtifactError: an upstream file is missing or differs from the digest its artifact records
@@ -176,6 +176,8 @@ def checked_inputs(inputs: Mapping[str, Any]) -> None:
     for value in inputs.values():
         if isinstance(value, ArtifactRef):
             value.verify()
+        elif isinstance(value, Mapping):
+            checked_inputs(value)  # a gather stage's {precision: artifact}
 
 
 def run_stage(

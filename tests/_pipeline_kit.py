@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import ArtifactRef
-from tasks.config import Backend, BatchProfile, CollapseGate, DataConfig, PipelineConfig, Precision, ProfileConfig, TrainConfig
+from tasks.config import Backend, BatchProfile, CollapseGate, DataConfig, PipelineConfig, Precision, ProfileConfig, ShipConfig, TrainConfig
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -68,6 +68,8 @@ def tiny_config(root: Path, dataset: Path, **overrides: Any) -> PipelineConfig:
         "calibration_samples": 32,
         # Timings differ run to run: the robustness tests compare digests of everything else.
         "profile": ProfileConfig(enabled=False),
+        # No bundle: tests/test_package.py covers the package stage (and its default policy needs timings).
+        "ship": ShipConfig(enabled=False),
     }
     base.update(overrides)
     return PipelineConfig(**base)

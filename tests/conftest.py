@@ -70,3 +70,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     ckpt = checkpoint_from_splits(data, cfg.train, root)
     onnx = onnx_from_checkpoint(ckpt, root)
     return Trained(root, cfg, data, ckpt, onnx)
+
+
+@pytest.fixture(scope="session")
+def image_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """The plain pipeline on tiny digits (fp32) through the package stage; tests must not modify it."""
+    from _bundle_kit import make_bundle
+
+    return make_bundle("image", tmp_path_factory.mktemp("image-bundle") / "art")
+
+
+@pytest.fixture(scope="session")
+def text_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """The plain pipeline on a held-out two-input int64 text model (fp32, fp16; ships the smallest)."""
+    from _bundle_kit import make_bundle
+
+    return make_bundle("text", tmp_path_factory.mktemp("text-bundle") / "art")

@@ -22,8 +22,8 @@ def test_refresh_validate_reruns_validation_only() -> None:
     assert _ids(["validate"]) == {"validate", "validate-fp32", "validate-int8"}
 
 
-def test_refresh_build_reruns_build_verify_repair_and_profile() -> None:
-    assert _ids(["build"]) == {f"{s}-{p.value}" for s in ("build", "verify", "repair", "profile") for p in P}
+def test_refresh_build_reruns_build_verify_repair_profile_and_package() -> None:
+    assert _ids(["build"]) == {f"{s}-{p.value}" for s in ("build", "verify", "repair", "profile") for p in P} | {"package"}
 
 
 def test_refresh_follows_true_dependencies() -> None:
@@ -31,9 +31,10 @@ def test_refresh_follows_true_dependencies() -> None:
     assert _ids(["data"]) == everything
     # export's descendants: not data or train
     assert _ids(["export"]) == everything - {"data", "train"}
-    # verify feeds nothing: refreshing it re-verifies only
-    assert _ids([Stage.verify]) == {"verify-fp32", "verify-int8"}
-    assert _ids(["precision"]) == {f"{s}-{p.value}" for s in ("precision", "validate", "build", "verify", "repair", "profile") for p in P}
+    # verify feeds only the package stage (which ships what passed): refreshing it re-verifies and re-packages
+    assert _ids([Stage.verify]) == {"verify-fp32", "verify-int8", "package"}
+    assert _ids(["precision"]) == {f"{s}-{p.value}" for s in ("precision", "validate", "build", "verify", "repair", "profile") for p in P} | {"package"}
+    assert _ids(["package"]) == {"package"}
 
 
 def test_every_stage_is_in_the_graph_and_the_config_names_them() -> None:
@@ -136,3 +137,47 @@ def test_every_engine_stage_takes_the_batch_fitted_to_memory() -> None:
     for name in ("build", "verify", "repair", "profile"):
         (node,) = [n for n in GRAPH.nodes if n.name == name]
         assert node.inputs["batch"] is BATCH and "train" in node.upstream
+
+
+def test_a_gather_node_takes_every_passed_branch_and_the_whole_config() -> None:
+    (package,) = [n for n in GRAPH.nodes if n.name == "package"]
+    assert package.gather and not package.per_precision and package is GRAPH.nodes[-1]
+    assert package.when is not None and "over the passed precisions" in GRAPH.describe()
+    inst = Instance(package)
+    cfg = PipelineConfig(precisions=P)
+    # int8's branch failed: the flow hands the gather node only fp32's artifacts
+    done = {"data": "D", "train": "T", "build-fp32": "B32", "verify-fp32": "V32", "profile-fp32": "P32"}
+    args = GRAPH.arguments(inst, cfg, done)
+    assert args["engines"] == {"fp32": "B32"} and args["verifications"] == {"fp32": "V32"} and args["profiles"] == {"fp32": "P32"}
+    assert args["config"] is cfg and args["checkpoint"] == "T"
+    assert GRAPH.upstream_ids(inst, P) == ["build-fp32", "build-int8", "verify-fp32", "verify-int8", "profile-fp32", "profile-int8", "train", "data"]
+
+
+def test_gather_nodes_are_declared_shared_and_last() -> None:
+    def f(**_: object) -> None: ...
+
+    g = Graph(Node("a", f, per_precision=True), Node("all", f, {"x": "a"}, gather=True))  # type: ignore[arg-type]
+    assert g.refreshed(["a"], P) == {"a-fp32", "a-int8", "all"}
+    with pytest.raises(ValueError, match="must be shared"):
+        Graph(Node("a", f, per_precision=True), Node("all", f, {"x": "a"}, gather=True, per_precision=True))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="after every other node"):
+        Graph(Node("a", f, per_precision=True), Node("all", f, {"x": "a"}, gather=True), Node("b", f))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not declared before"):
+        Graph(Node("a", f, per_precision=True), Node("b", f, {"x": "a"}))  # type: ignore[arg-type]
+
+
+def test_run_plain_gives_a_gather_node_every_branch(tmp_path) -> None:
+    from tasks.graph import run_plain
+
+    seen: dict[str, object] = {}
+
+    def branch(precision, artifacts_dir, refresh):  # noqa: ANN001, ANN202
+        return f"art-{precision.value}"
+
+    def gather(xs, artifacts_dir, refresh):  # noqa: ANN001, ANN202
+        seen.update(xs)
+        return "all"
+
+    g = Graph(Node("a", branch, {"precision": PRECISION}, per_precision=True), Node("all", gather, {"xs": "a"}, gather=True))  # type: ignore[arg-type]
+    out = run_plain(g, PipelineConfig(artifacts_dir=tmp_path, precisions=P, backend="onnxruntime"))
+    assert seen == {"fp32": "art-fp32", "int8": "art-int8"} and out["all"] == "all"

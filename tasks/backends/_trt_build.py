@@ -24,6 +24,7 @@ from tasks.backends.tensorrt import (
     ProfileShapes,
     derive_profile,
     dims_tuple,
+    engine_io,
     format_parser_errors,
     profile_to_json,
     read_cache_bytes,
@@ -111,13 +112,19 @@ def _set_timing_cache(
 
 def _layer_report(
     plan: bytes, logger: _Logger, profile: dict[str, ProfileShapes], warnings: list[str]
-) -> str | None:
-    """The engine inspector's JSON report, with shapes resolved at the profile's opt batch."""
+) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """The engine inspector's JSON report, with shapes resolved at the profile's opt batch, and the
+    plan's own IO tensors (``engine_io``: what a Triton config for the plan is derived from)."""
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
-        warnings.append("layer report skipped: the engine could not be deserialized for inspection")
-        return None
+        warnings.append("layer report and engine IO skipped: the engine could not be deserialized for inspection")
+        return None, None
+    try:
+        io: list[dict[str, Any]] | None = engine_io(engine, trt.TensorIOMode.INPUT)
+    except Exception as exc:
+        warnings.append(f"engine IO not read from the plan: {exc}")
+        io = None
     inspector = engine.create_engine_inspector()
     context = None
     try:
@@ -131,7 +138,7 @@ def _layer_report(
         warnings.append(f"layer report without resolved shapes: {exc}")
     report = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     del inspector, context, engine, runtime
-    return report
+    return report, io
 
 
 def build(spec: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +197,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         write_cache_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
 
     layers: dict[str, Any] | None = None
-    report = _layer_report(plan, logger, profile, warnings)
+    report, plan_io = _layer_report(plan, logger, profile, warnings)
     if report is not None:
         write_bytes_atomic(out_dir / spec["layers_file"], report.encode())
         try:
@@ -209,6 +216,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         "inputs": [spec_of(t) for t in inputs],
         "outputs": [spec_of(t) for t in outputs],
         "profile": profile_to_json(profile),
+        "engine_io": plan_io,
         "workspace_mib": spec["workspace_mib"],
         "tf32": spec["tf32"],
         "builder_optimization_level": spec.get("builder_optimization_level"),

@@ -402,6 +402,35 @@ def summarize_layers(report: Mapping[str, Any] | str) -> dict[str, Any]:
     }
 
 
+def engine_io(engine: Any, input_mode: Any) -> list[dict[str, Any]]:
+    """Every IO tensor of a deserialized engine as the plan itself says: what Triton's config is made from.
+
+    Args:
+        engine: a ``tensorrt.ICudaEngine`` (or anything with its tensor API).
+        input_mode: ``tensorrt.TensorIOMode.INPUT``.
+
+    Returns:
+        One ``{"name", "mode": "input"|"output", "dtype": DataType name, "shape": [...]}`` per tensor
+        (-1 for a dynamic dimension); a dynamic input also has ``"profile": {"min", "opt", "max"}``,
+        its shapes in optimization profile 0.
+    """
+    out: list[dict[str, Any]] = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        shape = dims_tuple(engine.get_tensor_shape(name))
+        entry: dict[str, Any] = {
+            "name": name,
+            "mode": "input" if engine.get_tensor_mode(name) == input_mode else "output",
+            "dtype": engine.get_tensor_dtype(name).name,
+            "shape": list(shape),
+        }
+        if entry["mode"] == "input" and any(d < 0 for d in shape):
+            lo, opt, hi = (dims_tuple(d) for d in engine.get_tensor_profile_shape(name, 0))
+            entry["profile"] = ProfileShapes(lo, opt, hi).to_json()
+        out.append(entry)
+    return out
+
+
 def check_feed(name: str, shape: Sequence[int], profile: ProfileShapes) -> None:
     """Check one input array's shape against the engine's profile.
 

@@ -195,6 +195,47 @@ def test_feed_check_names_the_allowed_batch_range() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_engine_io_reads_the_plans_tensors_and_profile() -> None:
+    """What a Triton config for a plan is made from: names, types, shapes and profile as the plan says."""
+
+    class Mode:
+        INPUT, OUTPUT = "in", "out"
+
+    class DType:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class Engine:
+        tensors = [("ids", Mode.INPUT, "INT64", (-1, 12)), ("scale", Mode.INPUT, "FLOAT", (1,)), ("logits", Mode.OUTPUT, "HALF", (-1, 3))]
+        num_io_tensors = 3
+
+        def get_tensor_name(self, i: int) -> str:
+            return self.tensors[i][0]
+
+        def _t(self, name: str) -> tuple:
+            return next(t for t in self.tensors if t[0] == name)
+
+        def get_tensor_mode(self, name: str) -> str:
+            return self._t(name)[1]
+
+        def get_tensor_dtype(self, name: str) -> DType:
+            return DType(self._t(name)[2])
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return self._t(name)[3]
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> list:
+            assert name == "ids" and profile == 0, "only a dynamic input has a profile entry"
+            return [(1, 12), (32, 12), (256, 12)]
+
+    io = trtb.engine_io(Engine(), Mode.INPUT)
+    assert io == [
+        {"name": "ids", "mode": "input", "dtype": "INT64", "shape": [-1, 12], "profile": {"min": [1, 12], "opt": [32, 12], "max": [256, 12]}},
+        {"name": "scale", "mode": "input", "dtype": "FLOAT", "shape": [1]},
+        {"name": "logits", "mode": "output", "dtype": "HALF", "shape": [-1, 3]},
+    ]
+
+
 def test_parser_errors_name_node_and_operator() -> None:
     text = format_parser_errors(
         "model.int8.onnx",
@@ -552,6 +593,23 @@ def test_gpu_build(precision: str, tmp_path: Path) -> None:
     assert damaged.info["timing_cache"]["status"] == "replaced"
     assert any("ignored" in w for w in damaged.info["warnings"])
     assert read_cache_bytes(cache)[1] is None  # rewritten, checksum matches again
+
+
+@pytest.mark.gpu
+def test_gpu_plan_config_comes_from_the_plans_own_io(tmp_path: Path) -> None:
+    """The build reads the plan's IO back; the Triton config for the plan is derived from it and parses."""
+    _needs_tensorrt()
+    from tasks.backends.base import EngineInfo
+    from tasks.package import write_model_repository
+
+    _, _, result = _build("fp16", tmp_path, {})
+    io = result.info["engine_io"]
+    assert io is not None, result.info.get("warnings")
+    assert [t["mode"] for t in io] == ["input", "output"] and io[0]["profile"] == result.info["profile"]["x"]
+    info = EngineInfo.model_validate({**result.info, "engine_file": result.engine_file})
+    feed = {"x": np.ones((2, 3, 16, 16), np.float32)}
+    model = write_model_repository(tmp_path / "repo", "m", info, tmp_path / "engine-fp16" / result.engine_file, feed)
+    assert model.platform == "tensorrt_plan" and model.max_batch_size == 16 and "deserialized plan" in model.source
 
 
 @pytest.mark.gpu

@@ -131,8 +131,8 @@ def test_fresh_processes_run_then_reuse_everything(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
     finished = [line for line in log.splitlines() if "Task run" in line and "Finished in state" in line]
-    # 4 shared stages, 4 per precision, and a profile per precision
-    assert len(finished) == 19 and all("Cached" in line for line in finished), "\n".join(finished)
+    # 4 shared stages, 4 per precision, a profile per precision, and the package stage
+    assert len(finished) == 20 and all("Cached" in line for line in finished), "\n".join(finished)
 
 
 def test_version_and_defaults_in_help(capsys):

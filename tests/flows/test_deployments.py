@@ -79,8 +79,11 @@ def test_deployed_run_end_to_end_shows_results_in_the_ui(prefect_server: Server,
     assert "all precisions verified" in arts["trtflow-summary"].data
     assert arts["trtflow-training-curve"].data.count("data:image/png;base64,") == 1
     assert arts["trtflow-progress"].type == "progress" and arts["trtflow-progress"].data == 100.0
-    links = {k: a for k, a in arts.items() if a.type == "markdown" and k.startswith(("trtflow-engine", "trtflow-report", "trtflow-onnx", "trtflow-checkpoint"))}
-    assert {"trtflow-report", "trtflow-onnx", "trtflow-engine-fp32", "trtflow-engine-int8"} <= set(links)
+    links = {k: a for k, a in arts.items() if a.type == "markdown" and k.startswith(("trtflow-engine", "trtflow-report", "trtflow-onnx", "trtflow-checkpoint", "trtflow-bundle"))}
+    assert {"trtflow-report", "trtflow-onnx", "trtflow-engine-fp32", "trtflow-engine-int8", "trtflow-bundle"} <= set(links)
+    # The bundle's card says what was shipped and why; the summary has its section.
+    assert "shipped as Triton model 'default_model'" in links["trtflow-bundle"].data and "fastest: " in links["trtflow-bundle"].data
+    assert "## Bundle" in arts["trtflow-summary"].data
     for a in links.values():
         target = a.data.split("](", 1)[1].rstrip(")") if a.data.startswith("[") else a.data
         assert not target.startswith("/") and (root / target).is_file(), a.data

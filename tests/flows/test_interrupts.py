@@ -19,7 +19,7 @@ import pytest
 
 from prefect_env import REPO, kill_tree
 
-TINY = ["--epochs", "1", "--precisions", "fp32", "--min-batch", "1", "--opt-batch", "8", "--max-batch", "32", "--no-profile"]
+TINY = ["--epochs", "1", "--precisions", "fp32", "--min-batch", "1", "--opt-batch", "8", "--max-batch", "32", "--no-profile", "--no-package"]
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:

@@ -54,8 +54,8 @@ def test_second_run_is_entirely_cached_and_reports_all_precisions(tiny_config):
     second, states = run(tiny_config)
     assert second.is_completed()
     assert {name: set(c) for name, c in states.items()} == {name: {"Cached"} for name in states}
-    # data, train, export, validate; then precision, validate, build, verify, profile per precision
-    assert sum(sum(c.values()) for c in states.values()) == 4 + 5 * 3
+    # data, train, export, validate; then precision, validate, build, verify, profile per precision; package
+    assert sum(sum(c.values()) for c in states.values()) == 4 + 5 * 3 + 1
 
 
 def test_failed_verification_reruns_only_verify(tiny_config):
@@ -67,6 +67,10 @@ def test_failed_verification_reruns_only_verify(tiny_config):
     report = json.loads((tiny_config.artifacts_dir / "report.json").read_text())
     assert report["passed"] is False and report["precisions"]["fp32"]["passed"] is True
     assert report["precisions"]["int8"]["failed_stage"] == "verify"
+    # The bundle ships only what passed: fp32, chosen by the default policy, with int8 recorded as not passed.
+    bundle = json.loads((tiny_config.artifacts_dir / "bundle" / "bundle.json").read_text())
+    assert report["bundle"]["precision"] == bundle["shipped"]["precision"] == "fp32" and report["bundle"]["policy"] == "fastest"
+    assert bundle["variants"]["int8"]["passed"] is False and "not passed: int8" in bundle["choice"]["reason"]
 
     good = bad.model_copy(update={"tolerances": tiny_config.tolerances})
     state, states = run(good)

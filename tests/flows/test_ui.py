@@ -109,3 +109,38 @@ def test_the_bar_never_moves_back_while_branches_report_concurrently(monkeypatch
     for fraction in (0.5, 0.2, 0.7, 0.1):  # verify-fp16 ahead of verify-int8
         bar.within_stage("verify", fraction, "")
     assert shown == [45.0, 45.0, 47.0, 47.0]
+
+
+def test_the_ui_shows_the_bundle_as_a_link_with_the_choice_and_its_reason(prefect_harness) -> None:  # type: ignore[no-untyped-def]
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.context import FlowRunContext
+
+    from flows.report import summary_markdown
+    from flows.ui import publish_links
+
+    reason = "fastest: fp32 has the highest throughput at batch 64 of the variants that passed (samples/s: fp32 900); not passed: int8"
+    report = {
+        "model": {"onnx": "export/k/model.onnx", "opset": 20, "checkpoint": "train/k/model.pt", "factory": "f", "val_acc": 0.9},
+        "precisions": {"fp32": {"engine": "build/k/engine.onnx", "engine_sha256": "a" * 64, "backend": "onnxruntime"}},
+        "bundle": {"path": "bundle", "name": "default_model", "precision": "fp32", "backend": "onnxruntime", "platform": "onnxruntime_onnx", "policy": "fastest",
+                   "reason": reason, "config": "bundle/model_repository/default_model/config.pbtxt", "model_file": "bundle/model_repository/default_model/1/model.onnx", "model_sha256": "b" * 64},
+    }
+
+    @flow
+    def show() -> str:
+        publish_links(report)
+        ctx = FlowRunContext.get()
+        assert ctx is not None and ctx.flow_run is not None
+        return str(ctx.flow_run.id)
+
+    run_id = show()
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))}
+    card = str(arts["trtflow-bundle"].data)
+    assert "bundle/bundle.json" in card and "fp32 shipped as Triton model 'default_model'" in card and reason in card
+    verified = {"passed": True, "accuracy_reference": 0.9, "accuracy": 0.9, "top1_agreement": 1.0, "min_cosine": 1.0, "max_abs": 0.0, "engine": "build/k/engine.onnx"}
+    summary = summary_markdown({**report, "precisions": {"fp32": verified}, "passed": True, "backend": "b", "data": {"source": "s", "sizes": {}}})
+    assert "## Bundle" in summary and f"Shipped **fp32** (onnxruntime) as Triton model `default_model` in `bundle/`: {reason}." in summary
+    assert "trtflow check-bundle bundle" in summary
