@@ -128,11 +128,14 @@ def _exposed(model: Any, names: Sequence[str]) -> Any:
 
 
 def _session(model: Any, optimize: bool, threads: int | None) -> Any:
-    from tasks.backends.onnxruntime import session_options
+    from tasks.backends.onnxruntime import has_qdq, int8_kernels_saturate, session_options
 
     import onnxruntime as ort
 
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads, optimize), providers=["CPUExecutionProvider"])
+    fuse_int8 = not (int8_kernels_saturate() and has_qdq(model))
+    return ort.InferenceSession(
+        model.SerializeToString(), session_options(threads, optimize, fuse_int8), providers=["CPUExecutionProvider"]
+    )
 
 
 def _candidate_names(reference: Any, candidate: Any) -> dict[str, str]:

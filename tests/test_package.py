@@ -179,7 +179,7 @@ def test_the_bundle_holds_the_verified_engine_and_its_record(image_bundle):
     assert all(sha256_file(image_bundle.dir / rel) == digest for rel, digest in b["files"].items())
     prov = b["provenance"]
     assert prov["dataset"]["sha256"] == refs["data"].meta["source"]["digest"]
-    assert prov["model"]["factory"] == "tasks.models:default_model" and prov["model"]["file"] == "models.py" and len(prov["model"]["sha256"]) == 64
+    assert prov["model"]["factory"] == "tasks.models:default_model" and "tasks/models.py" in prov["model"]["project"] and len(prov["model"]["sha256"]) == 64
     assert prov["engine"]["backend"] == "onnxruntime" and prov["engine"]["backend_version"] == refs["build-fp32"].meta["environment"]["onnxruntime"]
     assert prov["config"]["ship"]["policy"] == "fp32" and "artifacts_dir" not in prov["config"] and prov["trtflow"]
     assert b["variants"]["fp32"]["gates"]["passed"] is True and b["variants"]["fp32"]["gates"]["tolerance"]["atol"] == 1e-4

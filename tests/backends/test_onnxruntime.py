@@ -93,3 +93,66 @@ def test_explicit_tensorrt_without_it_fails_with_hint():
         pytest.skip("TensorRT is usable here")
     with pytest.raises(BackendUnavailableError, match="--backend auto"):
         choose_backend("tensorrt")
+
+
+def _qdq_matmul(path):
+    """x (N x 64) -> Q/DQ -> MatMul with an int8 weight: what the int8 variant looks like to ONNX Runtime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.int8), "xz"),
+        numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("flags", "saturate"),
+    [({"avx2"}, True), ({"avx2", "avx512_vnni"}, False), ({"avx2", "avx_vnni"}, False), (set(), False)],
+)
+def test_int8_kernels_saturate_on_avx2_without_vnni(monkeypatch, flags, saturate):
+    import tasks.backends.onnxruntime as ortb
+
+    monkeypatch.setattr(ortb.platform, "machine", lambda: "x86_64")
+    assert ortb.int8_kernels_saturate(frozenset(flags)) is saturate
+
+
+@pytest.mark.parametrize("saturate", [True, False])
+def test_a_qdq_engine_keeps_its_qdq_in_fp32_where_int8_kernels_saturate(tmp_path, monkeypatch, saturate):
+    import onnx
+
+    import tasks.backends.onnxruntime as ortb
+
+    monkeypatch.setattr(ortb, "int8_kernels_saturate", lambda flags=None: saturate)
+    model = _qdq_matmul(tmp_path / "q.onnx")
+    out = tmp_path / "engine"
+    out.mkdir()
+    result = OnnxRuntimeBuilder().engine_from_onnx(model, out, (1, 4, 16), {"threads": 1})
+    ops = {n.op_type for n in onnx.load(str(out / result.engine_file)).graph.node}
+    assert ("MatMul" in ops and "DequantizeLinear" in ops) is saturate
+    assert (result.info["graph_optimization"] == ortb.QDQ_IN_FP32) is saturate
+    assert OnnxRuntimeBuilder().environment()["int8_kernels"].startswith("saturating" if saturate else "exact")
+    # The runner decides the same way at load time (ALL would fuse the Q/DQ nodes again).
+    runner = OnnxRuntimeRunner(model, threads=1)
+    assert runner._fuse_int8() is not saturate
+    x = np.random.default_rng(1).random((4, 64), dtype=np.float32)
+    with runner:
+        y = runner.infer({"x": x})["y"]
+    exact = (np.clip(np.round(x / 0.05), -128, 127) * 0.05) @ (onnx.numpy_helper.to_array(onnx.load(str(model)).graph.initializer[2]).astype(np.float32) * 0.01)
+    if saturate:
+        np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-4)
