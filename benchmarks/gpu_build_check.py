@@ -9,9 +9,16 @@ timing cache are the pipeline's own; it needs no pycuda (it only builds).
 Run it where TensorRT (or TensorRT-RTX, whose Python module is aliased to ``tensorrt``) is installed::
 
     python benchmarks/gpu_build_check.py ONNX_DIR [--out OUT_DIR] [--batch 1,32,256] [--rtx]
+        [--min-shapes input_ids:1x8,attention_mask:1x8 --opt-shapes ... --max-shapes ...]
 
-Prints one markdown row per file (inputs, engine size, build seconds, layers per precision, or the
-error) and writes ``build-check.json`` into OUT_DIR. Exit status 1 when any file failed to build.
+Files with dynamic axes beyond the batch (a sequence length) need a min/opt/max shape per input, as
+trtexec's ``--minShapes``: either ``--min-shapes/--opt-shapes/--max-shapes`` (for every file with
+inputs of those names), or a sidecar ``<file>.shapes.json`` next to the ONNX file (``{"input_ids":
+{"min": [1, 8], "opt": [...], "max": [...]}}``, what ``benchmarks/dynamic_onnx.py`` writes), which
+wins. The shapes' axis 0 is then the profile's batch range for that file.
+
+Prints one markdown row per file (inputs, profile, engine size, build seconds, layers per precision,
+or the error) and writes ``build-check.json`` into OUT_DIR. Exit status 1 when any file failed to build.
 """
 
 from __future__ import annotations
@@ -47,6 +54,19 @@ def _signature(path: Path) -> tuple[str, str]:
     return fmt(list(model.graph.input)), fmt(list(model.graph.output))
 
 
+def _profile_of(path: Path, options: dict[str, dict[str, list[int]]] | None) -> dict[str, dict[str, list[int]]]:
+    """The shapes of a file's inputs with dynamic axes: its sidecar ``.shapes.json``, else the options'."""
+    import onnx
+
+    sidecar = path.with_suffix(".shapes.json")
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    if not options:
+        return {}
+    names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    return {n: shapes for n, shapes in options.items() if n in names}
+
+
 def use_rtx() -> None:
     """Make ``import tensorrt`` load TensorRT-RTX's bindings, here and in the build worker it starts."""
     shim = Path(tempfile.mkdtemp(prefix="trt-alias-"))
@@ -55,8 +75,9 @@ def use_rtx() -> None:
     sys.path.insert(0, str(shim))
 
 
-def worker_spec(path: Path, out_dir: Path, batch: tuple[int, ...], cache_dir: Path, trt_version: str) -> dict:
-    """The build worker's spec for one ONNX file (the pipeline's own build settings, strict fp32)."""
+def worker_spec(path: Path, out_dir: Path, batch: tuple[int, ...], cache_dir: Path, trt_version: str, shapes: dict | None = None) -> dict:
+    """The build worker's spec for one ONNX file (the pipeline's own build settings, strict fp32);
+    ``shapes``: the min/opt/max shape of each input with dynamic axes beyond the batch."""
     from tasks.backends.tensorrt import timing_cache_path
 
     return {
@@ -65,6 +86,7 @@ def worker_spec(path: Path, out_dir: Path, batch: tuple[int, ...], cache_dir: Pa
         "engine_file": "engine.plan",
         "layers_file": "layers.json",
         "batch": list(batch),
+        "shapes": shapes or {},
         "workspace_mib": 1024,
         "tf32": False,
         "builder_optimization_level": None,
@@ -79,8 +101,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("gpu-build-check"))
     ap.add_argument("--batch", default="1,32,256", help="min,opt,max of the optimization profile")
     ap.add_argument("--rtx", action="store_true", help="use TensorRT-RTX's bindings as 'tensorrt'")
+    for level in ("min", "opt", "max"):
+        ap.add_argument(f"--{level}-shapes", default=None, help=f"{level} shape per input, batch first (trtexec's --{level}Shapes), e.g. input_ids:1x8")
     args = ap.parse_args()
     batch = tuple(int(b) for b in args.batch.split(","))
+    options = None
+    if args.max_shapes:
+        from tasks.shapes import parse_shapes
+
+        levels = {lvl: parse_shapes(getattr(args, f"{lvl}_shapes") or "", f"--{lvl}-shapes") for lvl in ("min", "opt", "max")}
+        options = {n: {lvl: levels[lvl][n] for lvl in levels} for n in levels["max"]}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.rtx:
         use_rtx()
@@ -92,29 +122,32 @@ def main() -> int:
     files = sorted(args.onnx_dir.rglob("*.onnx"))
     rows, failed = [], 0
     print(f"TensorRT {trt.__version__}; profile batch {batch}; {len(files)} files\n")
-    print("| file | inputs | outputs | engine bytes | build s | layers by precision | result |")
-    print("|---|---|---|---|---|---|---|")
+    print("| file | inputs | outputs | profile | engine bytes | build s | layers by precision | result |")
+    print("|---|---|---|---|---|---|---|---|")
     for i, path in enumerate(files):
         rel = str(path.relative_to(args.onnx_dir))
         ins, outs = _signature(path)
         out_dir = args.out / f"{i:02d}"
         out_dir.mkdir(exist_ok=True)
-        spec = worker_spec(path, out_dir, batch, args.out / "cache", trt.__version__)
+        shapes = _profile_of(path, options)
+        file_batch = tuple(next(iter(shapes.values()))[lvl][0] for lvl in ("min", "opt", "max")) if shapes else batch
+        profile = "; ".join(f"{n} {'/'.join('x'.join(map(str, v[lvl])) for lvl in ('min', 'opt', 'max'))}" for n, v in shapes.items()) or "batch " + "/".join(map(str, file_batch))
+        spec = worker_spec(path, out_dir, file_batch, args.out / "cache", trt.__version__, shapes)
         (out_dir / "spec.json").write_text(json.dumps(spec))
         t0 = time.perf_counter()
         try:
             result = run_build_worker(out_dir / "spec.json", out_dir / "result.json", 600)
             info = result["info"]
             layers = (info.get("layers") or {}).get("by_precision", {})
-            row = {"file": rel, "inputs": ins, "outputs": outs, "engine_bytes": info.get("engine_bytes"),
+            row = {"file": rel, "inputs": ins, "outputs": outs, "profile": profile, "engine_bytes": info.get("engine_bytes"),
                    "seconds": round(time.perf_counter() - t0, 2), "layers": layers, "ok": True, "warnings": result.get("warnings", [])}
         except EngineBuildError as exc:
             failed += 1
-            row = {"file": rel, "inputs": ins, "outputs": outs, "engine_bytes": None,
+            row = {"file": rel, "inputs": ins, "outputs": outs, "profile": profile, "engine_bytes": None,
                    "seconds": round(time.perf_counter() - t0, 2), "layers": {}, "ok": False, "error": str(exc)[:600]}
         rows.append(row)
         verdict = "built" if row["ok"] else "FAILED: " + row["error"].replace("|", "/").replace("\n", " ")[:300]
-        print(f"| {rel} | {ins} | {outs} | {row['engine_bytes'] or ''} | {row['seconds']} | {row['layers'] or ''} | {verdict} |", flush=True)
+        print(f"| {rel} | {ins} | {outs} | {profile} | {row['engine_bytes'] or ''} | {row['seconds']} | {row['layers'] or ''} | {verdict} |", flush=True)
     (args.out / "build-check.json").write_text(json.dumps({"tensorrt": trt.__version__, "batch": batch, "files": rows}, indent=2))
     print(f"\n{len(files) - failed} of {len(files)} built")
     return 1 if failed else 0

@@ -142,31 +142,43 @@ def _shown(path: Path) -> str:
 
 
 def _print_summary(report: dict[str, Any], root: Path) -> None:
-    from flows.report import batch_lines, bundle_lines, compute_text, numerics_lines, repair_lines
+    from flows.report import batch_lines, bundle_lines, compute_text, judged_lines, numerics_lines, repair_lines
 
     def num(v: Any, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     print(f"\ntrtflow: {report['backend']}")
-    print(f"{'precision':<10}{'passed':<8}{'compute ops':>12}{'accuracy':>10}{'top-1 agree':>13}{'min cosine':>12}{'max abs err':>13}  engine")
+    regression = (report.get("model") or {}).get("task") == "regression"
+    # A regression is judged by R² against the labels and the error relative to the outputs' spread.
+    cols = (("r2", "R²", ".4f"), ("r2_drop", "R² drop", ".4f"), ("max_relative_rmse", "rel. RMSE", ".3g")) if regression else (
+        ("accuracy", "accuracy", ".4f"), ("top1_agreement", "top-1 agree", ".4f"), ("min_cosine", "min cosine", ".6f"))
+    widths = (10, 13, 12)
+    print(f"{'precision':<10}{'passed':<8}{'compute ops':>12}" + "".join(f"{label:>{w}}" for (_, label, _), w in zip(cols, widths)) + f"{'max abs err':>13}  engine")
     for p, r in report["precisions"].items():
         if "error" in r:
             print(f"{p:<10}{'no':<8}{compute_text(r):>12}  {r['failed_stage']} failed")
             continue
-        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{compute_text(r):>12}{num(r['accuracy'], '.4f'):>10}{num(r['top1_agreement'], '.4f'):>13}{num(r['min_cosine'], '.6f'):>12}{num(r['max_abs'], '.3g'):>13}  {_shown(root / r['engine'])}")
+        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{compute_text(r):>12}" + "".join(f"{num(r.get(k), f):>{w}}" for (k, _, f), w in zip(cols, widths, strict=True))
+              + f"{num(r['max_abs'], '.3g'):>13}  {_shown(root / r['engine'])}")
     for line in batch_lines(report["precisions"]):
         print(f"verified {line}")
     skipped = next((r.get("checks_skipped") for r in report["precisions"].values() if r.get("checks_skipped")), None)
     if skipped:
         print("not checked: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
 
+    for line in judged_lines(report["precisions"]):
+        print(line)
     for line in numerics_lines(report["precisions"]):
         print(f"numerics {line}")
     for line in repair_lines(report["precisions"]):
         print(f"repair {line}")
     for p, r in report["precisions"].items():
         if s := r.get("profile"):
+            shapes = [x for x in s.get("shapes") or [] if x.get("level") in ("min", "opt", "max")]
             speed = f"profile failed: {s['error']}" if "error" in s else (
+                "; ".join(f"{x['shape']}: p50 {x['p50_ms']:.3f} ms, {x['samples_per_s'] or 0:.0f} samples/s" for x in shapes)
+                + f"; {s['speedup']['throughput'] or 0:.2f}x PyTorch throughput at the max shape"
+            ) if shapes else (
                 f"p50 {s['latency_ms']['p50']:.3f} ms at batch {s['latency_batch']}, {s['samples_per_s']:.0f} samples/s at batch "
                 f"{s['throughput_batch']}, {s['speedup']['throughput'] or 0:.2f}x PyTorch throughput"
             )

@@ -28,7 +28,7 @@ from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig, Precision
 from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
-from tasks.engine import batch_for_memory, engine_from_variant
+from tasks.engine import engine_from_variant, profile_for
 from tasks.errors import DatasetError, PrecisionRepairError, StorageError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node
@@ -43,14 +43,15 @@ from tasks.train import checkpoint_from_splits
 from tasks.validate import validated_onnx
 from tasks.verify import verification_of_engine, write_latest
 
-#: the batch profile of every engine: the configured one, fitted to memory on a CPU backend
-BATCH = Derived(batch_for_memory, (Config("batch"), Config("backend"), "train"))
+#: the profile of every engine: the configured batch sizes (fitted to memory on a CPU backend) and the
+#: shape profile's dynamic axes beyond the batch, resolved against the model's inputs
+BATCH = Derived(profile_for, (Config("batch"), Config("shapes"), Config("backend"), "train"))
 
 # fmt: off
 GRAPH = Graph(
     Node("data",      splits_from_dataset,    {"cfg": Config("data")}),
     Node("train",     checkpoint_from_splits, {"data": "data", "cfg": Config("train")}),
-    Node("export",    onnx_from_checkpoint,   {"checkpoint": "train"}),
+    Node("export",    onnx_from_checkpoint,   {"checkpoint": "train", "shapes": Config("shapes")}),
     Node("validate",  validated_onnx,         {"model": "export", "data": "data"}),
     # One branch per precision; branches run concurrently on the flow's task runner.
     Node("precision", variant_from_onnx,      {"model": "export", "data": "data", "precision": PRECISION,

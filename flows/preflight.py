@@ -35,7 +35,7 @@ def _memo_key(config: Any) -> str:
     weights = config.train.weights
     # The model's source (and what it imports) and these checks' own code, by content; the dataset and
     # the weights by file identity (path, size, mtime, ctime, inode).
-    ident: list[Any] = [config.train.model_dump(mode="json"), config.data.model_dump(mode="json"), describe(config.train.model), project_code(__name__)]
+    ident: list[Any] = [config.train.model_dump(mode="json"), config.data.model_dump(mode="json"), config.shapes.model_dump(mode="json"), describe(config.train.model), project_code(__name__)]
     for path in (ds, weights):
         if path is None:
             ident.append(None)
@@ -61,28 +61,33 @@ def _remember(root: Path, key: str) -> None:
         pass  # only a speed-up
 
 
-def model_checks(data: Any, train: Any) -> None:
-    """Build the model as the train stage will, run two samples through it, export it untrained to ONNX.
+def model_checks(data: Any, train: Any, shapes: Any = None) -> None:
+    """Build the model as the train stage will, run two samples through it, export it untrained to ONNX
+    (with the shape profile's dynamic axes: a model that fixes a declared length fails here).
 
     Args:
         data: the ``data`` artifact (the dataset checked and split).
         train: the run's TrainConfig.
+        shapes: the run's ShapeProfile (None: the batch only).
 
     Raises:
         ModelError: the factory cannot build a fitting model. ExportError: it cannot become ONNX.
+        ConfigError: the shapes do not fit the dataset's inputs.
     """
     from tasks.data import input_specs
     from tasks.export import onnx_from_module
     from tasks.models import bind
+    from tasks.shapes import export_dims
     from tasks.train import prepare_model
 
-    prepared = prepare_model(data, train)
     specs = input_specs(data)
+    dims = export_dims(shapes, specs)
+    prepared = prepare_model(data, train)
     inputs = [{"name": s["name"], "dtype": s["dtype"], "shape": list(s["shape"])} for s in specs]
     bound = bind(prepared.model, prepared.binding).eval()
     with tempfile.TemporaryDirectory(prefix="trtflow-preflight-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_from_module(bound, tuple(inputs[0]["shape"]), Path(tmp) / "untrained.onnx", inputs=inputs, outputs=list(prepared.outputs))
+        onnx_from_module(bound, tuple(inputs[0]["shape"]), Path(tmp) / "untrained.onnx", inputs=inputs, outputs=list(prepared.outputs), dims=dims)
         check_batch_axis(bound, inputs, Path(tmp) / "untrained.onnx")
 
 
@@ -138,6 +143,6 @@ def check_before_run(config: Any) -> Path:
         data = splits_from_dataset(config.data, root)
         # The default model on the bundled digits is known to build and export; anything else is tried.
         if config.train.model != DEFAULT_MODEL or config.data.dataset is not None or config.train.weights is not None:
-            model_checks(data, config.train)
+            model_checks(data, config.train, config.shapes)
         _remember(root, key)
     return root

@@ -16,6 +16,8 @@ REPORT = "report.json"
 #: each run's own report: ``reports/run-<UTC time>-<flow run id[:8] or pid>.json`` (report.json copies the latest)
 RUN_REPORTS = "reports"
 METRICS = ("max_abs", "mean_abs", "max_rel", "min_cosine", "top1_agreement", "accuracy_reference", "accuracy", "accuracy_drop")
+#: what a regression is judged by, per precision (reference = PyTorch against the labels)
+REGRESSION_METRICS = ("max_relative_rmse", "r2_reference", "r2", "r2_drop", "mae_reference", "mae", "rmse")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -78,8 +80,13 @@ def run_report(
             # which precision the compute operators really run in, and how every verified batch was fed
             "compute": verify.meta.get("compute"),
             "batches_run": verify.meta.get("batches_run"),
+            **{k: verify.meta.get(k) for k in ("task", *REGRESSION_METRICS) if verify.meta.get("task") == "regression" or k == "task"},
+            # every shape verified (batch sizes; with dynamic axes, the profile's min, opt and max shapes)
+            "shapes_verified": verify.meta.get("shapes") or [],
+            "outputs_not_judged": verify.meta.get("outputs_not_judged") or {},
             # the profile built, verified and timed (lowered from the config's on a CPU backend for large samples)
             "batch": info.batch.model_dump(),
+            "shapes": info.shapes,
             "engine": _rel(engine.path(engine_file), root),
             "engine_sha256": engine.files[engine_file],
             "verification": _rel(verify.path("verification.json"), root),
@@ -98,7 +105,7 @@ def run_report(
         "passed": all(v["passed"] for v in precisions.values()),
         "backend": backend_reason,
         "data": {"source": data.meta["source"]["description"] if isinstance(data.meta["source"], dict) else data.meta["source"], "sizes": data.meta["sizes"], "num_classes": data.meta["num_classes"],
-                 "inputs": data.meta.get("inputs"), "labels": data.meta.get("has_labels", True)},
+                 "inputs": data.meta.get("inputs"), "labels": data.meta.get("has_labels", True), "task": data.meta.get("task", "classification")},
         "model": {
             "factory": checkpoint.meta["config"]["model"],
             "mode": checkpoint.meta.get("mode", "train"),
@@ -107,12 +114,18 @@ def run_report(
             "logits_output": checkpoint.meta.get("logits_output"),
             "checkpoint": _rel(checkpoint.path("model.pt"), root),
             "val_acc": (checkpoint.meta.get("final") or {}).get("val_acc"),
+            "task": checkpoint.meta.get("task", "classification"),
+            "untrained_outputs": checkpoint.meta.get("untrained_outputs") or [],
             "onnx": _rel(onnx.path("model.onnx"), root),
             "opset": onnx.meta["opset"],
+            "dynamic_axes": onnx.meta.get("dynamic_axes") or {},
         },
         "precisions": precisions,
         "config": config.model_dump(mode="json", exclude={"artifacts_dir"}),
     }
+    if report["model"]["task"] == "regression":
+        vm = checkpoint.meta.get("validation_metrics") or {}
+        report["model"]["validation"] = {k: vm.get(k) for k in ("r2", "mae", "rmse", "r2_of_train_mean")}
     if bundle is not None:
         report["bundle"] = bundle_summary(bundle)
     if report["config"]["train"].get("weights"):
@@ -239,7 +252,8 @@ def repair_lines(precisions: dict[str, Any]) -> list[str]:
         b, a = rep.get("before") or {}, rep.get("after") or {}
         figures = ", ".join(
             f"{label} {_fmt(b.get(k)) or 'n/a'} -> {_fmt(a.get(k)) or 'n/a'}"
-            for k, label in (("finite_share", "finite"), ("top1_agreement", "top-1"), ("min_cosine", "min cosine"), ("max_abs", "max abs err"))
+            for k, label in (("finite_share", "finite"), ("top1_agreement", "top-1"), ("min_cosine", "min cosine"), ("max_relative_rmse", "rel. RMSE"), ("max_abs", "max abs err"))
+            if b.get(k) is not None or a.get(k) is not None or k in ("finite_share", "max_abs")
         )
         if rep["passed"]:
             head = f"{p}: repaired, kept {', '.join(rep['kept_fp32'])} in fp32 ({len(rep['kept_fp32'])} of budget {rep['budget']}, {rep['attempts']} attempt(s))"
@@ -262,25 +276,35 @@ def _fmt(v: Any) -> str:
 def summary_markdown(report: dict[str, Any]) -> str:
     """Render the report as the markdown summary shown in the Prefect UI."""
     verdict = "all precisions verified" if report["passed"] else "**verification FAILED**"
+    regression = report["model"].get("task") == "regression"
+    judged = (f"validation R² {_fmt((report['model'].get('validation') or {}).get('r2'))}, MAE {_fmt((report['model'].get('validation') or {}).get('mae'))}"
+              if regression else f"validation accuracy {_fmt(report['model']['val_acc'])}")
     lines = [
         f"# trtflow run: {verdict}",
         "",
         f"- Backend: {report['backend']}",
-        f"- Data: {report['data']['source']}, splits {report['data']['sizes']}",
-        f"- Model: `{report['model']['factory']}` ({report['model'].get('mode', 'train')}), validation accuracy {_fmt(report['model']['val_acc'])}; "
-        f"ONNX opset {report['model']['opset']} at `{report['model']['onnx']}`",
+        f"- Data: {report['data']['source']}, splits {report['data']['sizes']}" + (" (regression targets)" if regression else ""),
+        f"- Model: `{report['model']['factory']}` ({report['model'].get('mode', 'train')}), {judged}; "
+        f"ONNX opset {report['model']['opset']} at `{report['model']['onnx']}`"
+        + (f", dynamic axes {_axes_text(report['model']['dynamic_axes'])}" if report["model"].get("dynamic_axes") else ""),
         "",
-        "| precision | passed | compute ops in precision | accuracy (torch → engine) | top-1 agreement | min cosine | max abs err | engine |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if regression:
+        lines += ["| precision | passed | compute ops in precision | R² (torch → engine) | MAE (torch → engine) | relative RMSE vs torch | max abs err | engine |", "|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| precision | passed | compute ops in precision | accuracy (torch → engine) | top-1 agreement | min cosine | max abs err | engine |", "|---|---|---|---|---|---|---|---|"]
     for p, r in report["precisions"].items():
         if "error" in r:
             lines.append(f"| {p} | no: {r['failed_stage']} failed | {compute_text(r)} | | | | | {r['error'][:200]} |")
+        elif regression:
+            lines.append(f"| {p} | {'yes' if r['passed'] else 'no'} | {compute_text(r)} | {_fmt(r.get('r2_reference'))} → {_fmt(r.get('r2'))} | {_fmt(r.get('mae_reference'))} → {_fmt(r.get('mae'))} | "
+                         f"{_fmt(r.get('max_relative_rmse'))} | {_fmt(r['max_abs'])} | `{r['engine']}` |")
         else:
             acc = f"{_fmt(r['accuracy_reference'])} → {_fmt(r['accuracy'])}"
             lines.append(f"| {p} | {'yes' if r['passed'] else 'no'} | {compute_text(r)} | {acc} | {_fmt(r['top1_agreement'])} | {_fmt(r['min_cosine'])} | {_fmt(r['max_abs'])} | `{r['engine']}` |")
     if batches := batch_lines(report["precisions"]):
         lines += ["", "**Verified at**", "", *(f"- {line}" for line in batches)]
+    lines += [f"- {line}" for line in judged_lines(report["precisions"])]
     lines += numerics_markdown(report["precisions"])
     if repaired := repair_lines(report["precisions"]):
         lines += ["", "**Precision repair**", "", *(f"- {line}" for line in repaired)]
@@ -293,6 +317,22 @@ def summary_markdown(report: dict[str, Any]) -> str:
                       "", f"Config `{b['config']}`, engine `{b['model_file']}` (sha256 {b['model_sha256'][:12]}…); check it before deploying: `trtflow check-bundle {b['path']}`."]
     lines += ["", f"Files are relative to the artifacts folder; this run's full report is `{report.get('report', REPORT)}` there (`report.json` is the latest run's)."]
     return "\n".join(lines)
+
+
+def _axes_text(axes: dict[str, Any]) -> str:
+    return ", ".join(f"{n}[{a}]={d}" for n, by_axis in axes.items() for a, d in by_axis.items())
+
+
+def judged_lines(precisions: dict[str, Any]) -> list[str]:
+    """What the run verified at, and what it did not judge: the shapes verified (the same for every
+    precision) and each output that no label scored (a second head)."""
+    done = next((r for r in precisions.values() if r.get("shapes_verified")), None)
+    if done is None:
+        return []
+    shapes = "; ".join(s.split(" ", 1)[1] for s in (x["label"] if isinstance(x, dict) else x for x in done["shapes_verified"]))
+    lines = [f"verified at: {shapes}"]
+    lines += [f"not judged: {name}: {why}" for name, why in (done.get("outputs_not_judged") or {}).items()]
+    return lines
 
 
 def numerics_lines(precisions: dict[str, Any]) -> list[str]:

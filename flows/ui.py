@@ -238,7 +238,9 @@ def training_curve_png(history: Sequence[Mapping[str, float]], path: Path) -> Pa
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    for ax, metric, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+    # A regression's history has R² where a classifier's has accuracy.
+    second = ("acc", "accuracy") if any("val_acc" in r for r in history) else ("r2", "R²")
+    for ax, metric, title in ((ax_loss, "loss", "loss"), (ax_acc, *second)):
         for split, style in (("train", "o-"), ("val", "s--")):
             values = [r.get(f"{split}_{metric}") for r in history]
             ax.plot(epochs, values, style, label=split)
@@ -378,7 +380,8 @@ def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any
             history = json.loads(checkpoint.path("history.json").read_text())
             png = training_curve_png(history, reports / CURVE_PNG)
             last = history[-1]
-            figures.append(("trtflow-training-curve", "Training curve", png, f"{len(history)} epochs; final validation accuracy {last['val_acc']:.4f}, loss {last['val_loss']:.4f}."))
+            score = f"accuracy {last['val_acc']:.4f}" if "val_acc" in last else f"R² {last.get('val_r2', float('nan')):.4f}"
+            figures.append(("trtflow-training-curve", "Training curve", png, f"{len(history)} epochs; final validation {score}, loss {last['val_loss']:.4f}."))
         except _Skip:
             pass
         except Exception as exc:  # noqa: BLE001

@@ -27,8 +27,9 @@ class OutputStats:
     mean_abs: float
     max_rel: float
     mean_rel: float
-    min_cosine: float
-    mean_cosine: float
+    # None where the output is judged by max_relative_rmse instead (a cosine of one value is only its sign)
+    min_cosine: float | None
+    mean_cosine: float | None
     within_tolerance: float | None
     top1_agreement: float | None
     accuracy_reference: float | None = None
@@ -36,12 +37,28 @@ class OutputStats:
     # Mean per-class recall: on skewed test data a collapsed engine can keep plain accuracy high.
     balanced_accuracy_reference: float | None = None
     balanced_accuracy: float | None = None
+    # RMS error over the reference's spread, worst column: the per-sample cosine's stand-in on regression
+    # outputs and outputs one value wide (where the cosine is only +1, -1 or 0).
+    max_relative_rmse: float | None = None
+    # Regression against the labels: PyTorch's and the engine's.
+    r2_reference: float | None = None
+    r2: float | None = None
+    mae_reference: float | None = None
+    mae: float | None = None
+    rmse_reference: float | None = None
+    rmse: float | None = None
 
     @property
     def accuracy_drop(self) -> float | None:
         if self.accuracy is None or self.accuracy_reference is None:
             return None
         return self.accuracy_reference - self.accuracy
+
+    @property
+    def r2_drop(self) -> float | None:
+        if self.r2 is None or self.r2_reference is None:
+            return None
+        return self.r2_reference - self.r2
 
 
 @dataclass
@@ -76,7 +93,7 @@ class ComparisonResult:
         return [f"{self.label}: {c.describe()}" for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: {**asdict(v), "accuracy_drop": v.accuracy_drop} for k, v in self.outputs.items()}
+        out = {k: {**asdict(v), "accuracy_drop": v.accuracy_drop, "r2_drop": v.r2_drop} for k, v in self.outputs.items()}
         return {"label": self.label, "passed": self.passed, "outputs": out, "checks": [asdict(c) for c in self.checks]}
 
 
@@ -129,6 +146,50 @@ def output_stats(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance, la
     )
 
 
+def relative_rmse(ref: np.ndarray, out: np.ndarray) -> float:
+    """The worst column's RMS error over the reference's standard deviation (axis 0: samples).
+
+    Meaningful on outputs of any width, one value per sample included: 0.01 means the engine is off by
+    1% of how much the output varies across samples. A column that does not vary is measured against
+    its RMS value instead (against 1e-12 if that is 0 too).
+    """
+    a = ref.astype(np.float64).reshape(len(ref), -1)
+    b = out.astype(np.float64).reshape(len(out), -1)
+    rmse = np.sqrt(np.mean((b - a) ** 2, axis=0))
+    spread = np.std(a, axis=0)
+    scale = np.where(spread > 0, spread, np.sqrt(np.mean(a**2, axis=0)))
+    return float(np.max(rmse / np.maximum(scale, _EPS))) if a.size else 0.0
+
+
+def narrow(ref: np.ndarray) -> bool:
+    """Whether an output holds one value per sample, where a per-sample cosine says only its sign."""
+    return int(np.prod(ref.shape[1:])) <= 1
+
+
+def judged_by_relative_rmse(name: str, ref: np.ndarray, task_outputs: Collection[str] | None, regression: bool) -> bool:
+    """Whether an output is judged by ``max_relative_rmse`` instead of the per-sample cosine: a
+    regression's task output (every output of a regression without labels), or one value per sample."""
+    if narrow(ref):
+        return True
+    return regression and (task_outputs is None or name in task_outputs or not task_outputs)
+
+
+def regression_against_labels(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """R² (mean over targets), MAE and RMSE of predictions against the labels (scikit-learn's metrics).
+
+    A prediction of shape (N, 1) is compared with labels of shape (N,).
+    """
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
+    p = np.asarray(pred, dtype=np.float64).reshape(len(pred), -1)
+    return {
+        "r2": float(r2_score(y, p, multioutput="uniform_average")),
+        "mae": float(mean_absolute_error(y, p)),
+        "rmse": float(np.sqrt(mean_squared_error(y, p))),
+    }
+
+
 def compare_outputs(
     reference: Mapping[str, np.ndarray],
     candidate: Mapping[str, np.ndarray],
@@ -136,8 +197,13 @@ def compare_outputs(
     label: str,
     labels: np.ndarray | None = None,
     task_outputs: Collection[str] | None = None,
+    regression: bool = False,
 ) -> ComparisonResult:
     """Compare every output of a candidate with the reference under one precision's tolerance.
+
+    Regression outputs (the task outputs of a regression, every output of a regression without
+    labels) and outputs one value wide are judged by ``max_relative_rmse`` instead of the per-sample
+    cosine; a regression's task output is also scored against the labels (R², MAE, RMSE; R² drop).
 
     Args:
         reference: output name -> PyTorch values.
@@ -146,6 +212,7 @@ def compare_outputs(
         label: names the comparison in messages (e.g. 'int8 batch 32').
         labels: ground-truth classes, for accuracy.
         task_outputs: the outputs judged by task metrics (top-1 agreement, accuracy); None: every 2-D output.
+        regression: the task is regression: task outputs are predictions of the labels, not logits.
 
     Returns:
         The result with statistics and every check; nothing is raised here.
@@ -163,13 +230,27 @@ def compare_outputs(
             result.checks.append(Check(name, "finite share", float(np.isfinite(out).mean()), 1.0, False, ">="))
             continue
         task = task_outputs is None or name in task_outputs
-        s = output_stats(name, ref, out, tol, labels if task else None, task=task)
+        s = output_stats(name, ref, out, tol, labels if task and not regression else None, task=task and not regression)
         result.outputs[name] = s
+        s.max_relative_rmse = relative_rmse(ref, out)
+        by_rmse = judged_by_relative_rmse(name, ref, task_outputs, regression)
+        if by_rmse:
+            s.min_cosine = s.mean_cosine = None
+        if regression and task and labels is not None:
+            r, e = regression_against_labels(ref, labels), regression_against_labels(out, labels)
+            s.r2_reference, s.mae_reference, s.rmse_reference = r["r2"], r["mae"], r["rmse"]
+            s.r2, s.mae, s.rmse = e["r2"], e["mae"], e["rmse"]
         add = result.checks.append
         if s.within_tolerance is not None:
             # allclose semantics: every element within atol + rtol·|ref|.
             add(Check(name, f"share within atol={tol.atol} rtol={tol.rtol}", s.within_tolerance, 1.0, s.within_tolerance >= 1.0, ">="))
-        add(Check(name, "min_cosine", s.min_cosine, tol.min_cosine, s.min_cosine >= tol.min_cosine, ">="))
+        if by_rmse:
+            add(Check(name, "max_relative_rmse", s.max_relative_rmse, tol.max_relative_rmse, s.max_relative_rmse <= tol.max_relative_rmse, "<="))
+        else:
+            assert s.min_cosine is not None
+            add(Check(name, "min_cosine", s.min_cosine, tol.min_cosine, s.min_cosine >= tol.min_cosine, ">="))
+        if s.r2_drop is not None:
+            add(Check(name, "r2_drop", s.r2_drop, tol.max_r2_drop, s.r2_drop <= tol.max_r2_drop + 1e-12, "<="))
         if s.top1_agreement is not None:
             add(Check(name, "top1_agreement", s.top1_agreement, tol.min_top1_agreement, s.top1_agreement >= tol.min_top1_agreement, ">="))
         if s.accuracy_drop is not None:

@@ -60,8 +60,8 @@ class DataConfig(_Strict):
     dataset: Path | None = Field(
         None,
         description="A .npz file (or a folder of .npy files, memory-mapped) with one array per model input, named after forward's parameters (a single input "
-        "may be x; N×D, N×T×D or N×C×H×W; float, or integer for ids and masks) and labels y (N ints; optional with "
-        "weights); empty: scikit-learn's bundled digits, upscaled to 3×32×32.",
+        "may be x; N×D, N×T×D or N×C×H×W; float, or integer for ids and masks) and labels y (N ints for classes, N or N×K floats "
+        "for regression; optional with weights); empty: scikit-learn's bundled digits, upscaled to 3×32×32.",
     )
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples for validation.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples held out for verification.")
@@ -74,6 +74,11 @@ class DataConfig(_Strict):
         "share; seeded. Validation and test keep their natural distribution. Empty: no change.",
     )
     majority_class: int = Field(0, ge=0, description="The class that 'imbalance' makes the majority.")
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto",
+        description="What y holds. auto: integer y is class labels (classification), float y is targets "
+        "(regression, N or N×K values). Force it when the dtype says otherwise, e.g. classes saved as floats.",
+    )
 
     @field_validator("imbalance")
     @classmethod
@@ -89,7 +94,8 @@ class DataConfig(_Strict):
 
 
 class CollapseGate(_Strict):
-    """Thresholds that fail the train stage when the model collapsed onto one class.
+    """Thresholds that fail the train stage when the model collapsed onto one class (classification) or
+    learnt nothing (regression).
 
     Judged on the validation split (natural distribution). With k the most-predicted class, p its share
     of the predictions and t its true share, the gate fails when either holds:
@@ -100,6 +106,9 @@ class CollapseGate(_Strict):
     - balanced accuracy < 1 / num_classes + min_balanced_accuracy_over_chance: the mean per-class recall
       is barely above what always answering one class gets (exactly 1 / num_classes); this catches a
       collapse the share rule cannot see because the collapsed-on class truly dominates.
+
+    For regression the gate fails when the validation R² is at most ``min_r2``: R² 0 is what always
+    predicting the mean of y gets, so a model at or below it learnt nothing about x.
     """
 
     model_config = ConfigDict(title="Collapse gate")
@@ -114,6 +123,10 @@ class CollapseGate(_Strict):
     min_balanced_accuracy_over_chance: float = Field(
         0.1, ge=0, lt=1, description="Balanced accuracy must be at least 1/num_classes plus this."
     )
+    min_r2: float = Field(
+        0.0, ge=-1e9, lt=1,
+        description="Regression: the validation R² (mean over targets) must be above this; 0 is what predicting the mean gets.",
+    )
 
 
 class TrainConfig(_Strict):
@@ -124,7 +137,7 @@ class TrainConfig(_Strict):
     model: str = Field(
         "tasks.models:default_model",
         description="Model factory as 'package.module:callable' (an nn.Module subclass or any callable returning one). "
-        "It gets only the keyword arguments its signature names out of num_classes, in_channels, in_features and "
+        "It gets only the keyword arguments its signature names out of num_classes, num_outputs, in_channels, in_features and "
         "input_shape, plus model_kwargs. Default: a CNN for images (N×C×H×W), an MLP for vectors and sequences. "
         "A deployment offers the factories its worker allows (TRTFLOW_ALLOWED_MODELS).",
         # The form's choice: read when the schema is made (prefect deploy, trtflow serve), see tasks.policy.
@@ -144,8 +157,8 @@ class TrainConfig(_Strict):
     )
     logits_output: str | None = Field(
         None,
-        description="The output that holds the class logits (task metrics, collapse gate). Empty: the first output "
-        "shaped N×classes when the dataset has labels.",
+        description="The output the task judges: the class logits (classification) or the prediction (regression); "
+        "task metrics and the gate use it. Empty: the first output shaped N×classes, or shaped like y.",
     )
     batch_size: int = Field(64, ge=1, le=65536, description="Training mini-batch size.")
     step_memory_mib: int = Field(
@@ -166,7 +179,8 @@ class TrainConfig(_Strict):
         "probability 1/count of its class (seeded), so batches are balanced on average.",
     )
     collapse_gate: CollapseGate = Field(
-        default_factory=CollapseGate, title="Collapse gate", description="Fail training when the model collapsed onto one class."
+        default_factory=CollapseGate, title="Collapse gate",
+        description="Fail training when the model collapsed onto one class, or (regression) predicts no better than the mean.",
     )
 
     @field_validator("model")
@@ -210,6 +224,106 @@ class BatchProfile(_Strict):
         return self
 
 
+def _shape_text(shape: Any) -> Any:
+    # '1x8' (the command line's and trtexec's way of writing a shape) as [1, 8].
+    if isinstance(shape, str):
+        try:
+            return [int(d) for d in shape.lower().replace("×", "x").split("x")]
+        except ValueError:
+            raise ValueError(f"got shape '{shape}', expected dimensions joined by x, e.g. 32x64") from None
+    return shape
+
+
+class ShapeProfile(_Strict):
+    """Smallest, tuned-for and largest shape of each input with axes beyond the batch that vary (a
+    sequence length, an image size): TensorRT's ``--minShapes/--optShapes/--maxShapes``.
+
+    Full shapes, batch first, as trtexec and Polygraphy take them: ``{"input_ids": [1, 8]}`` (the
+    command line: ``--min-shapes input_ids:1x8,attention_mask:1x8``). An axis whose min, opt and max
+    differ is exported dynamic and built into the engine's profile; the others must equal the dataset's.
+    Axes with the same range share one dimension (``input_ids`` and ``attention_mask``: one sequence
+    length). Axis 0 is the batch: the shapes' batch sizes are the run's batch sizes (``--min-batch``
+    and friends are the shorthand for shapes where only the batch varies). Verification and timing run
+    at the min, opt and max shape, on real samples cut to the length, or padded with ``pad_values``.
+    """
+
+    model_config = ConfigDict(title="Input shapes")
+
+    min: dict[str, list[int]] = Field(default_factory=dict, description="Smallest shape per input, batch first, e.g. {\"input_ids\": [1, 8]}.")
+    opt: dict[str, list[int]] = Field(default_factory=dict, description="Shape per input the engine is tuned for, e.g. {\"input_ids\": [32, 64]}.")
+    max: dict[str, list[int]] = Field(default_factory=dict, description="Largest shape per input, e.g. {\"input_ids\": [256, 128]}.")
+    pad_values: dict[str, float] = Field(
+        default_factory=dict,
+        description="Value that fills an input past the dataset's length, when a shape is longer than the data "
+        "(default 0 for every input: the usual padding id, and mask 0 = padding).",
+    )
+
+    @field_validator("min", "opt", "max", mode="before")
+    @classmethod
+    def _shapes(cls, v: Any) -> Any:
+        return {k: _shape_text(s) for k, s in v.items()} if isinstance(v, Mapping) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShapeProfile:
+        levels = {"min": self.min, "opt": self.opt, "max": self.max}
+        given = [k for k, v in levels.items() if v]
+        if not given:
+            return self
+        names = {k: sorted(v) for k, v in levels.items()}
+        if len({tuple(n) for n in names.values()}) != 1:
+            raise ValueError(
+                "got shapes for inputs " + ", ".join(f"{k} {names[k]}" for k in levels)
+                + ", expected min, opt and max shapes for the same inputs (TensorRT needs all three per input)"
+            )
+        for name in self.min:
+            lo, opt, hi = self.min[name], self.opt[name], self.max[name]
+            if not len(lo) == len(opt) == len(hi) or not lo:
+                raise ValueError(f"got shapes {lo}, {opt}, {hi} for '{name}', expected three shapes of the same rank (batch first)")
+            if any(d < 1 for d in (*lo, *opt, *hi)):
+                raise ValueError(f"got shapes {lo}, {opt}, {hi} for '{name}', expected every dimension >= 1")
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise ValueError(f"got shapes min {lo}, opt {opt}, max {hi} for '{name}', expected min <= opt <= max on every axis")
+        for level, shapes in levels.items():
+            batches = {s[0] for s in shapes.values()}
+            if len(batches) > 1:
+                raise ValueError(f"got {level} shapes with batch sizes {sorted(batches)}, expected one batch (axis 0) for every input")
+        return self
+
+    @property
+    def batch(self) -> tuple[int, int, int] | None:
+        """(min, opt, max) of axis 0, or None when no shape is given."""
+        if not self.max:
+            return None
+        return next(iter(self.min.values()))[0], next(iter(self.opt.values()))[0], next(iter(self.max.values()))[0]
+
+    def axes(self) -> dict[str, dict[int, tuple[int, int, int]]]:
+        """The dynamic axes beyond the batch: input -> axis -> (min, opt, max), for axes whose range is not one size."""
+        out: dict[str, dict[int, tuple[int, int, int]]] = {}
+        for name in self.max:
+            ranges = {i: (self.min[name][i], self.opt[name][i], self.max[name][i]) for i in range(1, len(self.max[name]))}
+            dyn = {i: r for i, r in ranges.items() if len(set(r)) > 1}
+            if dyn:
+                out[name] = dyn
+        return out
+
+
+class EngineProfile(BatchProfile):
+    """The profile every engine is built, verified and timed at: the batch sizes (fitted to memory on
+    a CPU backend) and the dynamic axes beyond the batch, resolved against the dataset's inputs.
+
+    Made by trtflow from ``batch`` and ``shapes`` (``tasks.shapes.engine_profile``); not a config section.
+
+    Attributes:
+        axes: input -> axis -> [min, opt, max] of each dynamic axis beyond the batch.
+        lengths: input -> axis -> the dataset's size of that axis (what real samples are cut or padded from).
+        pad_values: input -> the value that pads it past the dataset's length.
+    """
+
+    axes: dict[str, dict[int, tuple[int, int, int]]] = Field(default_factory=dict)
+    lengths: dict[str, dict[int, int]] = Field(default_factory=dict)
+    pad_values: dict[str, float] = Field(default_factory=dict)
+
+
 class Tolerance(_Strict):
     """Pass/fail thresholds of one precision. A None threshold is not checked.
 
@@ -226,17 +340,24 @@ class Tolerance(_Strict):
         description="fp16 and int8: the smallest share of compute operators (Conv, Gemm, MatMul, ...) that must run "
         "in that precision; below it the engine is not that precision and fails (0 accepts it, shown as it is).",
     )
+    max_relative_rmse: float = Field(
+        0.01, ge=0,
+        description="Largest RMS error relative to the reference's spread (per column: RMSE / std of PyTorch's values). "
+        "Judges regression outputs and outputs one value wide, where the per-sample cosine is only ±1.",
+    )
+    max_r2_drop: float = Field(0.01, ge=0, le=10, description="Regression: largest loss of R² (against the labels) against PyTorch.")
 
 
 def default_tolerances() -> dict[Precision, Tolerance]:
     """Per-precision defaults; see README's 'Tolerances' for where they come from."""
     return {
         # ORT vs eager differs by <= 5e-6 on the seed CNN; 1e-4 leaves room for other CPUs/GPUs (TF32).
-        Precision.fp32: Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1_agreement=0.999, max_accuracy_drop=0.002),
+        Precision.fp32: Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1_agreement=0.999, max_accuracy_drop=0.002, max_relative_rmse=1e-4, max_r2_drop=0.002),
         # fp16 keeps ~3 decimal digits; NVIDIA's samples use 1e-2.
-        Precision.fp16: Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.9999, min_top1_agreement=0.99, max_accuracy_drop=0.01),
+        Precision.fp16: Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.9999, min_top1_agreement=0.99, max_accuracy_drop=0.01, max_relative_rmse=1e-2, max_r2_drop=0.01),
         # Elementwise error says little for int8: judge by the task metric on real data.
-        Precision.int8: Tolerance(atol=None, rtol=None, min_cosine=0.99, min_top1_agreement=0.97, max_accuracy_drop=0.02),
+        # Regression outputs under int8: within 10% of the outputs' spread, and R² within 0.02.
+        Precision.int8: Tolerance(atol=None, rtol=None, min_cosine=0.99, min_top1_agreement=0.97, max_accuracy_drop=0.02, max_relative_rmse=0.1, max_r2_drop=0.02),
     }
 
 
@@ -418,6 +539,10 @@ class PipelineConfig(_Strict):
     )
     backend: Backend = Field(Backend.auto, description="auto: TensorRT when it and a GPU are present, else ONNX Runtime.")
     batch: BatchProfile = Field(default_factory=BatchProfile, title="Batch sizes", description="Smallest, tuned-for and largest batch of every engine.")
+    shapes: ShapeProfile = Field(
+        default_factory=ShapeProfile, title="Input shapes",
+        description="Min/opt/max shape per input for axes beyond the batch that vary (sequence lengths); empty: only the batch varies.",
+    )
     engine: EngineOptions = Field(default_factory=EngineOptions, title="Engine options", description="Threads, TensorRT workspace and TF32.")
     calibration_samples: int = Field(256, ge=1, le=100000, description="Training samples used to calibrate int8.")
     tolerances: Tolerances = Field(
@@ -434,6 +559,21 @@ class PipelineConfig(_Strict):
     @classmethod
     def _unique(cls, v: list[Precision]) -> list[Precision]:
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _batch_from_shapes(self) -> PipelineConfig:
+        # The shapes' axis 0 is the batch: it sets the batch sizes, which must not say otherwise.
+        given = self.shapes.batch
+        if given is None:
+            return self
+        clash = [f"{k} {getattr(self.batch, k)} vs {b}" for k, b in zip(("min", "opt", "max"), given) if k in self.batch.model_fields_set and getattr(self.batch, k) != b]
+        if clash:
+            raise ValueError(
+                f"got batch sizes that differ from the shapes' batch (axis 0): {', '.join(clash)}, expected the same "
+                "batch in both; drop --min-batch/--opt-batch/--max-batch (the shapes set them) or make them agree"
+            )
+        self.batch = self.batch.model_copy(update=dict(zip(("min", "opt", "max"), given)))
+        return self
 
     def tolerance(self, precision: Precision) -> Tolerance:
         """Return the thresholds of one precision."""

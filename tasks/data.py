@@ -51,8 +51,46 @@ SPLITS = ("train", "val", "test")
 _NPZ_FIX = (
     "save it with numpy.savez(path, x=inputs, y=labels): one array per input of the model's forward, named "
     "after its parameter (a single input may be called x), N samples first (N×D, N×T×D or N×C×H×W; float, or "
-    "integer for ids and masks), and y shaped N (int class labels; optional with --weights)"
+    "integer for ids and masks), and y shaped N (int class labels) or N / N×K floats (regression targets); "
+    "y is optional with --weights"
 )
+
+
+def task_of(y: np.ndarray | None, requested: str = "auto") -> str | None:
+    """What the labels hold: ``requested`` unless ``auto``; else float y -> regression, integer (or bool)
+    y -> classification; None without labels (and nothing requested)."""
+    if requested != "auto":
+        return requested
+    if y is None:
+        return None
+    return "regression" if np.issubdtype(y.dtype, np.floating) else "classification"
+
+
+def check_targets(y: np.ndarray, n: int, source: str) -> np.ndarray:
+    """Check regression targets: N or N×K finite numbers that vary; returns them as float32.
+
+    Raises:
+        DatasetError: naming the problem and the fix.
+    """
+    def fail(got: str, expected: str, because: str, fix: str = _NPZ_FIX) -> DatasetError:
+        return DatasetError(got=f"{got} in {source}", expected=expected, because=because, fix=fix,
+                            summary=f"{got}, expected {expected}; fix y and save it with numpy.savez")
+
+    if y.ndim not in (1, 2):
+        raise fail(f"y of shape {y.shape}", "regression targets of shape N or N×K", "each sample has one value, or one row of K values, to predict")
+    if len(y) != n:
+        raise fail(f"{n} samples and {len(y)} targets", "as many targets as samples", "each sample needs its target")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_) or np.issubdtype(y.dtype, np.complexfloating):
+        raise fail(f"targets of dtype {y.dtype}", "real numbers", "the model regresses numbers")
+    y = np.asarray(y, dtype=np.float32)
+    if bad := int((~np.isfinite(y)).reshape(n, -1).any(axis=1).sum()):
+        raise fail(f"NaN or inf in {bad} target(s)", "finite targets only", "one NaN poisons the loss and every weight it reaches")
+    flat = y.reshape(n, -1)
+    if n > 1 and (constant := [k for k in range(flat.shape[1]) if float(flat[:, k].std()) == 0.0]):
+        where = "every target" if flat.shape[1] == 1 else f"target column(s) {constant[:5]}"
+        raise fail(f"{where} equal to {float(flat[0, constant[0]]):.4g} for all {n} samples", "targets that vary",
+                   "a constant has nothing to learn (R² is undefined)", fix="check how y was built (a constant fill, the wrong column)")
+    return y
 
 
 def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +189,12 @@ def input_spec(name: str, arr: np.ndarray) -> dict[str, Any]:
     return {"name": name, "dtype": dtype, "shape": [int(d) for d in arr.shape[1:]]}
 
 
-def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source: str, task: str | None = "classification") -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Check every input and the labels; float inputs become float32 (mapped ones when read), integer ones stay.
+
+    Args:
+        task: ``classification`` (y: class labels, returned as int64) or ``regression`` (y: N or N×K
+            targets, returned as float32); see ``task_of``.
 
     Raises:
         DatasetError: naming the first problem and how to fix it.
@@ -192,12 +234,16 @@ def check_dataset(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, source
     if y is None:
         _check_ranges(out, source)
         return out, None
+    if task == "regression":
+        y = check_targets(y, int(n or 0), source)
+        _check_ranges(out, source)
+        return out, y
     if y.ndim != 1:
-        raise fail(f"y of shape {y.shape}", "y of rank 1 (N labels)", "each sample has one class label")
+        raise fail(f"y of shape {y.shape}", "y of rank 1 (N labels)", "each sample has one class label (for values to predict, pass --task regression)")
     if len(y) != n:
         raise fail(f"{n} samples and {len(y)} labels", "as many labels as samples (images)", "each sample needs its label")
     if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
-        raise fail(f"labels of dtype {y.dtype}", "integer class indices", "labels index the logits")
+        raise fail(f"labels of dtype {y.dtype}", "integer class indices", "labels index the logits (for values to predict, pass --task regression)")
     y = y.astype(np.int64)
     if y.min() < 0:
         raise fail(f"label {int(y.min())}", "labels in 0..num_classes-1", "labels index the logits and cannot be negative")
@@ -411,11 +457,11 @@ def split_inputs(ref: ArtifactRef, split: str, rows: slice | np.ndarray | None =
 
 
 def split_labels(ref: ArtifactRef, split: str) -> np.ndarray | None:
-    """The labels of one split (int64), or None for a dataset without labels."""
+    """The labels of one split (int64 classes; float32 targets for regression), or None without labels."""
     src = source_of(ref)
     if src.labels is None:
         return None
-    return np.asarray(src.labels)[_indices(ref)[split]].astype(np.int64)
+    return np.asarray(src.labels)[_indices(ref)[split]].astype(np.float32 if ref.meta.get("task") == "regression" else np.int64)
 
 
 def split_size(ref: ArtifactRef, split: str) -> int:
@@ -470,16 +516,21 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
         else:
             what = {"npy": "npy folder", "npz": "npz file", "npz-compressed": "compressed npz file"}[src.kind]
             source = f"{what} {path.name}"
-        inputs, y = check_dataset(src.inputs, src.labels, source)
+        task = task_of(src.labels, cfg.task)
+        inputs, y = check_dataset(src.inputs, src.labels, source, task)
         digest = content_digest(path, src)
         n = len(next(iter(inputs.values())))
-        parts = split_indices(y, cfg, n)
-        num_classes = int(y.max()) + 1 if y is not None else None
+        regression = task == "regression"
+        # Regression targets are split at random (seeded), labels stratified by class.
+        parts = split_indices(None if regression else y, cfg, n)
+        num_classes = int(y.max()) + 1 if y is not None and not regression else None
+        if regression and cfg.imbalance is not None:
+            raise ConfigError(got="--imbalance with regression targets", expected="class labels y to skew", because="imbalance thins classes of the training split", fix="drop --imbalance, or pass --task classification for class labels")
         # Only the training split is skewed: validation and test keep the natural distribution, so
         # balanced accuracy there measures what the model learnt about every class.
         if y is not None and num_classes is not None:
             parts["train"] = imbalanced_train(parts["train"], y, cfg, num_classes)
-        elif cfg.imbalance is not None:
+        elif cfg.imbalance is not None and not regression:
             raise ConfigError(got="--imbalance with a dataset without labels", expected="labels y to skew", because="imbalance thins classes of the training split", fix="drop --imbalance, or add labels y to the dataset")
         specs = [input_spec(k, v) for k, v in inputs.items()]
         meta: dict[str, Any] = {
@@ -488,18 +539,28 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
             "inputs": specs,
             "sample_shape": specs[0]["shape"],
             "has_labels": y is not None,
+            "task": task,
             "num_classes": num_classes,
             "sizes": {k: int(len(v)) for k, v in parts.items()},
         }
         meta["source"]["description"] = f"{source} (sha256 {digest})"
         if y is not None and num_classes is not None:
             meta["class_counts"] = {k: np.bincount(y[v], minlength=num_classes).tolist() for k, v in parts.items()}
+        if regression and y is not None:
+            train_y = y[parts["train"]].reshape(len(parts["train"]), -1)
+            meta["target_shape"] = [int(d) for d in y.shape[1:]]
+            meta["target_stats"] = {"mean": train_y.mean(0).tolist(), "std": train_y.std(0).tolist()}
         if cfg.imbalance is not None and y is not None:
             meta["train_majority_share"] = float(np.mean(y[parts["train"]] == cfg.majority_class))
         # Row indices, not samples: the data is read from the dataset itself, by rows, when needed.
         np.savez(out / SPLITS_FILE, **{k: v.astype(np.int64) for k, v in parts.items()})
         (out / SOURCE_FILE).write_text(json.dumps({"digest": digest, "inputs": specs, "labels": y is not None, "samples": n}, indent=2))
-        log.info("data: %s, inputs %s, %s samples, %s classes", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"], num_classes if num_classes is not None else "no labels, so no")
+        if regression and y is not None:
+            log.info("data: %s, inputs %s, %s samples, regression targets of shape N%s (%s)", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"],
+                     "".join(f"×{d}" for d in meta.get("target_shape", [])),
+                     "forced by --task regression" if cfg.task == "regression" else f"inferred from y of dtype {getattr(src.labels, 'dtype', None)}; --task classification if y holds classes")
+        else:
+            log.info("data: %s, inputs %s, %s samples, %s classes", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"], num_classes if num_classes is not None else "no labels, so no")
         return meta
 
     return run_stage(SPEC, {"cfg": cfg}, artifacts_dir, refresh, make)

@@ -11,7 +11,7 @@ from typing import Any
 from tasks.artifacts import ArtifactRef
 from tasks.backends.base import BaseRunner, EngineInfo
 from tasks.backends.registry import builder_for
-from tasks.config import Backend, BatchProfile, EngineOptions
+from tasks.config import Backend, BatchProfile, EngineOptions, ShapeProfile
 from tasks.stage import StageSpec, run_stage
 
 log = logging.getLogger("trtflow.build")
@@ -24,10 +24,19 @@ def _environment(inputs: Mapping[str, Any]) -> dict[str, str]:
     return builder_for(inputs["backend"]).environment()
 
 
+def _shapes_in_key(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    # The profile's shapes make the engine; the values that pad inputs when verifying do not.
+    batch = inputs.get("batch")
+    if isinstance(batch, BatchProfile) and getattr(batch, "pad_values", None):
+        return {**inputs, "batch": batch.model_dump(exclude={"pad_values"})}
+    return inputs
+
+
 SPEC = StageSpec(
     "build",
     __name__,
     environment=_environment,
+    key_inputs=_shapes_in_key,
 )
 
 
@@ -44,7 +53,8 @@ def engine_from_variant(
     Args:
         variant: the ``precision`` artifact to build from.
         backend: a concrete backend (``onnxruntime`` or ``tensorrt``), already resolved from ``auto``.
-        batch: min / opt / max batch of the optimization profile.
+        batch: min / opt / max batch of the optimization profile (an ``EngineProfile``: with the dynamic
+            axes beyond the batch, which every input's min / opt / max shape then holds).
         options: backend options (threads, workspace, tf32).
         artifacts_dir: root of the artifact store.
         refresh: rebuild even if an intact engine exists.
@@ -58,15 +68,20 @@ def engine_from_variant(
     options = EngineOptions.model_validate(options)
 
     def make(out: Path) -> dict[str, Any]:
+        from tasks.shapes import dynamic, full_shapes
+
         builder = builder_for(backend)
         build_options = {**options.model_dump(), "timing_cache_dir": str(Path(artifacts_dir) / ".cache" / builder.name)}
-        result = builder.engine_from_onnx(variant.path("model.onnx"), out, (batch.min, batch.opt, batch.max), build_options)
+        specs = variant.meta.get("input_specs") or []
+        shapes = full_shapes(batch, specs) if dynamic(batch) and specs else None
+        result = builder.engine_from_onnx(variant.path("model.onnx"), out, (batch.min, batch.opt, batch.max), build_options, shapes=shapes)
         info = EngineInfo.model_validate(
             {
                 **result.info,
                 "backend": builder.name,
                 "engine_file": result.engine_file,
-                "batch": batch.model_dump(),
+                "batch": {k: getattr(batch, k) for k in ("min", "opt", "max")},
+                "shapes": shapes or {},
                 "precision": variant.meta.get("precision"),
                 "environment": builder.environment(),
                 "options": options.model_dump(),
@@ -87,7 +102,28 @@ def engine_from_variant(
 _TOLD: set[tuple[str, int]] = set()
 
 
-def batch_for_memory(batch: BatchProfile, backend: Backend, checkpoint: ArtifactRef) -> BatchProfile:
+def profile_for(batch: BatchProfile, shapes: ShapeProfile, backend: Backend, checkpoint: ArtifactRef) -> BatchProfile:
+    """The profile every engine is built, verified and timed at: the batch sizes fitted to memory
+    (``batch_for_memory``, with one sample's activations scaled to the longest shape) and the shape
+    profile's dynamic axes resolved against the model's inputs (``tasks.shapes.engine_profile``).
+
+    Returns:
+        The fitted ``BatchProfile`` when only the batch varies (so batch-only runs keep their keys),
+        else an ``EngineProfile``.
+
+    Raises:
+        ConfigError: the shapes do not fit the dataset's inputs.
+    """
+    from tasks.shapes import activation_scale, engine_profile
+
+    if not shapes.max and not shapes.pad_values:
+        return batch_for_memory(batch, backend, checkpoint)
+    specs = checkpoint.meta.get("inputs") or [{"name": "x", "dtype": "float32", "shape": list(checkpoint.meta["sample_shape"])}]
+    scale = activation_scale(engine_profile(batch, shapes, specs))
+    return engine_profile(batch_for_memory(batch, backend, checkpoint, scale), shapes, specs)
+
+
+def batch_for_memory(batch: BatchProfile, backend: Backend, checkpoint: ArtifactRef, scale: float = 1.0) -> BatchProfile:
     """The profile engines are built, verified and timed at: ``batch``, with opt and max lowered when
     the engine runs on the CPU and one batch of the trained model's activations would take more than
     ``batch.cpu_memory_mib``.
@@ -102,12 +138,13 @@ def batch_for_memory(batch: BatchProfile, backend: Backend, checkpoint: Artifact
         checkpoint: the ``train`` artifact; its memory plan holds the activation bytes per sample,
             measured on a real batch (every layer's output summed: an upper bound of what an
             engine keeps alive at once).
+        scale: how much larger one sample's activations are at the longest shape than in the dataset.
 
     Returns:
         ``batch`` itself, or a copy with max the largest power of two that fits (never below min)
         and opt at most that.
     """
-    per_sample = int((checkpoint.meta.get("memory_plan") or {}).get("activation_per_sample", 0))
+    per_sample = int(scale * (checkpoint.meta.get("memory_plan") or {}).get("activation_per_sample", 0))
     if not batch.cpu_memory_mib or per_sample <= 0 or not builder_for(backend).host_memory:
         return batch
     fits = (batch.cpu_memory_mib << 20) // per_sample

@@ -299,6 +299,23 @@ class ModelCollapseError(TrtflowError):
         )
 
 
+class LearntNothingError(ModelCollapseError):
+    """A trained regressor predicts no better than the mean of y (validation R² at or below the gate's
+    minimum): it learnt nothing about its inputs. A ModelCollapseError: the same gate, for regression."""
+
+    def __init__(self, findings: list[str], report_path: str, because: str, fix: str, summary: str | None = None) -> None:
+        self.findings = findings
+        self.report_path = report_path
+        TrtflowError.__init__(
+            self,
+            got="a regressor that learnt nothing: " + "; ".join(findings),
+            expected="a validation R² above the gate's min_r2 (0 is what predicting the mean of y scores)",
+            because=because,
+            fix=f"{fix}; the validation metrics are in {report_path}",
+            summary=summary,
+        )
+
+
 class BundleError(TrtflowError):
     """A deployment bundle cannot be made (no variant passed, none meets the ship policy, a config
     Triton would refuse), or a bundle on disk does not match its ``bundle.json``."""

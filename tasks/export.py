@@ -1,14 +1,22 @@
-"""Stage ``export``: PyTorch module -> one self-contained ONNX file with a dynamic batch axis."""
+"""Stage ``export``: PyTorch module -> one self-contained ONNX file with a dynamic batch axis, and the
+dynamic axes beyond the batch that the shape profile declares (a sequence length)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import sys
+import sysconfig
+import threading
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.artifacts import ArtifactRef
+from tasks.config import ShapeProfile
 from tasks.errors import ExportError, one_line, plain
 from tasks.stage import StageSpec, run_stage
 
@@ -17,7 +25,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trtflow.export")
 
-SPEC = StageSpec("export", __name__, libraries=("torch", "onnx", "onnxscript"))
+def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Only the axes beyond the batch shape the export (the batch is always dynamic); no shapes: as before.
+    shapes = inputs.get("shapes")
+    out = {k: v for k, v in inputs.items() if k != "shapes"}
+    if shapes is not None and shapes.axes():
+        out["axes"] = shapes.axes()
+    return out
+
+
+SPEC = StageSpec("export", __name__, libraries=("torch", "onnx", "onnxscript"), key_inputs=_key_inputs)
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -29,6 +46,7 @@ def onnx_from_module(
     path: Path,
     inputs: list[dict[str, Any]] | None = None,
     outputs: list[str] | None = None,
+    dims: Sequence[tuple[str, int, int, list[tuple[str, int]]]] = (),
 ) -> dict[str, Any]:
     """Export a module with the dynamo exporter: eval mode, no grad, one shared dynamic batch, weights inside.
 
@@ -38,12 +56,15 @@ def onnx_from_module(
         path: where to write the .onnx file.
         inputs: name, dtype and sample shape of each input, in the order ``model`` takes them.
         outputs: names of the outputs, in the order ``model`` returns them (default ``logits``).
+        dims: dynamic dimensions beyond the batch (``tasks.shapes.dim_groups``): name, min, max and the
+            (input, axis) pairs sharing it; each becomes a symbolic dimension of the ONNX file.
 
     Returns:
-        opset, IR version, input and output names.
+        opset, IR version, input and output names, and ``dynamic_axes`` (input -> axis -> dimension name).
 
     Raises:
-        ExportError: the exporter cannot handle the model.
+        ExportError: the exporter cannot handle the model, or the model fixes an axis declared dynamic
+            (naming the layer and the operation that fixed it).
         ModelError: an input no operation of the model reads (a misspelt name a ``**kwargs`` forward took).
     """
     import numpy as np
@@ -57,10 +78,25 @@ def onnx_from_module(
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # Batch 2, not 1: the exporter specialises size-1 dimensions to static 1. Zeros are valid for
     # every input, ids included (index 0 exists in any embedding).
-    examples = tuple(torch.from_numpy(np.zeros((2, *s["shape"]), dtype=np.dtype(s["dtype"]))) for s in inputs)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    # One Dim object for every input: they share one batch axis (one TensorRT profile range); axes of one
+    # dimension group share theirs (input_ids and attention_mask: one sequence length).
+    per_input: list[dict[int, Any]] = [{0: batch} for _ in inputs]
+    sizes = [list(s["shape"]) for s in inputs]
+    index = {s["name"]: i for i, s in enumerate(inputs)}
+    for name, lo, hi, members in dims:
+        dim = torch.export.Dim(name, min=lo, max=hi)
+        for inp, axis in members:
+            per_input[index[inp]][axis] = dim
+            # The example lies inside the range, and is not 1 (the exporter specialises size-1 dimensions).
+            sizes[index[inp]][axis - 1] = max(min(sizes[index[inp]][axis - 1], hi), lo, min(2, hi))
+    examples = tuple(torch.from_numpy(np.zeros((2, *size), dtype=np.dtype(s["dtype"]))) for s, size in zip(inputs, sizes))
+    dynamic_shapes: Any = (tuple(per_input),) if _takes_varargs(model) else tuple(per_input)
+    declared = [d[0] for d in dims]
+    refused: list[str] = []
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _declared_axes_stay_dynamic(declared) as seen:
+            refused = seen
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
@@ -70,8 +106,7 @@ def onnx_from_module(
                 # Names are set afterwards (``_rename_values``): the exporter's own renaming can
                 # collide with internal values (an output "embedding" beside an Embedding node's
                 # "embedding" breaks single static assignment).
-                # One Dim object for every input: they share one batch axis (one TensorRT profile range).
-                dynamic_shapes=(tuple({0: batch} for _ in inputs),) if _takes_varargs(model) else tuple({0: batch} for _ in inputs),
+                dynamic_shapes=dynamic_shapes,
                 # Default is a separate .onnx.data file; one file is what TensorRT users expect to ship.
                 external_data=False,
                 verbose=False,
@@ -79,8 +114,14 @@ def onnx_from_module(
     except OSError:
         raise  # a full or failing disk is not the model's fault (the staging folder reports it)
     except Exception as exc:
+        if refused:
+            raise specialized_axis_error(model, examples, dynamic_shapes, inputs, dims) from exc
         raise export_error(exc) from exc
     proto = onnx.load(str(path), load_external_data=False)
+    static = [(inp, axis) for _, _, _, members in dims for inp, axis in members
+              if not proto.graph.input[index[inp]].type.tensor_type.shape.dim[axis].dim_param]
+    if static:
+        raise specialized_axis_error(model, examples, dynamic_shapes, inputs, dims)
     _strip_stack_traces(proto)
     wanted_in = [s["name"] for s in inputs]
     wanted_out = list(outputs or [OUTPUT_NAME])
@@ -100,7 +141,17 @@ def onnx_from_module(
         from tasks.models import unread_inputs_error
 
         raise unread_inputs_error(model, unread, wanted_in)
+    # The symbolic dimensions carry the names users see in the ONNX file (Netron, TensorRT's log).
+    dynamic_axes: dict[str, dict[int, str]] = {}
+    for name, _, _, members in dims:
+        for inp, axis in members:
+            proto.graph.input[index[inp]].type.tensor_type.shape.dim[axis].dim_param = name
+            dynamic_axes.setdefault(inp, {})[axis] = name
     onnx.save(proto, str(path))
+    # torch.export may turn a length limit into a runtime assertion (positions up to 512) that the
+    # ONNX file drops: run the file at both ends of every range, so the limit is named here.
+    if dims and (failure := _fails_at_range_ends(path, inputs, dims)) is not None:
+        raise specialized_axis_error(model, examples, dynamic_shapes, inputs, dims, runtime=failure)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
         "opset": opset,
@@ -108,6 +159,7 @@ def onnx_from_module(
         "inputs": [i.name for i in proto.graph.input],
         "outputs": [o.name for o in proto.graph.output],
         "producer": f"{proto.producer_name} {proto.producer_version}",
+        "dynamic_axes": dynamic_axes,
     }
 
 
@@ -124,6 +176,213 @@ def unread_inputs(proto: Any) -> list[str]:
 
     visit(proto.graph)
     return [i.name for i in proto.graph.input if i.name not in read]
+def _fails_at_range_ends(path: Path, inputs: Sequence[Mapping[str, Any]], dims: Sequence[tuple[str, int, int, list[tuple[str, int]]]]) -> str | None:
+    """Run the ONNX file in ONNX Runtime on one sample of zeros at the smallest and the largest size of
+    every dynamic dimension; returns what failed (shape and ONNX Runtime's message), or None."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.intra_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - the validate stage names a file ONNX Runtime cannot load
+        return None
+    for k in (1, 2):  # the min, then the max of every dimension
+        sizes = {s["name"]: list(s["shape"]) for s in inputs}
+        for _, lo, hi, members in dims:
+            for inp, axis in members:
+                sizes[inp][axis - 1] = (lo, hi)[k - 1]
+        feed = {s["name"]: np.zeros((1, *sizes[s["name"]]), dtype=np.dtype(s["dtype"])) for s in inputs}
+        try:
+            sess.run(None, feed)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's untyped errors
+            shown = ",".join(f"{n}:1x{'x'.join(map(str, d))}" for n, d in sizes.items())
+            return f"the exported file fails at {shown} in ONNX Runtime ({one_line(str(exc).split('Status Message:')[-1], 160)})"
+    return None
+
+
+#: serialises the exporter's shape-refinement patch (``_declared_axes_stay_dynamic``) between threads
+_REFINE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _declared_axes_stay_dynamic(names: Sequence[str]) -> Iterator[list[str]]:
+    """Stop the exporter from silently fixing a declared dynamic axis.
+
+    When torch.export finds that the model fixes a dynamic dimension, ``torch.onnx.export`` re-exports
+    with the dimension refined to the suggested constant, and the ONNX file comes out static without a
+    word. For the dimensions in ``names`` the refinement is refused here (the batch keeps the
+    exporter's behaviour: the validate stage names a static batch); the list yielded collects the
+    refused messages.
+    """
+    if not names:
+        yield []
+        return
+    import torch.export.dynamic_shapes as dynamic_shapes
+
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    refused: list[str] = []
+    with _REFINE_LOCK:
+        original = dynamic_shapes.refine_dynamic_shapes_from_suggested_fixes
+
+        def refine(msg: str, shapes: Any) -> Any:
+            if pattern.search(msg):
+                refused.append(msg)
+                raise RuntimeError("a dynamic axis declared by the shape profile was specialized")
+            return original(msg, shapes)
+
+        dynamic_shapes.refine_dynamic_shapes_from_suggested_fixes = refine
+        # The strict capture then logs the refused guard with a traceback at ERROR: the error names it.
+        guards_log = logging.getLogger("torch._guards")
+        level = guards_log.level
+        guards_log.setLevel(logging.CRITICAL)
+        try:
+            yield refused
+        finally:
+            dynamic_shapes.refine_dynamic_shapes_from_suggested_fixes = original
+            guards_log.setLevel(level)
+
+
+#: frames of trtflow itself and of the standard library are not where a model fixes a length
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def _library_frame(file: str, torch_dir: str) -> bool:
+    return file.startswith((torch_dir, _OWN_DIR, "<")) or (file.startswith(_STDLIB) and "site-packages" not in file)
+
+
+class _GuardLog(logging.Handler):
+    """Records the shape guards torch.export adds, each with the layer and source line that added it."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(logging.INFO)
+        self.modules = {id(m): (n, type(m).__name__) for n, m in model.named_modules()}
+        self.events: list[tuple[str, tuple[str, str] | None, tuple[str, int, str] | None]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import torch
+
+        msg = record.getMessage()
+        if not msg.startswith(("create_symbol", "set_replacement")) and "[guard added]" not in msg:
+            return
+        torch_dir = os.path.dirname(torch.__file__)
+        module, where = None, None
+        frame: Any = sys._getframe()
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if module is None and id(owner) in self.modules:
+                module = self.modules[id(owner)]
+            file = frame.f_code.co_filename
+            if where is None and not _library_frame(file, torch_dir):
+                import linecache
+
+                where = (file, frame.f_lineno, linecache.getline(file, frame.f_lineno).strip())
+            frame = frame.f_back
+        self.events.append((msg, module, where))
+
+
+def specialized_axis_error(
+    model: Any, examples: Any, dynamic_shapes: Any, inputs: Sequence[Mapping[str, Any]],
+    dims: Sequence[tuple[str, int, int, list[tuple[str, int]]]], runtime: str | None = None,
+) -> ExportError:
+    """Name what fixed or limited a dynamic axis: trace the model again with torch.export (guards, not
+    runtime assertions) and read its shape guards.
+
+    Args:
+        runtime: what failed when the exported file ran (when the export itself passed).
+
+    Returns:
+        An ExportError naming the input and axis, the layer (its name in the model and its class), the
+        source line, the operation and the guard, with the fix.
+    """
+    import torch
+    import torch.fx.experimental._config as fx_config
+
+    log_ = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handler = _GuardLog(model)
+    saved = (log_.level, log_.propagate, list(log_.handlers))
+    for h in saved[2]:
+        log_.removeHandler(h)  # torch's own handler would print every guard
+    log_.addHandler(handler)
+    log_.setLevel(logging.INFO)
+    log_.propagate = False
+    violation = ""
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+            warnings.simplefilter("ignore")
+            torch.export.export(model, examples, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001 - torch.export's UserError, or anything the model raises
+        violation = plain(str(exc))
+    finally:
+        log_.removeHandler(handler)
+        log_.setLevel(saved[0])
+        log_.propagate = saved[1]
+        for h in saved[2]:
+            log_.addHandler(h)
+    names = [s["name"] for s in inputs]
+    ranges = {(inp, axis): (name, lo, hi) for name, lo, hi, members in dims for inp, axis in members}
+    # Symbols torch.export made for each (input, axis): "create_symbol s70 = 12 for L['args'][0].size()[1] ..."
+    symbols: dict[str, tuple[str, int]] = {}
+    for msg, _, _ in handler.events:
+        m = re.match(r"create_symbol (\w+) = \d+ for L\[(?:'args'\]\[(\d+)|'(\w+)')\]\.size\(\)\[(\d+)\]", msg)
+        if m:
+            inp = names[int(m.group(2))] if m.group(2) is not None and int(m.group(2)) < len(names) else (m.group(3) or "")
+            symbols[m.group(1)] = (inp, int(m.group(4)))
+    declared = {s for s, at in symbols.items() if at in ranges}
+    # The culprit: the last guard on a declared symbol before torch.export fixed that symbol to a number,
+    # else (a limit, no fixing) the first guard that is more than the axes' own equality or a 0/1 check.
+    trivial = re.compile(r"^(Eq\(s\d+, s\d+\)|Ne\(s\d+, [01]\)|s\d+ [<>]=? [012])$")
+    fixed: dict[str, int] = {}
+    culprit = None
+    last: dict[str, tuple[str, Any, Any]] = {}
+    first = None
+    for msg, mod, where in handler.events:
+        syms = set(re.findall(r"\bs\d+\b", msg)) & declared
+        if "[guard added]" in msg and "[guard suppressed]" not in msg and syms:
+            expr = re.search(r"eval (.+?) \[guard added\]", msg)
+            if expr and trivial.match(expr.group(1).strip()):
+                continue
+            for sym in syms:
+                last[sym] = (msg, mod, where)
+            first = first or (msg, mod, where)
+        elif (m := re.match(r"set_replacement (\w+) = (-?\d+)\b", msg)) and m.group(1) in declared:
+            fixed[m.group(1)] = int(m.group(2))
+            culprit = culprit or last.get(m.group(1))
+    culprit = culprit or first
+    fix = ("make that layer independent of the length (pool or mask over the axis instead of flattening it; "
+           "positions for the longest length), or lower --max-shapes to what the model supports, or keep the axis static "
+           "(the dataset's length in --min/--opt/--max-shapes)")
+    if culprit is None:
+        inp, axis = next(iter(ranges))
+        name, lo, hi = ranges[(inp, axis)]
+        return ExportError(
+            got=f"{inp} axis {axis} declared dynamic ({lo}..{hi}) but fixed by the model ({one_line(runtime or violation, 300) or 'the exported file has it static'})",
+            expected=f"a model that runs for every {inp} length from {lo} to {hi}", because="the model's code fixes that length", fix=fix,
+            summary=f"export: the model fixes {inp} axis {axis} (declared {lo}..{hi}); make it length-independent or narrow --max-shapes",
+        )
+    msg, mod, where = culprit
+    syms = [s for s in re.findall(r"\bs\d+\b", msg) if s in declared]
+    inp, axis = symbols[syms[0]]
+    name, lo, hi = ranges[(inp, axis)]
+    expr = re.search(r"eval (.+?) \[guard added\]", msg)
+    guard = re.sub(r"\bs\d+\b", lambda m: f"{symbols[m.group(0)][0]}[{symbols[m.group(0)][1]}]" if m.group(0) in symbols else m.group(0), expr.group(1) if expr else msg)
+    op = re.search(r"\bin (\w+)\)", msg)
+    operation = op.group(1).removeprefix("meta_") if op else "an operation"
+    layer = (f"layer '{mod[0].removeprefix('model.')}' ({mod[1]})" if mod[0] not in ("", "model") else f"forward of {mod[1]}") if mod else "the model"
+    line = f" at {Path(where[0]).name}:{where[1]} ({one_line(where[2], 90)})" if where else ""
+    what = f"fixes it to {fixed[syms[0]]}" if syms[0] in fixed else f"requires {guard}"
+    return ExportError(
+        got=f"{inp} axis {axis} declared dynamic ({lo}..{hi}), but {layer}{line} {what}: operation {operation}, guard {guard}",
+        expected=f"a model that runs for every {inp} length from {lo} to {hi}",
+        because=f"{operation} in {layer} depends on the length (torch.export guard {guard}), so the ONNX file "
+        + (f"cannot run every length: {runtime}" if runtime else "would fix it"),
+        fix=fix,
+        summary=f"export: {layer}{' at ' + Path(where[0]).name + ':' + str(where[1]) if where else ''} {'fixes' if syms[0] in fixed else 'limits'} "
+        f"{inp} axis {axis} (declared {lo}..{hi}, operation {operation}); make it length-independent",
+    )
 
 
 def export_error(exc: BaseException) -> ExportError:
@@ -214,30 +473,46 @@ def _strip_stack_traces(proto: Any) -> None:
                 node.metadata_props.extend(keep)
 
 
-def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
+def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: bool = False, shapes: ShapeProfile | None = None) -> ArtifactRef:
     """Export the trained model of a ``train`` artifact.
 
+    Args:
+        checkpoint: the ``train`` artifact.
+        artifacts_dir: root of the artifact store.
+        refresh: export again even if an intact artifact exists.
+        shapes: the shape profile; its dynamic axes beyond the batch are exported dynamic (None: the batch only).
+
     Returns:
-        The ``export`` artifact with ``model.onnx``; meta has opset, IR version and tensor names.
+        The ``export`` artifact with ``model.onnx``; meta has opset, IR version, tensor names and the
+        dynamic axes (input -> axis -> symbolic dimension).
 
     Raises:
-        ExportError: the exporter cannot handle the model.
+        ExportError: the exporter cannot handle the model, or the model fixes a declared dynamic axis.
+        ConfigError: the shapes do not fit the dataset's inputs.
     """
 
     def make(out: Path) -> dict[str, Any]:
+        from tasks.shapes import export_dims
         from tasks.train import module_from_checkpoint
 
         model = module_from_checkpoint(checkpoint)
         shape = tuple(checkpoint.meta["sample_shape"])
         inputs = checkpoint.meta.get("inputs") or [{"name": INPUT_NAME, "dtype": "float32", "shape": list(shape)}]
         outputs = list(checkpoint.meta.get("outputs") or [OUTPUT_NAME])
-        meta = onnx_from_module(model, shape, out / ONNX_FILE, inputs=inputs, outputs=outputs)
+        dims = export_dims(shapes, inputs)
+        meta = onnx_from_module(model, shape, out / ONNX_FILE, inputs=inputs, outputs=outputs, dims=dims)
+        task_shape = (checkpoint.meta.get("outputs") or {}).get(checkpoint.meta.get("logits_output"))
         meta.update(
             sample_shape=list(shape), num_classes=checkpoint.meta["num_classes"], precision="fp32",
-            input_specs=inputs, logits_output=checkpoint.meta.get("logits_output"),
-            logits_width=(checkpoint.meta.get("outputs") or {}).get(checkpoint.meta.get("logits_output"), [None, checkpoint.meta["num_classes"]])[-1],
+            input_specs=inputs, logits_output=checkpoint.meta.get("logits_output"), task=checkpoint.meta.get("task", "classification"),
+            # the width validate checks the logits against; a regression output's width is y's, not checked there
+            logits_width=None if checkpoint.meta.get("task") == "regression" else (task_shape or [None, checkpoint.meta["num_classes"]])[-1],
         )
-        log.info("export: opset %s, IR %s, %s -> %s", meta["opset"], meta["ir_version"], meta["inputs"], meta["outputs"])
+        log.info("export: opset %s, IR %s, %s -> %s%s", meta["opset"], meta["ir_version"], meta["inputs"], meta["outputs"],
+                 f", dynamic axes {meta['dynamic_axes']}" if meta["dynamic_axes"] else "")
         return meta
 
-    return run_stage(SPEC, {"checkpoint": checkpoint}, artifacts_dir, refresh, make)
+    inputs: dict[str, Any] = {"checkpoint": checkpoint}
+    if shapes is not None:
+        inputs["shapes"] = shapes
+    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)

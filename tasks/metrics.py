@@ -1,9 +1,9 @@
-"""Classification metrics and the collapse gate, as pure numpy functions.
+"""Classification and regression metrics, the collapse gate and the "learnt nothing" gate.
 
-Shared by the train stage (validation report, collapse gate) and the verify stage (balanced accuracy
-of engine and reference). No scikit-learn: the few formulas are spelled out, with scikit-learn's
+Shared by the train stage (validation report, gates) and the verify stage (balanced accuracy, R² of
+engine and reference). The classification formulas are spelled out in numpy, with scikit-learn's
 conventions (balanced accuracy averages recall over the classes present in the labels; macro F1 over
-the classes present in labels or predictions).
+the classes present in labels or predictions); regression uses ``sklearn.metrics`` itself.
 """
 
 from __future__ import annotations
@@ -138,4 +138,67 @@ def collapse_findings(metrics: dict[str, Any], gate: CollapseGate) -> list[str]:
             f"balanced accuracy {bal:.3f} is below chance {chance:.3f} + min_balanced_accuracy_over_chance "
             f"{gate.min_balanced_accuracy_over_chance:.3f} = {floor:.3f}"
         )
+    return found
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, y_train: np.ndarray | None = None) -> dict[str, Any]:
+    """MAE, RMSE and R² of predictions (``sklearn.metrics``), overall and per target, and how much the
+    predictions vary.
+
+    Args:
+        y_true: targets, N or N×K.
+        y_pred: predictions of the same number of values per sample (N×1 matches N).
+        y_train: training targets: adds the R² of always predicting their mean (the baseline the gate
+            compares with, about 0).
+
+    Returns:
+        JSON-able dict: samples, targets, mae, rmse, r2 (mean over targets), per_target (mae, rmse,
+        r2, target_std, prediction_std, mean_error: the predictions' bias), prediction_std (smallest
+        over targets) and, with ``y_train``, r2_of_train_mean.
+    """
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    t = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    p = np.asarray(y_pred, dtype=np.float64).reshape(len(y_pred), -1)
+    per = [
+        {
+            "target": k,
+            "mae": float(mean_absolute_error(t[:, k], p[:, k])),
+            "rmse": float(np.sqrt(mean_squared_error(t[:, k], p[:, k]))),
+            "r2": float(r2_score(t[:, k], p[:, k])) if len(t) > 1 else float("nan"),
+            "target_std": float(t[:, k].std()),
+            "prediction_std": float(p[:, k].std()),
+            "mean_error": float((p[:, k] - t[:, k]).mean()),
+        }
+        for k in range(t.shape[1])
+    ]
+    out: dict[str, Any] = {
+        "samples": int(len(t)),
+        "targets": int(t.shape[1]),
+        "mae": float(mean_absolute_error(t, p)),
+        "rmse": float(np.sqrt(mean_squared_error(t, p))),
+        "r2": float(np.mean([r["r2"] for r in per])),
+        "per_target": per,
+        "prediction_std": float(min(r["prediction_std"] for r in per)),
+    }
+    if y_train is not None:
+        mean = np.asarray(y_train, dtype=np.float64).reshape(len(y_train), -1).mean(0)
+        out["r2_of_train_mean"] = float(r2_score(t, np.broadcast_to(mean, t.shape), multioutput="uniform_average")) if len(t) > 1 else float("nan")
+    return out
+
+
+def learnt_nothing_findings(metrics: dict[str, Any], gate: CollapseGate) -> list[str]:
+    """Apply the regression gate to ``regression_metrics``: R² at or below ``gate.min_r2`` means the
+    model predicts no better than the mean of y (R² 0), so it learnt nothing about its inputs.
+
+    Returns:
+        One sentence per finding; empty when the model passes or the gate is off.
+    """
+    if not gate.enabled or not metrics["samples"]:
+        return []
+    r2 = metrics["r2"]
+    found = []
+    # NaN (too few samples) fails too: a model that cannot be judged must not ship.
+    if not r2 > gate.min_r2:
+        found.append(f"validation R² {r2:.3f} is at or below min_r2 {gate.min_r2:g} (0: always predicting the mean of y)")
     return found

@@ -26,10 +26,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: keyword arguments trtflow knows how to fill from the dataset, passed only when the factory names them:
-#: num_classes (labels 0..K-1: K; only when the dataset has labels), in_channels (axis 1 of the first
-#: input, e.g. C of N×C×H×W; only for inputs of rank 3 or more), in_features (the last axis of the first
-#: input, e.g. D of N×D or N×T×D), input_shape (the first input's shape without the batch axis, a tuple).
-KNOWN_KWARGS = ("num_classes", "in_channels", "in_features", "input_shape")
+#: num_classes (labels 0..K-1: K; only when the dataset has class labels), num_outputs (regression: K
+#: targets per sample, 1 for y of shape N; only for regression), in_channels (axis 1 of the
+#: first input, e.g. C of N×C×H×W; only for inputs of rank 3 or more), in_features (the last axis of the
+#: first input, e.g. D of N×D or N×T×D), input_shape (the first input's shape without the batch axis, a tuple).
+KNOWN_KWARGS = ("num_classes", "num_outputs", "in_channels", "in_features", "input_shape")
 #: the name of a model's only output when it returns a single tensor
 SINGLE_OUTPUT = "logits"
 DEFAULT_MODEL = "tasks.models:default_model"
@@ -78,11 +79,16 @@ def SmallMLP(input_shape: Sequence[int], num_classes: int = 10, hidden: int = 12
     return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
-def default_model(input_shape: Sequence[int], num_classes: int = 10) -> nn.Module:
-    """The default model, chosen by the input's rank: the CNN for images (C×H×W), an MLP otherwise."""
+def default_model(input_shape: Sequence[int], num_classes: int | None = None, num_outputs: int | None = None) -> nn.Module:
+    """The default model, chosen by the input's rank: the CNN for images (C×H×W), an MLP otherwise.
+
+    Its output has ``num_outputs`` values per sample (class logits, or regression targets), by default
+    ``num_classes`` (10 when neither is given).
+    """
+    width = int(num_outputs or num_classes or 10)
     if len(input_shape) == 3:
-        return SmallCNN(num_classes=num_classes, in_channels=int(input_shape[0]))
-    return SmallMLP(input_shape, num_classes=num_classes)
+        return SmallCNN(num_classes=width, in_channels=int(input_shape[0]))
+    return SmallMLP(input_shape, num_classes=width)
 
 
 def factory_from_path(path: str) -> Any:
@@ -143,7 +149,7 @@ def _not_a_factory(path: str, why: str) -> ModelError:
     )
 
 
-def known_kwargs(input_shape: Sequence[int], num_classes: int | None) -> dict[str, Any]:
+def known_kwargs(input_shape: Sequence[int], num_classes: int | None, num_outputs: int | None = None) -> dict[str, Any]:
     """The values of ``KNOWN_KWARGS`` for a dataset (see there for what each means)."""
     shape = tuple(int(d) for d in input_shape)
     out: dict[str, Any] = {"input_shape": shape}
@@ -153,6 +159,8 @@ def known_kwargs(input_shape: Sequence[int], num_classes: int | None) -> dict[st
         out["in_channels"] = shape[0]
     if num_classes is not None:
         out["num_classes"] = int(num_classes)
+    if num_outputs is not None:
+        out["num_outputs"] = int(num_outputs)
     return out
 
 
@@ -221,7 +229,7 @@ def model_from_path(path: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def build_model(path: str, input_shape: Sequence[int], num_classes: int | None, extra: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(path: str, input_shape: Sequence[int], num_classes: int | None, extra: Mapping[str, Any], num_outputs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build a user's (or the default) model for a dataset.
 
     Returns:
@@ -231,7 +239,7 @@ def build_model(path: str, input_shape: Sequence[int], num_classes: int | None, 
         ModelError: as ``factory_kwargs`` and ``model_from_path``.
     """
     factory = factory_from_path(path)
-    kwargs = factory_kwargs(factory, path, known_kwargs(input_shape, num_classes), extra)
+    kwargs = factory_kwargs(factory, path, known_kwargs(input_shape, num_classes, num_outputs), extra)
     model = model_from_path(path, kwargs)
     return model, {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 

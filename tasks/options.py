@@ -69,6 +69,21 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _shapes(flag: str) -> Callable[[str], dict[str, list[int]]]:
+    def parse(text: str) -> dict[str, list[int]]:
+        from tasks.shapes import parse_shapes
+
+        return parse_shapes(text, flag)
+
+    return parse
+
+
+def _pad_values(text: str) -> dict[str, float]:
+    from tasks.shapes import parse_pad_values
+
+    return parse_pad_values(text)
+
+
 def _opt(flag: str, *paths: str, **kw: Any) -> Option:
     return Option(flag, paths, **kw)
 
@@ -77,6 +92,7 @@ def _opt(flag: str, *paths: str, **kw: Any) -> Option:
 OPTIONS: dict[str, list[Option]] = {
     "data and model": [
         _opt("--dataset", "data.dataset"),
+        _opt("--task", "data.task", help="What y holds: auto (integer y: classes, float y: regression targets), classification or regression."),
         _opt("--model", "train.model", help="Model factory 'package.module:callable': an nn.Module subclass or a function."),
         _opt("--model-kwargs", "train.model_kwargs", metavar="JSON", parse=_json_object, help="Extra keyword arguments of the factory, e.g. '{\"hidden\": 64}'."),
         _opt("--weights", "train.weights", help="Trained weights (state_dict .pt, checkpoint dict, or .safetensors); without --epochs nothing is trained."),
@@ -92,7 +108,8 @@ OPTIONS: dict[str, list[Option]] = {
         _opt("--majority-class", "data.majority_class", metavar="K"),
         _opt("--max-majority-share", "train.collapse_gate.max_majority_prediction_share", help="Collapse gate: largest share of predictions one class may take."),
         _opt("--min-balanced-accuracy-over-chance", "train.collapse_gate.min_balanced_accuracy_over_chance", help="Collapse gate: balanced accuracy must beat 1/classes by this."),
-        _opt("--no-collapse-gate", "train.collapse_gate.enabled", switch=False, help="Record the metrics but never fail on a collapsed model."),
+        _opt("--min-r2", "train.collapse_gate.min_r2", help="Regression gate: the validation R² must be above this (0: no better than the mean)."),
+        _opt("--no-collapse-gate", "train.collapse_gate.enabled", switch=False, help="Record the metrics but never fail on a collapsed model (or, regression, one that learnt nothing)."),
     ],
     "engines": [
         _opt("--precisions", "precisions", parse=_precisions, metavar="LIST", help="Comma-separated engines to build and verify: fp32,fp16,int8."),
@@ -100,6 +117,10 @@ OPTIONS: dict[str, list[Option]] = {
         _opt("--min-batch", "batch.min"),
         _opt("--opt-batch", "batch.opt"),
         _opt("--max-batch", "batch.max"),
+        _opt("--min-shapes", "shapes.min", metavar="NAME:SHAPE,...", parse=_shapes("--min-shapes"), help="Smallest shape per input, batch first, as trtexec: input_ids:1x8,attention_mask:1x8 (axes that vary become dynamic)."),
+        _opt("--opt-shapes", "shapes.opt", metavar="NAME:SHAPE,...", parse=_shapes("--opt-shapes"), help="Shape per input the engines are tuned for, e.g. input_ids:32x64,attention_mask:32x64."),
+        _opt("--max-shapes", "shapes.max", metavar="NAME:SHAPE,...", parse=_shapes("--max-shapes"), help="Largest shape per input, e.g. input_ids:256x128,attention_mask:256x128."),
+        _opt("--pad-values", "shapes.pad_values", metavar="NAME:VALUE,...", parse=_pad_values, help="Value that pads an input past the dataset's length when a shape is longer (default 0), e.g. input_ids:1."),
         _opt("--cpu-batch-memory-mib", "batch.cpu_memory_mib", metavar="MIB", help="On a CPU backend, most activation memory of one engine batch; opt and max are lowered to fit (0: keep them)."),
         _opt("--calibration-samples", "calibration_samples"),
         _opt("--no-tf32", "engine.tf32", switch=False, help="Strict fp32 in TensorRT engines (no TF32)."),
@@ -168,7 +189,7 @@ def _shown(value: Any) -> str:
         return str(value.value)
     if isinstance(value, list):
         return ",".join(_shown(v) for v in value) or "none"
-    if value is None:
+    if value is None or value == {}:
         return "none"
     return str(value)
 

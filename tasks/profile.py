@@ -1,7 +1,8 @@
 """Stage ``profile``: how fast each engine is, next to PyTorch eager on the same inputs.
 
 For every engine it measures latency (p50/p90/p99) at batch 1 and throughput (samples/s) at the
-profile's maximum batch, after warm-up, with as many runs as ``ProfileConfig`` asks for (adaptive: at
+profile's maximum batch (with dynamic axes beyond the batch: at the profile's min, opt and max shape,
+latency being the min shape's and throughput the max shape's), after warm-up, with as many runs as ``ProfileConfig`` asks for (adaptive: at
 least ``min_seconds`` of timed work and ``min_iterations`` runs, capped at ``max_seconds``). PyTorch
 eager is measured once per checkpoint, batch, thread count and machine, in its own artifact
 (``profile-torch``), so three precisions share one reference measurement.
@@ -201,14 +202,40 @@ def speedup(engine: Mapping[str, Any], torch: Mapping[str, Any]) -> dict[str, fl
 
 def inputs_of(data: ArtifactRef, batches: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
     """Real test samples at each batch size, input name -> array (the test split tiled when a batch is larger)."""
-    from tasks.data import split_inputs, split_size
+    return {b: inputs_at(data, b) for b in batches}
 
-    n = split_size(data, "test")
-    out = {}
-    for b in batches:
-        rows = np.arange(b) % n  # only the rows used are read
-        out[b] = {k: np.ascontiguousarray(v) for k, v in split_inputs(data, "test", rows).items()}
-    return out
+
+def inputs_at(data: ArtifactRef, batch: int, lengths: Mapping[str, Mapping[int, int]] | None = None, pad_values: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Real test samples: ``batch`` rows (the test split tiled when larger), cut or padded to ``lengths``."""
+    from tasks.data import split_inputs, split_size
+    from tasks.shapes import fit_lengths
+
+    rows = np.arange(batch) % split_size(data, "test")  # only the rows used are read
+    feed = {k: np.ascontiguousarray(v) for k, v in split_inputs(data, "test", rows).items()}
+    return fit_lengths(feed, lengths, pad_values) if lengths else feed
+
+
+def timed_shapes(batch: BatchProfile) -> dict[str, tuple[int, dict[str, dict[int, int]], str]]:
+    """What is timed: name -> (batch, lengths, shape text).
+
+    ``latency`` at batch 1 (or the profile's min) and ``throughput`` at the max batch; with dynamic axes
+    beyond the batch, the profile's ``min``, ``opt`` and ``max`` shapes (latency is then the min shape's
+    measurement, throughput the max shape's).
+    """
+    from tasks.shapes import dynamic, shape_points
+
+    if not dynamic(batch):
+        lat_b, thr_b = batches_of(batch)
+        return {"latency": (lat_b, {}, f"batch {lat_b}"), "throughput": (thr_b, {}, f"batch {thr_b}")}
+    return {p.level: (p.batch, p.lengths, p.text()) for p in shape_points(batch)}
+
+
+def _headline(measured: dict[str, Any]) -> dict[str, Any]:
+    """latency / throughput of a set of measurements by shape (the min and max shapes), plus by_shape."""
+    if "latency" in measured:
+        return measured
+    levels = list(measured)
+    return {"latency": measured[levels[0]], "throughput": measured[levels[-1]], "by_shape": [{"level": k, **v} for k, v in measured.items()]}
 
 
 def batches_of(batch: BatchProfile) -> tuple[int, int]:
@@ -272,8 +299,9 @@ def _torch_measurement(
 
     used = device if device == "cpu" or torch.cuda.is_available() else "cpu"
     model = module_from_checkpoint(checkpoint).to(used)
-    lat_b, thr_b = batches_of(batch)
-    xs = {b: [torch.from_numpy(a).to(used) for a in feed.values()] for b, feed in inputs_of(data, (lat_b, thr_b)).items()}
+    plan = timed_shapes(batch)
+    pads = getattr(batch, "pad_values", None)
+    xs = {k: [torch.from_numpy(a).to(used) for a in inputs_at(data, b, lengths, pads).values()] for k, (b, lengths, _) in plan.items()}
 
     def runner(x: Any) -> Callable[[int], list[float]]:
         def run(n: int) -> list[float]:
@@ -299,8 +327,7 @@ def _torch_measurement(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        latency = measurement(timed_runs(runner(xs[lat_b]), settings), lat_b)
-        throughput = measurement(timed_runs(runner(xs[thr_b]), settings), thr_b)
+        measured = {k: {**measurement(timed_runs(runner(xs[k]), settings), b), "shape": text} for k, (b, _, text) in plan.items()}
     finally:
         torch.set_num_threads(before)
     meta = {
@@ -309,8 +336,7 @@ def _torch_measurement(
         "timer": "cuda_events" if used == "cuda" else "perf_counter_ns",
         "threads": threads,
         "machine": machine(),
-        "latency": latency,
-        "throughput": throughput,
+        **_headline(measured),
         "checkpoint_digest": checkpoint.digest,
     }
     return meta
@@ -353,13 +379,14 @@ def profile_of_engine(
         # artifacts folder, e.g. Dask workers (a file lock).
         with _LOCK, key_lock(artifacts_dir, SPEC.name, MEASURING):
             reference = torch_profile(checkpoint, data, batch, settings, threads, _torch_device(engine), artifacts_dir, refresh=refresh)
-            lat_b, thr_b = batches_of(batch)
-            xs = inputs_of(data, (lat_b, thr_b))
+            plan = timed_shapes(batch)
+            pads = getattr(batch, "pad_values", None)
+            xs = {k: inputs_at(data, b, lengths, pads) for k, (b, lengths, _) in plan.items()}
             with runner_from_build(engine) as runner:
-                latency = measurement(timed_runs(lambda n: runner.time_infer(xs[lat_b], n), settings), lat_b)
-                throughput = measurement(timed_runs(lambda n: runner.time_infer(xs[thr_b], n), settings), thr_b)
+                measured = {k: {**measurement(timed_runs(lambda n, k=k: runner.time_infer(xs[k], n), settings), b), "shape": text} for k, (b, _, text) in plan.items()}
                 timer, engine_threads = runner.timer, getattr(runner, "threads", None)
-        measured = {"latency": latency, "throughput": throughput}
+        measured = _headline(measured)
+        lat_b, thr_b = measured["latency"]["batch"], measured["throughput"]["batch"]
         info = engine_info(engine)
         report = {
             "precision": info.precision,
@@ -369,7 +396,7 @@ def profile_of_engine(
             "threads": {"engine": engine_threads, "torch": threads},
             "settings": settings.model_dump(),
             "engine": measured,
-            "torch": {k: reference.meta[k] for k in ("runtime", "device", "timer", "threads", "latency", "throughput")},
+            "torch": {k: reference.meta[k] for k in ("runtime", "device", "timer", "threads", "latency", "throughput", "by_shape") if k in reference.meta},
             "speedup": speedup(measured, reference.meta),
             "engine_digest": engine.digest,
         }
@@ -409,6 +436,12 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
         },
         "speedup": report["speedup"],
         "iterations": {"latency": engine["latency"]["iterations"], "throughput": engine["throughput"]["iterations"]},
+        # the shapes timed, as the report lists them (with dynamic axes: min, opt and max)
+        "shapes": [
+            {"level": m["level"], "shape": m.get("shape"), "batch": m["batch"], "p50_ms": m["p50_ms"], "samples_per_s": m["samples_per_s"],
+             "torch_p50_ms": t.get("p50_ms"), "torch_samples_per_s": t.get("samples_per_s")}
+            for m, t in zip(engine.get("by_shape") or [], torch.get("by_shape") or [{}] * len(engine.get("by_shape") or []))
+        ] or [{"level": k, "shape": engine[k].get("shape"), "batch": engine[k]["batch"], "p50_ms": engine[k]["p50_ms"], "samples_per_s": engine[k]["samples_per_s"]} for k in ("latency", "throughput")],
     }
 
 
@@ -459,6 +492,12 @@ def speed_markdown(precisions: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"{(s['samples_per_s'] or 0):.0f} ({s['throughput_batch']}) | {t['latency_ms']['p50']:.3f} | "
             f"{(t['samples_per_s'] or 0):.0f} | {_fmt_x(s['speedup']['latency_p50'])} | {_fmt_x(s['speedup']['throughput'])} |"
         )
+    by_shape = [(p, x) for p, s in rows if "error" not in s for x in s.get("shapes") or [] if x.get("level") in ("min", "opt", "max")]
+    if by_shape:
+        lines += ["", "Every shape timed (latency above: the min shape; throughput: the max shape):", "",
+                  "| precision | shape | p50 ms | samples/s | PyTorch p50 ms | PyTorch samples/s |", "|---|---|---|---|---|---|"]
+        for p, x in by_shape:
+            lines.append(f"| {p} | {x['shape']} | {x['p50_ms']:.3f} | {(x['samples_per_s'] or 0):.0f} | {(x.get('torch_p50_ms') or 0):.3f} | {(x.get('torch_samples_per_s') or 0):.0f} |")
     return lines
 
 

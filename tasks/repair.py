@@ -286,7 +286,7 @@ SPEC = StageSpec(
 ERRORS_FILE = "node_errors.json"
 REPORT = "repair.json"
 #: the verification figures a repair report shows before and after
-FIGURES = ("numerics", "compute", "finite_share", "max_abs", "min_cosine", "top1_agreement", "accuracy", "accuracy_drop")
+FIGURES = ("numerics", "compute", "finite_share", "max_abs", "min_cosine", "top1_agreement", "accuracy", "accuracy_drop", "max_relative_rmse", "r2_drop")
 
 
 def sensitivity_of_variant(

@@ -39,7 +39,7 @@ def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**inputs, "cfg": cfg.model_copy(update={"weights": None}), "weights": {"file": path.name, "digest": digest}}
 
 
-SPEC = StageSpec("train", __name__, libraries=("torch", "numpy"), key_inputs=_key_inputs)
+SPEC = StageSpec("train", __name__, libraries=("torch", "numpy", "scikit-learn"), key_inputs=_key_inputs)
 CHECKPOINT = "model.pt"
 HISTORY = "history.json"
 METRICS = "metrics.json"
@@ -106,15 +106,20 @@ def eval_batch(data: ArtifactRef, limit: int = 256, budget: int = 256 << 20) -> 
     return rows_for_memory(sample_bytes(data), limit, budget)
 
 
-def predict_split(model: nn.Module, data: ArtifactRef, split: str, batch_size: int | None = None, progress: Progress | None = None) -> list[np.ndarray]:
+def predict_split(
+    model: nn.Module, data: ArtifactRef, split: str, batch_size: int | None = None, progress: Progress | None = None,
+    fit: Any = None,
+) -> list[np.ndarray]:
     """``predict_outputs`` over one split of a ``data`` artifact, reading ``batch_size`` rows at a time
-    (default ``eval_batch``: bounded memory for large samples); ``progress`` counts the samples done."""
+    (default ``eval_batch``: bounded memory for large samples); ``progress`` counts the samples done;
+    ``fit`` changes each batch of inputs first (``tasks.shapes.fit_lengths``: cut or pad to a length)."""
     from tasks.data import split_batches
 
     batch_size = batch_size or eval_batch(data)
 
     chunks: list[list[np.ndarray]] = []
     for _, feed in split_batches(data, split, batch_size):
+        feed = fit(feed) if fit is not None else feed
         outs = predict_outputs(model, feed, batch_size)
         if progress is not None:
             rows = len(next(iter(feed.values())))
@@ -140,7 +145,7 @@ class Prepared:
         kwargs: the keyword arguments its factory got.
         binding: dataset input -> forward parameter (see ``tasks.models.input_binding``).
         outputs: output name -> shape on the trial batch, in output order.
-        logits: the output holding the class logits, or None (no labels).
+        logits: the task's output (class logits, or a regression's prediction), or None (no labels).
     """
 
     model: nn.Module
@@ -211,6 +216,34 @@ def choose_logits(outputs: Mapping[str, Sequence[int]], num_classes: int | None,
     )
 
 
+def choose_prediction(outputs: Mapping[str, Sequence[int]], target_shape: Sequence[int], requested: str | None) -> str:
+    """The output a regression judges: ``requested``, else the first shaped like y (N×K; N or N×1 for y of shape N).
+
+    Raises:
+        ModelError: no such output, or none fits the targets.
+    """
+    want = [int(d) for d in target_shape]
+    fits = (lambda s: list(s[1:]) in ([], [1])) if not want else (lambda s: list(s[1:]) == want)
+    shown = ", ".join(f"{k} (N{''.join(f'×{d}' for d in s[1:])})" for k, s in outputs.items())
+    y_shape = "N" + "".join(f"×{d}" for d in want)
+    if requested is not None:
+        if requested not in outputs:
+            raise ModelError(got=f"--logits-output '{requested}'", expected=f"one of the model's outputs: {shown}", because="regression metrics are computed on that output", fix="pass one of those names to --logits-output")
+        if not fits(outputs[requested]):
+            raise ModelError(got=f"output '{requested}' of shape N{''.join(f'×{d}' for d in outputs[requested][1:])}", expected=f"predictions shaped like y ({y_shape})", because="each prediction is compared with its target", fix="name the output that predicts y with --logits-output")
+        return requested
+    for k, shape in outputs.items():
+        if fits(shape):
+            return k
+    raise ModelError(
+        got=f"output {shown}" if len(outputs) == 1 else f"outputs {shown}",
+        expected=f"a prediction shaped like y ({y_shape}{' or N×1' if not want else ''})",
+        because="the dataset holds regression targets (float y), and one output must predict them",
+        fix="make the model return one value per target (its factory gets num_outputs), name that output with --logits-output, "
+        "or pass --task classification if y holds class labels",
+    )
+
+
 def prepare_model(data: ArtifactRef, cfg: TrainConfig) -> Prepared:
     """Build the model for the dataset, load the weights, and run one real batch through it.
 
@@ -227,6 +260,9 @@ def prepare_model(data: ArtifactRef, cfg: TrainConfig) -> Prepared:
 
     specs = input_specs(data)
     num_classes = data.meta.get("num_classes")
+    regression = data.meta.get("task") == "regression"
+    labelled = bool(data.meta.get("has_labels", num_classes is not None))
+    num_outputs = int(np.prod(data.meta.get("target_shape") or [1])) if regression else None
     if cfg.model == DEFAULT_MODEL and (len(specs) != 1 or not np.issubdtype(np.dtype(specs[0]["dtype"]), np.floating)):
         raise ModelError(
             got=f"the default model for inputs {[(s['name'], s['dtype']) for s in specs]}",
@@ -234,10 +270,10 @@ def prepare_model(data: ArtifactRef, cfg: TrainConfig) -> Prepared:
             because="the default model cannot know what ids, masks or several inputs mean",
             fix="pass your model with --model package.module:callable",
         )
-    if num_classes is None and cfg.model == DEFAULT_MODEL:
+    if not labelled and cfg.model == DEFAULT_MODEL:
         raise ModelError(got="the default model with a dataset without labels", expected="--model and --weights", because="without labels there is nothing to train the default model on", fix="add labels y to the dataset, or pass --model and --weights")
     torch.manual_seed(cfg.seed)
-    model, kwargs = build_model(cfg.model, specs[0]["shape"], num_classes, cfg.model_kwargs)
+    model, kwargs = build_model(cfg.model, specs[0]["shape"], num_classes, cfg.model_kwargs, num_outputs)
     binding = input_binding(model, [s["name"] for s in specs])
     n = min(2, int(data.meta["sizes"]["train"]))
     feed = split_inputs(data, "train", slice(0, n))
@@ -272,7 +308,10 @@ def prepare_model(data: ArtifactRef, cfg: TrainConfig) -> Prepared:
     if len({name.lower() for name in outputs} | {s["name"].lower() for s in specs}) < len(outputs) + len(specs):
         clash = sorted({name for name in outputs} & {s["name"] for s in specs})
         raise ModelError(got=f"outputs named like inputs ({clash})", expected="distinct input and output names", because="an ONNX graph names every tensor once", fix="rename the dataset input or the output")
-    logits = choose_logits(outputs, num_classes, cfg.logits_output)
+    if regression and labelled:
+        logits: str | None = choose_prediction(outputs, data.meta.get("target_shape") or [], cfg.logits_output)
+    else:
+        logits = choose_logits(outputs, num_classes, cfg.logits_output)
     return Prepared(model=model, kwargs=kwargs, binding=binding, outputs=outputs, logits=logits)
 
 
@@ -391,8 +430,23 @@ def micro_batch(batch: int, per_sample: float, budget_mib: int, model: nn.Module
     return int(min(batch, max(least, (budget_mib << 20) // max(int(per_sample), 1))))
 
 
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, inv_var: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean squared error in units of each target's training variance: each of K targets weighs the
+    same whatever its scale, and 1.0 is what predicting the mean scores (so the loss reads as 1 - R²).
+
+    Args:
+        pred: N×K (or N, N×1 for one target) predictions.
+        target: the targets, N×K or N.
+        inv_var: K values, 1 / the training variance of each target.
+        reduction: ``mean`` over samples, or ``sum`` (each sample's mean over its targets, summed).
+    """
+    err = ((pred.reshape(len(pred), -1) - target.reshape(len(target), -1)) ** 2 * inv_var).mean(1)
+    return err.mean() if reduction == "mean" else err.sum()
+
+
 def backward_batch(
-    bound: nn.Module, at: int, data: ArtifactRef, idx: torch.Tensor, labels: torch.Tensor, loss_fn: nn.CrossEntropyLoss, micro: int | None = None
+    bound: nn.Module, at: int, data: ArtifactRef, idx: torch.Tensor, labels: torch.Tensor, loss_fn: nn.CrossEntropyLoss, micro: int | None = None,
+    inv_var: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """Forward and backward one training batch; gradients accumulate on the model's parameters.
 
@@ -406,9 +460,11 @@ def backward_batch(
         data: the ``data`` artifact; ``idx`` are rows of its train split, ``labels`` the split's labels.
         loss_fn: the (mean-reduced, possibly class-weighted) cross-entropy.
         micro: rows per pass (None: the whole batch at once).
+        inv_var: regression: 1 / each target's training variance; the loss is then ``regression_loss``
+            (``labels`` are float targets, and no prediction counts as correct).
 
     Returns:
-        The batch's mean loss and the number of correct top-1 predictions.
+        The batch's mean loss and the number of correct top-1 predictions (0 for regression).
     """
     import torch
 
@@ -417,11 +473,11 @@ def backward_batch(
     if micro is None or micro >= len(idx):
         feed = split_inputs(data, "train", idx.numpy())
         logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
-        loss = loss_fn(logits, labels[idx])
+        loss = loss_fn(logits, labels[idx]) if inv_var is None else regression_loss(logits, labels[idx], inv_var)
         loss.backward()
-        return loss.item(), int((logits.argmax(1) == labels[idx]).sum())
+        return loss.item(), int((logits.argmax(1) == labels[idx]).sum()) if inv_var is None else 0
     weight = loss_fn.weight
-    denom = float(weight[labels[idx]].sum()) if weight is not None else float(len(idx))
+    denom = float(weight[labels[idx]].sum()) if weight is not None and inv_var is None else float(len(idx))
     total, correct = 0.0, 0
     parts = -(-len(idx) // micro)
     if micro >= 2 and len(idx) // parts < 2:
@@ -429,10 +485,13 @@ def backward_batch(
     for part in torch.tensor_split(idx, parts):
         feed = split_inputs(data, "train", part.numpy())
         logits = bound(*(torch.from_numpy(a) for a in feed.values()))[at]
-        loss = torch.nn.functional.cross_entropy(logits, labels[part], weight=weight, reduction="sum") / denom
+        if inv_var is None:
+            loss = torch.nn.functional.cross_entropy(logits, labels[part], weight=weight, reduction="sum") / denom
+        else:
+            loss = regression_loss(logits, labels[part], inv_var, reduction="sum") / denom
         loss.backward()
         total += loss.item()
-        correct += int((logits.argmax(1) == labels[part]).sum())
+        correct += int((logits.argmax(1) == labels[part]).sum()) if inv_var is None else 0
         del logits, loss  # this micro-batch's activations go before the next one's
     return total, correct
 
@@ -469,14 +528,17 @@ def train_model(
     if epochs == 0:
         return model.eval(), []
     num_classes = data.meta.get("num_classes")
+    regression = data.meta.get("task") == "regression"
     y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")
-    if y_tr is None or y_val is None or num_classes is None or prepared.logits is None:
-        raise ModelError(got=f"--epochs {epochs} with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or pass --weights without --epochs to convert the model as it is")
+    if y_tr is None or y_val is None or (num_classes is None and not regression) or prepared.logits is None:
+        raise ModelError(got=f"--epochs {epochs} with a dataset without labels", expected="labels y to train on", because="training minimises the loss against the labels", fix="add labels y to the dataset, or pass --weights without --epochs to convert the model as it is")
     bound = bind(model, prepared.binding)
     at = list(prepared.outputs).index(prepared.logits)
     batch_norm = has_batch_norm(model)
 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if regression:
+        return _train_regression(model, bound, at, data, cfg, y_tr, y_val, opt, batch_norm, progress, micro)
     counts = np.bincount(y_tr, minlength=num_classes).astype(np.float64)
     # Validation loss stays unweighted, so it is comparable between balance settings.
     eval_loss_fn = torch.nn.CrossEntropyLoss()
@@ -543,6 +605,80 @@ def train_model(
             )
     model.eval()
     return model, history
+
+
+def _train_regression(
+    model: nn.Module, bound: nn.Module, at: int, data: ArtifactRef, cfg: TrainConfig, y_tr: np.ndarray, y_val: np.ndarray,
+    opt: Any, batch_norm: bool, progress: bool | None, micro: int | None,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """``train_model`` for regression targets: ``regression_loss`` (MSE over each target's variance),
+    plain shuffling (``balance`` is about classes), validation loss and R² per epoch."""
+    import torch
+
+    from tasks.errors import ConfigError
+    from tasks.metrics import regression_metrics
+
+    if cfg.balance != "none":
+        raise ConfigError(got=f"--balance {cfg.balance} with regression targets", expected="--balance none", because="balancing weighs classes, and regression targets have none", fix="drop --balance, or pass --task classification if y holds class labels")
+    flat = y_tr.reshape(len(y_tr), -1).astype(np.float64)
+    inv_var = torch.tensor(1.0 / np.maximum(flat.var(0), 1e-12), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    yt = torch.from_numpy(np.array(y_tr, dtype=np.float32))
+    n_tr = len(y_tr)
+    history: list[dict[str, float]] = []
+    steps = (n_tr + cfg.batch_size - 1) // cfg.batch_size
+    meter = Progress("train", total=cfg.epochs_to_run * steps, unit="batch", logger=log, bar=progress)
+    with meter:
+        for epoch in range(1, cfg.epochs_to_run + 1):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n_tr, generator=gen)
+            total, loss_sum = 0, 0.0
+            for s in range(steps):
+                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                if batch_norm and len(idx) == 1 and total:
+                    meter.update()
+                    continue  # BatchNorm cannot train on a single sample
+                opt.zero_grad()
+                loss_value, _ = backward_batch(bound, at, data, idx, yt, torch.nn.CrossEntropyLoss(), micro, inv_var=inv_var)
+                opt.step()
+                loss_sum += loss_value * len(idx)
+                total += len(idx)
+                meter.update(samples=len(idx), epoch=epoch, loss=loss_sum / total)
+            if not np.isfinite(loss_sum):
+                raise ModelError(got=f"a non-finite training loss in epoch {epoch}", expected="a finite loss", because="the optimisation diverged", fix="lower --lr")
+            pred = predict_split(bound, data, "val")[at]
+            val_loss = float(regression_loss(torch.from_numpy(pred), torch.from_numpy(np.array(y_val)), inv_var))
+            row = {"epoch": epoch, "train_loss": loss_sum / total, "val_loss": val_loss, "val_r2": regression_metrics(y_val, pred)["r2"], "seconds": time.perf_counter() - t0}
+            history.append(row)
+            meter.milestone(f"epoch {epoch}/{cfg.epochs_to_run}", loss=round(row["train_loss"], 4), val_loss=round(val_loss, 4), val_r2=round(row["val_r2"], 4))
+    model.eval()
+    return model, history
+
+
+def _learnt_nothing_error(findings: list[str], metrics: dict[str, Any], data: ArtifactRef, report: Path) -> ModelCollapseError:
+    """Explain a regression that learnt nothing by the evidence: constant predictions, targets far from
+    0 in units of their spread (slow to learn from a zero start), or no signal found."""
+    from tasks.errors import LearntNothingError
+
+    stats = data.meta.get("target_stats") or {}
+    mean, std = np.asarray(stats.get("mean") or [0.0]), np.asarray(stats.get("std") or [1.0])
+    r2 = metrics["r2"]
+    off = max(metrics["per_target"], key=lambda t: abs(t["mean_error"]) / max(t["target_std"], 1e-12))
+    if metrics["prediction_std"] <= 1e-6 * max(float(std.max()), 1e-12):
+        because = f"its predictions do not vary with the inputs (std {metrics['prediction_std']:.3g} against the targets' {float(std.max()):.3g}): the model ignores x, or its output is saturated"
+        fix = "make forward's output depend on its inputs (a constant or detached head learns only the mean), then train again"
+        summary = f"the regressor learnt nothing (validation R² {r2:.3f}): its predictions are constant; make its output depend on x"
+    elif abs(off["mean_error"]) > 0.5 * off["target_std"]:
+        because = (f"its predictions are off by {off['mean_error']:+.4g} on average (target {off['target']}: mean {float(mean[min(off['target'], len(mean) - 1)]):.4g}, "
+                   f"spread {off['target_std']:.4g}): a model starting near 0 needs very many steps to reach targets far from 0")
+        fix = "standardise y before saving (y = (y - mean) / std; undo it on the engine's outputs), or train longer (--epochs) with a higher --lr"
+        summary = f"the regressor learnt nothing (validation R² {r2:.3f}, predictions off by {off['mean_error']:+.3g}); standardise y ((y - mean) / std) or raise --epochs"
+    else:
+        because = f"the validation R² is {r2:.3f}: the model predicts no better than the mean of y"
+        fix = "train longer (--epochs), change --lr, or check that x predicts y (targets shuffled or misaligned, inputs constant or unscaled)"
+        summary = f"the regressor learnt nothing (validation R² {r2:.3f}, the mean of y scores 0); raise --epochs, change --lr, or check the data"
+    return LearntNothingError(findings, str(report), because=because, fix=fix, summary=summary)
 
 
 def validation_metrics(y_train: np.ndarray, y_val: np.ndarray, val_logits: np.ndarray, num_classes: int) -> dict[str, Any]:
@@ -669,7 +805,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
 
     from tasks.artifacts import write_json_atomic
     from tasks.data import split_inputs, split_labels
-    from tasks.metrics import collapse_findings
+    from tasks.metrics import collapse_findings, learnt_nothing_findings, regression_metrics
     from tasks.models import bind
 
     def make(out: Path) -> dict[str, Any]:
@@ -677,20 +813,22 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
 
         torch.set_num_threads(cfg.threads)
         num_classes = data.meta.get("num_classes")
-        if num_classes is None and cfg.weights is None:
+        labelled = bool(data.meta.get("has_labels", num_classes is not None))
+        regression = data.meta.get("task") == "regression"
+        if not labelled and cfg.weights is None:
             raise ModelError(
                 got="a dataset without labels y and no --weights",
                 expected="labels to train on, or trained weights to convert",
                 because="training needs labels; without them trtflow can only convert a model that is already trained",
                 fix="add labels y to the dataset, or pass --weights FILE (and --model) to convert your trained model",
             )
-        if num_classes is None and cfg.epochs_to_run:
+        if not labelled and cfg.epochs_to_run:
             raise ModelError(got=f"--epochs {cfg.epochs} (fine-tuning) with a dataset without labels", expected="labels y to train on", because="training minimises the cross-entropy against the labels", fix="add labels y to the dataset, or drop --epochs to convert the weights as they are")
         prepared = prepare_model(data, cfg)
         plan = memory_plan(data, cfg, prepared)
         model, history = train_model(data, cfg, prepared, micro=plan["micro_batch"] or None)
         metrics: dict[str, Any] = {}
-        if num_classes is not None and prepared.logits is not None:
+        if num_classes is not None and prepared.logits is not None and not regression:
             y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")
             assert y_tr is not None and y_val is not None
             at = list(prepared.outputs).index(prepared.logits)
@@ -711,7 +849,22 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             )
             if findings:
                 raise _collapse_error(findings, metrics, cfg, report_path)
-        final = history[-1] if history else {"epoch": 0, "val_acc": metrics.get("accuracy")}
+        if regression and labelled and prepared.logits is not None:
+            y_tr, y_val = split_labels(data, "train"), split_labels(data, "val")
+            assert y_tr is not None and y_val is not None
+            at = list(prepared.outputs).index(prepared.logits)
+            metrics = regression_metrics(y_val, predict_split(bind(model, prepared.binding), data, "val")[at], y_tr)
+            findings = learnt_nothing_findings(metrics, cfg.collapse_gate)
+            report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
+            write_json_atomic(
+                report_path,
+                {"passed": not findings, "findings": findings, "task": "regression", "trained_epochs": len(history),
+                 "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},
+            )
+            log.info("train: validation R² %.4f, MAE %.4g, RMSE %.4g (predicting the training mean: R² %.4f)", metrics["r2"], metrics["mae"], metrics["rmse"], metrics.get("r2_of_train_mean", float("nan")))
+            if findings:
+                raise _learnt_nothing_error(findings, metrics, data, report_path)
+        final = history[-1] if history else {"epoch": 0, **({"val_r2": metrics.get("r2")} if regression else {"val_acc": metrics.get("accuracy")})}
         config = cfg.model_dump(mode="json")
         if cfg.weights is not None:
             config["weights"] = Path(cfg.weights).name  # the digest identifies it; a full path would leak this machine's folders
@@ -724,6 +877,9 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             "inputs": data.meta.get("inputs"),
             "outputs": prepared.outputs,
             "logits_output": prepared.logits,
+            "task": data.meta.get("task") or "classification",
+            # Outputs the loss never read: trtflow trained only the task's output (a second head keeps its init).
+            "untrained_outputs": [k for k in prepared.outputs if k != prepared.logits] if history and prepared.logits else [],
             "sample_shape": data.meta["sample_shape"],
             "torch_threads": torch.get_num_threads(),
             "final": final,
@@ -749,7 +905,9 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
         stable = [{k: v for k, v in row.items() if k != "seconds"} for row in history]
         (out / HISTORY).write_text(json.dumps(stable, indent=2))
         (out / METRICS).write_text(json.dumps(metrics, indent=2))
-        log.info("train: %s %s (%d epochs), outputs %s, logits %s", meta["mode"], cfg.model, len(history), prepared.outputs, prepared.logits)
+        log.info("train: %s %s (%d epochs), outputs %s, %s %s", meta["mode"], cfg.model, len(history), prepared.outputs, "prediction" if regression else "logits", prepared.logits)
+        if meta["untrained_outputs"]:
+            log.warning("train: output(s) %s not trained: the loss used only '%s'; they are verified against PyTorch but never scored", meta["untrained_outputs"], prepared.logits)
         return meta
 
     return run_stage(SPEC, {"data": data, "cfg": cfg}, artifacts_dir, refresh, make)

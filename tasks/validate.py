@@ -35,7 +35,10 @@ def _fail(check: str, path: Path, detail: str, fix: str) -> OnnxValidationError:
     )
 
 
-def check_onnx(path: Path, sample: np.ndarray | Mapping[str, np.ndarray], num_classes: int | None, logits: str | None = None) -> dict[str, Any]:
+def check_onnx(
+    path: Path, sample: np.ndarray | Mapping[str, np.ndarray], num_classes: int | None, logits: str | None = None,
+    dynamic_axes: Mapping[str, Mapping[Any, str]] | None = None,
+) -> dict[str, Any]:
     """Run every check on one ONNX file.
 
     Args:
@@ -44,6 +47,8 @@ def check_onnx(path: Path, sample: np.ndarray | Mapping[str, np.ndarray], num_cl
         num_classes: expected size of the logits output's last axis (None: not checked); the model's
             logits width, which may exceed the dataset's classes when ``--logits-output`` names a wider head.
         logits: name of the logits output (default: the first output, when ``num_classes`` is given).
+        dynamic_axes: input -> axis -> symbolic dimension the export declared beyond the batch (a
+            sequence length); each must still be symbolic in this file.
 
     Returns:
         A report: check name -> detail, plus opset and tensor signatures.
@@ -87,6 +92,14 @@ def check_onnx(path: Path, sample: np.ndarray | Mapping[str, np.ndarray], num_cl
         if not dims or not dims[0].dim_param:
             raise _fail("dynamic batch", path, f"batch axis of input '{inp.name}' is static", "export with a dynamic batch dimension")
     report["checks"]["dynamic batch"] = "passed (axis 0 of " + ", ".join(f"'{i.name}' is '{i.type.tensor_type.shape.dim[0].dim_param}'" for i in inputs) + ")"
+    if dynamic_axes:
+        by_name = {i.name: i for i in inputs}
+        for name, axes in dynamic_axes.items():
+            for axis in axes:
+                dims_of = by_name[name].type.tensor_type.shape.dim if name in by_name else []
+                if int(axis) >= len(dims_of) or not dims_of[int(axis)].dim_param:
+                    raise _fail("dynamic axes", path, f"axis {axis} of input '{name}' is static, but the shape profile declared it dynamic", regen)
+        report["checks"]["dynamic axes"] = "passed (" + ", ".join(f"'{n}' axis {a} is '{d}'" for n, axes in dynamic_axes.items() for a, d in axes.items()) + ")"
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -137,7 +150,7 @@ def validated_onnx(model: ArtifactRef, data: ArtifactRef, artifacts_dir: Path, r
         sample = split_inputs(data, "val", slice(0, min(8, split_size(data, "val"))))
         width = model.meta.get("logits_width", data.meta.get("num_classes"))
         logits = model.meta.get("logits_output")
-        report = check_onnx(model.path("model.onnx"), sample, width if logits or "logits_width" not in model.meta else None, logits)
+        report = check_onnx(model.path("model.onnx"), sample, width if logits or "logits_width" not in model.meta else None, logits, model.meta.get("dynamic_axes"))
         report["precision"] = model.meta.get("precision", "fp32")
         (out / REPORT).write_text(json.dumps(report, indent=2))
         log.info("validate: %s %s passed %d checks", model.stage, report["precision"], len(report["checks"]))

@@ -1,11 +1,13 @@
 """Stage ``verify``: engine outputs against PyTorch on the held-out test split.
 
-Each engine runs at batch min, opt and max (the batches its profile was built for), every call at
-exactly that batch: a split smaller than a batch, or a last call short of it, is filled by repeating
-the split's samples from the first one (cycled), so a batch named in the report is a batch the engine
-ran. The distinct samples are compared with PyTorch fp32 under the precision's tolerances; the rows
-that repeat a sample are compared with that sample's reference too. An fp16 or int8 engine must also
-run a share of its compute operators in that precision (``tasks.compute_share``).
+Each engine runs at batch min, opt and max (the batches its profile was built for), or, with dynamic
+axes beyond the batch, at the profile's min, opt and max shape (real samples cut or padded to each
+length, PyTorch run on the same inputs). Every call is at exactly that batch: a split smaller than a
+batch, or a last call short of it, is filled by repeating the split's samples from the first one
+(cycled), so a batch named in the report is a batch the engine ran. The distinct samples are compared
+with PyTorch fp32 under the precision's tolerances; the rows that repeat a sample are compared with
+that sample's reference too. An fp16 or int8 engine must also run a share of its compute operators in
+that precision (``tasks.compute_share``).
 
 The verdict, passed or failed, is the stage's artifact: a verification that records a failure is a
 valid, cacheable result. The stage function raises the failure (``VerificationError``, carrying that
@@ -17,8 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ def _environment(inputs: Mapping[str, Any]) -> dict[str, str]:
     return {"engine_threads": str(engine_info(inputs["engine"]).threads), "torch_threads": str(reference_threads(inputs["checkpoint"]))}
 
 
-SPEC = StageSpec("verify", __name__, libraries=("torch", "numpy", "onnx", "onnxruntime"), environment=_environment)
+SPEC = StageSpec("verify", __name__, libraries=("torch", "numpy", "onnx", "onnxruntime", "scikit-learn"), environment=_environment)
 REPORT = "verification.json"
 #: where the latest verification of each precision is kept, passed or not (relative to the artifacts folder)
 LATEST = "reports/verify-{precision}.json"
@@ -87,7 +90,10 @@ def describe_runs(runs: Sequence[Mapping[str, int]]) -> str:
     return "batch " + ", ".join(parts)
 
 
-def outputs_at_batch(runner: Any, data: ArtifactRef, split: str, b: int, progress: Progress | None = None) -> tuple[dict[str, np.ndarray], BatchRun]:
+def outputs_at_batch(
+    runner: Any, data: ArtifactRef, split: str, b: int, progress: Progress | None = None,
+    fit: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+) -> tuple[dict[str, np.ndarray], BatchRun]:
     """Run every sample of one split of a ``data`` artifact through a runner, every call at exactly ``b`` rows.
 
     The split is read ``b`` rows at a time (bounded memory). The last call, and the only one when the
@@ -99,6 +105,7 @@ def outputs_at_batch(runner: Any, data: ArtifactRef, split: str, b: int, progres
         split: "test", "val" or "train".
         b: the batch size.
         progress: counts the split's samples done.
+        fit: changes each filled batch before it is fed (cuts or pads it to a shape point's lengths).
 
     Returns:
         Output name -> the outputs of every row fed (row ``i`` is sample ``i % n``), and how they ran.
@@ -114,6 +121,8 @@ def outputs_at_batch(runner: Any, data: ArtifactRef, split: str, b: int, progres
             fill = np.arange(b - rows) % n
             head = split_inputs(data, split, slice(0, min(n, b - rows)))
             feed = {k: np.concatenate([v, np.take(head[k], fill, axis=0)]) for k, v in feed.items()}
+        if fit is not None:
+            feed = fit(feed)
         for name, arr in runner.infer(feed).items():
             chunks.setdefault(name, []).append(arr)
         runs += 1
@@ -130,6 +139,7 @@ def checks_at_batch(
     label: str,
     labels: np.ndarray | None = None,
     task_outputs: set[str] | None = None,
+    regression: bool = False,
 ) -> list[ComparisonResult]:
     """Compare what one batch size produced: the distinct samples, then the rows that repeat them.
 
@@ -142,11 +152,13 @@ def checks_at_batch(
         One result labelled ``label``, and one labelled ``'<label> repeated rows'`` when rows repeat.
     """
     n = run.distinct_samples
-    results = [compare_outputs(reference, {k: v[:n] for k, v in got.items()}, tolerance, label=label, labels=labels, task_outputs=task_outputs)]
+    results = [compare_outputs(reference, {k: v[:n] for k, v in got.items()}, tolerance, label=label, labels=labels, task_outputs=task_outputs, regression=regression)]
     if run.repeated_rows > 0:
         rows = np.arange(n, run.rows_fed) % n
         repeated_ref = {k: v[rows] for k, v in reference.items()}
-        results.append(compare_outputs(repeated_ref, {k: v[n:] for k, v in got.items()}, tolerance, label=f"{label} repeated rows", task_outputs=set()))
+        # No labels here: the task outputs of a regression are still judged as regression outputs.
+        results.append(compare_outputs(repeated_ref, {k: v[n:] for k, v in got.items()}, tolerance, label=f"{label} repeated rows",
+                                       task_outputs=set(), regression=regression))
     return results
 
 
@@ -169,8 +181,11 @@ def engine_checks(
     labels: np.ndarray | None,
     logits: str | None,
     progress: Progress | None = None,
+    reference_at: Callable[[Any], Mapping[str, np.ndarray]] | None = None,
+    regression: bool = False,
 ) -> EngineChecks:
-    """Run an active runner over the test split at every batch of the profile and compare each pass.
+    """Run an active runner over the test split at every shape point of the profile (its min, opt and
+    max batch, with the dynamic lengths of each point) and compare each pass.
 
     Args:
         runner: the engine's active runner.
@@ -181,24 +196,33 @@ def engine_checks(
         batch: the profile (min, opt, max).
         labels: the test split's labels (None without labels).
         logits: the output judged by task metrics, or None.
-        progress: counts samples, one pass per batch size.
+        progress: counts samples, one pass per shape point.
+        reference_at: PyTorch's outputs at a shape point with dynamic lengths (needed only for those).
+        regression: compare as a regression (``compare_outputs``); no confusion matrix then.
 
     Returns:
-        The comparisons, how each batch size ran, and the confusion matrix at the opt batch.
+        The comparisons, how each batch size ran, and the confusion matrix at the opt point.
     """
+    from tasks.data import input_specs
     from tasks.metrics import confusion_matrix
+    from tasks.shapes import fit_lengths, opt_point, shape_points
 
     task_outputs = {logits} if logits else set()
+    specs, pads = input_specs(data), dict(getattr(batch, "pad_values", {}) or {})
+    opt = opt_point(batch)
     out = EngineChecks([], [], None)
-    for b in batch_sizes(batch):
-        got, run = outputs_at_batch(runner, data, "test", b, progress)
-        results = checks_at_batch(reference, got, run, tolerance, f"{precision.value} batch {b}", labels, task_outputs)
+    for point in shape_points(batch):
+        b, shown = point.batch, point.text(specs)
+        expected = reference_at(point) if point.lengths and reference_at is not None else reference
+        fit = partial(fit_lengths, lengths=point.lengths, pad_values=pads) if point.lengths else None
+        got, run = outputs_at_batch(runner, data, "test", b, progress, fit=fit)
+        results = checks_at_batch(expected, got, run, tolerance, f"{precision.value} {shown}", labels, task_outputs, regression)
         out.results += results
         out.runs.append(run)
         if progress is not None:
             fill = f", {run.repeated_rows} rows repeated to fill the batch" if run.repeated_rows else ""
-            progress.milestone(f"batch {b}: {run.distinct_samples} samples compared{fill} ({'pass' if all(r.passed for r in results) else 'FAIL'})")
-        if b == batch.opt and logits and labels is not None and logits in got:
+            progress.milestone(f"{shown}: {run.distinct_samples} samples compared{fill} ({'pass' if all(r.passed for r in results) else 'FAIL'})")
+        if point.key() == opt.key() and logits and labels is not None and logits in got and not regression:
             head = got[logits][: run.distinct_samples]
             pred = head.argmax(axis=1)
             k = max(int(data.meta["num_classes"]), int(head.shape[1]))
@@ -244,6 +268,8 @@ def verdict(
     kept_fp32: int = 0,
     logits: str | None = None,
     has_labels: bool = True,
+    reference: Mapping[str, np.ndarray] | None = None,
+    regression: bool = False,
 ) -> dict[str, Any]:
     """Judge the comparisons and the compute share of one engine: the verdict part of its report.
 
@@ -259,19 +285,15 @@ def verdict(
         kept_fp32: nodes a repair kept in fp32 in the variant (named in the finding).
         logits: the output judged by task metrics, or None.
         has_labels: whether the test split has labels.
+        reference: PyTorch's outputs by name (which checks ran depends on their width; see ``checks_of``).
+        regression: the task is a regression.
 
     Returns:
         passed, failures, repairable, share_finding (the sentence, or None), compute, checks_run,
         checks_skipped, batches (each comparison).
     """
     failures = [f for r in results for f in r.failures()]
-    checks_run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
-    skipped: dict[str, str] = {} if checks_run else {"elementwise": f"no atol/rtol for {precision.value}"}
-    checks_run.append("cosine per sample")
-    if logits:
-        checks_run += list(TASK_CHECKS)
-    else:
-        skipped.update({c: "no logits output" if has_labels else "the dataset has no labels" for c in TASK_CHECKS})
+    checks_run, skipped = checks_of(precision, tolerance, reference or {}, {logits} if logits else set(), regression, has_labels)
     compute = share.to_dict(precision.value) if share is not None else None
     finding = None
     if precision is not Precision.fp32:
@@ -348,6 +370,37 @@ def reference_threads(checkpoint: ArtifactRef) -> int:
     return int((checkpoint.meta.get("config") or {}).get("threads") or checkpoint.meta.get("torch_threads") or 1)
 
 
+#: PyTorch's test-split outputs at other lengths than the dataset's, of the latest (checkpoint, data) pair
+_REFERENCE_AT: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+
+
+def reference_outputs_at(checkpoint: ArtifactRef, data: ArtifactRef, point: Any, pad_values: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """PyTorch's outputs on the test split cut or padded to a shape point's lengths (``tasks.shapes``),
+    computed once per process and point, as ``reference_outputs`` (which it is without lengths)."""
+    from tasks.code_digests import user_code
+    from tasks.data import split_size
+    from tasks.shapes import fit_lengths
+    from tasks.stage import factories_in
+    from tasks.train import module_from_checkpoint, predict_split, torch_threads
+
+    if not point.lengths:
+        return reference_outputs(checkpoint, data)
+    model_key = (checkpoint.digest, data.digest, *(str(user_code(f).files) for f in factories_in({"checkpoint": checkpoint})))
+    key = (*model_key, point.key()[1], tuple(sorted(pad_values.items())))
+    with _REFERENCE_LOCK:
+        if key not in _REFERENCE_AT:
+            names = list(checkpoint.meta.get("outputs") or ["logits"])
+            fit = partial(fit_lengths, lengths=point.lengths, pad_values=pad_values)
+            with Progress(f"verify reference (PyTorch) at {point.text()}", total=split_size(data, "test"), unit="sample", logger=log) as meter, torch_threads(reference_threads(checkpoint)):
+                arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter, fit=fit)
+            for a in arrays:
+                a.flags.writeable = False
+            if any(k[: len(model_key)] != model_key for k in _REFERENCE_AT):
+                _REFERENCE_AT.clear()  # only the current model's outputs are kept
+            _REFERENCE_AT[key] = dict(zip(names, arrays, strict=True))
+        return _REFERENCE_AT[key]
+
+
 def verification_of_engine(
     engine: ArtifactRef,
     checkpoint: ArtifactRef,
@@ -394,23 +447,37 @@ def verification_of_engine(
         from tasks.data import split_labels, split_size
         from tasks.engine import engine_info, runner_from_build
 
+        from tasks.data import input_specs
+        from tasks.shapes import fit_lengths, opt_point, shape_points
+
         y = split_labels(data, "test")
         info = engine_info(engine)
+        regression = data.meta.get("task") == "regression"
         reference = reference_outputs(checkpoint, data)
         logits = checkpoint.meta.get("logits_output") if y is not None else None
         numerics = numerics_of(info.backend, precision)
         emulate = numerics == EMULATED and variant is not None
         n = split_size(data, "test")
         emulation = None
-        # Every pass over the test split counts: one per batch size, and the fp16 emulation's.
-        with Progress(f"verify {precision.value}", total=n * (len(batch_sizes(batch)) + emulate), unit="sample", logger=log) as meter:
+        opt = opt_point(batch)
+        pads, specs = dict(getattr(batch, "pad_values", {}) or {}), input_specs(data)
+
+        def fit_to(point: Any) -> Any:
+            return partial(fit_lengths, lengths=point.lengths, pad_values=pads) if point.lengths else None
+
+        # Every pass over the test split counts: one per shape point, and the fp16 emulation's.
+        with Progress(f"verify {precision.value}", total=n * (len(shape_points(batch)) + emulate), unit="sample", logger=log) as meter:
             with runner_from_build(engine) as runner:
-                checked = engine_checks(runner, reference, data, precision, tolerance, batch, y, logits, meter)
+                checked = engine_checks(runner, reference, data, precision, tolerance, batch, y, logits, meter,
+                                        reference_at=lambda point: reference_outputs_at(checkpoint, data, point, pads), regression=regression)
             if emulate:
                 assert variant is not None
                 try:
-                    emulated, emulation = emulated_fp16_check(variant, reference, data, y, batch.opt, tolerance, info.threads, {logits} if logits else set(), meter)
-                    meter.milestone(f"fp16 emulated batch {batch.opt}: {n} samples compared ({'pass' if all(r.passed for r in emulated) else 'FAIL'})")
+                    emulated, emulation = emulated_fp16_check(
+                        variant, reference_outputs_at(checkpoint, data, opt, pads), data, y, batch.opt, tolerance, info.threads,
+                        {logits} if logits else set(), meter, fit=fit_to(opt), shape=opt.text(specs), regression=regression,
+                    )
+                    meter.milestone(f"fp16 emulated {opt.text(specs)}: {n} samples compared ({'pass' if all(r.passed for r in emulated) else 'FAIL'})")
                     checked.results += emulated
                 except NoFp16Error:
                     numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
@@ -421,7 +488,7 @@ def verification_of_engine(
             elif numerics == EMULATED:
                 numerics = "fp16 weights, computed in fp32 (not emulated)"
         kept = len(((variant.meta.get("conversion") or {}).get("kept_fp32") or [])) if variant is not None else 0
-        judged = verdict(precision, tolerance, checked.results, compute_share_of(engine, variant), kept, logits, y is not None)
+        judged = verdict(precision, tolerance, checked.results, compute_share_of(engine, variant), kept, logits, y is not None, reference, regression)
         report = {
             "precision": precision.value,
             "backend": info.backend,
@@ -431,6 +498,9 @@ def verification_of_engine(
             "batches_run": [r.to_dict() for r in checked.runs],
             "outputs": list(reference),
             "logits_output": logits,
+            "task": "regression" if regression else "classification" if y is not None else None,
+            "outputs_not_judged": not_judged(checkpoint, list(reference), logits),
+            "shapes": [{"level": p.level, "batch": p.batch, "shapes": p.shapes(specs), "label": f"{precision.value} {p.text(specs)}"} for p in shape_points(batch)],
             "tolerance": tolerance.model_dump(),
             "emulation": emulation,
             "confusion": checked.confusion,
@@ -483,12 +553,20 @@ def emulated_fp16_check(
     threads: int | None,
     task_outputs: set[str] | None = None,
     progress: Progress | None = None,
+    fit: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    shape: str | None = None,
+    regression: bool = False,
 ) -> tuple[list[ComparisonResult], dict[str, Any]]:
     """Run the fp16 emulation of a variant on the test split and compare it like an engine.
 
+    Args:
+        fit: cuts or pads each batch to the shape the reference was computed at (see ``outputs_at_batch``).
+        shape: that shape as the label says it (default ``batch B``).
+        regression: compare as a regression (``compare_outputs``).
+
     Returns:
-        The comparisons, labelled 'fp16 emulated batch B' (and its repeated rows), and what the
-        emulation rounded.
+        The comparisons, labelled 'fp16 emulated batch B' (or the shape; and its repeated rows), and
+        what the emulation rounded.
 
     Raises:
         NoFp16Error: the variant has no fp16 tensor left.
@@ -501,8 +579,51 @@ def emulated_fp16_check(
     with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:  # pragma: no mutate (the folder's name)
         runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
         with runner:
-            got, run = outputs_at_batch(runner, data, "test", batch, progress)
-    return checks_at_batch(reference, got, run, tolerance, f"fp16 emulated batch {batch}", y, task_outputs), info.to_dict()
+            got, run = outputs_at_batch(runner, data, "test", batch, progress, fit=fit)
+    label = f"fp16 emulated {shape or f'batch {batch}'}"
+    return checks_at_batch(reference, got, run, tolerance, label, y, task_outputs, regression), info.to_dict()
+
+
+def checks_of(
+    precision: Precision, tolerance: Tolerance, reference: Mapping[str, np.ndarray], task_outputs: set[str], regression: bool, labelled: bool
+) -> tuple[list[str], dict[str, str]]:
+    """Which checks a verification ran, and which it did not (with why), as the report says them."""
+    from tasks.compare import judged_by_relative_rmse
+
+    run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
+    skipped: dict[str, str] = {} if run else {"elementwise": f"no atol/rtol for {precision.value}"}
+    relative = [k for k, v in reference.items() if judged_by_relative_rmse(k, v, task_outputs, regression)]
+    if relative:
+        run.append(f"relative RMSE ({', '.join(relative)})")
+    if len(relative) < len(reference):
+        run.append("cosine per sample")
+    if regression:
+        if task_outputs:
+            run += ["R² drop (R², MAE, RMSE against the labels)"]
+        else:
+            skipped["R² drop"] = "the dataset has no labels"
+    elif task_outputs:
+        run += ["top-1 agreement", "accuracy drop", "balanced accuracy"]
+    else:
+        reason = "the dataset has no labels" if not labelled else "no logits output"
+        for c in ("top-1 agreement", "accuracy drop", "balanced accuracy"):
+            skipped[c] = reason
+    return run, skipped
+
+
+def not_judged(checkpoint: ArtifactRef, outputs: list[str], task_output: str | None) -> dict[str, str]:
+    """The outputs that are not the task's, each with what was (and was not) done with it.
+
+    Such an output (a second head, an embedding) is verified against PyTorch like every output, but
+    no label scores it, and training did not train it when trtflow trained the model (the loss reads
+    the task output only).
+    """
+    if task_output is None:
+        return {}
+    trained = checkpoint.meta.get("mode", "train") != "load"
+    why = (f"not trained (the loss used only '{task_output}') and not scored against labels" if trained
+           else "not scored against labels (the weights were loaded as given)")
+    return {k: f"{why}: verified against PyTorch only" for k in outputs if k != task_output}
 
 
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:
@@ -529,6 +650,9 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         "outputs": report.get("outputs"),
         "checks_run": report.get("checks_run"),
         "checks_skipped": report.get("checks_skipped"),
+        "task": report.get("task"),
+        "outputs_not_judged": report.get("outputs_not_judged") or {},
+        "shapes": [s["label"] for s in report.get("shapes") or []],
         "max_abs": worst("max_abs", max),
         "mean_abs": worst("mean_abs", max),
         "max_rel": worst("max_rel", max),
@@ -539,4 +663,11 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
         "accuracy_drop": worst("accuracy_drop", max),
         "balanced_accuracy_reference": worst("balanced_accuracy_reference", max),
         "balanced_accuracy": worst("balanced_accuracy", min),
+        "max_relative_rmse": worst("max_relative_rmse", max),
+        "r2_reference": worst("r2_reference", max),
+        "r2": worst("r2", min),
+        "r2_drop": worst("r2_drop", max),
+        "mae_reference": worst("mae_reference", min),
+        "mae": worst("mae", max),
+        "rmse": worst("rmse", max),
     }

@@ -125,10 +125,10 @@ def _digits(n_per_class: int = 8) -> tuple[np.ndarray, np.ndarray]:
     return x[idx], y[idx]
 
 
-def _data(intact: kit.Good, path: Path) -> ArtifactRef:
+def _data(intact: kit.Good, path: Path, task: str = "auto") -> ArtifactRef:
     from tasks.data import splits_from_dataset
 
-    return splits_from_dataset(DataConfig(dataset=path), intact.root)
+    return splits_from_dataset(DataConfig(dataset=path, task=task), intact.root)
 
 
 # --- datasets ---------------------------------------------------------------------------------------
@@ -217,7 +217,8 @@ DATASET_CASES = {
 def test_bad_dataset_fails_with_a_clear_message(intact: kit.Good, tmp_path: Path, kind: str) -> None:
     path = _bad_dataset(tmp_path, kind)
     with pytest.raises(DatasetError, match=DATASET_CASES[kind]) as info:
-        _data(intact, path)
+        # Float y is regression targets unless --task classification says they are classes.
+        _data(intact, path, task="classification" if kind == "fractional labels" else "auto")
     assert any(fix in str(info.value) for fix in ("numpy.savez", "--dataset", "renumber", "normalise", "how x was built"))  # the fix
     assert "\x1b[" not in str(info.value) and len(info.value.summary) <= 150
     assert not is_retryable(info.value)

@@ -145,7 +145,8 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one engine as the spec says.
 
     Args:
-        spec: onnx_path, out_dir, engine_file, layers_file, batch [min, opt, max], workspace_mib, tf32,
+        spec: onnx_path, out_dir, engine_file, layers_file, batch [min, opt, max], shapes (input ->
+            {min, opt, max} full shapes, for dynamic axes beyond the batch; optional), workspace_mib, tf32,
             builder_optimization_level (or None), timing_cache_file (or None).
 
     Returns:
@@ -163,7 +164,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
 
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
-    profile = derive_profile({t.name: dims_tuple(t.shape) for t in inputs}, spec["batch"])
+    profile = derive_profile({t.name: dims_tuple(t.shape) for t in inputs}, spec["batch"], spec.get("shapes"))
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec["workspace_mib"]) << 20)

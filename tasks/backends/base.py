@@ -72,6 +72,8 @@ class EngineInfo(BaseModel):
     options: dict[str, Any] = {}
     environment: dict[str, str] = {}
     variant_digest: str | None = None
+    #: input -> {"min", "opt", "max"} full shapes, when axes beyond the batch are dynamic (empty: batch only)
+    shapes: dict[str, dict[str, list[int]]] = {}
 
     @classmethod
     def of(cls, meta: Mapping[str, Any]) -> EngineInfo:
@@ -134,6 +136,11 @@ class BaseRunner(abc.ABC):
         """(min, max) batch the engine accepts, or None when it does not say (valid once active)."""
         return None
 
+    def shape_limits(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Input -> (smallest, largest) shape the engine's profile accepts, for inputs with dynamic axes
+        beyond the batch (empty when it does not say)."""
+        return {}
+
     def check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
         """Check a batch against the engine's inputs, the same way for every backend.
 
@@ -172,6 +179,17 @@ class BaseRunner(abc.ABC):
                 )
             if shape:
                 batches.add(shape[0])
+            if (limits_of := self.shape_limits().get(name)) is not None:
+                lo, hi = limits_of
+                outside = [i for i in range(1, len(shape)) if i < len(lo) and not lo[i] <= shape[i] <= hi[i]]
+                if outside:
+                    i = outside[0]
+                    raise InferenceError(
+                        got=f"input '{name}' of shape {shape} (axis {i}: {shape[i]})",
+                        expected=f"axis {i} from {lo[i]} to {hi[i]}",
+                        because=f"the engine of {self.name} was built for that range (its shape profile)",
+                        fix="cut or pad the input to a length in the range, or rebuild with wider --min-shapes/--max-shapes",
+                    )
         if len(batches) > 1:
             raise InferenceError(
                 got=f"inputs with batch sizes {sorted(batches)}",
@@ -279,7 +297,8 @@ class EngineBuilder(abc.ABC):
 
     @abc.abstractmethod
     def engine_from_onnx(
-        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any]
+        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any],
+        shapes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> BuildResult:
         """Build an engine.
 
@@ -288,6 +307,8 @@ class EngineBuilder(abc.ABC):
             out_dir: folder to write the engine (and any report) into.
             batch: (min, opt, max) batch of the optimization profile.
             options: backend-specific options (e.g. workspace size, tf32).
+            shapes: input -> {"min", "opt", "max"} full shapes (batch first), for inputs with dynamic
+                axes beyond the batch; None: only the batch is dynamic.
 
         Returns:
             The engine file name (relative to out_dir) and its description.

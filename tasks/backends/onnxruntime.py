@@ -122,7 +122,8 @@ class OnnxRuntimeBuilder(EngineBuilder):
         }
 
     def engine_from_onnx(
-        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any]
+        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any],
+        shapes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> BuildResult:
         import onnxruntime as ort
 
@@ -149,12 +150,14 @@ class OnnxRuntimeBuilder(EngineBuilder):
                 "inputs": [s.__dict__ for s in _specs(sess.get_inputs())],
                 "outputs": [s.__dict__ for s in _specs(sess.get_outputs())],
                 "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+                # ONNX Runtime runs any length; the runner holds feeds to the profile, as TensorRT does.
+                "shapes": {k: {lvl: list(v[lvl]) for lvl in ("min", "opt", "max")} for k, v in (shapes or {}).items()},
                 "graph_optimization": "extended (saved) + all (at load)" if fuse_int8 else QDQ_IN_FP32,
             },
         )
 
     def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
-        return OnnxRuntimeRunner(engine_path, threads=info.threads, min_batch=info.batch.min, max_batch=info.batch.max)
+        return OnnxRuntimeRunner(engine_path, threads=info.threads, min_batch=info.batch.min, max_batch=info.batch.max, shapes=info.shapes)
 
 
 class OnnxRuntimeRunner(BaseRunner):
@@ -167,6 +170,7 @@ class OnnxRuntimeRunner(BaseRunner):
         optimize: bool = True,
         min_batch: int | None = None,
         max_batch: int | None = None,
+        shapes: Mapping[str, Mapping[str, Any]] | None = None,
         fuse_int8: bool | None = None,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(onnx_path).name}")
@@ -176,6 +180,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self.threads = threads or min(os.cpu_count() or 1, 8)
         self.optimize = optimize
         self.min_batch, self.max_batch = min_batch, max_batch
+        self.shapes = {k: (tuple(v["min"]), tuple(v["max"])) for k, v in (shapes or {}).items()}
         self._sess: Any = None
 
     def activate_impl(self) -> None:
@@ -200,6 +205,9 @@ class OnnxRuntimeRunner(BaseRunner):
         if self.min_batch is None and self.max_batch is None:
             return None
         return self.min_batch or 1, self.max_batch or (1 << 62)
+
+    def shape_limits(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        return dict(self.shapes)
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._sess.get_outputs()]

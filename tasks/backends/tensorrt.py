@@ -136,39 +136,58 @@ def check_batch_range(batch: Sequence[int]) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-def derive_profile(inputs: Mapping[str, Sequence[int]], batch: Sequence[int]) -> dict[str, ProfileShapes]:
-    """Derive the optimization profile of every input from its shape and the batch range.
+def derive_profile(
+    inputs: Mapping[str, Sequence[int]], batch: Sequence[int], shapes: Mapping[str, Mapping[str, Sequence[int]]] | None = None
+) -> dict[str, ProfileShapes]:
+    """Derive the optimization profile of every input from its shape, the batch range and the shape profile.
 
-    Only axis 0 (the batch) may be dynamic. A static axis 0 is kept as it is, and is accepted only
-    when the batch range is exactly that size: building "batch 1..256" on a model exported with a
-    fixed batch of 1 would otherwise fail deep inside TensorRT, or worse, silently cap the batch.
+    Axis 0 is the batch. Other dynamic axes (a sequence length) take their range from ``shapes``
+    (``--min-shapes`` and friends); without one they are refused. A static axis 0 is kept as it is, and
+    is accepted only when the batch range is exactly that size: building "batch 1..256" on a model
+    exported with a fixed batch of 1 would otherwise fail deep inside TensorRT, or worse, silently cap the batch.
 
     Args:
         inputs: input name -> shape as the ONNX parser sees it (-1 for a dynamic dimension).
         batch: (min, opt, max) batch.
+        shapes: input name -> {"min", "opt", "max"} full shapes (batch first) of inputs with dynamic
+            axes beyond the batch; their batch axis must be the batch range.
 
     Returns:
         Input name -> its min/opt/max shapes (equal for a fully static input).
 
     Raises:
-        EngineBuildError: the batch range is invalid, a non-batch dimension is dynamic, or the
-            batch range contradicts a static batch dimension.
+        EngineBuildError: the batch range is invalid, a non-batch dimension is dynamic without a shape
+            range, a given shape contradicts a static dimension, or the batch range contradicts a static
+            batch dimension.
     """
     lo, opt, hi = check_batch_range(batch)
+    shapes = shapes or {}
     profile: dict[str, ProfileShapes] = {}
     for name, raw_shape in inputs.items():
         shape = tuple(int(d) for d in raw_shape)
         if not shape:  # a scalar input has no batch axis
             profile[name] = ProfileShapes(shape, shape, shape)
             continue
+        if name in shapes:
+            given = {k: tuple(int(d) for d in shapes[name][k]) for k in ("min", "opt", "max")}
+            bad = [i for i in range(len(shape)) if any(len(g) != len(shape) for g in given.values()) or (shape[i] >= 0 and i > 0 and any(g[i] != shape[i] for g in given.values()))]
+            if bad or (given["min"][0], given["opt"][0], given["max"][0]) != (lo, opt, hi):
+                raise EngineBuildError(
+                    got=f"shapes min {given['min']}, opt {given['opt']}, max {given['max']} for input '{name}' of shape {_fmt_shape(shape)} and batch ({lo}, {opt}, {hi})",
+                    expected="shapes of the input's rank that keep its static dimensions, batch first and equal to the batch range",
+                    because="TensorRT's profile may vary only the dimensions the ONNX file leaves dynamic",
+                    fix="give --min-shapes/--opt-shapes/--max-shapes that keep the model's fixed dimensions",
+                )
+            profile[name] = ProfileShapes(given["min"], given["opt"], given["max"])
+            continue
         dynamic_rest = [i for i, d in enumerate(shape[1:], start=1) if d < 0]
         if dynamic_rest:
             raise EngineBuildError(
-                got=f"input '{name}' of shape {_fmt_shape(shape)} with dynamic dimension(s) {dynamic_rest}",
-                expected="only axis 0 (the batch) dynamic",
-                because="the optimization profile is derived from the batch range alone",
-                fix="export the model with static non-batch dimensions, "
-                'e.g. dynamic_shapes={"x": {0: torch.export.Dim("batch")}}',
+                got=f"input '{name}' of shape {_fmt_shape(shape)} with dynamic dimension(s) {dynamic_rest} and no shape range for them",
+                expected="only axis 0 (the batch) dynamic, or a min/opt/max shape for the input",
+                because="TensorRT's optimization profile needs a range for every dynamic dimension",
+                fix=f"give the input's shapes, e.g. --min-shapes {name}:1x8 --opt-shapes {name}:32x64 --max-shapes {name}:256x128 "
+                "(batch first), or export with static non-batch dimensions",
             )
         if shape[0] >= 0:
             static = shape[0]
@@ -458,17 +477,17 @@ def check_feed(name: str, shape: Sequence[int], profile: ProfileShapes) -> None:
     """Check one input array's shape against the engine's profile.
 
     Raises:
-        InferenceError: wrong rank, a non-batch dimension differs, or the batch lies outside
-            [profile min, profile max].
+        InferenceError: wrong rank, a dimension outside [profile min, profile max] (a fixed one that
+            differs, a sequence longer than the profile's), or the batch outside its range.
     """
     shape = tuple(int(d) for d in shape)
-    if len(shape) != len(profile.max) or shape[1:] != profile.max[1:]:
-        expected = ("N", *profile.max[1:]) if profile.max else ()
+    if len(shape) != len(profile.max) or any(not profile.min[i] <= shape[i] <= profile.max[i] for i in range(1, len(shape))):
+        expected = ("N", *(str(a) if a == b else f"{a}..{b}" for a, b in zip(profile.min[1:], profile.max[1:]))) if profile.max else ()
         raise InferenceError(
             got=f"input '{name}' of shape {shape}",
             expected=f"shape ({', '.join(str(d) for d in expected)})",
-            because="the engine was built for that shape",
-            fix="feed arrays of the shape the model was exported with",
+            because="the engine was built for that shape (its optimization profile)",
+            fix="feed arrays of the shape the model was exported with, lengths inside the profile (rebuild with wider --min-shapes/--max-shapes)",
         )
     if shape and not profile.min[0] <= shape[0] <= profile.max[0]:
         raise InferenceError(
@@ -562,7 +581,8 @@ class TensorRTBuilder(EngineBuilder):
         }
 
     def engine_from_onnx(
-        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any]
+        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], options: Mapping[str, Any],
+        shapes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> BuildResult:
         batch = check_batch_range(batch)
         opts = _build_options(options)
@@ -581,6 +601,7 @@ class TensorRTBuilder(EngineBuilder):
                 "engine_file": ENGINE_FILE,
                 "layers_file": LAYERS_FILE,
                 "batch": list(batch),
+                "shapes": {k: {lvl: list(v[lvl]) for lvl in ("min", "opt", "max")} for k, v in (shapes or {}).items()},
                 "workspace_mib": opts["workspace_mib"],
                 "tf32": opts["tf32"],
                 "builder_optimization_level": opts["builder_optimization_level"],
@@ -754,6 +775,9 @@ class TensorRTRunner(BaseRunner):
 
     def batch_limits(self) -> tuple[int, int] | None:
         return self.batch_range if self._profiles else None
+
+    def shape_limits(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        return {name: (p.min, p.max) for name, p in self._profiles.items() if p.min[1:] != p.max[1:]}
 
     def activate_impl(self) -> None:
         import tensorrt as trt

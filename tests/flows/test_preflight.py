@@ -79,7 +79,9 @@ def test_bad_dataset_fails_before_the_server(tmp_path, capsys, make, reason):
         np.savez(path, x=x, y=y, allow_pickle=True)
     else:
         path = _dataset(tmp_path, x, y)
-    code, err = _run(tmp_path, capsys, "--dataset", str(path))
+    # Float y is regression targets unless --task classification says they are classes.
+    forced = ["--task", "classification"] if "integer class indices" in reason else []
+    code, err = _run(tmp_path, capsys, "--dataset", str(path), *forced)
     assert code == EXIT_FAILED
     assert_short_failure(err, reason)
 
@@ -177,3 +179,35 @@ def test_arrays_the_model_reads_pass_the_check(tmp_path, monkeypatch):
     path = _text_dataset(tmp_path, attention_mask=MASK)
     cfg = PipelineConfig(artifacts_dir=tmp_path / "art", data={"dataset": path}, train={"model": "hf_style:TinyHF"})
     assert check_before_run(cfg) == (tmp_path / "art").resolve()
+FLAT_TEXT_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.emb = nn.Embedding(30, 4)
+        self.head = nn.Linear(12 * 4, num_classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        return self.head(h.reshape(len(h), -1))
+'''
+
+
+@pytest.mark.usefixtures("no_prefect")
+def test_a_model_that_bakes_in_a_dynamic_length_fails_before_training_naming_it(tmp_path, capsys, monkeypatch):
+    from test_cli import assert_short_failure
+
+    (tmp_path / "flat_text.py").write_text(FLAT_TEXT_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "t.npz", input_ids=rng.integers(0, 30, (60, 12)), attention_mask=np.ones((60, 12), np.int64), y=np.arange(60) % 3)
+    code, err = _run(tmp_path, capsys, "--dataset", str(tmp_path / "t.npz"), "--model", "flat_text:Net",
+                     "--min-shapes", "input_ids:1x4,attention_mask:1x4", "--opt-shapes", "input_ids:8x12,attention_mask:8x12",
+                     "--max-shapes", "input_ids:16x24,attention_mask:16x24")
+    assert code == EXIT_FAILED
+    assert_short_failure(err, "layer 'head' (Linear) at flat_text.py:14 fixes input_ids axis 1 (declared 4..24, operation mm)")
+    assert "--max-shapes" in err
+    assert not (tmp_path / "art" / "train").exists()
