@@ -181,7 +181,7 @@ def _run_demo(root: Path, key: str = "d" * 64) -> ArtifactRef:
         (folder / "out.bin").write_bytes(b"made")
         return {}
 
-    return run_stage(StageSpec("build", modules=("stage.py",)), {"key": key}, root, False, make)
+    return run_stage(StageSpec("build", "tasks.stage"), {"key": key}, root, False, make)
 
 
 def test_stale_trash_files_are_removed_like_folders(tmp_path):

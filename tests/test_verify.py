@@ -283,7 +283,7 @@ def _artifact(root, stage, files, meta):
             (out / name).write_bytes(blob)
         return meta
 
-    return run_stage(StageSpec(stage, modules=()), {"content": sha256_json([sorted((k, v.hex()) for k, v in files.items()), meta])}, root, False, make)
+    return run_stage(StageSpec(stage), {"content": sha256_json([sorted((k, v.hex()) for k, v in files.items()), meta])}, root, False, make)
 
 
 @pytest.fixture(scope="module")
