@@ -148,10 +148,10 @@ def test_a_commit_that_fails_during_the_move_leaves_no_half_filled_artifact(tmp_
         for name in ("replace", "rename"):
             real = getattr(os, name)
 
-            def move(src, dst, _real=real):
+            def move(src, dst, _real=real, _count=count, _failing=failing):
                 if _in_commit(dst):
-                    count[0] += 1
-                    if count[0] == failing:
+                    _count[0] += 1
+                    if _count[0] == _failing:
                         raise OSError(5, "Input/output error (injected)")
                 return _real(src, dst)
 

@@ -242,3 +242,11 @@ def test_an_edit_of_the_users_code_recomputes_what_runs_it_and_says_why(tmp_path
     assert after["export"].digest != before["export"].digest  # the graph has the new Mul
     assert any(m.startswith("export: usernet.py changed") for m in caplog.messages), caplog.messages
     assert after["verify-fp32"].meta["passed"]
+
+
+def test_hashing_a_model_that_imports_torch_does_not_import_torch(tmp_path: Path):
+    (tmp_path / "usernet.py").write_text("import torch\nfrom torch import nn\n\ndef build():\n    return nn.Linear(2, 2)\n")
+    script = "import sys; from tasks.code_digests import user_code; u = user_code('usernet:build'); print('torch' in sys.modules, sorted(u.files), sorted(u.libraries))"
+    env = kit.child_env(TRTFLOW_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=f"{kit.REPO}:{tmp_path}")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False ['usernet.py'] ['torch']"
