@@ -48,7 +48,7 @@ def test_a_hugging_face_model_with_a_dynamic_sequence_axis_verifies_at_three_len
     art = tmp_path / "art"
     code = main([
         "run", "--artifacts-dir", str(art), "--dataset", str(_sentences(tmp_path / "text.npz")), "--model", "hf_bert:make",
-        "--epochs", "1", "--lr", "0.003", "--calibration-samples", "128", "--no-profile",
+        "--epochs", "1", "--lr", "0.003", "--calibration-samples", "128", "--no-profile", "--no-package",
         # Shorter than the data (cut), the data's length, longer (padded with 0, mask 0).
         "--min-shapes", "input_ids:1x4,attention_mask:1x4", "--opt-shapes", "input_ids:8x16,attention_mask:8x16",
         "--max-shapes", "input_ids:16x32,attention_mask:16x32",
@@ -84,7 +84,7 @@ def test_a_regressor_trains_and_verifies_with_regression_metrics(tmp_path, capsy
     art = tmp_path / "art"
     code = main([
         "run", "--artifacts-dir", str(art), "--dataset", str(_values(tmp_path / "values.npz")), "--epochs", "10", "--lr", "0.01",
-        "--batch-size", "32", "--min-batch", "1", "--opt-batch", "4", "--max-batch", "16", "--no-profile",
+        "--batch-size", "32", "--min-batch", "1", "--opt-batch", "4", "--max-batch", "16", "--no-profile", "--no-package",
     ])
     out = capsys.readouterr().out
     assert code == 0, out
