@@ -355,7 +355,11 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
     labels = [b["label"] for b in report["batches"]]
     assert labels[:5] == [f"{precision.value} batch 1", f"{precision.value} batch 8", f"{precision.value} batch 8 repeated rows", f"{precision.value} batch 64", f"{precision.value} batch 64 repeated rows"]
     assert report["compute"]["by_precision"] == {precision.value: 2} and report["compute"]["share"] == 1.0
-    assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "int8": "native int8"}[precision.value]
+    # int8: ONNX Runtime's int8 kernels where they are exact, its Q/DQ nodes in fp32 where they saturate (no VNNI)
+    from tasks.backends.onnxruntime import int8_kernels_saturate
+    from tasks.verify import INT8_AS_FP32
+
+    assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "int8": INT8_AS_FP32 if int8_kernels_saturate() else "native int8"}[precision.value]
     assert report["backend"] == "onnxruntime" and report["engine_digest"] == branch[2][precision][1].digest
     assert report["outputs"] == ["logits", "emb"] and report["logits_output"] == "logits" and report["confusion"]["batch"] == 8
     for b in report["batches"]:  # only the logits output is judged by task metrics, and only on distinct samples
