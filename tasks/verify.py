@@ -603,7 +603,7 @@ def checks_of(
     relative = [k for k, v in reference.items() if judged_by_relative_rmse(k, v, task_outputs, regression)]
     if relative:
         run.append(f"relative RMSE ({', '.join(relative)})")
-    if len(relative) < len(reference):
+    if not reference or len(relative) < len(reference):  # unknown outputs: the per-sample cosine
         run.append("cosine per sample")
     if regression:
         if task_outputs:
