@@ -79,13 +79,13 @@ def outlier_channel_mlp(n: int = 256, seed: int = 0) -> tuple[Any, np.ndarray]:
 
 
 def run(model: Any, x: np.ndarray, optimize: bool = True) -> np.ndarray:
-    """The first output of a model on ONNX Runtime's CPU provider."""
+    """The first output of a model on ONNX Runtime's CPU provider, as the pipeline's engines run it
+    (int8 Q/DQ unfused where this CPU's int8 kernels saturate: ``tasks.backends.onnxruntime``)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    from tasks.backends.onnxruntime import has_qdq, int8_kernels_saturate, session_options
+
+    so = session_options(None, optimize, fuse_int8=not (int8_kernels_saturate() and has_qdq(model)))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
