@@ -86,7 +86,7 @@ class _Positions(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         t = input_ids.shape[1]
-        h = self.emb(input_ids) + self.pos.weight[:t]
+        h = (self.emb(input_ids) + self.pos.weight[:t]) * attention_mask.unsqueeze(-1)
         return (self.head(h.mean(1)),)
 
 

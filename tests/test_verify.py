@@ -259,6 +259,8 @@ def test_the_summary_holds_every_figure_the_report_and_repair_read():
         "max_abs": 1.0, "mean_abs": 0.5, "max_rel": 0.5, "min_cosine": pytest.approx(1.0), "top1_agreement": 1.0,
         "accuracy_reference": None, "accuracy": None, "accuracy_drop": None,
         "balanced_accuracy_reference": None, "balanced_accuracy": None,
+        "task": None, "outputs_not_judged": {}, "shapes": [],
+        "max_relative_rmse": pytest.approx(0.5 ** 0.5), "r2_reference": None, "r2": None, "r2_drop": None, "mae_reference": None, "mae": None, "rmse": None,
     }
     bare = summary_of({"precision": "int8", "backend": "b", "passed": True, "samples": 0, "batches": []})
     assert bare["failures"] == [] and bare["repairable"] is False and bare["max_abs"] is None
@@ -365,7 +367,7 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
     assert ref.meta == summary_of(report) and ref.meta["passed"]
     assert set(report) == {"precision", "backend", "numerics", "passed", "failures", "repairable", "share_finding", "compute", "checks_run",
                            "checks_skipped", "batches", "samples", "batches_run", "outputs", "logits_output", "tolerance", "emulation",
-                           "confusion", "engine_digest", "checkpoint_digest"}
+                           "confusion", "engine_digest", "checkpoint_digest", "task", "outputs_not_judged", "shapes"}
     assert report["tolerance"] == default_tolerances()[precision].model_dump() and report["checkpoint_digest"] == branch[1].digest
     assert (report["emulation"] is None) is (precision is not Precision.fp16)
     latest = json.loads((branch[0] / "reports" / f"verify-{precision.value}.json").read_text())
