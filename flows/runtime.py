@@ -212,7 +212,7 @@ class TemporaryServer:
                 expected="the database free within PREFECT_SERVER_DATABASE_TIMEOUT",
                 because="another process (a second run, a `prefect server`) holds its write lock",
                 fix="wait for the other run, or give this one its own PREFECT_HOME=<folder>",
-                summary=f"the Prefect database is locked by another process; wait for it, or run with PREFECT_HOME=<another folder>",
+                summary="the Prefect database is locked by another process; wait for it, or run with PREFECT_HOME=<another folder>",
             )
         if timed_out:
             return PrefectServerError(

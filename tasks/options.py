@@ -256,9 +256,6 @@ def parameter_path(flag: str, value: str | None = None) -> str | None:
             return f"config.{o.paths[0]}={'false' if flag.startswith('--no-') else 'true'}"
         if o.flag == flag:
             path = f"config.{o.paths[0]}"
-            if o.toggle:
-                group.add_argument(o.flag, dest=o.dest, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default: {'on' if default else 'off'})")
-                continue
             if o.switch is not None:
                 return f"{path}={_shown(o.switch).lower()}"
             return f"{path}={value}" if value else path

@@ -184,7 +184,7 @@ def _hard_coded_batch_error(exc: Exception, size: int, trial: int, model_path: s
         got=f"{type(exc).__name__}: {text} on the trial batch of {trial} samples, while a batch of {size} runs",
         expected=f"{model_path} to accept any batch size (engines run batches of 1 up to the profile's max)",
         because=f"forward hard-codes the batch size {size} (e.g. x.view({size}, -1), torch.zeros(1, {size}, hidden))",
-        fix=f"take the batch size from the input: x.view(x.size(0), -1) or x.flatten(1), torch.zeros(1, x.size(0), hidden)",
+        fix="take the batch size from the input: x.view(x.size(0), -1) or x.flatten(1), torch.zeros(1, x.size(0), hidden)",
         summary=f"the model hard-codes a batch size of {size}: the trial batch of {trial} samples fails; use x.size(0), e.g. x.view(x.size(0), -1)",
     )
 
@@ -804,7 +804,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
     import json
 
     from tasks.artifacts import write_json_atomic
-    from tasks.data import split_inputs, split_labels
+    from tasks.data import split_labels
     from tasks.metrics import collapse_findings, learnt_nothing_findings, regression_metrics
     from tasks.models import bind
 

@@ -186,6 +186,11 @@ class Api:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+        # A flow run in this process under this server's URL started the events worker against it
+        # (task-run states travel as events); drain it so later flows report to their own API again.
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all()
 
     def deployment_id(self, name: str) -> UUID:
         return self.client.read_deployment_by_name(name).id
