@@ -146,18 +146,23 @@ def output_stats(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance, la
     )
 
 
-def relative_rmse(ref: np.ndarray, out: np.ndarray) -> float:
+def relative_rmse(ref: np.ndarray, out: np.ndarray, spread_of: np.ndarray | None = None) -> float:
     """The worst column's RMS error over the reference's standard deviation (axis 0: samples).
 
     Meaningful on outputs of any width, one value per sample included: 0.01 means the engine is off by
     1% of how much the output varies across samples. A column that does not vary is measured against
     its RMS value instead (against 1e-12 if that is 0 too).
+
+    Args:
+        spread_of: the values whose spread is the scale (default ``ref``): a few rows compared on their
+            own (the rows repeated to fill a batch) are measured against the whole split's spread.
     """
     a = ref.astype(np.float64).reshape(len(ref), -1)
     b = out.astype(np.float64).reshape(len(out), -1)
     rmse = np.sqrt(np.mean((b - a) ** 2, axis=0))
-    spread = np.std(a, axis=0)
-    scale = np.where(spread > 0, spread, np.sqrt(np.mean(a**2, axis=0)))
+    base = a if spread_of is None else spread_of.astype(np.float64).reshape(len(spread_of), -1)
+    spread = np.std(base, axis=0)
+    scale = np.where(spread > 0, spread, np.sqrt(np.mean(base**2, axis=0)))
     return float(np.max(rmse / np.maximum(scale, _EPS))) if a.size else 0.0
 
 
@@ -198,6 +203,8 @@ def compare_outputs(
     labels: np.ndarray | None = None,
     task_outputs: Collection[str] | None = None,
     regression: bool = False,
+    judged_as: Collection[str] | None = None,
+    spread_of: Mapping[str, np.ndarray] | None = None,
 ) -> ComparisonResult:
     """Compare every output of a candidate with the reference under one precision's tolerance.
 
@@ -213,6 +220,9 @@ def compare_outputs(
         labels: ground-truth classes, for accuracy.
         task_outputs: the outputs judged by task metrics (top-1 agreement, accuracy); None: every 2-D output.
         regression: the task is regression: task outputs are predictions of the labels, not logits.
+        judged_as: the task outputs that choose between the relative RMSE and the cosine, when they are
+            not ``task_outputs`` (the rows repeated to fill a batch: judged like the split, no task metrics).
+        spread_of: output name -> the values whose spread scales the relative RMSE (default: ``reference``).
 
     Returns:
         The result with statistics and every check; nothing is raised here.
@@ -232,8 +242,8 @@ def compare_outputs(
         task = task_outputs is None or name in task_outputs
         s = output_stats(name, ref, out, tol, labels if task and not regression else None, task=task and not regression)
         result.outputs[name] = s
-        s.max_relative_rmse = relative_rmse(ref, out)
-        by_rmse = judged_by_relative_rmse(name, ref, task_outputs, regression)
+        s.max_relative_rmse = relative_rmse(ref, out, None if spread_of is None else spread_of.get(name))
+        by_rmse = judged_by_relative_rmse(name, ref, task_outputs if judged_as is None else judged_as, regression)
         if by_rmse:
             s.min_cosine = s.mean_cosine = None
         if regression and task and labels is not None:

@@ -1,4 +1,5 @@
-"""Diagnoses that need an experiment: a batch size written into ``forward``, a batch axis frozen by export.
+"""Diagnoses that need an experiment: a batch size written into ``forward``, a batch axis frozen by export,
+and (``shape_log``) torch.export's record of the shape guards a model adds, which names the line behind them.
 
 The pre-flight tries every model on a trial batch of 2 samples and exports it untrained. When that
 fails, the raw error ("mat1 and mat2 shapes cannot be multiplied (32x12 and 192x10)") reads like a
@@ -11,11 +12,17 @@ mismatch of layers and data; these functions find the real cause by running the 
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import logging
+import os
 import re
+import sys
+import sysconfig
+import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,30 +103,24 @@ def batch_frozen_at(model: nn.Module, examples: tuple[Any, ...]) -> str | None:
     from tasks.export import _takes_varargs
 
     frames: list[Any] = []
-
-    class _Guards(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            args = record.args if isinstance(record.args, tuple) else ()
-            if "[guard added]" in str(record.msg) and len(args) >= 3 and re.fullmatch(r"Eq\(s\d+, \d+\)", str(args[1])):
-                loc = args[2]
-                frame = getattr(loc, "maybe_user_loc", None) or getattr(loc, "framework_loc", None)
-                if frame is not None:
-                    frames.append(frame)
-
-    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    logger.handlers, logger.propagate = [_Guards()], False
-    logger.setLevel(logging.INFO)
+    events: list[ShapeEvent] = []
     try:
-        batch = torch.export.Dim("batch", min=1, max=1 << 20)
-        shapes = tuple({0: batch} for _ in examples)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.export.export(model.eval(), examples, dynamic_shapes=(shapes,) if _takes_varargs(model) else shapes, strict=False)
+        with shape_log() as recorded:
+            events = recorded
+            batch = torch.export.Dim("batch", min=1, max=1 << 20)
+            shapes = tuple({0: batch} for _ in examples)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.export.export(model.eval(), examples, dynamic_shapes=(shapes,) if _takes_varargs(model) else shapes, strict=False)
     except Exception:  # noqa: BLE001 - the refusal is expected; the guard log is what we want
         pass
-    finally:
-        logger.handlers, logger.level, logger.propagate = saved
+    for event in events:
+        args = event.args
+        if "[guard added]" in event.template and len(args) >= 3 and re.fullmatch(r"Eq\(s\d+, \d+\)", str(args[1])):
+            loc = args[2]
+            frame = getattr(loc, "maybe_user_loc", None) or getattr(loc, "framework_loc", None)
+            if frame is not None:
+                frames.append(frame)
     torch_dir = str(Path(torch.__file__).parent)
     for frame in frames:
         filename, lineno = getattr(frame, "filename", None), getattr(frame, "lineno", None)
@@ -128,3 +129,77 @@ def batch_frozen_at(model: nn.Module, examples: tuple[Any, ...]) -> str | None:
         line = (getattr(frame, "line", None) or linecache.getline(filename, lineno)).strip()
         return f"{Path(filename).name}:{lineno}" + (f" ({line})" if line else "")
     return None
+
+
+@dataclass(frozen=True)
+class ShapeEvent:
+    """One record of torch.export's shape log (``torch.fx.experimental.symbolic_shapes``).
+
+    Attributes:
+        message: the record as text ("create_symbol s70 = 12 for L['args'][0].size()[1] ...",
+            "eval Eq(4*s70, 48) [guard added] (... in meta_mm)", "set_replacement s70 = 12 ...").
+        template: the record's format string; args: its arguments (a guard's location object among them).
+        module: (name in the model, class) of the innermost module of the model running when it was logged.
+        where: (file, line, source) of the innermost frame outside torch, trtflow and the standard library.
+    """
+
+    message: str
+    template: str
+    args: tuple[Any, ...]
+    module: tuple[str, str] | None
+    where: tuple[str, int, str] | None
+
+
+#: frames of trtflow itself and of the standard library are not where a model adds a guard
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_SHAPE_LOG_LOCK = threading.Lock()
+
+
+class _ShapeLog(logging.Handler):
+    def __init__(self, model: Any) -> None:
+        super().__init__(logging.INFO)
+        self.modules = {id(m): (n, type(m).__name__) for n, m in model.named_modules()} if model is not None else {}
+        self.events: list[ShapeEvent] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import torch
+
+        message = record.getMessage()
+        if not message.startswith(("create_symbol", "set_replacement")) and "[guard added]" not in message:
+            return
+        torch_dir = os.path.dirname(torch.__file__)
+        module, where = None, None
+        frame: Any = sys._getframe()
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if module is None and id(owner) in self.modules:
+                module = self.modules[id(owner)]
+            file = frame.f_code.co_filename
+            outside = not file.startswith((torch_dir, _OWN_DIR, "<")) and not (file.startswith(_STDLIB) and "site-packages" not in file)
+            if where is None and outside:
+                where = (file, frame.f_lineno, linecache.getline(file, frame.f_lineno).strip())
+            frame = frame.f_back
+        self.events.append(ShapeEvent(message, str(record.msg), record.args if isinstance(record.args, tuple) else (), module, where))
+
+
+@contextlib.contextmanager
+def shape_log(model: Any = None) -> Iterator[list[ShapeEvent]]:
+    """Record torch.export's shape log while the block runs (and keep torch's own handler from printing it).
+
+    Args:
+        model: the module being exported: each event then names the innermost of its modules running.
+
+    Yields:
+        The events, in order (filled as the block runs).
+    """
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handler = _ShapeLog(model)
+    with _SHAPE_LOG_LOCK:
+        saved = (logger.handlers[:], logger.level, logger.propagate)
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+        try:
+            yield handler.events
+        finally:
+            logger.handlers, logger.level, logger.propagate = saved

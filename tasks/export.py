@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import sys
-import sysconfig
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -245,45 +242,6 @@ def _declared_axes_stay_dynamic(names: Sequence[str]) -> Iterator[list[str]]:
             guards_log.setLevel(level)
 
 
-#: frames of trtflow itself and of the standard library are not where a model fixes a length
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
-_STDLIB = sysconfig.get_paths()["stdlib"]
-
-
-def _library_frame(file: str, torch_dir: str) -> bool:
-    return file.startswith((torch_dir, _OWN_DIR, "<")) or (file.startswith(_STDLIB) and "site-packages" not in file)
-
-
-class _GuardLog(logging.Handler):
-    """Records the shape guards torch.export adds, each with the layer and source line that added it."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__(logging.INFO)
-        self.modules = {id(m): (n, type(m).__name__) for n, m in model.named_modules()}
-        self.events: list[tuple[str, tuple[str, str] | None, tuple[str, int, str] | None]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        import torch
-
-        msg = record.getMessage()
-        if not msg.startswith(("create_symbol", "set_replacement")) and "[guard added]" not in msg:
-            return
-        torch_dir = os.path.dirname(torch.__file__)
-        module, where = None, None
-        frame: Any = sys._getframe()
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if module is None and id(owner) in self.modules:
-                module = self.modules[id(owner)]
-            file = frame.f_code.co_filename
-            if where is None and not _library_frame(file, torch_dir):
-                import linecache
-
-                where = (file, frame.f_lineno, linecache.getline(file, frame.f_lineno).strip())
-            frame = frame.f_back
-        self.events.append((msg, module, where))
-
-
 def specialized_axis_error(
     model: Any, examples: Any, dynamic_shapes: Any, inputs: Sequence[Mapping[str, Any]],
     dims: Sequence[tuple[str, int, int, list[tuple[str, int]]]], runtime: str | None = None,
@@ -301,32 +259,22 @@ def specialized_axis_error(
     import torch
     import torch.fx.experimental._config as fx_config
 
-    log_ = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    handler = _GuardLog(model)
-    saved = (log_.level, log_.propagate, list(log_.handlers))
-    for h in saved[2]:
-        log_.removeHandler(h)  # torch's own handler would print every guard
-    log_.addHandler(handler)
-    log_.setLevel(logging.INFO)
-    log_.propagate = False
+    from tasks.diagnose import shape_log
+
     violation = ""
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-            warnings.simplefilter("ignore")
-            torch.export.export(model, examples, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # noqa: BLE001 - torch.export's UserError, or anything the model raises
-        violation = plain(str(exc))
-    finally:
-        log_.removeHandler(handler)
-        log_.setLevel(saved[0])
-        log_.propagate = saved[1]
-        for h in saved[2]:
-            log_.addHandler(h)
+    with shape_log(model) as log_events:
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+                warnings.simplefilter("ignore")
+                torch.export.export(model, examples, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:  # noqa: BLE001 - torch.export's UserError, or anything the model raises
+            violation = plain(str(exc))
+    events = [(e.message, e.module, e.where) for e in log_events]
     names = [s["name"] for s in inputs]
     ranges = {(inp, axis): (name, lo, hi) for name, lo, hi, members in dims for inp, axis in members}
     # Symbols torch.export made for each (input, axis): "create_symbol s70 = 12 for L['args'][0].size()[1] ..."
     symbols: dict[str, tuple[str, int]] = {}
-    for msg, _, _ in handler.events:
+    for msg, _, _ in events:
         m = re.match(r"create_symbol (\w+) = \d+ for L\[(?:'args'\]\[(\d+)|'(\w+)')\]\.size\(\)\[(\d+)\]", msg)
         if m:
             inp = names[int(m.group(2))] if m.group(2) is not None and int(m.group(2)) < len(names) else (m.group(3) or "")
@@ -339,7 +287,7 @@ def specialized_axis_error(
     culprit = None
     last: dict[str, tuple[str, Any, Any]] = {}
     first = None
-    for msg, mod, where in handler.events:
+    for msg, mod, where in events:
         syms = set(re.findall(r"\bs\d+\b", msg)) & declared
         if "[guard added]" in msg and "[guard suppressed]" not in msg and syms:
             expr = re.search(r"eval (.+?) \[guard added\]", msg)

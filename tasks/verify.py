@@ -157,9 +157,10 @@ def checks_at_batch(
     if run.repeated_rows > 0:
         rows = np.arange(n, run.rows_fed) % n
         repeated_ref = {k: v[rows] for k, v in reference.items()}
-        # No labels here: the task outputs of a regression are still judged as regression outputs.
+        # No task metrics here, but every output judged as on the split (relative RMSE or cosine), a
+        # relative error measured against the whole split's spread, not that of a few repeated rows.
         results.append(compare_outputs(repeated_ref, {k: v[n:] for k, v in got.items()}, tolerance, label=f"{label} repeated rows",
-                                       task_outputs=set(), regression=regression))
+                                       task_outputs=set(), regression=regression, judged_as=task_outputs, spread_of=reference))
     return results
 
 
@@ -269,7 +270,6 @@ def verdict(
     kept_fp32: int = 0,
     logits: str | None = None,
     has_labels: bool = True,
-    reference: Mapping[str, np.ndarray] | None = None,
     regression: bool = False,
 ) -> dict[str, Any]:
     """Judge the comparisons and the compute share of one engine: the verdict part of its report.
@@ -286,7 +286,6 @@ def verdict(
         kept_fp32: nodes a repair kept in fp32 in the variant (named in the finding).
         logits: the output judged by task metrics, or None.
         has_labels: whether the test split has labels.
-        reference: PyTorch's outputs by name (which checks ran depends on their width; see ``checks_of``).
         regression: the task is a regression.
 
     Returns:
@@ -294,7 +293,7 @@ def verdict(
         checks_skipped, batches (each comparison).
     """
     failures = [f for r in results for f in r.failures()]
-    checks_run, skipped = checks_of(precision, tolerance, reference or {}, {logits} if logits else set(), regression, has_labels)
+    checks_run, skipped = checks_of(precision, tolerance, results, {logits} if logits else set(), regression, has_labels)
     compute = share.to_dict(precision.value) if share is not None else None
     finding = None
     if precision is not Precision.fp32:
@@ -492,7 +491,7 @@ def verification_of_engine(
             elif numerics == EMULATED:
                 numerics = "fp16 weights, computed in fp32 (not emulated)"
         kept = len(((variant.meta.get("conversion") or {}).get("kept_fp32") or [])) if variant is not None else 0
-        judged = verdict(precision, tolerance, checked.results, compute_share_of(engine, variant), kept, logits, y is not None, reference, regression)
+        judged = verdict(precision, tolerance, checked.results, compute_share_of(engine, variant), kept, logits, y is not None, regression)
         report = {
             "precision": precision.value,
             "backend": info.backend,
@@ -593,29 +592,29 @@ def emulated_fp16_check(
 
 
 def checks_of(
-    precision: Precision, tolerance: Tolerance, reference: Mapping[str, np.ndarray], task_outputs: set[str], regression: bool, labelled: bool
+    precision: Precision, tolerance: Tolerance, results: Sequence[ComparisonResult], task_outputs: set[str], regression: bool, labelled: bool
 ) -> tuple[list[str], dict[str, str]]:
-    """Which checks a verification ran, and which it did not (with why), as the report says them."""
-    from tasks.compare import judged_by_relative_rmse
+    """Which checks a verification ran, and which it did not (with why), as the report says them.
 
+    The per-output checks are read off the comparisons themselves: the relative RMSE for the outputs
+    judged by it (regression outputs, one-value outputs), the cosine when any output was judged by it.
+    """
+    judged = [(c.output, c.metric) for r in results for c in r.checks]
     run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
     skipped: dict[str, str] = {} if run else {"elementwise": f"no atol/rtol for {precision.value}"}
-    relative = [k for k, v in reference.items() if judged_by_relative_rmse(k, v, task_outputs, regression)]
-    if relative:
+    if relative := list(dict.fromkeys(o for o, m in judged if m == "max_relative_rmse")):
         run.append(f"relative RMSE ({', '.join(relative)})")
-    if not reference or len(relative) < len(reference):  # unknown outputs: the per-sample cosine
+    if any(m == "min_cosine" for _, m in judged):
         run.append("cosine per sample")
     if regression:
         if task_outputs:
-            run += ["R² drop (R², MAE, RMSE against the labels)"]
+            run.append("R² drop (R², MAE, RMSE against the labels)")
         else:
             skipped["R² drop"] = "the dataset has no labels"
     elif task_outputs:
-        run += ["top-1 agreement", "accuracy drop", "balanced accuracy"]
+        run += list(TASK_CHECKS)
     else:
-        reason = "the dataset has no labels" if not labelled else "no logits output"
-        for c in ("top-1 agreement", "accuracy drop", "balanced accuracy"):
-            skipped[c] = reason
+        skipped.update({c: "no logits output" if labelled else "the dataset has no labels" for c in TASK_CHECKS})
     return run, skipped
 
 

@@ -66,7 +66,8 @@ def test_a_hugging_face_model_with_a_dynamic_sequence_axis_verifies_at_three_len
         assert r["shapes_verified"] == [f"{p} {s}" for s in shapes]
         assert r["shapes"]["input_ids"] == {"min": [1, 4], "opt": [8, 16], "max": [16, 32]}  # the engine's profile
         verification = json.loads((art / r["verification"]).read_text())
-        assert [b["label"] for b in verification["batches"]][:3] == [f"{p} {s}" for s in shapes]
+        verified = [b["label"] for b in verification["batches"] if not b["label"].endswith("repeated rows")]
+        assert verified[:3] == [f"{p} {s}" for s in shapes]
     assert "verified at: " + "; ".join(shapes) in out
 
 
