@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.cli import EXIT_FAILED, main
+from flows.cli import EXIT_FAILED
 
 MODELS = '''
 import numpy as np
@@ -71,8 +71,18 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _run(models: Path, model: str, data: str, capsys: pytest.CaptureFixture[str]) -> str:
-    code = main(["run", "--artifacts-dir", str(models / "art"), "--model", f"batchy_models:{model}", "--dataset", str(models / data), "--epochs", "1"])
-    err = capsys.readouterr().err
+    # A fresh process, as a user runs it: in-process CLI runs earlier in the suite leave Prefect's
+    # console handler writing to a stream pytest has closed, and this test reads the error output.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(models), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--artifacts-dir", str(models / "art"), "--model", f"batchy_models:{model}", "--dataset", str(models / data), "--epochs", "1"],
+        capture_output=True, text=True, env=env, cwd=models, timeout=300,
+    )
+    code, err = done.returncode, done.stderr
     assert code == EXIT_FAILED, err
     assert "Traceback" not in err and "unexpected error" not in err, err
     first = err.splitlines()[0]
