@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,8 +273,6 @@ def start_server(server: TemporaryServer, say: Callable[[str], None]) -> str:
 
 def api_answers(url: str, timeout: float = 2.0) -> bool:
     """Whether anything answers HTTP at ``<url>/health`` (any status: an answer, even 401, means the server is up)."""
-    import urllib.error
-
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):
             return True

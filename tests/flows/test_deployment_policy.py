@@ -36,12 +36,17 @@ def _create(server: Server, deployment_id: UUID, config: dict[str, Any], enforce
         body["enforce_parameter_schema"] = enforce
     if job_variables is not None:
         body["job_variables"] = job_variables
-    req = urllib.request.Request(f"{server.api}/deployments/{deployment_id}/create_flow_run", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+    for attempt in range(6):
+        req = urllib.request.Request(f"{server.api}/deployments/{deployment_id}/create_flow_run", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code in (429, 502, 503) and attempt < 5:  # a busy server (SQLite locked): retry as Prefect's client does
+                time.sleep(2**attempt)
+                continue
+            return exc.code, json.loads(exc.read() or b"null")
+    raise AssertionError("unreachable")
 
 
 def _run_as_deployment(api: Api, run_id: str) -> Any:

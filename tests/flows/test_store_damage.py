@@ -21,7 +21,7 @@ import pytest
 from flows.cli import main
 from tasks.artifacts import MANIFEST, sha256_file
 
-RUN = ["--epochs", "1", "--precisions", "fp32", "--backend", "onnxruntime", "--no-profile", "--min-batch", "1", "--opt-batch", "8", "--max-batch", "32"]
+RUN = ["--epochs", "1", "--precisions", "fp32", "--backend", "onnxruntime", "--no-profile", "--no-package", "--min-batch", "1", "--opt-batch", "8", "--max-batch", "32"]
 
 
 def _cli(art: Path, capfd: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
