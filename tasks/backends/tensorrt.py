@@ -382,6 +382,19 @@ _COMPUTE_LAYER = re.compile(r"conv|gemm|matrixmultiply|matmul|fullyconnected|cor
 _FUSED_REGION = re.compile(r"myelin|foreignnode", re.I)
 
 
+def _inspector_layers(report: Mapping[str, Any] | str) -> list[Any]:
+    """The "Layers" list of the engine inspector's JSON report (text or parsed).
+
+    Raises:
+        ValueError: the report is not JSON or has no "Layers" list.
+    """
+    data = json.loads(report) if isinstance(report, str) else report
+    layers = data.get("Layers") if isinstance(data, Mapping) else None
+    if not isinstance(layers, list):
+        raise ValueError("engine inspector report has no 'Layers' list")
+    return layers
+
+
 def compute_layers(report: Mapping[str, Any] | str) -> dict[str, int]:
     """Count the engine's compute layers by the precision they run in (the narrowest type of their inputs).
 
@@ -397,10 +410,7 @@ def compute_layers(report: Mapping[str, Any] | str) -> dict[str, int]:
     Raises:
         ValueError: the report is not JSON or has no "Layers" list.
     """
-    data = json.loads(report) if isinstance(report, str) else report
-    layers = data.get("Layers") if isinstance(data, Mapping) else None
-    if not isinstance(layers, list):
-        raise ValueError("engine inspector report has no 'Layers' list")
+    layers = _inspector_layers(report)
     counts: Counter[str] = Counter()
     for layer in layers:
         kind = str(layer.get("LayerType", "")) if isinstance(layer, Mapping) else ""
@@ -429,9 +439,7 @@ def summarize_layers(report: Mapping[str, Any] | str) -> dict[str, Any]:
         ValueError: the report is not JSON or has no "Layers" list.
     """
     data = json.loads(report) if isinstance(report, str) else report
-    layers = data.get("Layers") if isinstance(data, Mapping) else None
-    if not isinstance(layers, list):
-        raise ValueError("engine inspector report has no 'Layers' list")
+    layers = _inspector_layers(data)
     by_precision = Counter(layer_precision(layer) for layer in layers)
     by_type = Counter(
         str(layer.get("LayerType", "?")) if isinstance(layer, Mapping) else "?" for layer in layers
