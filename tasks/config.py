@@ -497,7 +497,7 @@ class ShipConfig(_Strict):
         "fastest",
         description="Which variant that PASSED its gates is shipped: fastest (highest throughput at the max batch), "
         "lowest-latency (p50 at batch 1), smallest (engine file size), a precision (fp32, fp16, int8), or "
-        "latency-budget=MS (the fastest whose batch-1 p50 is at most MS milliseconds).",
+        "latency-budget=MS (the fastest whose batch-1 p50 is at most MS milliseconds). Unset with the profile off: smallest.",
     )
     name: str | None = Field(
         None, description="Triton model name (letters, digits, '_', '-', '.'). Empty: the model factory's name, e.g. default_model."
@@ -573,6 +573,15 @@ class PipelineConfig(_Strict):
                 "batch in both; drop --min-batch/--opt-batch/--max-batch (the shapes set them) or make them agree"
             )
         self.batch = self.batch.model_copy(update=dict(zip(("min", "opt", "max"), given)))
+        return self
+
+    @model_validator(mode="after")
+    def _ship_without_timings(self) -> PipelineConfig:
+        # The default policy compares speed; with the profile off and no policy chosen, ship the smallest
+        # passed variant instead of refusing a run the user never asked to be timed. A policy the user
+        # chose is kept, and check_policy refuses it with the fix.
+        if not self.profile.enabled and "policy" not in self.ship.model_fields_set and self.ship.needs_timings:
+            self.ship = self.ship.model_copy(update={"policy": "smallest"})
         return self
 
     def tolerance(self, precision: Precision) -> Tolerance:

@@ -17,7 +17,7 @@ import _pipeline_kit as kit
 import tasks.code_digests as code
 from flows.pipeline import GRAPH
 from tasks.code_digests import ROOT, parse_imports, project_code, user_code
-from tasks.config import Precision, ProfileConfig
+from tasks.config import Precision, ProfileConfig, ShipConfig
 from tasks.graph import run_plain
 
 
@@ -85,7 +85,7 @@ def test_every_project_module_a_stage_calls_into_is_in_its_key(tmp_path: Path, m
     graph = type(GRAPH)(*nodes)
     cfg = kit.tiny_config(
         tmp_path / "art", kit.tiny_dataset(tmp_path / "d.npz", per_class=20), precisions=[Precision.fp32, Precision.fp16],
-        profile=ProfileConfig(min_seconds=0, min_iterations=2, max_seconds=0.05, warmup=1),
+        profile=ProfileConfig(min_seconds=0, min_iterations=2, max_seconds=0.05, warmup=1), ship=ShipConfig(),  # the kit turns package off
     )
     hook = _trace_project_calls(calls, current)
     sys.setprofile(hook)

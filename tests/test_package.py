@@ -81,12 +81,15 @@ def test_policies_are_parsed_and_refused_before_any_work():
         with pytest.raises(ValueError, match="ship policy"):
             ShipConfig(policy=bad)
     with pytest.raises(ConfigError) as e:
-        check_policy(PipelineConfig.model_validate({"profile": {"enabled": False}}))
+        check_policy(PipelineConfig.model_validate({"profile": {"enabled": False}, "ship": {"policy": "fastest"}}))
     assert "--ship fastest needs the speed profile" in e.value.summary and "--no-package" in e.value.summary
     with pytest.raises(ConfigError) as e:
         check_policy(PipelineConfig.model_validate({"precisions": ["fp32"], "ship": {"policy": "int8"}}))
     assert "--precisions has no int8" in e.value.summary
-    for fine in ({"profile": {"enabled": False}, "ship": {"policy": "smallest"}}, {"profile": {"enabled": False}, "ship": {"enabled": False}}, {}):
+    # No policy chosen and no profile: the smallest passed variant ships (the default compares speed).
+    assert PipelineConfig.model_validate({"profile": {"enabled": False}}).ship.policy == "smallest"
+    assert PipelineConfig.model_validate({}).ship.policy == "fastest"
+    for fine in ({"profile": {"enabled": False}}, {"profile": {"enabled": False}, "ship": {"policy": "smallest"}}, {"profile": {"enabled": False}, "ship": {"enabled": False}}, {}):
         check_policy(PipelineConfig.model_validate(fine))
 
 

@@ -1,0 +1,137 @@
+"""The artifact store: the one interface through which the pipeline reads and writes what it keeps.
+
+Stages receive a ``Store``, never a folder. Every file the pipeline writes goes through it: stage
+artifacts (``open`` -> ``Writer.commit``), and side files such as reports, run records and TensorRT
+timing caches (``put`` / ``get``). Implementations are registered by URL scheme (``register_store``)
+and made by ``store_for``; a new one (object storage) is one module plus a registration.
+
+Guarantees every implementation keeps (tests/stores/ checks them for each registered store):
+
+- ``Writer.commit`` is atomic: a reader sees the whole artifact or none of it (the files first, the
+  manifest last), and a commit that fails halfway leaves nothing that ``lookup`` returns.
+- ``lookup`` returns only an artifact whose manifest names this stage and key; its files' digests are
+  checked when they are read (``ArtifactRef.damage``), so a damaged artifact is recomputed, never used.
+- ``lock`` excludes every other holder of the same stage key, in this process, on this machine, or on
+  another machine sharing the store, and a holder that dies releases it (on expiry, for remote stores).
+- ``ArtifactRef.path(name)`` is a local file (a remote store downloads it once into ``local``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from tasks.artifacts import ArtifactRef
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """A private place a stage writes one artifact's files into (``dir``), committed once."""
+
+    #: a local folder, empty at the start, private to this writer
+    dir: Path
+
+    def commit(self, meta: dict[str, Any], ingredients: dict[str, Any] | None = None) -> ArtifactRef:
+        """Publish the files in ``dir`` with their digests and ``meta``; return the artifact.
+
+        When another writer committed an intact artifact of the same key meanwhile, that one is kept
+        and returned (a reader may be using it).
+        """
+        ...
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where artifacts and side files live (a local folder, a bucket)."""
+
+    #: what the user passed (``artifacts``, ``s3://bucket/prefix``), shown in messages
+    url: str
+    #: the local folder of this run: its reports, and the read cache of a remote store
+    local: Path
+
+    def lookup(self, stage: str, key: str) -> ArtifactRef | None:
+        """The committed artifact of a stage key, or None (absent, or its manifest unreadable)."""
+        ...
+
+    def open(self, stage: str, key: str) -> contextlib.AbstractContextManager[Writer]:
+        """A writer for a new artifact of a stage key; discarded unless committed inside the block.
+
+        Raises:
+            StorageError: the store cannot be written (full, read-only, a file in the way).
+        """
+        ...
+
+    def lock(self, stage: str, key: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the exclusive lock of one stage key; wait while another holder has it."""
+        ...
+
+    def list(self, stage: str) -> list[ArtifactRef]:
+        """Every committed artifact of a stage."""
+        ...
+
+    def fetch(self, ref: ArtifactRef, name: str) -> Path:
+        """The local path of one file of an artifact (a remote store downloads it once, digest-checked).
+
+        Raises:
+            ArtifactError: the file is not the artifact's, or its content is not what the manifest says.
+        """
+        ...
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write a side file (``reports/run-….json``, ``train/.last-train.json``), replacing it atomically."""
+        ...
+
+    def get(self, name: str) -> bytes | None:
+        """Read a side file, or None when there is none."""
+        ...
+
+
+#: URL scheme -> factory(url, local folder); "" is a plain path
+_STORES: dict[str, Callable[[str, Path], Store]] = {}
+
+
+def register_store(scheme: str, factory: Callable[[str, Path], Store]) -> None:
+    """Make ``store_for`` build stores of one URL scheme (``s3``) with ``factory(url, local)``."""
+    _STORES[scheme] = factory
+
+
+def schemes() -> list[str]:
+    """The registered URL schemes ("" is a local path)."""
+    _load_builtin()
+    return sorted(_STORES)
+
+
+def store_for(url: str | Path | None, local: Path) -> Store:
+    """Return the store at ``url`` (None or a path: the local store in ``local``).
+
+    Args:
+        url: ``s3://bucket/prefix`` or another registered scheme; None or a plain path for a folder.
+        local: the local folder (``--artifacts-dir``): the local store itself, or a remote one's read cache.
+
+    Raises:
+        ConfigError: a URL whose scheme no store is registered for.
+    """
+    _load_builtin()
+    text = "" if url is None else str(url)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme not in _STORES:
+        from tasks.errors import ConfigError
+
+        raise ConfigError(
+            got=f"store {text!r}",
+            expected="a folder or one of " + ", ".join(f"{s}://" for s in sorted(_STORES) if s),
+            because=f"no store is registered for '{scheme}://'",
+            fix="pass --store s3://BUCKET/PREFIX, or leave --store out to keep artifacts in --artifacts-dir",
+        )
+    return _STORES[scheme](text, Path(local))
+
+
+def _load_builtin() -> None:
+    # The built-in stores register themselves on import; importing them here (not at the top) keeps
+    # this interface module free of their dependencies.
+    with contextlib.suppress(ImportError):
+        import tasks.stores  # noqa: F401
+
