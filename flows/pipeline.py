@@ -273,6 +273,12 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     gathered: dict[str, Any] = {}
     late_errors: list[BaseException] = []
     for inst in (i for i in plan if i.node.gather):
+        if not any("engine" in o for o in outcomes.values()):
+            # Nothing passed: the branches' own errors end the run; a gather over nothing adds a second
+            # Failed task (on every cached re-run too) and no information.
+            gathered[inst.node.name] = "no variant passed its gates"
+            progress.step(inst.id + " (skipped)")
+            continue
         future = call(inst, passed, submit=True)
         if (e := _error_of(future)) is None:
             gathered[inst.node.name] = future.result()
