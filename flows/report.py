@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Precision
+from tasks.graph import Branch
 from tasks.engine import engine_info
 from tasks.profile import speed_markdown, table_columns
 from tasks.artifacts import write_json_atomic
@@ -32,9 +34,7 @@ def run_report(
     config: PipelineConfig,
     root: Path,
     backend_reason: str,
-    data: ArtifactRef,
-    checkpoint: ArtifactRef,
-    onnx: ArtifactRef,
+    shared: Mapping[str, ArtifactRef],
     outcomes: dict[Precision, dict[str, Any]],
     bundle: ArtifactRef | str | None = None,
 ) -> dict[str, Any]:
@@ -48,8 +48,8 @@ def run_report(
         config: the run's config.
         root: the artifacts folder.
         backend_reason: which backend ran and why.
-        data, checkpoint, onnx: the shared upstream artifacts.
-        outcomes: per precision, either {"engine", "verify"} artifacts or {"failed_stage", "error"}.
+        shared: the shared stages' artifacts by stage name (data, train, export, ...).
+        outcomes: per precision (``outcome_of``), either {"engine", "verify"} artifacts or {"failed_stage", "error"}.
         bundle: the ``package`` artifact, or its error, or None when no bundle was asked for.
 
     Returns:
@@ -58,6 +58,7 @@ def run_report(
     Raises:
         StorageError: a folder stands where a report file goes (named, with the fix).
     """
+    data, checkpoint, onnx = shared["data"], shared["train"], shared["export"]
     created = dt.datetime.now(dt.timezone.utc)
     own = f"{RUN_REPORTS}/run-{created.strftime('%Y%m%dT%H%M%S')}-{_run_tag()}.json"
     precisions: dict[str, Any] = {}
@@ -136,6 +137,28 @@ def run_report(
     write_json_atomic(root / own, report)
     write_json_atomic(root / REPORT, report)
     return report
+
+
+def outcome_of(branch: Branch) -> dict[str, Any]:
+    """One branch as the report reads it: ``engine`` and ``verify`` (and ``repair``, ``profile``,
+    ``engine_before_repair``, ``profile_before_repair``), or ``failed_stage`` and ``error`` with the
+    failing verdict and the repair when there are."""
+    recovery = branch.recovered_by
+    if not branch.passed:
+        out: dict[str, Any] = {"failed_stage": branch.failed, "error": str(branch.error)}
+        if branch.verdict is not None:
+            out["verify"] = branch.verdict  # the failing verdict: what ran, and in which precision
+        if branch.recovery is not None:
+            out[recovery] = branch.recovery
+        return out
+    out = {("engine" if n == "build" else n): r for n, r in branch.refs.items()}
+    if branch.recovery is not None:
+        out[recovery] = branch.recovery
+        out.update({f"{'engine' if n == 'build' else n}_before_{recovery}": r for n, r in branch.replaced.items()})
+    out.update(branch.late)
+    out.update({f"{n}_before_{recovery}": r for n, r in branch.replaced_late.items()})
+    out.update({f"{n}_error": str(e) for n, e in branch.late_errors.items()})
+    return out
 
 
 def bundle_summary(bundle: ArtifactRef | str) -> dict[str, Any]:

@@ -132,6 +132,7 @@ class Progress:
         self.id: UUID | None = None
         self._last_update = 0.0
         self._sender = LatestOnlySender("trtflow-progress")
+        self._installed = False
         if _in_flow_run():
             from prefect.artifacts import create_progress_artifact
 
@@ -139,7 +140,8 @@ class Progress:
             # Called from the (sync) flow, so it returns the id, not a coroutine.
             self.id = cast(UUID, create_progress_artifact(progress=0.0, key="trtflow-progress", description=f"0/{self.total} stages"))
             # Long stages (training) report through tasks.progress while they run, not only when done.
-            set_sink(self.within_stage)
+            self._previous = set_sink(self.within_stage)
+            self._installed = True
 
     def within_stage(self, stage: str, fraction: float, text: str) -> None:
         """Move the bar inside a running stage (``tasks.progress`` sink): done + fraction of one stage."""
@@ -182,6 +184,12 @@ class Progress:
     def flush(self, timeout: float = PROGRESS_FLUSH_S) -> bool:
         """Give the last update up to ``timeout`` seconds to reach the API (the end of a run); True when sent."""
         return self._sender.flush(timeout)
+
+    def close(self) -> None:
+        """Stop mirroring stage progress (the run is over): later stages in this process report elsewhere."""
+        if self._installed:
+            set_sink(self._previous)
+            self._installed = False
 
 
 def drop_earlier_attempts() -> int:
@@ -349,7 +357,7 @@ class _Skip(Exception):
     """A figure that does not apply to this run (no training, no labels)."""
 
 
-def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any]) -> dict[str, str]:
+def publish_figures(root: Path, shared: Mapping[str, Any], verifications: Mapping[str, Any]) -> dict[str, str]:
     """Write the training curve and the confusion matrices as PNGs and show them in the UI.
 
     Everything is drawn from saved results (``history.json``, each ``verification.json``): the UI
@@ -357,7 +365,7 @@ def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any
 
     Args:
         root: the artifacts folder.
-        checkpoint: the ``train`` ArtifactRef (its ``history.json``).
+        shared: the shared stages' artifacts by name (``train``'s ``history.json``).
         verifications: precision name -> ``verify`` ArtifactRef of the engines that verified.
 
     Returns:
@@ -367,6 +375,7 @@ def publish_figures(root: Path, checkpoint: Any, verifications: Mapping[str, Any
     reports = root / REPORTS
     # A cached re-run draws nothing: the figures of the same artifacts (and drawing code) are reused
     # (importing matplotlib and drawing costs about a second on 2 cores).
+    checkpoint = shared["train"]
     memo_key = json.dumps([checkpoint.digest, sorted((p, v.digest) for p, v in verifications.items()), _source_digest()])
     figures = _memo_figures(reports / FIGURES_MEMO, memo_key)
     if figures is None:

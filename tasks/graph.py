@@ -14,9 +14,12 @@ comes from:
   artifacts), e.g. the batch profile fitted to the memory the trained model needs.
 
 A ``gather`` node is shared and runs once every branch is done: an argument naming a per-precision node
-gets ``{precision: artifact}`` over the branches that passed (in the flow: verified, repaired or not;
-``run_plain`` stops at the first failure, so there every branch), e.g. the ``package`` stage choosing
-which verified engine to ship.
+gets ``{precision: artifact}`` over the branches that passed (verified, repaired or not), e.g. the
+``package`` stage choosing which verified engine to ship.
+
+``schedule`` is the one scheduler: it derives the phases from these declarations (shared nodes, the
+branches, recovery, ``last``, gather) and runs them through an ``Executor``: Prefect tasks in the flow,
+plain calls in ``run_plain`` (which then raises the run's first error).
 
     from flows.pipeline import GRAPH
     from tasks.graph import run_plain
@@ -28,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import Backend, PipelineConfig, Precision
@@ -99,9 +102,11 @@ class Node:
         last: runs once every other node has finished, for the branches that succeeded (timings
             must not share the CPU with builds).
         when: a config flag; the node is skipped when it is false.
-        recovers: the node of its branch whose ``VerificationError`` this node repairs: it runs only
-            when that node failed so, and its artifact then stands in for the branch's engine and
-            verification (the flow does that; ``run_plain`` never runs it and raises the failure).
+        recovers: the node of its branch whose recoverable failure (``TrtflowError.recoverable``) this
+            node repairs: it runs only when that node failed so.
+        stands_in: for a recovery node, ``stands_in(artifact, artifacts_dir)`` returns the artifacts that
+            replace the branch's own from then on (``{"build": engine, "verify": verdict}``), or raises
+            the error of a recovery that did not succeed.
         gather: a shared node that runs after every other node (``last`` ones included) and takes the
             branches' artifacts: an input naming a per-precision node gets ``{precision: artifact}``
             of the branches that passed.
@@ -116,6 +121,7 @@ class Node:
     when: Config | None = None
     recovers: str | None = None
     gather: bool = False
+    stands_in: Callable[[ArtifactRef, Path], dict[str, ArtifactRef]] | None = None
 
     @property
     def upstream(self) -> list[str]:
@@ -151,6 +157,8 @@ class Graph:
         for i, n in enumerate(nodes):
             if (n.name, n.per_precision) in seen:
                 raise ValueError(f"node '{n.name}' declared twice")
+            if n.recovers and (n.stands_in is None or not n.per_precision):
+                raise ValueError(f"recovery node '{n.name}' must be per precision and say what it stands in for (stands_in)")
             if n.gather and (n.per_precision or n.recovers or not all(m.gather for m in nodes[i:])):
                 raise ValueError(f"gather node '{n.name}' must be shared, recover nothing and come after every other node")
             for up in [*n.upstream, *n.after, *([n.recovers] if n.recovers else [])]:
@@ -171,6 +179,10 @@ class Graph:
         for n in self.nodes:
             out += [Instance(n, Precision(p)) for p in precisions] if n.per_precision else [Instance(n)]
         return out
+
+    def plan(self, config: PipelineConfig) -> list[Instance]:
+        """The instances a run with ``config`` may run: every instance whose node's ``when`` holds."""
+        return [i for i in self.instances(config.precisions) if i.node.when is None or i.node.when.read(config, i.precision)]
 
     def resolve(self, inst: Instance, name: str) -> Instance:
         """The instance that ``name`` means for ``inst``: its own branch's node first, else the shared one."""
@@ -265,10 +277,253 @@ def resolved(config: PipelineConfig) -> tuple[PipelineConfig, str]:
     return config.model_copy(update={"backend": Backend(builder.name)}), reason
 
 
-def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ()) -> dict[str, ArtifactRef]:
-    """Run every enabled node in order as plain function calls (no Prefect); stop at the first error.
+class Executor(Protocol):
+    """How ``schedule`` runs instances: plain calls (``run_plain``) or Prefect tasks (the flow)."""
 
-    Recovery nodes (``Node.recovers``) are not run: the failure they would repair is raised.
+    def shared(self, inst: Instance, args: dict[str, Any]) -> ArtifactRef:
+        """Run a shared instance to its end and return its artifact; its error ends the run."""
+        ...
+
+    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any]) -> Any:
+        """Start a branch or gather instance once the handles in ``after`` are done; return its handle.
+
+        ``args`` may hold handles of upstream instances (futures), which the executor resolves.
+        """
+        ...
+
+    def settle(self, handles: Mapping[str, Any]) -> None:
+        """Wait until every handle (instance id -> handle) is finished."""
+        ...
+
+    def outcome(self, handle: Any) -> tuple[ArtifactRef | None, BaseException | None]:
+        """A finished handle's artifact, or its error (a failed upstream's counts as its own)."""
+        ...
+
+    def expect(self, total: int) -> None:
+        """The number of instances the run now expects to run (for progress)."""
+        ...
+
+
+@dataclass
+class Branch:
+    """What one precision's branch came to.
+
+    Attributes:
+        refs: node name -> the artifact the branch ends with (a recovery's stand-ins replace the originals).
+        failed: the node that failed (None: the branch passed), with its ``error``.
+        verdict: a failure's recorded artifact (``TrtflowError.artifact``: the failing verdict).
+        recovery: the recovery node's artifact, when one ran; ``recovered_by`` that node's name.
+        replaced: the artifacts the recovery stood in for (the failing engine).
+        late: ``last`` nodes' artifacts; ``late_errors`` their errors; ``replaced_late`` the ``last``
+            nodes run again on the replaced artifacts (the failing engine's timing).
+    """
+
+    precision: Precision
+    refs: dict[str, ArtifactRef] = field(default_factory=dict)
+    failed: str | None = None
+    error: BaseException | None = None
+    verdict: ArtifactRef | None = None
+    recovery: ArtifactRef | None = None
+    recovered_by: str | None = None
+    replaced: dict[str, ArtifactRef] = field(default_factory=dict)
+    late: dict[str, ArtifactRef] = field(default_factory=dict)
+    late_errors: dict[str, BaseException] = field(default_factory=dict)
+    replaced_late: dict[str, ArtifactRef] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.failed is None
+
+
+@dataclass
+class Outcome:
+    """A whole run: shared artifacts, each branch, the gather nodes' artifacts.
+
+    Attributes:
+        not_gathered: gather node -> why it has no artifact (its error, or that no branch passed).
+        errors: what fails the run, in order: the branches' errors, then the ``last`` nodes', then the
+            gather nodes' (only when nothing else failed: their cause comes first).
+        refs: instance id -> artifact of every instance that succeeded.
+    """
+
+    shared: dict[str, ArtifactRef]
+    branches: dict[Precision, Branch]
+    gathered: dict[str, ArtifactRef]
+    not_gathered: dict[str, str]
+    errors: list[BaseException]
+    refs: dict[str, ArtifactRef]
+
+
+def schedule(graph: Graph, config: PipelineConfig, executor: Executor, extra: Callable[[Instance], dict[str, Any]]) -> Outcome:
+    """Run a graph in the phases its declarations give; the one scheduler of the flow and ``run_plain``.
+
+    Phases: shared nodes in order (each to its end); every branch's nodes submitted at once; recovery
+    nodes for the branches whose node they recover failed recoverably; ``last`` nodes for the branches
+    that passed (and once more on what a recovery replaced); gather nodes over the passed branches.
+
+    Args:
+        graph: the stage graph.
+        config: the run's config, backend resolved.
+        executor: runs the instances.
+        extra: the arguments every stage function takes besides its inputs (store, refresh).
+
+    Returns:
+        The run's outcome.
+    """
+    plan = graph.plan(config)
+    executor.expect(sum(1 for i in plan if not i.node.recovers))
+    done: dict[str, Any] = {}
+    for inst in (i for i in plan if not (i.node.last or i.node.recovers or i.node.gather)):
+        args = {**graph.arguments(inst, config, done), **extra(inst)}
+        if inst.precision is None:
+            done[inst.id] = executor.shared(inst, args)
+        else:
+            done[inst.id] = executor.submit(inst, args, [done[graph.resolve(inst, a).id] for a in inst.node.after])
+    branch_ids = [i.id for i in plan if i.id in done and i.precision is not None]
+    executor.settle({i: done[i] for i in branch_ids})
+    outcomes = {i: executor.outcome(done[i]) for i in branch_ids}
+
+    # Recovery: only where the node it recovers failed in a way it can mend.
+    recovering = {
+        i.precision: i for i in plan
+        if i.node.recovers and getattr(outcomes[graph.resolve(i, i.node.recovers).id][1], "recoverable", False)
+    }
+    executor.expect(sum(1 for i in plan if not i.node.recovers) + len(recovering))
+    recovered = {p: executor.submit(i, {**graph.arguments(i, config, done), **extra(i)}, []) for p, i in recovering.items()}
+    executor.settle({i.id: recovered[p] for p, i in recovering.items()})
+
+    branches = {p: _branch(graph, plan, p, outcomes, recovering.get(p), recovered.get(p), executor, config) for p in config.precisions}
+    shared = {i: v for i, v in done.items() if i not in outcomes}
+
+    # ``last`` nodes for the branches that passed, and again on what a recovery replaced.
+    late: dict[str, tuple[Instance, Branch, bool]] = {}
+    for inst in (i for i in plan if i.node.last and i.precision is not None and branches[i.precision].passed):
+        b = branches[inst.precision]
+        late[inst.id] = (inst, b, False)
+        if b.replaced:
+            late[f"{inst.id}-before-{b.recovered_by}"] = (inst, b, True)
+    gathers = sum(1 for i in plan if i.node.gather) if any(b.passed for b in branches.values()) else 0
+    executor.expect(sum(1 for i in plan if not (i.node.recovers or i.node.last or i.node.gather)) + len(recovering) + len(late) + gathers)
+    handles = {}
+    for lid, (inst, b, before) in late.items():
+        view = {**shared, **_ids(b.refs, inst.precision), **(_ids(b.replaced, inst.precision) if before else {})}
+        handles[lid] = executor.submit(inst, {**graph.arguments(inst, config, view), **extra(inst)}, [])
+    executor.settle(handles)
+    errors: list[BaseException] = [b.error for b in branches.values() if b.error is not None]
+    for lid, (inst, b, before) in late.items():
+        ref, err = executor.outcome(handles[lid])
+        if err is not None:
+            b.late_errors[inst.node.name + (f"_before_{b.recovered_by}" if before else "")] = err
+            errors.append(err)
+        elif before:
+            b.replaced_late[inst.node.name] = ref  # type: ignore[assignment]
+        else:
+            b.late[inst.node.name] = ref  # type: ignore[assignment]
+
+    # Gather nodes over the branches that passed.
+    view = {**shared, **{k: v for b in branches.values() if b.passed for k, v in _ids({**b.refs, **b.late}, b.precision).items()}}
+    gathered: dict[str, ArtifactRef] = {}
+    not_gathered: dict[str, str] = {}
+    gather_errors: list[BaseException] = []
+    for inst in (i for i in plan if i.node.gather):
+        if not any(b.passed for b in branches.values()):
+            # The branches' own errors end the run; a gather over nothing would only fail again.
+            not_gathered[inst.node.name] = "no variant passed its gates"
+            continue
+        handle = executor.submit(inst, {**graph.arguments(inst, config, view), **extra(inst)}, [])
+        executor.settle({inst.id: handle})
+        ref, err = executor.outcome(handle)
+        if err is None:
+            gathered[inst.node.name] = view[inst.id] = ref  # type: ignore[assignment]
+        else:
+            not_gathered[inst.node.name] = str(err)
+            gather_errors.append(err)
+    refs = {**shared, **{k: v for b in branches.values() for k, v in _ids({**b.refs, **b.late}, b.precision).items()}}
+    refs.update(gathered)
+    return Outcome(shared, branches, gathered, not_gathered, errors + (gather_errors if not errors else []), refs)
+
+
+def _ids(refs: Mapping[str, ArtifactRef], precision: Precision | None) -> dict[str, ArtifactRef]:
+    """Node name -> artifact, as instance ids of one branch."""
+    return {f"{n}-{precision.value}" if precision else n: r for n, r in refs.items()}
+
+
+def _branch(graph: Graph, plan: list[Instance], precision: Precision, outcomes: Mapping[str, tuple[Any, BaseException | None]],
+            recovery: Instance | None, handle: Any, executor: Executor, config: PipelineConfig) -> Branch:
+    """One branch's result: its chain's artifacts, the first failure, and what a recovery replaced."""
+    b = Branch(precision)
+    chain = [i for i in plan if i.precision is precision and i.id in outcomes]
+    for inst in chain:
+        ref, err = outcomes[inst.id]
+        if err is None:
+            b.refs[inst.node.name] = ref
+        elif b.failed is None:
+            b.failed, b.error = inst.node.name, err
+            b.verdict = getattr(err, "artifact", None)
+    if recovery is None:
+        return b
+    ref, err = executor.outcome(handle)
+    failed, verdict = b.failed, b.verdict
+    b.recovered_by = recovery.node.name
+    if err is None:
+        b.recovery = ref
+        assert recovery.node.stands_in is not None
+        try:
+            stand_ins = recovery.node.stands_in(ref, Path(config.artifacts_dir))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the recovery's own error, recorded like a failure
+            err = exc
+        else:
+            b.replaced = {n: b.refs[n] for n in stand_ins if n in b.refs}
+            b.refs.update(stand_ins)
+            b.failed = b.error = b.verdict = None
+            return b
+    b.failed, b.error = recovery.node.name, err
+    b.verdict = verdict if failed is not None else None
+    return b
+
+
+class _Plain:
+    """The plain executor: each instance is a function call, in order, in this thread."""
+
+    def shared(self, inst: Instance, args: dict[str, Any]) -> ArtifactRef:
+        with stage_instance(inst.id):
+            return inst.node.fn(**args)
+
+    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any]) -> Any:
+        upstream = [v for v in [*args.values(), *after] if isinstance(v, _Result) and v.error is not None]
+        if upstream:
+            # Not run: like a Prefect task whose upstream failed. Its own error is not the upstream's,
+            # so a recovery never mistakes it for a failure of the node it recovers.
+            return _Result(None, NotRun(f"{inst.id} did not run: an upstream stage failed ({upstream[0].error})"))
+        plain = {k: v.ref if isinstance(v, _Result) else v for k, v in args.items()}
+        try:
+            with stage_instance(inst.id):
+                return _Result(inst.node.fn(**plain), None)
+        except Exception as exc:  # noqa: BLE001 - recorded: the scheduler decides what fails the run
+            return _Result(None, exc)
+
+    def settle(self, handles: Mapping[str, Any]) -> None:
+        return None
+
+    def outcome(self, handle: Any) -> tuple[ArtifactRef | None, BaseException | None]:
+        return handle.ref, handle.error
+
+    def expect(self, total: int) -> None:
+        return None
+
+
+class NotRun(Exception):
+    """A branch instance skipped because an instance it needs failed (the plain executor's)."""
+
+
+@dataclass(frozen=True)
+class _Result:
+    ref: Any
+    error: BaseException | None
+
+
+def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ()) -> dict[str, ArtifactRef]:
+    """Run the graph as plain function calls (no Prefect), through the flow's scheduler; raise its first error.
 
     Args:
         graph: the stage graph.
@@ -277,15 +532,14 @@ def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ())
 
     Returns:
         Instance id -> artifact (``data``, ``train``, ..., ``verify-fp16``, ``profile-fp16``).
+
+    Raises:
+        TrtflowError: the run's first error (a shared stage's, else a branch's).
     """
     config, _ = resolved(config)
     root = Path(config.artifacts_dir)
     forced = graph.refreshed([*config.refresh, *refresh], config.precisions)
-    out: dict[str, ArtifactRef] = {}
-    for inst in graph.instances(config.precisions):
-        if inst.node.recovers or (inst.node.when is not None and not inst.node.when.read(config, inst.precision)):
-            continue
-        args = graph.arguments(inst, config, out)
-        with stage_instance(inst.id):
-            out[inst.id] = inst.node.fn(**args, artifacts_dir=root, refresh=inst.id in forced)
-    return out
+    outcome = schedule(graph, config, _Plain(), lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
+    if outcome.errors:
+        raise outcome.errors[0]
+    return outcome.refs

@@ -477,6 +477,26 @@ def repair_of_variant(
     return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
 
 
+def stand_ins(repair: ArtifactRef, artifacts_dir: Path) -> dict[str, ArtifactRef]:
+    """What a repair puts in its branch's place: ``{"build": engine, "verify": verdict}`` of the repaired variant.
+
+    The repaired verification also becomes the precision's latest view (``reports/verify-<p>.json``).
+
+    Raises:
+        PrecisionRepairError: the repair did not pass (what it kept, what still fails).
+        ArtifactError: the repaired artifacts are gone or damaged since the repair ran.
+    """
+    from tasks.errors import PrecisionRepairError
+    from tasks.verify import write_latest
+
+    refs = repaired_refs(repair, artifacts_dir)
+    if refs is None:
+        m = repair.meta
+        raise PrecisionRepairError(m["precision"], m["failures"], m["tried_fp32"], m["stopped"], str(repair.path(REPORT)), m.get("share_finding"))
+    write_latest(refs[1], artifacts_dir)
+    return {refs[0].stage: refs[0], refs[1].stage: refs[1]}
+
+
 def repaired_refs(repair: ArtifactRef, artifacts_dir: Path) -> tuple[ArtifactRef, ArtifactRef] | None:
     """The final engine and verification of a passed repair (None when it did not pass).
 

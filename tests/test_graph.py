@@ -94,24 +94,97 @@ def test_repair_recovers_verify_for_fp16_and_int8_only() -> None:
     off = PipelineConfig.model_validate({"repair": {"enabled": False}})
     assert not any(repair.when.read(off, p) for p in Precision)
     with pytest.raises(ValueError, match="not declared before"):
-        Graph(Node("fix", lambda **_: None, recovers="check"))  # type: ignore[arg-type, return-value]
+        Graph(Node("fix", lambda **_: None, per_precision=True, recovers="check", stands_in=lambda r, root: {}))  # type: ignore[arg-type, return-value]
 
 
-def test_run_plain_never_runs_a_recovery_node(tmp_path) -> None:
-    from tasks.graph import run_plain
+class _Fixable(Exception):
+    recoverable = True
 
-    calls: list[str] = []
+    def __init__(self, artifact: str) -> None:
+        super().__init__("fails its gate")
+        self.artifact = artifact
+
+
+def _toy_graph(calls: list[str], failing: set[str], fixes: bool = True) -> Graph:
+    """a (shared) -> b, check per precision; fix recovers check; t (last) and g (gather) read b."""
 
     def stage(name: str):
-        def fn(artifacts_dir, refresh, **_):  # noqa: ANN001, ANN202
-            calls.append(name)
-            return name
+        def fn(artifacts_dir, refresh, precision=None, **kw):  # noqa: ANN001, ANN202
+            tag = f"{name}-{precision.value}" if precision else name
+            calls.append(tag)
+            if tag in failing:
+                raise _Fixable(f"verdict of {tag}")
+            if name == "g":
+                return f"g({','.join(sorted(kw['bs']))})"
+            return tag if name != "t" else f"t({kw['b']})"
 
         return fn
 
-    g = Graph(Node("a", stage("a")), Node("fix", stage("fix"), {"x": "a"}, recovers="a"))  # type: ignore[arg-type]
-    run_plain(g, PipelineConfig(artifacts_dir=tmp_path, precisions=[Precision.fp32], backend="onnxruntime"))
-    assert calls == ["a"]
+    def stands_in(ref: str, root: Path) -> dict[str, str]:
+        if not fixes:
+            raise RuntimeError("the fix did not pass")
+        return {"b": f"{ref}/b", "check": f"{ref}/check"}
+
+    return Graph(  # type: ignore[arg-type]
+        Node("a", stage("a")),
+        Node("b", stage("b"), {"x": "a", "precision": PRECISION}, per_precision=True),
+        Node("check", stage("check"), {"y": "b", "precision": PRECISION}, per_precision=True),
+        Node("fix", stage("fix"), {"y": "b", "precision": PRECISION}, per_precision=True, recovers="check", stands_in=stands_in),
+        Node("t", stage("t"), {"b": "b", "precision": PRECISION}, per_precision=True, last=True),
+        Node("g", stage("g"), {"bs": "b"}, gather=True),
+    )
+
+
+def _cfg(tmp_path: Path) -> PipelineConfig:
+    return PipelineConfig(artifacts_dir=tmp_path, precisions=[Precision.fp32, Precision.int8], backend="onnxruntime")
+
+
+def test_run_plain_runs_the_flows_phases_and_a_recovery_only_where_it_is_needed(tmp_path) -> None:
+    from tasks.graph import _Plain, run_plain, schedule
+
+    calls: list[str] = []
+    refs = run_plain(_toy_graph(calls, failing={"check-int8"}), _cfg(tmp_path))
+    # shared first; every branch; the recovery for the failed one only; last nodes (int8's twice: on the
+    # recovery's stand-ins and on what they replaced); then the gather
+    assert calls == ["a", "b-fp32", "b-int8", "check-fp32", "check-int8", "fix-int8", "t-fp32", "t-int8", "t-int8", "g"]
+    # the recovery's stand-ins replace the branch's artifacts for what runs after it
+    assert refs["b-int8"] == "fix-int8/b" and refs["check-int8"] == "fix-int8/check"
+    assert refs["t-int8"] == "t(fix-int8/b)" and refs["t-fp32"] == "t(b-fp32)"
+    assert refs["g"] == "g(fp32,int8)"
+    out = schedule(_toy_graph([], failing={"check-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"artifacts_dir": tmp_path, "refresh": False})
+    int8 = out.branches[Precision.int8]
+    assert int8.passed and int8.recovered_by == "fix" and int8.recovery == "fix-int8"
+    assert int8.replaced == {"b": "b-int8"} and int8.replaced_late == {"t": "t(b-int8)"}
+
+
+def test_a_failed_recovery_fails_the_branch_and_the_others_still_finish(tmp_path) -> None:
+    from tasks.graph import _Plain, schedule
+
+    calls: list[str] = []
+    out = schedule(_toy_graph(calls, failing={"check-int8"}, fixes=False), _cfg(tmp_path), _Plain(), lambda i: {"artifacts_dir": tmp_path, "refresh": False})
+    int8, fp32 = out.branches[Precision.int8], out.branches[Precision.fp32]
+    assert (int8.failed, str(int8.error), int8.verdict) == ("fix", "the fix did not pass", "verdict of check-int8")
+    assert fp32.passed and fp32.late == {"t": "t(b-fp32)"}
+    assert "t-int8" not in calls and out.gathered == {"g": "g(fp32)"}  # the gather sees only the passed branch
+    assert [str(e) for e in out.errors] == ["the fix did not pass"]
+
+
+def test_nothing_passed_skips_the_gather_and_raises_the_first_failure(tmp_path) -> None:
+    from tasks.graph import _Plain, run_plain, schedule
+
+    calls: list[str] = []
+    out = schedule(_toy_graph(calls, failing={"b-fp32", "b-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"artifacts_dir": tmp_path, "refresh": False})
+    assert calls == ["a", "b-fp32", "b-int8"]  # a failed upstream stops its branch; no recovery for a non-recovered node
+    assert out.gathered == {} and out.not_gathered == {"g": "no variant passed its gates"} and out.branches[Precision.fp32].failed == "b"
+    with pytest.raises(_Fixable, match="fails its gate"):
+        run_plain(_toy_graph([], failing={"b-fp32"}), _cfg(tmp_path))
+
+
+def test_a_recovery_node_must_say_what_it_stands_in_for() -> None:
+    def f(**_: object) -> None: ...
+
+    with pytest.raises(ValueError, match="stands_in"):
+        Graph(Node("a", f, per_precision=True), Node("fix", f, {"x": "a"}, per_precision=True, recovers="a"))  # type: ignore[arg-type]
 
 
 def test_a_derived_argument_reads_config_and_shared_artifacts_and_counts_as_an_edge() -> None:

@@ -174,7 +174,7 @@ def test_reports_and_shipped_files_hold_no_machine_paths_or_secrets(good: kit.Go
     cfg = kit.with_root(good.config, root)
     refs = kit.run_plain(cfg, refresh=("verify",))
     outcomes = {p: {"engine": refs[f"build-{p.value}"], "verify": refs[f"verify-{p.value}"]} for p in cfg.precisions}
-    report = run_report(cfg, root, "onnxruntime: requested explicitly", refs["data"], refs["train"], refs["export"], outcomes)
+    report = run_report(cfg, root, "onnxruntime: requested explicitly", refs, outcomes)
     assert Precision.fp32.value in report["precisions"]
 
     shared = [root / "report.json", *root.glob("reports/*.json")]

@@ -75,7 +75,7 @@ def test_publish_figures_draws_from_saved_verification_without_running_an_engine
 
     monkeypatch.setattr(BaseRunner, "activate", no_inference)
     (root / "reports" / ".figures.json").unlink(missing_ok=True)
-    out = publish_figures(root, trained.checkpoint, {"fp32": verified})
+    out = publish_figures(root, {"train": trained.checkpoint}, {"fp32": verified})
     assert out == {"training-curve": "reports/training-curve.png", "confusion-matrix": "reports/confusion-matrix.png"}
     assert (root / out["confusion-matrix"]).read_bytes().startswith(PNG_MAGIC)
     history = json.loads(trained.checkpoint.path("history.json").read_text())
@@ -91,7 +91,7 @@ def test_publish_figures_never_fails_the_run(tmp_path: Path, trained) -> None:  
             return tmp_path / "missing" / name
 
     # A missing history and an unreadable verification: logged and skipped, nothing raised.
-    assert publish_figures(tmp_path, Broken(), {"fp32": Broken()}) == {}
+    assert publish_figures(tmp_path, {"train": Broken()}, {"fp32": Broken()}) == {}
 
 
 def test_the_bar_never_moves_back_while_branches_report_concurrently(monkeypatch):
@@ -146,3 +146,26 @@ def test_the_ui_shows_the_bundle_as_a_link_with_the_choice_and_its_reason(prefec
     summary = summary_markdown({**report, "precisions": {"fp32": verified}, "passed": True, "backend": "b", "data": {"source": "s", "sizes": {}}})
     assert "## Bundle" in summary and f"Shipped **fp32** (onnxruntime) as Triton model `default_model` in `bundle/`: {reason}." in summary
     assert "trtflow check-bundle bundle" in summary
+
+
+def test_a_runs_progress_bar_stops_mirroring_stage_progress_when_it_closes(monkeypatch):
+    """A flow run's bar receives stage progress while the run lasts, never afterwards (a later run or
+    plain stage call in the same process would otherwise report into a finished run)."""
+    import prefect.artifacts
+
+    import flows.ui as ui
+    import tasks.progress as progress
+
+    monkeypatch.setattr(ui, "_in_flow_run", lambda: True)
+    monkeypatch.setattr(ui, "drop_earlier_attempts", lambda: 0)
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda **_: "artifact-id")
+    before = progress.set_sink(None)
+    try:
+        bar = Progress(3)
+        assert progress._sink == bar.within_stage
+        bar.close()
+        assert progress._sink is None
+        bar.close()  # twice is harmless
+        assert progress._sink is None
+    finally:
+        progress.set_sink(before)
