@@ -41,9 +41,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import obstore as obs
-from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
-from obstore.store import S3Store as ObjectStore
+try:
+    import obstore as obs
+    from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
+    from obstore.store import S3Store as ObjectStore
+except ImportError:  # the optional extra: ``--store s3://`` then says how to install it (``_make``)
+    obs = None  # type: ignore[assignment]
 
 from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, file_digest, sha256_file
 from tasks.errors import ArtifactError, ConfigError, StorageError
@@ -510,4 +513,15 @@ def _first_line(text: str) -> str:
     return re.split(r"\n|Debug source", text, maxsplit=1)[0].strip()[:300]
 
 
-register_store("s3", S3Store)
+def _make(url: str, local: Path) -> S3Store:
+    if obs is None:
+        raise ConfigError(
+            got=f"--store {url}",
+            expected="obstore installed (the S3 client)",
+            because="the S3 store is an optional extra",
+            fix="pip install 'trtflow[s3]' (or pip install obstore)",
+        )
+    return S3Store(url, local)
+
+
+register_store("s3", _make)

@@ -348,3 +348,11 @@ def test_server_errors_are_retryable(monkeypatch, tmp_path):
         assert is_retryable(err.value) and "run the same command again" in err.value.summary
     finally:
         server.shutdown()
+
+
+def test_without_obstore_the_store_says_how_to_install_it(monkeypatch, tmp_path):
+    import tasks.stores.s3 as module
+
+    monkeypatch.setattr(module, "obs", None)
+    with pytest.raises(ConfigError, match=r"trtflow\[s3\]"):
+        store_for("s3://my-bucket/x", tmp_path)
