@@ -48,7 +48,8 @@ try:
 except ImportError:  # the optional extra: ``--store s3://`` then says how to install it (``_make``)
     obs = None  # type: ignore[assignment]
 
-from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, file_digest, sha256_file
+from tasks.artifacts import _HOST as _HOST_ID
+from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, clean_stale, file_digest, sha256_file
 from tasks.errors import ArtifactError, ConfigError, StorageError
 from tasks.store import register_store
 
@@ -190,9 +191,13 @@ class S3Store:
 
     def _read(self, path: str) -> tuple[bytes, str] | None:
         """An object's bytes and ETag, or None when it is absent."""
-        try:
-            res = self._call(f"reading {path}", obs.get, path)
+
+        def read(st: Any, path: str) -> tuple[bytes, str]:
+            res = obs.get(st, path)
             return bytes(res.bytes()), res.meta.get("e_tag") or ""
+
+        try:
+            return self._call(f"reading {path}", read, path)
         except FileNotFoundError:
             return None
 
@@ -219,15 +224,20 @@ class S3Store:
     def list(self, stage: str) -> list[ArtifactRef]:
         """Every committed artifact of a stage (one request per manifest)."""
         refs = []
-        for chunk in self._call(f"listing {stage}/", obs.list, prefix=f"{stage}/"):
-            for meta in chunk:
-                parts = meta["path"].split("/")
-                if len(parts) == 3 and parts[2] == MANIFEST:
-                    found = self._read(meta["path"])
-                    ref = ArtifactRef.model_validate_json(found[0]) if found else None
-                    # The key's first 16 characters name the folder: a manifest elsewhere is not its own.
-                    if ref is not None and ref.stage == stage and ref.key[:16] == parts[1]:
-                        refs.append(ref.model_copy(update={"dir": self._cache(stage, ref.key), "store": self.url}))
+        # The listing is a lazy stream: read it inside _call, where its failures are translated.
+        listing = self._call(f"listing {stage}/", lambda st, prefix: [m for chunk in obs.list(st, prefix=prefix) for m in chunk], f"{stage}/")
+        for meta in listing:
+            parts = meta["path"].split("/")
+            if len(parts) != 3 or parts[2] != MANIFEST:
+                continue
+            found = self._read(meta["path"])
+            try:
+                ref = ArtifactRef.model_validate_json(found[0]) if found else None
+            except ValueError:
+                continue  # an unreadable manifest is no artifact (lookup says the same)
+            # The key's first 16 characters name the folder: a manifest elsewhere is not its own.
+            if ref is not None and ref.stage == stage and ref.key[:16] == parts[1]:
+                refs.append(ref.model_copy(update={"dir": self._cache(stage, ref.key), "store": self.url}))
         return refs
 
     def fetch(self, ref: ArtifactRef, name: str) -> Path:
@@ -254,15 +264,18 @@ class S3Store:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.part"
         h = hashlib.sha256()
-        try:
-            try:
-                res = self._call(f"reading {blob}", obs.get, blob)
-            except FileNotFoundError:
-                raise _damaged(ref, name, self._where(blob), "missing") from None
+
+        def download(st: Any, blob: str) -> None:
             with open(tmp, "wb") as f:
-                for chunk in res.stream(min_chunk_size=_CHUNK):
+                for chunk in obs.get(st, blob).stream(min_chunk_size=_CHUNK):
                     h.update(chunk)
                     f.write(chunk)
+
+        try:
+            try:
+                self._call(f"reading {blob}", download, blob)
+            except FileNotFoundError:
+                raise _damaged(ref, name, self._where(blob), "missing") from None
             if h.hexdigest() != digest:
                 raise _damaged(ref, name, self._where(blob), "digest mismatch")
             os.replace(tmp, local)
@@ -325,9 +338,12 @@ class S3Writer:
 
     def __init__(self, store: S3Store, stage: str, key: str) -> None:
         self.store, self.stage, self.key = store, stage, key
-        self.dir = store.local / ".s3-staging" / f"{stage}-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Named as the local store names its staging folders, so that clean_stale removes those of dead processes.
+        staging = store.local / ".s3-staging"
+        self.dir = staging / stage / f".tmp-{key[:16]}-{_HOST_ID}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.dir.mkdir(parents=True)
+            clean_stale(staging, stage)
         except OSError as exc:
             raise StorageError(
                 got=f"{self.dir} cannot be created: {exc.strerror or exc}",

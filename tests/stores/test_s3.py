@@ -86,7 +86,7 @@ def test_an_artifact_committed_on_one_machine_is_found_on_another(s3, tmp_path):
     # Files named by digest under the key's folder, the manifest beside them; staging cleaned up.
     assert f"runs/export/{KEY[:16]}/manifest.json" in keys(client, bucket)
     assert {f"runs/export/{KEY[:16]}/blobs/{d}" for d in made.files.values()} <= set(keys(client, bucket))
-    assert not any((tmp_path / "a" / ".s3-staging").iterdir())
+    assert not list((tmp_path / "a" / ".s3-staging").rglob(".tmp-*"))
 
 
 def test_a_crash_between_the_files_and_the_manifest_leaves_nothing_lookup_returns(s3, tmp_path):
@@ -106,6 +106,12 @@ def test_a_crash_between_the_files_and_the_manifest_leaves_nothing_lookup_return
     assert [k for k in keys(client, bucket) if "/blobs/" in k]
     assert S3Store(url, tmp_path / "b").lookup("export", KEY) is None
     assert S3Store(url, tmp_path / "b").list("export") == []
+    # The next run on that machine removes the dead process's staging folder and commits.
+    assert list((tmp_path / "a" / ".s3-staging").rglob(".tmp-*"))
+    made = commit(S3Store(url, tmp_path / "a"), {"model.onnx": b"whole"})
+    assert not list((tmp_path / "a" / ".s3-staging").rglob(".tmp-*"))
+    found = S3Store(url, tmp_path / "b").lookup("export", KEY)
+    assert found is not None and found.digest == made.digest
 
 
 def test_two_concurrent_commits_of_one_key_keep_one(s3, tmp_path):
@@ -313,6 +319,8 @@ def test_a_missing_bucket_says_to_create_it(s3, tmp_path):
     assert "no bucket 'no-such-bucket-here'" in err.value.summary and "create it" in err.value.summary
     with pytest.raises(StorageError, match="no bucket"):
         store.put("reports/x.json", b"{}")
+    with pytest.raises(StorageError, match="no bucket"):
+        store.list("export")
 
 
 def test_bad_credentials_name_the_variables(s3, tmp_path, monkeypatch):
