@@ -145,7 +145,7 @@ class S3Store:
                 raise self._failure(what, exc) from exc
             self._reached = True
             raise
-        except Exception as exc:
+        except (BaseError, ValueError) as exc:
             raise self._failure(what, exc) from exc
         self._reached = True
         return out
@@ -178,8 +178,17 @@ class S3Store:
                 fix="check AWS_ENDPOINT_URL (e.g. http://minio:9000; unset for AWS) and that the server runs",
                 summary=f"cannot reach the S3 endpoint {endpoint}; check AWS_ENDPOINT_URL and that the server runs",
             )
-        else:
-            # 5xx, a dropped connection, a timeout after the endpoint answered before: may pass.
+        elif re.search(r"<Code>(PermanentRedirect|AuthorizationHeaderMalformed|IllegalLocationConstraintException)|incorrectly configured region", text):
+            code = _s3_code(text) or "a redirect"
+            err = StorageError(
+                got=f"{where} answered {code} to {what}",
+                expected=f"AWS_DEFAULT_REGION to be the region of the bucket {self.bucket!r}",
+                because="S3 serves a bucket only from its own region",
+                fix="set AWS_DEFAULT_REGION to the bucket's region (aws s3api get-bucket-location --bucket " + self.bucket + ")",
+                summary=f"{where} is in another region ({code}); set AWS_DEFAULT_REGION to the bucket's region",
+            )
+        elif (_status(text) or 0) >= 500 or (_status(text) is None and re.search(r"error sending request|connection|timed out|timeout|broken pipe", text, re.I)):
+            # A server error, a dropped connection, a timeout after the endpoint answered before: may pass.
             err = StorageError(
                 got=f"{what} on {where} failed: {_first_line(text)}",
                 expected="the S3 request to succeed",
@@ -187,6 +196,13 @@ class S3Store:
                 fix="run the same command again: finished stages are reused",
             )
             err.retryable = True
+        else:
+            err = StorageError(
+                got=f"{what} on {where} failed: {_first_line(text)}",
+                expected="the S3 request to succeed",
+                because=f"S3 refused it ({_s3_code(text) or 'HTTP ' + str(_status(text) or '?')})",
+                fix="check --store and the AWS_* variables (docs/storage.md)",
+            )
         return err
 
     def _read(self, path: str) -> tuple[bytes, str] | None:

@@ -25,7 +25,7 @@ moto_server = pytest.importorskip("moto.server")
 
 from tasks.artifacts import KILL_AT_ENV, ArtifactRef  # noqa: E402
 from tasks.errors import ArtifactError, ConfigError, StorageError, is_retryable  # noqa: E402
-from tasks.store import opened_store, store_for  # noqa: E402
+from tasks.store import Store, Writer, opened_store, store_for  # noqa: E402
 from tasks.stores.s3 import Lease, S3Store, parse_url  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +71,9 @@ def commit(store, files: dict[str, bytes], key: str = KEY, meta: dict | None = N
 def test_an_artifact_committed_on_one_machine_is_found_on_another(s3, tmp_path):
     client, bucket, url = s3
     a = store_for(url, tmp_path / "a")
+    assert isinstance(a, Store)
+    with a.open("export", KEY) as w:
+        assert isinstance(w, Writer) and w.dir.is_dir() and not any(w.dir.iterdir())
     made = commit(a, {"model.onnx": b"onnx bytes", "sub/names.json": b"[1]"})
     b = store_for(url, tmp_path / "b")
     found = b.lookup("export", KEY)
@@ -335,32 +338,42 @@ def test_bad_credentials_name_the_variables(s3, tmp_path, monkeypatch):
     assert not is_retryable(err.value)
 
 
-class _Failing(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the http.server interface
-        self.send_response(503)
-        self.send_header("Content-Length", "0")
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """A server that answers every request with one status and S3 error code (set on a subclass)."""
+
+    status, code = 503, "SlowDown"
+
+    def _answer(self) -> None:
+        body = f"<?xml version='1.0'?><Error><Code>{self.code}</Code><Message>test</Message></Error>".encode()
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = _answer  # noqa: N815 - the http.server interface
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-def test_server_errors_are_retryable(monkeypatch, tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+@pytest.mark.parametrize(
+    "status, code, says, retryable",
+    [
+        (503, "SlowDown", "run the same command again", True),
+        (500, "InternalError", "run the same command again", True),
+        (301, "PermanentRedirect", "set AWS_DEFAULT_REGION", False),
+        (400, "InvalidRequest", "check --store and the AWS_* variables", False),
+    ],
+)
+def test_server_errors_are_retryable_and_refusals_are_not(monkeypatch, tmp_path, status, code, says, retryable):
+    handler = type("Handler", (_Answering,), {"status": status, "code": code})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}"}.items():
             monkeypatch.setenv(name, value)
         with pytest.raises(StorageError) as err:
             S3Store("s3://some-bucket/x", tmp_path).get("reports/x.json")
-        assert is_retryable(err.value) and "run the same command again" in err.value.summary
+        assert is_retryable(err.value) is retryable and says in err.value.summary, err.value.summary
     finally:
         server.shutdown()
-
-
-def test_without_obstore_the_store_says_how_to_install_it(monkeypatch, tmp_path):
-    import tasks.stores.s3 as module
-
-    monkeypatch.setattr(module, "obs", None)
-    with pytest.raises(ConfigError, match=r"trtflow\[s3\]"):
-        store_for("s3://my-bucket/x", tmp_path)
