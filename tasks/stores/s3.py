@@ -97,7 +97,7 @@ class S3Store:
         self.url = url
         self.local = Path(local)
         self.bucket, self.prefix = parse_url(url)
-        self.lease_s = float(lease_s if lease_s is not None else os.environ.get(LEASE_ENV, LEASE_S))
+        self.lease_s = _lease_s(lease_s)
         self.poll_s = float(poll_s if poll_s is not None else min(2.0, self.lease_s / 4))
         self.endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or ""
         try:
@@ -510,6 +510,22 @@ class Lease:
             found = self.store._read(self.path)
             if found is not None and found[1] == self.etag:
                 self.store._call(f"unlocking {self.path}", obs.delete, self.path)
+
+
+def _lease_s(given: float | None) -> float:
+    text = os.environ.get(LEASE_ENV, "") if given is None else str(given)
+    try:
+        value = float(text or LEASE_S)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ConfigError(
+            got=f"{LEASE_ENV}={text!r}",
+            expected="a lease lifetime in seconds, above 0",
+            because="the S3 store's locks expire when their holder stops renewing them for that long",
+            fix=f"set {LEASE_ENV}=60 (or unset it)",
+        )
+    return value
 
 
 def _holder(blob: bytes) -> str:

@@ -297,6 +297,12 @@ def test_urls(tmp_path, monkeypatch):
     for bad in ("s3://", "s3:///prefix", "s3://B!/x"):
         with pytest.raises(ConfigError, match="bucket"):
             parse_url(bad)
+    monkeypatch.setenv("TRTFLOW_S3_LEASE_S", "7.5")
+    assert S3Store("s3://my-bucket/x", tmp_path).lease_s == 7.5
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv("TRTFLOW_S3_LEASE_S", bad)
+        with pytest.raises(ConfigError, match="TRTFLOW_S3_LEASE_S"):
+            S3Store("s3://my-bucket/x", tmp_path)
 
 
 def _closed_port() -> int:
