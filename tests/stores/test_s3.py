@@ -84,6 +84,7 @@ def test_an_artifact_committed_on_one_machine_is_found_on_another(s3, tmp_path):
     assert found.path("sub/names.json").read_bytes() == b"[1]"
     assert found.path("model.onnx").is_relative_to(tmp_path / "b" / ".s3-cache" / bucket / "runs")
     assert found.damage() == []
+    assert found.under(tmp_path / "elsewhere") is found, "re-rooting never moves a bucket's artifact to a local folder"
     assert b.lookup("export", "cd" * 32) is None and b.lookup("train", KEY) is None
     assert [r.key for r in b.list("export")] == [KEY] and b.list("train") == []
     # Files named by digest under the key's folder, the manifest beside them; staging cleaned up.
