@@ -103,6 +103,8 @@ class ArtifactRef(BaseModel):
         dir: the folder holding the files and ``manifest.json``.
         files: file name (relative to ``dir``) -> SHA-256.
         meta: small JSON metadata (config that made it, metrics, tensor names).
+        store: the URL of the remote store it lives in (``s3://…``), None for a local folder; then
+            ``dir`` is the local read cache and ``path`` fetches each file from the store on first use.
     """
 
     stage: str
@@ -110,6 +112,7 @@ class ArtifactRef(BaseModel):
     dir: Path
     files: dict[str, str]
     meta: dict[str, Any] = {}
+    store: str | None = None
 
     @property
     def digest(self) -> str:
@@ -118,6 +121,8 @@ class ArtifactRef(BaseModel):
 
     def under(self, artifacts_dir: Path) -> ArtifactRef:
         """Return this reference re-rooted in ``artifacts_dir`` (the folder may have been moved since)."""
+        if self.store is not None:
+            return self  # it lives in its store; ``dir`` is only the store's read cache
         where = artifact_dir(artifacts_dir, self.stage, self.key)
         return self if where == self.dir else self.model_copy(update={"dir": where})
 
@@ -134,11 +139,25 @@ class ArtifactRef(BaseModel):
                 because=f"the {self.stage} artifact in {self.dir} has no such file",
                 fix="re-run the stage with --refresh " + self.stage,
             )
+        if self.store is not None:
+            from tasks.store import opened_store
+
+            return opened_store(self.store).fetch(self, name)
         return self.dir / name
 
     def damage(self) -> list[tuple[str, str]]:
-        """What is wrong with the files on disk: (file name, ``missing`` or ``digest mismatch``); empty when intact."""
+        """What is wrong with the files on disk: (file name, ``missing`` or ``digest mismatch``); empty when intact.
+
+        A remote store's artifact is checked by fetching each file (once: later calls read the cache).
+        """
         found = []
+        if self.store is not None:
+            for name in sorted(self.files):
+                try:
+                    self.path(name)
+                except ArtifactError as exc:
+                    found.append((name, getattr(exc, "why", "digest mismatch")))
+            return found
         for name, digest in sorted(self.files.items()):
             p = self.dir / name
             if not p.is_file():

@@ -91,6 +91,8 @@ class Store(Protocol):
 
 #: URL scheme -> factory(url, local folder); "" is a plain path
 _STORES: dict[str, Callable[[str, Path], Store]] = {}
+#: url -> the store ``store_for`` last made for it in this process (``ArtifactRef.path`` fetches through it)
+_OPENED: dict[str, Store] = {}
 
 
 def register_store(scheme: str, factory: Callable[[str, Path], Store]) -> None:
@@ -126,7 +128,27 @@ def store_for(url: str | Path | None, local: Path) -> Store:
             because=f"no store is registered for '{scheme}://'",
             fix="pass --store s3://BUCKET/PREFIX, or leave --store out to keep artifacts in --artifacts-dir",
         )
-    return _STORES[scheme](text, Path(local))
+    store = _STORES[scheme](text, Path(local))
+    _OPENED[text] = store
+    return store
+
+
+def opened_store(url: str) -> Store:
+    """The store this process opened (``store_for``) for ``url``: what a reference recording ``url`` is read through.
+
+    Raises:
+        ConfigError: no store was opened for ``url`` in this process.
+    """
+    if url not in _OPENED:
+        from tasks.errors import ConfigError
+
+        raise ConfigError(
+            got=f"an artifact of the store {url!r}, read in a process that did not open it",
+            expected="the store opened (store_for) before its artifacts' files are read",
+            because="an artifact's files are fetched through the store that found it",
+            fix=f"open the store first (--store {url})",
+        )
+    return _OPENED[url]
 
 
 def _load_builtin() -> None:

@@ -1,0 +1,1 @@
+from tasks.stores import s3  # noqa: F401
