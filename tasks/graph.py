@@ -397,7 +397,9 @@ def schedule(graph: Graph, config: PipelineConfig, executor: Executor, extra: Ca
 
     # ``last`` nodes for the branches that passed, and again on what a recovery replaced.
     late: dict[str, tuple[Instance, Branch, bool]] = {}
-    for inst in (i for i in plan if i.node.last and i.precision is not None and branches[i.precision].passed):
+    for inst in plan:
+        if not inst.node.last or inst.precision is None or not branches[inst.precision].passed:
+            continue
         b = branches[inst.precision]
         late[inst.id] = (inst, b, False)
         if b.replaced:
