@@ -18,7 +18,7 @@ starts (with its own PREFECT_HOME in a temporary folder) and stops after. Each r
 variant once, interleaved, and ratios are taken within a repeat. Two figures per run: the process's
 wall time (what a user waits for) and the flow call alone (what the pipeline's own code adds).
 The child also reports which heavy modules a cached run imported (torch must not be among them).
-Target: cached pipeline <= 1.15x the bare flow. Writes the ``overhead`` section of RESULTS.md.
+Target: cached pipeline <= 1.10x the bare flow (``TARGET``). Writes the ``overhead`` section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from typing import Any
 from _common import ROOT, fmt, machine, spread, write_section
 
 HEAVY = ("torch", "onnx", "onnxruntime", "sklearn", "scipy", "matplotlib", "onnxscript")
+#: the ratio the cached pipeline may cost over the bare flow (the issues' target, process wall time)
+TARGET = 1.10
 
 
 def child(kind: str, artifacts: Path) -> None:
@@ -192,14 +194,14 @@ def main() -> None:
             f"| {mode} | {kind} | {fmt(spread([r['wall_s'] for r in rs]))} | {fmt(spread([r['flow_s'] for r in rs]))} | "
             f"{', '.join(imported) or 'none'} | {rs[-1]['cached'] if kind == 'pipeline' else ''} |"
         )
-    lines += ["", "Cached pipeline / bare flow, within each repeat (target ≤ 1.15×):", ""]
+    lines += ["", f"Cached pipeline / bare flow, within each repeat (target ≤ {TARGET:g}×):", ""]
     for mode in envs:
         p, b = results.get((mode, "pipeline")), results.get((mode, "bare"))
         if not p or not b:
             continue
         wall = spread([x["wall_s"] / y["wall_s"] for x, y in zip(p, b, strict=True)])
         flow_ = spread([x["flow_s"] / y["flow_s"] for x, y in zip(p, b, strict=True)])
-        lines.append(f"- {'temporary server' if mode == 'temporary' else 'running server'}: process wall {fmt(wall)}× ({'met' if wall['median'] <= 1.15 else 'MISSED'}); flow call alone {fmt(flow_)}×")
+        lines.append(f"- {'temporary server' if mode == 'temporary' else 'running server'}: process wall {fmt(wall)}× ({'met' if wall['median'] <= TARGET else 'MISSED'}); flow call alone {fmt(flow_)}×")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

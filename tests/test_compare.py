@@ -217,3 +217,16 @@ def test_labels_beyond_the_logits_count_as_classes_never_predicted():
     ref = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
     s = output_stats("y", ref, ref.copy(), Tolerance(), labels=np.array([0, 1, 2, 3]))
     assert s.balanced_accuracy == pytest.approx(0.75) and s.balanced_accuracy_reference == pytest.approx(0.75)  # class 3: recall 0
+
+
+def test_regression_figures_against_the_labels_are_r2_mae_and_rmse():
+    from tasks.compare import regression_against_labels
+
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    # One error of 1 on four samples: MAE 0.25, RMSE 0.5, R² 1 - 1/5 (the labels' squared spread is 5).
+    got = regression_against_labels(np.array([[1.0], [2.0], [3.0], [5.0]], dtype=np.float32), y)
+    assert got == {"r2": pytest.approx(0.8), "mae": pytest.approx(0.25), "rmse": pytest.approx(0.5)}
+    assert all(type(v) is float for v in got.values())  # JSON-ready
+    # Two targets: R² is the mean of each target's (1.0 and 0.8), not one R² over the flattened values.
+    two = regression_against_labels(np.stack([y, [1.0, 2.0, 3.0, 5.0]], axis=1), np.stack([y, y], axis=1))
+    assert two["r2"] == pytest.approx(0.9) and two["mae"] == pytest.approx(0.125) and two["rmse"] == pytest.approx(0.5 ** 1.5)

@@ -620,3 +620,52 @@ def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_br
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"verify: the fp16 emulation could not run ({message}); fp16 numerics not verified"]
     assert not any(b["label"].startswith("fp16 emulated") for b in json.loads(ref.path("verification.json").read_text())["batches"])
+
+
+def test_the_summary_of_a_regression_keeps_its_worst_figures_shapes_and_heads():
+    def batch(**figures: float) -> dict:
+        return {"outputs": {"y": figures}, "checks": []}
+
+    report = {
+        "precision": "fp16", "backend": "onnxruntime", "passed": True, "samples": 4, "task": "regression",
+        "outputs_not_judged": {"aux": "verified against PyTorch only"},
+        "shapes": [{"label": "fp16 batch 1"}, {"label": "fp16 batch 8 × length 16"}],
+        "batches": [
+            batch(r2_reference=0.9, r2=0.85, r2_drop=0.05, mae_reference=0.2, mae=0.3, rmse=0.4),
+            batch(r2_reference=0.8, r2=0.7, r2_drop=0.1, mae_reference=0.1, mae=0.5, rmse=0.6),
+        ],
+    }
+    s = summary_of(report)
+    # the engine's worst over batches (lowest R², highest drop, MAE, RMSE); the reference's best R² and MAE
+    assert (s["r2_reference"], s["r2"], s["r2_drop"]) == (0.9, 0.7, 0.1)
+    assert (s["mae_reference"], s["mae"], s["rmse"]) == (0.1, 0.5, 0.6)
+    assert s["task"] == "regression" and s["outputs_not_judged"] == {"aux": "verified against PyTorch only"}
+    assert s["shapes"] == ["fp16 batch 1", "fp16 batch 8 × length 16"]
+
+
+def test_outputs_not_judged_say_whether_trtflow_trained_them():
+    from tasks.verify import not_judged
+
+    trained, loaded = SimpleNamespace(meta={"mode": "train"}), SimpleNamespace(meta={"mode": "load"})
+    assert not_judged(trained, ["logits", "emb"], None) == {}
+    assert not_judged(trained, ["logits", "emb"], "logits") == {
+        "emb": "not trained (the loss used only 'logits') and not scored against labels: verified against PyTorch only"}
+    assert not_judged(SimpleNamespace(meta={}), ["logits", "emb"], "logits") == not_judged(trained, ["logits", "emb"], "logits")
+    assert not_judged(loaded, ["logits", "emb"], "logits") == {
+        "emb": "not scored against labels (the weights were loaded as given): verified against PyTorch only"}
+
+
+def test_the_checks_named_are_the_checks_that_ran():
+    from tasks.verify import checks_of
+
+    def results(*pairs: tuple[str, str]) -> list:
+        return [SimpleNamespace(checks=[SimpleNamespace(output=o, metric=m) for o, m in pairs])]
+
+    tol = Tolerance(atol=0.1)
+    run, skipped = checks_of(Precision.fp16, tol, results(("y", "max_relative_rmse"), ("z", "max_relative_rmse"), ("y", "max_relative_rmse")),
+                             {"y"}, regression=True, labelled=True)
+    assert run == ["elementwise (atol/rtol)", "relative RMSE (y, z)", "R² drop (R², MAE, RMSE against the labels)"] and skipped == {}
+    run, skipped = checks_of(Precision.fp16, tol, results(("y", "max_abs")), set(), regression=True, labelled=False)
+    assert run == ["elementwise (atol/rtol)"] and skipped == {"R² drop": "the dataset has no labels"}
+    run, _ = checks_of(Precision.fp32, tol, results(("y", "max_abs"), ("y", "min_cosine")), set(), regression=True, labelled=False)
+    assert run == ["elementwise (atol/rtol)", "cosine per sample"]
