@@ -230,3 +230,23 @@ def test_regression_figures_against_the_labels_are_r2_mae_and_rmse():
     # Two targets: R² is the mean of each target's (1.0 and 0.8), not one R² over the flattened values.
     two = regression_against_labels(np.stack([y, [1.0, 2.0, 3.0, 5.0]], axis=1), np.stack([y, y], axis=1))
     assert two["r2"] == pytest.approx(0.9) and two["mae"] == pytest.approx(0.125) and two["rmse"] == pytest.approx(0.5 ** 1.5)
+
+
+def test_relative_rmse_is_the_worst_column_against_its_own_spread():
+    from tasks.compare import relative_rmse
+
+    ref = np.array([[0.0, 10.0], [2.0, 10.0], [4.0, 10.0]])
+    out = ref + np.array([0.1, 1.0])
+    # column 0: RMSE 0.1 over a spread of 1.63; column 1 does not vary: RMSE 1 over its RMS value 10
+    assert relative_rmse(ref, out) == pytest.approx(0.1)
+    assert relative_rmse(ref.reshape(3, 1, 2), out.reshape(3, 1, 2)) == pytest.approx(0.1)  # any width, per value
+    one_bad = ref.copy()
+    one_bad[0, 0] += 0.3  # one sample off: RMSE over samples, per column (sqrt(0.09 / 3) / 1.63)
+    assert relative_rmse(ref, one_bad) == pytest.approx(np.sqrt(0.03) / np.std(ref[:, 0]))
+    # a few rows measured against the whole split's spread (stds 10 and 5)
+    spread = np.array([[0.0, 5.0], [20.0, 15.0]])
+    assert relative_rmse(ref, out, spread) == pytest.approx(0.2)
+    assert relative_rmse(np.zeros((3, 0)), np.zeros((3, 0))) == 0.0  # an output with no values
+    got = compare_outputs({"y": ref.astype(np.float32)}, {"y": out.astype(np.float32)}, Tolerance(), "b", spread_of={"y": spread})
+    assert got.outputs["y"].max_relative_rmse == pytest.approx(0.2, rel=1e-5)
+    assert compare_outputs({"y": ref.astype(np.float32)}, {"y": out.astype(np.float32)}, Tolerance(), "b").outputs["y"].max_relative_rmse == pytest.approx(0.1, rel=1e-5)
