@@ -41,17 +41,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # pyright checks the calls against obstore's own annotations
+try:
     import obstore as obs
     from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
     from obstore.store import S3Store as ObjectStore
-else:
-    try:
-        import obstore as obs
-        from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
-        from obstore.store import S3Store as ObjectStore
-    except ImportError:  # the optional extra: ``--store s3://`` then says how to install it (``_make``)
-        obs = None
+except ImportError:  # the optional extra: ``--store s3://`` then says how to install it (``_make``)
+    if TYPE_CHECKING:  # pyright checks the calls against obstore's own annotations
+        raise
+    obs = None
 
 from tasks.artifacts import _HOST as _HOST_ID
 from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, clean_stale, file_digest, sha256_file
