@@ -126,10 +126,11 @@ def _error_of(future: Any) -> BaseException | None:
     return result if isinstance(result, BaseException) else None
 
 
-def _wait_all(futures: dict[str, Any], progress: Progress) -> None:
+def _wait_all(futures: dict[str, Any], progress: Progress, states: dict[str, str]) -> None:
     ids = {f.task_run_id: i for i, f in futures.items()}
     for done in as_completed(list(futures.values())):
         done.wait()  # the final state without an API call
+        states[ids[done.task_run_id]] = done.state.name
         progress.step(ids[done.task_run_id] + ("" if done.state.is_completed() else f" ({done.state.name})"))
 
 
@@ -139,17 +140,24 @@ class _Tasks:
     Branch instances are submitted to the flow's task runner (they run concurrently); a stage whose
     failure a planned recovery node repairs is the ``RECOVERED`` task, so a failure recorded in the
     store comes back Cached instead of failing again on every re-run.
+
+    Attributes:
+        states: each task run's final state name ("Cached", "Completed", "Failed") by instance id,
+            in the order they finished (the report's ``tasks``).
     """
 
     def __init__(self, recoverable: set[str], progress: Progress) -> None:
         self.recoverable, self.progress = recoverable, progress
+        self.states: dict[str, str] = {}
 
     def _task(self, inst: Instance) -> Task[..., Any]:
         return (RECOVERED if inst.id in self.recoverable else TASKS)[inst.node.name].with_options(task_run_name=inst.id)
 
     def shared(self, inst: Instance, args: dict[str, Any]) -> Any:
         # Called directly, a task returns the State a Cached stage hands back; .result() unwraps either kind.
-        ref = self._task(inst)(**args, return_state=True).result()
+        state = self._task(inst)(**args, return_state=True)
+        self.states[inst.id] = state.name
+        ref = state.result()
         self.progress.step(inst.id)
         return ref
 
@@ -157,7 +165,7 @@ class _Tasks:
         return self._task(inst).submit(**args, wait_for=[w for w in after if isinstance(w, PrefectFuture)])
 
     def settle(self, handles: Any) -> None:
-        _wait_all(handles, self.progress)
+        _wait_all(handles, self.progress, self.states)
 
     def outcome(self, handle: Any) -> tuple[Any, BaseException | None]:
         error = _error_of(handle)
@@ -194,13 +202,14 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     # Instances a planned recovery node stands behind (verify-int8 when repair-int8 may run).
     recoverable = {GRAPH.resolve(i, i.node.recovers).id for i in plan if i.node.recovers}
     progress = Progress(len(plan))
+    executor = _Tasks(recoverable, progress)
     try:
-        outcome = schedule(GRAPH, run_config, _Tasks(recoverable, progress), lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
+        outcome = schedule(GRAPH, run_config, executor, lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
     finally:
         progress.close()
     progress.flush()  # the bar's last update was sent in the background
     outcomes = {p: outcome_of(b) for p, b in outcome.branches.items()}
-    report = run_report(config, root, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None))
+    report = run_report(config, root, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None), tasks=executor.states)
     publish(report, root)
     publish_links(report)
     publish_figures(root, outcome.shared, {p.value: o["verify"] for p, o in outcomes.items() if "engine" in o})

@@ -37,6 +37,7 @@ def run_report(
     shared: Mapping[str, ArtifactRef],
     outcomes: dict[Precision, dict[str, Any]],
     bundle: ArtifactRef | str | None = None,
+    tasks: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Assemble the run report, write it as the run's own file and copy it to ``<root>/report.json``.
 
@@ -51,6 +52,7 @@ def run_report(
         shared: the shared stages' artifacts by stage name (data, train, export, ...).
         outcomes: per precision (``outcome_of``), either {"engine", "verify"} artifacts or {"failed_stage", "error"}.
         bundle: the ``package`` artifact, or its error, or None when no bundle was asked for.
+        tasks: each task run's final state by instance id (what ran, what came from the cache).
 
     Returns:
         The report as a dict.
@@ -122,6 +124,8 @@ def run_report(
             "dynamic_axes": onnx.meta.get("dynamic_axes") or {},
         },
         "precisions": precisions,
+        # Which stages ran and which came from the store: a PASS from the cache says so here.
+        "tasks": dict(tasks or {}),
         "config": config.model_dump(mode="json", exclude={"artifacts_dir"}),
     }
     if report["model"]["task"] == "regression":

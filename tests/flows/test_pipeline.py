@@ -17,28 +17,38 @@ from tasks.errors import VerificationError
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def task_states(state) -> dict[str, Counter]:
-    """Stage name -> Counter of final state names ('Cached', 'Completed', 'Failed', ...).
+def task_states(state, report: dict | None = None) -> dict[str, Counter]:
+    """Stage name -> Counter of final state names ('Cached', 'Completed', 'Failed', ...), as the API holds them.
 
-    Task runs report their states to the API in the background: the last ones can still read Running
-    for a moment after the flow returned, so this waits (briefly) until every run reads final.
+    Task runs reach the API server as events, recorded in the background: when the flow returns, some
+    runs can still be missing or read Running. The run's report lists every task run the flow finished
+    (``tasks``), so this waits until the API holds exactly those, each in its final state, and checks
+    that the API and the report agree.
+
+    Args:
+        state: the flow run's final state.
+        report: the run's report (default: ``report.json`` of the run's artifacts folder, read by the caller).
     """
-    deadline = time.monotonic() + 30
+    expected = Counter((report or {}).get("tasks", {}).values())
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            final = [r for r in runs if r.state is not None and r.state.is_final()]
+            if (len(final) == len(runs) and (report is None or Counter(r.state.name for r in final) == expected)) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     out: dict[str, Counter] = {}
     for r in runs:
         out.setdefault(r.name.rsplit("-", 1)[0], Counter())[r.state.name] += 1
+    if report is not None:
+        assert Counter(r.state.name for r in runs) == expected, (out, report["tasks"])
     return out
 
 
 def run(config):
     state = pipeline(config, return_state=True)
-    return state, task_states(state)
+    return state, task_states(state, json.loads((config.artifacts_dir / "report.json").read_text()))
 
 
 def test_second_run_is_entirely_cached_and_reports_all_precisions(tiny_config):

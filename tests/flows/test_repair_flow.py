@@ -35,7 +35,7 @@ def test_fp16_overflow_fails_on_cpu_only_through_emulation_and_is_repaired(tiny_
     from test_pipeline import task_states
 
     state = pipeline(cfg, return_state=True)
-    states = task_states(state)
+    states = task_states(state, json.loads((cfg.artifacts_dir / "report.json").read_text()))
     assert state.is_completed() and {name: set(c) for name, c in states.items()} == {name: {"Cached"} for name in states}, states
     assert states["verify"]["Cached"] == 1 and states["repair"]["Cached"] == 1 and states["profile"]["Cached"] == 2  # the repaired engine and the one before
     again = state.result()
@@ -82,5 +82,5 @@ def test_an_int8_repair_that_leaves_no_int8_fails_instead_of_passing_as_int8(tin
     # a cached re-run: every stage Cached, verify-int8 too; the flow fails with the same finding
     state = pipeline(cfg, return_state=True)
     assert state.is_failed() and finding in (state.message or "")
-    states = task_states(state)
+    states = task_states(state, json.loads((cfg.artifacts_dir / "report.json").read_text()))
     assert {name: set(c) for name, c in states.items()} == {name: {"Cached"} for name in states}, states
