@@ -153,13 +153,18 @@ def _print_summary(report: dict[str, Any], root: Path) -> None:
     cols = (("r2", "R²", ".4f"), ("r2_drop", "R² drop", ".4f"), ("max_relative_rmse", "rel. RMSE", ".3g")) if regression else (
         ("accuracy", "accuracy", ".4f"), ("top1_agreement", "top-1 agree", ".4f"), ("min_cosine", "min cosine", ".6f"))
     widths = (10, 13, 12)
-    print(f"{'precision':<10}{'passed':<8}{'compute ops':>12}" + "".join(f"{label:>{w}}" for (_, label, _), w in zip(cols, widths)) + f"{'max abs err':>13}  engine")
+    # rows of a run over several targets are "<target>/<precision>"
+    pw = max([10, *(len(p) + 2 for p in report["precisions"])])
+    print(f"{'precision':<{pw}}{'passed':<8}{'compute ops':>12}" + "".join(f"{label:>{w}}" for (_, label, _), w in zip(cols, widths)) + f"{'max abs err':>13}  engine")
     for p, r in report["precisions"].items():
         if "error" in r:
-            print(f"{p:<10}{'no':<8}{compute_text(r):>12}  {r['failed_stage']} failed")
+            print(f"{p:<{pw}}{'no':<8}{compute_text(r):>12}  {r['failed_stage']} failed")
             continue
-        print(f"{p:<10}{'yes' if r['passed'] else 'no':<8}{compute_text(r):>12}" + "".join(f"{num(r.get(k), f):>{w}}" for (k, _, f), w in zip(cols, widths, strict=True))
+        print(f"{p:<{pw}}{'yes' if r['passed'] else 'no':<8}{compute_text(r):>12}" + "".join(f"{num(r.get(k), f):>{w}}" for (k, _, f), w in zip(cols, widths, strict=True))
               + f"{num(r['max_abs'], '.3g'):>13}  {_shown(root / r['engine'])}")
+    for name, t in (report.get("targets") or {}).items():
+        print(f"target {name}: pool {t['pool']}, {t['state']}" + (f", {t['backend']}" if t.get("backend") else "") + (f"; {t['error']}" if t.get("error") else "")
+              + (f"; its report: {t['report']} on that target" if t.get("report") else ""))
     for line in batch_lines(report["precisions"]):
         print(f"verified {line}")
     skipped = next((r.get("checks_skipped") for r in report["precisions"].values() if r.get("checks_skipped")), None)

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.report import outcome_of, publish, run_report
+from flows.report import outcome_of, publish, run_report, shared_facts
+from flows.targets import check_targets, failed_targets, read_target_report, start_targets, target_report_name, targets_report, wait_for_targets
 from flows.runtime import reclaim_sigterm, started_by_deployment
 from flows.ui import Progress, publish_figures, publish_links
-from tasks.artifacts import ensure_writable
+from tasks.artifacts import ensure_writable, write_json_atomic
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig
@@ -194,6 +196,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         # checked before the run imports or reads anything it names.
         check_run(config)
     logger = get_run_logger()
+    if config.targets:
+        return over_targets(config)
     root, builder, backend_reason = preflight(config)
     logger.info("backend %s", backend_reason)
     run_config = config.model_copy(update={"backend": Backend(builder.name)})
@@ -210,6 +214,9 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     progress.flush()  # the bar's last update was sent in the background
     outcomes = {p: outcome_of(b) for p, b in outcome.branches.items()}
     report = run_report(config, root, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None), tasks=executor.states)
+    if config.target:
+        # A target's run (started by a parent over several targets): the parent reads this copy.
+        write_json_atomic(root / target_report_name(_flow_run_id()), report)
     publish(report, root)
     publish_links(report)
     publish_figures(root, outcome.shared, {p.value: o["verify"] for p, o in outcomes.items() if "engine" in o})
@@ -224,3 +231,59 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             raise VerificationError([f for e in verification for f in e.failures], str(root / report["report"]))
         raise errors[0]
     return report
+
+
+def _flow_run_id() -> str:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else "local"
+
+
+def over_targets(config: PipelineConfig) -> dict[str, Any]:
+    """The parent of a run over several targets: the portable stages here, each target on its pool.
+
+    Returns:
+        The report across targets (``<target>/<precision>`` rows; ``targets``: where each ran).
+
+    Raises:
+        TrtflowError: a shared stage's or a variant's error (no target is started then).
+        TargetError: a target's run did not pass.
+    """
+    logger = get_run_logger()
+    check_policy(config)
+    check_targets(config)
+    root = ensure_writable(config.artifacts_dir)
+    # The variants of every target's precisions, once; the backend stays a target's choice.
+    run_config = config.model_copy(update={"precisions": config.target_precisions})
+    portable = GRAPH.portable()
+    plan = portable.plan(run_config)
+    progress = Progress(len(plan) + len(config.targets))
+    executor = _Tasks(set(), progress)
+    forced = portable.refreshed(config.refresh, run_config.precisions)
+    try:
+        outcome = schedule(portable, run_config, executor, lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
+        if outcome.errors:
+            raise outcome.errors[0]
+        ctx_id = _flow_run_id()
+        runs = start_targets(config, root, None if ctx_id == "local" else UUID(ctx_id))
+        for name, fr in runs.items():
+            logger.info("target %s: started %s on pool %s (flow run %s)", name, next(t.deployment_name for t in config.targets if t.name == name),
+                        next(t.pool for t in config.targets if t.name == name), fr.id)
+        finished = wait_for_targets(runs, lambda line: _told(logger, progress, line))
+    finally:
+        progress.close()
+    progress.flush()
+    reports = {name: read_target_report(root, fr.id) for name, fr in finished.items()}
+    report = targets_report(config, root, shared_facts(outcome.shared, root), finished, reports, executor.states)
+    publish(report, root)
+    publish_links(report)
+    error = failed_targets(report)
+    if error is not None:
+        raise error
+    return report
+
+
+def _told(logger: Any, progress: Progress, line: str) -> None:
+    logger.info(line)
+    progress.step(line)

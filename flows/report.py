@@ -60,7 +60,6 @@ def run_report(
     Raises:
         StorageError: a folder stands where a report file goes (named, with the fix).
     """
-    data, checkpoint, onnx = shared["data"], shared["train"], shared["export"]
     created = dt.datetime.now(dt.timezone.utc)
     own = f"{RUN_REPORTS}/run-{created.strftime('%Y%m%dT%H%M%S')}-{_run_tag()}.json"
     precisions: dict[str, Any] = {}
@@ -107,6 +106,33 @@ def run_report(
         "report": own,
         "passed": all(v["passed"] for v in precisions.values()),
         "backend": backend_reason,
+        **shared_facts(shared, root),
+        "precisions": precisions,
+        # Which stages ran and which came from the store: a PASS from the cache says so here.
+        "tasks": dict(tasks or {}),
+        "config": config.model_dump(mode="json", exclude={"artifacts_dir"}),
+    }
+    if bundle is not None:
+        report["bundle"] = bundle_summary(bundle)
+    if report["config"]["train"].get("weights"):
+        report["config"]["train"]["weights"] = Path(report["config"]["train"]["weights"]).name
+    if report["config"]["data"].get("dataset"):
+        # The file name only: an absolute path would put this machine's folders into the report and UI.
+        report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
+    write_json_atomic(root / own, report)
+    write_json_atomic(root / REPORT, report)
+    return report
+
+
+def shared_facts(shared: Mapping[str, ArtifactRef], root: Path) -> dict[str, Any]:
+    """The report's ``data`` and ``model`` sections, from the shared stages' artifacts (data, train, export).
+
+    Args:
+        shared: the shared stages' artifacts by stage name.
+        root: the artifacts folder (paths in the report are relative to it).
+    """
+    data, checkpoint, onnx = shared["data"], shared["train"], shared["export"]
+    facts: dict[str, Any] = {
         "data": {"source": data.meta["source"]["description"] if isinstance(data.meta["source"], dict) else data.meta["source"], "sizes": data.meta["sizes"], "num_classes": data.meta["num_classes"],
                  "inputs": data.meta.get("inputs"), "labels": data.meta.get("has_labels", True), "task": data.meta.get("task", "classification")},
         "model": {
@@ -123,24 +149,11 @@ def run_report(
             "opset": onnx.meta["opset"],
             "dynamic_axes": onnx.meta.get("dynamic_axes") or {},
         },
-        "precisions": precisions,
-        # Which stages ran and which came from the store: a PASS from the cache says so here.
-        "tasks": dict(tasks or {}),
-        "config": config.model_dump(mode="json", exclude={"artifacts_dir"}),
     }
-    if report["model"]["task"] == "regression":
+    if facts["model"]["task"] == "regression":
         vm = checkpoint.meta.get("validation_metrics") or {}
-        report["model"]["validation"] = {k: vm.get(k) for k in ("r2", "mae", "rmse", "r2_of_train_mean")}
-    if bundle is not None:
-        report["bundle"] = bundle_summary(bundle)
-    if report["config"]["train"].get("weights"):
-        report["config"]["train"]["weights"] = Path(report["config"]["train"]["weights"]).name
-    if report["config"]["data"].get("dataset"):
-        # The file name only: an absolute path would put this machine's folders into the report and UI.
-        report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
-    write_json_atomic(root / own, report)
-    write_json_atomic(root / REPORT, report)
-    return report
+        facts["model"]["validation"] = {k: vm.get(k) for k in ("r2", "mae", "rmse", "r2_of_train_mean")}
+    return facts
 
 
 def outcome_of(branch: Branch) -> dict[str, Any]:
@@ -329,6 +342,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
         else:
             acc = f"{_fmt(r['accuracy_reference'])} → {_fmt(r['accuracy'])}"
             lines.append(f"| {p} | {'yes' if r['passed'] else 'no'} | {compute_text(r)} | {acc} | {_fmt(r['top1_agreement'])} | {_fmt(r['min_cosine'])} | {_fmt(r['max_abs'])} | `{r['engine']}` |")
+    if targets := report.get("targets"):
+        # A run over several targets: rows above are <target>/<precision>; each ran on its own pool.
+        lines += ["", "**Targets**", "", "| target | pool | run | backend |", "|---|---|---|---|"]
+        lines += [f"| {n} | {t['pool']} | {t['state']}{': ' + t['error'][:200] if t.get('error') else ''} | {t.get('backend') or ''} |" for n, t in targets.items()]
     if batches := batch_lines(report["precisions"]):
         lines += ["", "**Verified at**", "", *(f"- {line}" for line in batches)]
     lines += [f"- {line}" for line in judged_lines(report["precisions"])]

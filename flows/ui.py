@@ -432,7 +432,8 @@ def publish_links(report: Mapping[str, Any]) -> None:
         ("trtflow-onnx", report["model"]["onnx"], f"ONNX model, opset {report['model']['opset']}"),
         ("trtflow-checkpoint", report["model"]["checkpoint"], "PyTorch checkpoint"),
     ]
-    for p, r in report["precisions"].items():
+    # A run over several targets: each engine lies on its target's machines, linked by that target's own run.
+    for p, r in ({} if report.get("targets") else report["precisions"]).items():
         if "engine" in r:
             files.append((f"trtflow-engine-{p}", r["engine"], f"{p} engine ({r.get('backend')}), sha256 {r['engine_sha256'][:12]}…"))
     if (b := report.get("bundle")) and "error" not in b:

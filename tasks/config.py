@@ -526,6 +526,73 @@ class ShipConfig(_Strict):
         return parse_ship_policy(self.policy)[0] in TIMED_POLICIES
 
 
+class Target(_Strict):
+    """One place engines are built for: a Prefect work pool whose workers run one backend on one kind of device.
+
+    The parent run makes the shared artifacts once (data, train, export, the precision variants), then
+    starts this target's deployment on its pool; that run builds, verifies and profiles there.
+    """
+
+    name: str = Field(description="Short name shown in the report (e.g. gpu-h100, cpu): lower-case letters, digits and '-'.")
+    pool: str = Field(description="The Prefect work pool whose workers run on this target's machines.")
+    backend: Backend = Field(Backend.auto, description="The backend the target's engines are built with (auto: what its worker has).")
+    precisions: list[Precision] = Field(min_length=1, description="The precisions built and verified on this target.")
+    deployment: str | None = Field(
+        None, description="The deployment of the trtflow flow on that pool, as FLOW/NAME (empty: trtflow/target-NAME)."
+    )
+    artifacts_dir: Path | None = Field(
+        None, description="The local folder on the target's machines (read cache, its reports). Empty: the same as this run's."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _target_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", v):
+            raise ValueError(f"got target name {v!r}, expected lower-case letters, digits and '-' (not first), at most 63; e.g. gpu-h100")
+        return v
+
+    @field_validator("precisions")
+    @classmethod
+    def _target_precisions(cls, v: list[Precision]) -> list[Precision]:
+        return list(dict.fromkeys(v))
+
+    @property
+    def deployment_name(self) -> str:
+        """FLOW/NAME of the deployment ``run_deployment`` starts for this target."""
+        return self.deployment or f"trtflow/target-{self.name}"
+
+
+def parse_targets(text: str) -> list[dict[str, Any]]:
+    """Targets from ``NAME=POOL:BACKEND:PRECISIONS`` entries separated by spaces or ';'.
+
+    ``gpu-h100=h100-pool:tensorrt:fp16,int8 cpu=cpu-pool:onnxruntime:fp32,int8``; BACKEND may be empty
+    (auto). Returns the targets as dicts for ``PipelineConfig.targets``.
+
+    Raises:
+        ConfigError: an entry not of that form, or an unknown backend or precision.
+    """
+    out: list[dict[str, Any]] = []
+    for entry in (e for e in text.replace(";", " ").split() if e):
+        name, eq, rest = entry.partition("=")
+        parts = rest.split(":")
+        if not eq or len(parts) != 3 or not name or not parts[0]:
+            raise ConfigError(
+                got=f"--targets entry {entry!r}", expected="NAME=POOL:BACKEND:PRECISIONS",
+                because="each target names its work pool, backend and precisions",
+                fix="e.g. --targets 'gpu-h100=h100-pool:tensorrt:fp16,int8 cpu=cpu-pool:onnxruntime:fp32'",
+            )
+        pool, backend, precisions = parts
+        if backend and backend not in {b.value for b in Backend}:
+            raise ConfigError(
+                got=f"backend {backend!r} in --targets entry {entry!r}", expected=" or ".join(b.value for b in Backend),
+                because="a target's engines are built by one backend", fix=f"e.g. {name}={pool}:onnxruntime:{precisions}",
+            )
+        out.append({"name": name, "pool": pool, "backend": backend or Backend.auto.value, "precisions": [p.value for p in parse_precisions(precisions)]})
+    return out
+
+
 class PipelineConfig(_Strict):
     """Everything a trtflow run needs. Defaults run the bundled example end to end on a CPU."""
 
@@ -554,11 +621,32 @@ class PipelineConfig(_Strict):
     profile: ProfileConfig = Field(default_factory=ProfileConfig, title="Speed profile", description="Speed measurement of every engine.")
     repair: RepairConfig = Field(default_factory=RepairConfig, title="Precision repair", description="Automatic repair of fp16/int8 variants that fail verification.")
     ship: ShipConfig = Field(default_factory=ShipConfig, title="Shipping", description="The deployment bundle: which verified variant to ship, as a Triton model repository.")
+    targets: list[Target] = Field(
+        default_factory=list, title="Targets",
+        description="Build on several machines: each target a work pool, its backend and precisions. Empty: build here, for `precisions`.",
+    )
+    target: str | None = Field(
+        None, description="Set by a parent run on the run it starts for one of its targets (that target's name); leave empty."
+    )
 
     @field_validator("precisions")
     @classmethod
     def _unique(cls, v: list[Precision]) -> list[Precision]:
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _targets_unique(self) -> PipelineConfig:
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"got targets {names}, expected each name once (it names the target's row in the report)")
+        return self
+
+    @property
+    def target_precisions(self) -> list[Precision]:
+        """The precisions a run makes variants of: every target's (in order), or ``precisions`` without targets."""
+        if not self.targets:
+            return list(self.precisions)
+        return list(dict.fromkeys(p for t in self.targets for p in t.precisions))
 
     @model_validator(mode="after")
     def _batch_from_shapes(self) -> PipelineConfig:

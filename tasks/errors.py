@@ -323,6 +323,10 @@ class BundleError(TrtflowError):
     label = "bundle"
 
 
+class TargetError(TrtflowError):
+    """A run over several targets in which a target's run did not pass (failed, crashed, or left no report)."""
+
+
 class ArtifactError(TrtflowError):
     """An artifact on disk is missing, or its content no longer matches its recorded digest."""
 

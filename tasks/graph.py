@@ -169,6 +169,33 @@ class Graph:
                     raise ValueError(f"node '{n.name}': {s.fn.__name__} may read shared nodes only, got {_names(s)}")
             seen.add((n.name, n.per_precision))
 
+    def device_bound(self) -> set[tuple[str, bool]]:
+        """The nodes whose artifact depends on the machine that runs them, as (name, per_precision).
+
+        Derived from the declarations: a node that reads ``config.backend`` (directly or through a
+        ``Derived``), or that takes, waits for or recovers a device-bound node. A parent run over
+        several targets makes every other node once; each target makes these where it runs.
+        """
+
+        def reads_backend(source: Source) -> bool:
+            if isinstance(source, Config):
+                return source.path.split(".")[0] == "backend"
+            if isinstance(source, Derived):
+                return any(reads_backend(x) for x in source.sources)
+            return False
+
+        bound: set[tuple[str, bool]] = set()
+        for n in self.nodes:
+            ups = [*n.upstream, *n.after, *([n.recovers] if n.recovers else [])]
+            if any(reads_backend(s) for s in n.inputs.values()) or any((u, True) in bound or (u, False) in bound for u in ups):
+                bound.add((n.name, n.per_precision))
+        return bound
+
+    def portable(self) -> Graph:
+        """The graph without its device-bound nodes: what a parent run over several targets runs once."""
+        bound = self.device_bound()
+        return Graph(*(n for n in self.nodes if (n.name, n.per_precision) not in bound))
+
     def stages(self) -> list[str]:
         """Stage names in declaration order, without repeats."""
         return list(dict.fromkeys(n.name for n in self.nodes))

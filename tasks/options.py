@@ -55,6 +55,12 @@ def _precisions(text: str) -> list[str]:
     return [p.value for p in parse_precisions(text)]
 
 
+def _targets(text: str) -> list[dict[str, Any]]:
+    from tasks.config import parse_targets
+
+    return parse_targets(text)
+
+
 def _json_object(text: str) -> dict[str, Any]:
     import json
 
@@ -114,6 +120,9 @@ OPTIONS: dict[str, list[Option]] = {
     "engines": [
         _opt("--precisions", "precisions", parse=_precisions, metavar="LIST", help="Comma-separated engines to build and verify: fp32,fp16,int8."),
         _opt("--backend", "backend"),
+        _opt("--targets", "targets", metavar="NAME=POOL:BACKEND:PRECISIONS ...", parse=_targets,
+             help="Build on several machines: per target its work pool, backend (empty: auto) and precisions, e.g. "
+             "'gpu-h100=h100:tensorrt:fp16,int8 cpu=cpu:onnxruntime:fp32'; each needs a deployment trtflow/target-NAME on its pool."),
         _opt("--min-batch", "batch.min"),
         _opt("--opt-batch", "batch.opt"),
         _opt("--max-batch", "batch.max"),

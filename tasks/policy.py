@@ -111,7 +111,9 @@ def check_run(config: Any, environ: Mapping[str, str] | None = None) -> None:
     """
     check_model(config.train.model, environ)
     check_paths(
-        {"config.data.dataset": config.data.dataset, "config.train.weights": config.train.weights, "config.artifacts_dir": config.artifacts_dir},
+        {"config.data.dataset": config.data.dataset, "config.train.weights": config.train.weights, "config.artifacts_dir": config.artifacts_dir,
+         # a parent over several targets hands each its folder: the same rule on the parent's worker
+         **{f"config.targets[{i}].artifacts_dir": t.artifacts_dir for i, t in enumerate(getattr(config, "targets", []))}},
         environ,
     )
 
