@@ -38,6 +38,8 @@ from tasks.policy import check_run
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
 from tasks.repair import repair_of_variant, stand_ins
+from tasks.store import Store, store_for
+from tasks.stores.local import LocalStore
 from tasks.train import checkpoint_from_splits
 from tasks.validate import validated_onnx
 from tasks.verify import verification_of_engine
@@ -89,19 +91,26 @@ RECOVERED: dict[str, Task[..., Any]] = {
 }
 
 
-def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
+def preflight(config: PipelineConfig) -> tuple[Store, Any, str]:
     """Fail in milliseconds, before any training, on what can be checked up front.
 
     Returns:
-        The resolved artifacts folder, the engine builder, and why that backend was chosen.
+        The run's store (``config.store``, else the local store in the artifacts folder), the engine
+        builder, and why that backend was chosen.
 
     Raises:
-        ConfigError: unwritable artifacts folder, a ship policy this config cannot meet. DatasetError:
+        ConfigError: unwritable artifacts folder, an unknown store URL, a ship policy this config cannot meet. DatasetError:
         missing dataset file. ModelError: unknown model factory, unreadable weights.
         BackendUnavailableError: requested backend missing. DatasetError: a dataset without labels and no weights.
     """
     check_policy(config)
     root = ensure_writable(config.artifacts_dir)
+    store = store_for(config.store, root)
+    if isinstance(store, LocalStore):
+        if store.root != root:
+            ensure_writable(store.root)
+    else:
+        store.get("report.json")  # one request: a missing bucket or refused credentials fail before any work
     if config.data.dataset is not None and not Path(config.data.dataset).expanduser().is_file():
         arrays_from_npz(Path(config.data.dataset))  # raises the dataset error with its fix
     factory_from_path(config.train.model)
@@ -115,7 +124,7 @@ def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
             fix="add y to the dataset (numpy.savez(path, ..., y=labels)), or pass --weights FILE with your --model",
         )
     builder, reason = choose_backend(config.backend)
-    return root, builder, reason
+    return store, builder, reason
 
 
 def _error_of(future: Any) -> BaseException | None:
@@ -183,7 +192,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         config: everything the run needs (the Prefect UI renders it as a form).
 
     Returns:
-        The run report (also written to ``<artifacts_dir>/reports/run-….json``, copied to ``report.json``).
+        The run report (written to ``reports/run-….json`` of the store and the artifacts folder, copied to ``report.json``).
 
     Raises:
         TrtflowError: the first failing stage's error; VerificationError lists every failing check.
@@ -194,7 +203,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         # checked before the run imports or reads anything it names.
         check_run(config)
     logger = get_run_logger()
-    root, builder, backend_reason = preflight(config)
+    store, builder, backend_reason = preflight(config)
+    root = store.local
     logger.info("backend %s", backend_reason)
     run_config = config.model_copy(update={"backend": Backend(builder.name)})
     forced = GRAPH.refreshed(config.refresh, config.precisions)
@@ -204,12 +214,12 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     progress = Progress(len(plan))
     executor = _Tasks(recoverable, progress)
     try:
-        outcome = schedule(GRAPH, run_config, executor, lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
+        outcome = schedule(GRAPH, run_config, executor, lambda inst: {"store": store, "refresh": inst.id in forced})
     finally:
         progress.close()
     progress.flush()  # the bar's last update was sent in the background
     outcomes = {p: outcome_of(b) for p, b in outcome.branches.items()}
-    report = run_report(config, root, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None), tasks=executor.states)
+    report = run_report(config, store, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None), tasks=executor.states)
     publish(report, root)
     publish_links(report)
     publish_figures(root, outcome.shared, {p.value: o["verify"] for p, o in outcomes.items() if "engine" in o})
