@@ -14,6 +14,7 @@ true descendants (``GRAPH.refreshed``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -25,7 +26,7 @@ from flows.report import outcome_of, publish, run_report, shared_facts
 from flows.targets import check_targets, failed_targets, read_target_report, start_targets, target_report_name, targets_report, wait_for_targets
 from flows.runtime import reclaim_sigterm, started_by_deployment
 from flows.ui import Progress, publish_figures, publish_links
-from tasks.artifacts import ensure_writable, write_json_atomic
+from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig
@@ -40,6 +41,8 @@ from tasks.policy import check_run
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
 from tasks.repair import repair_of_variant, stand_ins
+from tasks.store import Store, store_for
+from tasks.stores.local import LocalStore
 from tasks.train import checkpoint_from_splits
 from tasks.validate import validated_onnx
 from tasks.verify import verification_of_engine
@@ -91,19 +94,26 @@ RECOVERED: dict[str, Task[..., Any]] = {
 }
 
 
-def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
+def preflight(config: PipelineConfig) -> tuple[Store, Any, str]:
     """Fail in milliseconds, before any training, on what can be checked up front.
 
     Returns:
-        The resolved artifacts folder, the engine builder, and why that backend was chosen.
+        The run's store (``config.store``, else the local store in the artifacts folder), the engine
+        builder, and why that backend was chosen.
 
     Raises:
-        ConfigError: unwritable artifacts folder, a ship policy this config cannot meet. DatasetError:
+        ConfigError: unwritable artifacts folder, an unknown store URL, a ship policy this config cannot meet. DatasetError:
         missing dataset file. ModelError: unknown model factory, unreadable weights.
         BackendUnavailableError: requested backend missing. DatasetError: a dataset without labels and no weights.
     """
     check_policy(config)
     root = ensure_writable(config.artifacts_dir)
+    store = store_for(config.store, root)
+    if isinstance(store, LocalStore):
+        if store.root != root:
+            ensure_writable(store.root)
+    else:
+        store.get("report.json")  # one request: a missing bucket or refused credentials fail before any work
     if config.data.dataset is not None and not Path(config.data.dataset).expanduser().is_file():
         arrays_from_npz(Path(config.data.dataset))  # raises the dataset error with its fix
     factory_from_path(config.train.model)
@@ -117,7 +127,7 @@ def preflight(config: PipelineConfig) -> tuple[Path, Any, str]:
             fix="add y to the dataset (numpy.savez(path, ..., y=labels)), or pass --weights FILE with your --model",
         )
     builder, reason = choose_backend(config.backend)
-    return root, builder, reason
+    return store, builder, reason
 
 
 def _error_of(future: Any) -> BaseException | None:
@@ -185,7 +195,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
         config: everything the run needs (the Prefect UI renders it as a form).
 
     Returns:
-        The run report (also written to ``<artifacts_dir>/reports/run-….json``, copied to ``report.json``).
+        The run report (written to ``reports/run-….json`` of the store and the artifacts folder, copied to ``report.json``).
 
     Raises:
         TrtflowError: the first failing stage's error; VerificationError lists every failing check.
@@ -198,7 +208,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     logger = get_run_logger()
     if config.targets:
         return over_targets(config)
-    root, builder, backend_reason = preflight(config)
+    store, builder, backend_reason = preflight(config)
+    root = store.local
     logger.info("backend %s", backend_reason)
     run_config = config.model_copy(update={"backend": Backend(builder.name)})
     forced = GRAPH.refreshed(config.refresh, config.precisions)
@@ -208,15 +219,15 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     progress = Progress(len(plan))
     executor = _Tasks(recoverable, progress)
     try:
-        outcome = schedule(GRAPH, run_config, executor, lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
+        outcome = schedule(GRAPH, run_config, executor, lambda inst: {"store": store, "refresh": inst.id in forced})
     finally:
         progress.close()
     progress.flush()  # the bar's last update was sent in the background
     outcomes = {p: outcome_of(b) for p, b in outcome.branches.items()}
-    report = run_report(config, root, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None), tasks=executor.states)
+    report = run_report(config, store, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None), tasks=executor.states)
     if config.target:
-        # A target's run (started by a parent over several targets): the parent reads this copy.
-        write_json_atomic(root / target_report_name(_flow_run_id()), report)
+        # A target's run (started by a parent over several targets): the parent reads this copy from the store.
+        store.put(target_report_name(_flow_run_id()), json.dumps(report, indent=2, default=str).encode())
     publish(report, root)
     publish_links(report)
     publish_figures(root, outcome.shared, {p.value: o["verify"] for p, o in outcomes.items() if "engine" in o})
@@ -251,9 +262,10 @@ def over_targets(config: PipelineConfig) -> dict[str, Any]:
         TargetError: a target's run did not pass.
     """
     logger = get_run_logger()
-    check_policy(config)
     check_targets(config)
-    root = ensure_writable(config.artifacts_dir)
+    # The parent builds no engine: its own backend is not asked for (each target names its own).
+    store, _, _ = preflight(config.model_copy(update={"backend": Backend.auto}))
+    root = store.local
     # The variants of every target's precisions, once; the backend stays a target's choice.
     run_config = config.model_copy(update={"precisions": config.target_precisions})
     portable = GRAPH.portable()
@@ -262,7 +274,7 @@ def over_targets(config: PipelineConfig) -> dict[str, Any]:
     executor = _Tasks(set(), progress)
     forced = portable.refreshed(config.refresh, run_config.precisions)
     try:
-        outcome = schedule(portable, run_config, executor, lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
+        outcome = schedule(portable, run_config, executor, lambda inst: {"store": store, "refresh": inst.id in forced})
         if outcome.errors:
             raise outcome.errors[0]
         ctx_id = _flow_run_id()
@@ -274,8 +286,8 @@ def over_targets(config: PipelineConfig) -> dict[str, Any]:
     finally:
         progress.close()
     progress.flush()
-    reports = {name: read_target_report(root, fr.id) for name, fr in finished.items()}
-    report = targets_report(config, root, shared_facts(outcome.shared, root), finished, reports, executor.states)
+    reports = {name: read_target_report(store, fr.id) for name, fr in finished.items()}
+    report = targets_report(config, store, shared_facts(outcome.shared, root), finished, reports, executor.states)
     publish(report, root)
     publish_links(report)
     error = failed_targets(report)

@@ -137,10 +137,12 @@ def check_before_run(config: Any) -> Path:
     from flows.pipeline import preflight
     from tasks.data import splits_from_dataset
 
-    root, _, _ = preflight(config)
+    store, _, _ = preflight(config)
+    # The memo is of this machine's files (by identity): it stays in the local folder, not the store.
+    root = store.local
     key = _memo_key(config)
     if not _remembered(root, key):
-        data = splits_from_dataset(config.data, root)
+        data = splits_from_dataset(config.data, store)
         # The default model on the bundled digits is known to build and export; anything else is tried.
         if config.train.model != DEFAULT_MODEL or config.data.dataset is not None or config.train.weights is not None:
             model_checks(data, config.train, config.shapes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from tasks.config import PipelineConfig, Precision
 from tasks.graph import Branch
 from tasks.engine import engine_info
 from tasks.profile import speed_markdown, table_columns
-from tasks.artifacts import write_json_atomic
+from tasks.artifacts import write_bytes_atomic
+from tasks.store import Store, as_store
 
 REPORT = "report.json"
 #: each run's own report: ``reports/run-<UTC time>-<flow run id[:8] or pid>.json`` (report.json copies the latest)
@@ -32,22 +34,24 @@ def _rel(path: Path, root: Path) -> str:
 
 def run_report(
     config: PipelineConfig,
-    root: Path,
+    store: Store,
     backend_reason: str,
     shared: Mapping[str, ArtifactRef],
     outcomes: dict[Precision, dict[str, Any]],
     bundle: ArtifactRef | str | None = None,
     tasks: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the run report, write it as the run's own file and copy it to ``<root>/report.json``.
+    """Assemble the run report, write it as the run's own file and copy it to ``report.json``.
 
     Every run writes its own ``reports/run-<time>-<id>.json`` (never shared, so concurrent runs cannot
     mix), then replaces ``report.json`` atomically by a whole copy: it is always the latest complete
-    run's report. The report's ``report`` field names the run's own file.
+    run's report. The report's ``report`` field names the run's own file. Both are side files of the
+    store, and, for a store elsewhere (a bucket), files of the local folder too (``--artifacts-dir``).
+    Paths in the report are relative to the local folder.
 
     Args:
         config: the run's config.
-        root: the artifacts folder.
+        store: the artifact store (a folder: the local store in it).
         backend_reason: which backend ran and why.
         shared: the shared stages' artifacts by stage name (data, train, export, ...).
         outcomes: per precision (``outcome_of``), either {"engine", "verify"} artifacts or {"failed_stage", "error"}.
@@ -60,6 +64,8 @@ def run_report(
     Raises:
         StorageError: a folder stands where a report file goes (named, with the fix).
     """
+    store = as_store(store)
+    root = store.local
     created = dt.datetime.now(dt.timezone.utc)
     own = f"{RUN_REPORTS}/run-{created.strftime('%Y%m%dT%H%M%S')}-{_run_tag()}.json"
     precisions: dict[str, Any] = {}
@@ -110,7 +116,7 @@ def run_report(
         "precisions": precisions,
         # Which stages ran and which came from the store: a PASS from the cache says so here.
         "tasks": dict(tasks or {}),
-        "config": config.model_dump(mode="json", exclude={"artifacts_dir"}),
+        "config": config.model_dump(mode="json", exclude={"artifacts_dir", "store"}),
     }
     if bundle is not None:
         report["bundle"] = bundle_summary(bundle)
@@ -119,9 +125,26 @@ def run_report(
     if report["config"]["data"].get("dataset"):
         # The file name only: an absolute path would put this machine's folders into the report and UI.
         report["config"]["data"]["dataset"] = Path(report["config"]["data"]["dataset"]).name
-    write_json_atomic(root / own, report)
-    write_json_atomic(root / REPORT, report)
+    if config.store is not None:
+        report["store"] = store.url
+    put_report(store, own, report)
     return report
+
+
+def put_report(store: Store, own: str, report: Mapping[str, Any]) -> None:
+    """Write a run's report as its own file and as ``report.json``, in the store and in the local folder.
+
+    Args:
+        store: the run's store.
+        own: the run's own report name (``reports/run-….json``).
+        report: the report.
+    """
+    root = store.local
+    blob = json.dumps(report, indent=2, default=str).encode()
+    for name in (own, REPORT):
+        store.put(name, blob)
+        if Path(store.where(name)) != root / name:
+            write_bytes_atomic(root / name, blob)  # this run's report, also where the user runs it
 
 
 def shared_facts(shared: Mapping[str, ArtifactRef], root: Path) -> dict[str, Any]:

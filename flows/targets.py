@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from tasks.artifacts import write_json_atomic
 from tasks.config import PipelineConfig, Target
 from tasks.errors import ConfigError, TargetError
+from tasks.store import Store, as_store
 
 #: where a target run leaves its report for the parent (relative to the artifacts folder / store)
 TARGET_REPORTS = "reports/targets"
@@ -145,16 +145,16 @@ def wait_for_targets(runs: Mapping[str, Any], progress: Callable[[str], None], t
     return done
 
 
-def read_target_report(root: Path, flow_run_id: UUID | str) -> dict[str, Any] | None:
-    """The report a target run left for the parent, or None (it ended before writing one)."""
-    path = root / target_report_name(flow_run_id)
+def read_target_report(store: Store, flow_run_id: UUID | str) -> dict[str, Any] | None:
+    """The report a target run left for the parent in the store, or None (it ended before writing one)."""
+    blob = store.get(target_report_name(flow_run_id))
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return None if blob is None else json.loads(blob)
+    except ValueError:
         return None
 
 
-def targets_report(config: PipelineConfig, root: Path, facts: Mapping[str, Any], finished: Mapping[str, Any],
+def targets_report(config: PipelineConfig, store: Store | Path, facts: Mapping[str, Any], finished: Mapping[str, Any],
                    reports: Mapping[str, dict[str, Any] | None], tasks: Mapping[str, str]) -> dict[str, Any]:
     """The parent's report: one ``<target>/<precision>`` row per target and precision, and each target's run.
 
@@ -163,13 +163,15 @@ def targets_report(config: PipelineConfig, root: Path, facts: Mapping[str, Any],
 
     Args:
         config: the parent's config.
-        root: the artifacts folder.
+        store: the run's store (a folder: the local store in it).
         facts: the shared stages' sections (``shared_facts``).
         finished: target name -> its final flow run.
         reports: target name -> its run's report (None: none was written).
         tasks: the parent's own task runs' final states.
     """
-    from flows.report import REPORT, RUN_REPORTS, _run_tag
+    from flows.report import RUN_REPORTS, _run_tag, put_report
+
+    store = as_store(store)
 
     created = dt.datetime.now(dt.timezone.utc)
     own = f"{RUN_REPORTS}/run-{created.strftime('%Y%m%dT%H%M%S')}-{_run_tag()}.json"
@@ -199,10 +201,11 @@ def targets_report(config: PipelineConfig, root: Path, facts: Mapping[str, Any],
         "targets": targets,
         "precisions": precisions,
         "tasks": dict(tasks),
-        "config": config.model_dump(mode="json", exclude={"artifacts_dir"}),
+        "config": config.model_dump(mode="json", exclude={"artifacts_dir", "store"}),
     }
-    write_json_atomic(root / own, report)
-    write_json_atomic(root / REPORT, report)
+    if config.store is not None:
+        report["store"] = store.url
+    put_report(store, own, report)
     return report
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
@@ -22,6 +21,8 @@ from prefect.states import Completed
 from tasks.artifacts import ArtifactRef
 from tasks.errors import TrtflowError, is_retryable
 from tasks.stage import stage_instance, was_cached
+from tasks.store import as_store
+from tasks.stores.local import LocalStore
 
 #: seconds between attempts of a transient failure
 RETRY_DELAYS = [1, 4]
@@ -51,7 +52,7 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
     """Wrap a stage function as a Prefect task with retries and a ``Cached`` state on a store hit.
 
     Args:
-        fn: the plain stage function; it takes ``artifacts_dir`` and ``refresh`` and returns an
+        fn: the plain stage function; it takes ``store`` and ``refresh`` and returns an
             ``ArtifactRef`` made through ``run_stage``.
         name: the task's name (the stage name).
         retries: attempts after the first, for transient failures only.
@@ -68,11 +69,13 @@ def stage_task(fn: Callable[..., Any], name: str, retries: int = len(RETRY_DELAY
 
     @functools.wraps(fn)
     def stage(*args: Any, **kwargs: Any) -> Any:
-        # An upstream result may name the folder it was made in; if the artifacts folder was moved
-        # since, its files are found under the current one (same stage and key).
+        # An upstream result may name the folder it was made in; if the local store's folder was
+        # moved since, its files are found under the current one (same stage and key). A remote
+        # store's artifacts name their store, not a folder (``ArtifactRef.under`` leaves them).
         bound = signature.bind(*args, **kwargs)
-        root = Path(bound.arguments["artifacts_dir"])
-        for arg, value in bound.arguments.items():
+        store = bound.arguments["store"] = as_store(bound.arguments["store"])
+        root = store.root if isinstance(store, LocalStore) else None
+        for arg, value in bound.arguments.items() if root is not None else ():
             if isinstance(value, ArtifactRef):
                 bound.arguments[arg] = value.under(root)
             elif isinstance(value, dict) and any(isinstance(v, ArtifactRef) for v in value.values()):

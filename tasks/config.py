@@ -597,6 +597,11 @@ class PipelineConfig(_Strict):
     """Everything a trtflow run needs. Defaults run the bundled example end to end on a CPU."""
 
     artifacts_dir: Path = Field(Path("artifacts"), description="Folder for every output and the cache.")
+    store: str | None = Field(
+        None,
+        description="Where artifacts live when not in the artifacts folder: s3://BUCKET/PREFIX (object storage, shared by machines); "
+        "the artifacts folder then holds this run's report and a read cache. Empty: the artifacts folder.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, title="Data", description="Dataset and split.")
     train: TrainConfig = Field(default_factory=TrainConfig, title="Training", description="Model factory, optimiser and the collapse gate.")
     precisions: list[Precision] = Field(

@@ -20,6 +20,7 @@ from tasks.config import DataConfig
 from tasks.datasource import LABELS, Source, content_digest, iter_chunks, open_source, release
 from tasks.errors import ArtifactError, ConfigError, DatasetError
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store
 
 log = logging.getLogger("trtflow.data")
 
@@ -490,12 +491,12 @@ def load_splits(ref: ArtifactRef) -> dict[str, np.ndarray]:
     return out
 
 
-def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
+def splits_from_dataset(cfg: DataConfig, store: Store, refresh: bool = False) -> ArtifactRef:
     """Load and check the dataset, split it, and store the splits.
 
     Args:
         cfg: dataset path (or None for the bundled digits) and split settings.
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: recompute even if an intact artifact exists.
 
     Returns:
@@ -563,4 +564,4 @@ def splits_from_dataset(cfg: DataConfig, artifacts_dir: Path, refresh: bool = Fa
             log.info("data: %s, inputs %s, %s samples, %s classes", source, {s["name"]: s["shape"] for s in specs}, meta["sizes"], num_classes if num_classes is not None else "no labels, so no")
         return meta
 
-    return run_stage(SPEC, {"cfg": cfg}, artifacts_dir, refresh, make)
+    return run_stage(SPEC, {"cfg": cfg}, store, refresh, make)

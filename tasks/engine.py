@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import ArtifactRef
+from tasks.artifacts import ArtifactRef, write_bytes_atomic
 from tasks.backends.base import BaseRunner, EngineInfo
 from tasks.backends.registry import builder_for
 from tasks.config import Backend, BatchProfile, EngineOptions, ShapeProfile
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store, as_store
 
 log = logging.getLogger("trtflow.build")
 
@@ -40,12 +42,54 @@ SPEC = StageSpec(
 )
 
 
+#: the store's folder of a builder's timing caches (one file per TensorRT version and GPU, the builder names them)
+TIMING_CACHES = ".cache/{builder}"
+
+
+@contextlib.contextmanager
+def timing_caches(store: Store, builder: str) -> Iterator[Path]:
+    """A local folder holding the store's timing caches of a builder; what the build changes goes back to the store.
+
+    The local store's own folder is used as it is. A remote store's caches are copied into the local
+    folder (``--artifacts-dir``) first, and the files a build wrote are put back after it, so the next
+    build on any machine with the same TensorRT and GPU starts from them.
+
+    Args:
+        store: the artifact store.
+        builder: the builder's name (``tensorrt``).
+
+    Yields:
+        The folder to pass the builder as ``timing_cache_dir``.
+    """
+    folder = TIMING_CACHES.format(builder=builder)
+    local = store.local.joinpath(*folder.split("/"))
+    if Path(store.where(folder)) == local:
+        yield local  # the store is this folder: the builder reads and writes it in place
+        return
+    before: dict[str, bytes] = {}
+    for name in store.entries(folder):
+        data = store.get(f"{folder}/{name}")
+        if data is None:
+            continue
+        before[name] = data
+        path = local / name
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == data:
+                continue
+        write_bytes_atomic(path, data)
+    yield local
+    for path in sorted(local.glob("*")) if local.is_dir() else []:
+        data = path.read_bytes() if path.is_file() and not path.name.startswith(".") else None
+        if data is not None and before.get(path.name) != data:
+            store.put(f"{folder}/{path.name}", data)
+
+
 def engine_from_variant(
     variant: ArtifactRef,
     backend: Backend,
     batch: BatchProfile,
     options: EngineOptions,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
 ) -> ArtifactRef:
     """Build the engine of one precision variant.
@@ -56,7 +100,7 @@ def engine_from_variant(
         batch: min / opt / max batch of the optimization profile (an ``EngineProfile``: with the dynamic
             axes beyond the batch, which every input's min / opt / max shape then holds).
         options: backend options (threads, workspace, tf32).
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: rebuild even if an intact engine exists.
 
     Returns:
@@ -66,15 +110,17 @@ def engine_from_variant(
         EngineBuildError: the backend rejected the model.
     """
     options = EngineOptions.model_validate(options)
+    store = as_store(store)
 
     def make(out: Path) -> dict[str, Any]:
         from tasks.shapes import dynamic, full_shapes
 
         builder = builder_for(backend)
-        build_options = {**options.model_dump(), "timing_cache_dir": str(Path(artifacts_dir) / ".cache" / builder.name)}
         specs = variant.meta.get("input_specs") or []
         shapes = full_shapes(batch, specs) if dynamic(batch) and specs else None
-        result = builder.engine_from_onnx(variant.path("model.onnx"), out, (batch.min, batch.opt, batch.max), build_options, shapes=shapes)
+        with timing_caches(store, builder.name) as cache_dir:
+            build_options = {**options.model_dump(), "timing_cache_dir": str(cache_dir)}
+            result = builder.engine_from_onnx(variant.path("model.onnx"), out, (batch.min, batch.opt, batch.max), build_options, shapes=shapes)
         info = EngineInfo.model_validate(
             {
                 **result.info,
@@ -95,7 +141,7 @@ def engine_from_variant(
         return meta
 
     inputs = {"variant": variant, "backend": Backend(backend), "batch": batch, "options": options}
-    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+    return run_stage(SPEC, inputs, store, refresh, make)
 
 
 #: (checkpoint digest, fitted max) pairs already told in the log: every branch's stages ask

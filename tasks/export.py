@@ -16,6 +16,7 @@ from tasks.artifacts import ArtifactRef
 from tasks.config import ShapeProfile
 from tasks.errors import ExportError, one_line, plain
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store
 
 if TYPE_CHECKING:
     from torch import nn
@@ -421,12 +422,12 @@ def _strip_stack_traces(proto: Any) -> None:
                 node.metadata_props.extend(keep)
 
 
-def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: bool = False, shapes: ShapeProfile | None = None) -> ArtifactRef:
+def onnx_from_checkpoint(checkpoint: ArtifactRef, store: Store, refresh: bool = False, shapes: ShapeProfile | None = None) -> ArtifactRef:
     """Export the trained model of a ``train`` artifact.
 
     Args:
         checkpoint: the ``train`` artifact.
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: export again even if an intact artifact exists.
         shapes: the shape profile; its dynamic axes beyond the batch are exported dynamic (None: the batch only).
 
@@ -463,4 +464,4 @@ def onnx_from_checkpoint(checkpoint: ArtifactRef, artifacts_dir: Path, refresh: 
     inputs: dict[str, Any] = {"checkpoint": checkpoint}
     if shapes is not None:
         inputs["shapes"] = shapes
-    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+    return run_stage(SPEC, inputs, store, refresh, make)

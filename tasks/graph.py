@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from tasks.artifacts import ArtifactRef
 from tasks.config import Backend, PipelineConfig, Precision
 from tasks.stage import stage_instance
+from tasks.store import Store, store_for
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Node:
 
     Attributes:
         name: the stage name (``--refresh`` name, task name, artifact folder).
-        fn: the plain stage function; it also takes ``artifacts_dir`` and ``refresh``.
+        fn: the plain stage function; it also takes ``store`` and ``refresh``.
         inputs: argument name -> where it comes from (upstream node name, ``Config``, ``PRECISION``).
         per_precision: one instance per precision (a branch) instead of one shared instance.
         after: nodes that must finish first without passing anything (no refresh follows them).
@@ -104,7 +105,7 @@ class Node:
         when: a config flag; the node is skipped when it is false.
         recovers: the node of its branch whose recoverable failure (``TrtflowError.recoverable``) this
             node repairs: it runs only when that node failed so.
-        stands_in: for a recovery node, ``stands_in(artifact, artifacts_dir)`` returns the artifacts that
+        stands_in: for a recovery node, ``stands_in(artifact, store)`` returns the artifacts that
             replace the branch's own from then on (``{"build": engine, "verify": verdict}``), or raises
             the error of a recovery that did not succeed.
         gather: a shared node that runs after every other node (``last`` ones included) and takes the
@@ -121,7 +122,7 @@ class Node:
     when: Config | None = None
     recovers: str | None = None
     gather: bool = False
-    stands_in: Callable[[ArtifactRef, Path], dict[str, ArtifactRef]] | None = None
+    stands_in: Callable[[ArtifactRef, Store], dict[str, ArtifactRef]] | None = None
 
     @property
     def upstream(self) -> list[str]:
@@ -246,7 +247,7 @@ class Graph:
         return out
 
     def arguments(self, inst: Instance, config: PipelineConfig, done: Mapping[str, Any]) -> dict[str, Any]:
-        """The keyword arguments of an instance's stage function (without artifacts_dir and refresh).
+        """The keyword arguments of an instance's stage function (without store and refresh).
 
         Args:
             inst: the instance.
@@ -419,7 +420,7 @@ def schedule(graph: Graph, config: PipelineConfig, executor: Executor, extra: Ca
     recovered = {p: executor.submit(i, {**graph.arguments(i, config, done), **extra(i)}, []) for p, i in recovering.items()}
     executor.settle({i.id: recovered[p] for p, i in recovering.items()})
 
-    branches = {p: _branch(graph, plan, p, outcomes, recovering.get(p), recovered.get(p), executor, config) for p in config.precisions}
+    branches = {p: _branch(graph, plan, p, outcomes, recovering.get(p), recovered.get(p), executor, extra) for p in config.precisions}
     shared = {i: v for i, v in done.items() if i not in outcomes}
 
     # ``last`` nodes for the branches that passed, and again on what a recovery replaced.
@@ -478,7 +479,7 @@ def _ids(refs: Mapping[str, ArtifactRef], precision: Precision | None) -> dict[s
 
 
 def _branch(graph: Graph, plan: list[Instance], precision: Precision, outcomes: Mapping[str, tuple[Any, BaseException | None]],
-            recovery: Instance | None, handle: Any, executor: Executor, config: PipelineConfig) -> Branch:
+            recovery: Instance | None, handle: Any, executor: Executor, extra: Callable[[Instance], dict[str, Any]]) -> Branch:
     """One branch's result: its chain's artifacts, the first failure, and what a recovery replaced."""
     b = Branch(precision)
     chain = [i for i in plan if i.precision is precision and i.id in outcomes]
@@ -498,7 +499,7 @@ def _branch(graph: Graph, plan: list[Instance], precision: Precision, outcomes: 
         b.recovery = ref
         assert recovery.node.stands_in is not None
         try:
-            stand_ins = recovery.node.stands_in(ref, Path(config.artifacts_dir))  # type: ignore[arg-type]
+            stand_ins = recovery.node.stands_in(ref, extra(recovery)["store"])  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the recovery's own error, recorded like a failure
             err = exc
         else:
@@ -566,9 +567,9 @@ def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ())
         TrtflowError: the run's first error (a shared stage's, else a branch's).
     """
     config, _ = resolved(config)
-    root = Path(config.artifacts_dir)
+    store = store_for(config.store, Path(config.artifacts_dir))
     forced = graph.refreshed([*config.refresh, *refresh], config.precisions)
-    outcome = schedule(graph, config, _Plain(), lambda inst: {"artifacts_dir": root, "refresh": inst.id in forced})
+    outcome = schedule(graph, config, _Plain(), lambda inst: {"store": store, "refresh": inst.id in forced})
     if outcome.errors:
         raise outcome.errors[0]
     return outcome.refs

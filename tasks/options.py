@@ -144,6 +144,7 @@ OPTIONS: dict[str, list[Option]] = {
     ],
     "run": [
         _opt("--artifacts-dir", "artifacts_dir"),
+        _opt("--store", "store", metavar="URL", help="Keep artifacts in object storage, e.g. s3://BUCKET/PREFIX (AWS_* variables configure it); --artifacts-dir then holds the report and a read cache."),
         _opt("--refresh", "refresh", metavar="STAGE", help="Recompute this stage and its dependents (repeatable)."),
     ],
 }

@@ -42,6 +42,7 @@ from tasks.errors import BundleError
 from tasks.locking import key_lock
 from tasks.code_digests import describe
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store, as_store
 
 log = logging.getLogger("trtflow.package")
 
@@ -57,8 +58,8 @@ MATERIALISING = "materialising" + "0" * 51
 
 
 def _portable_config(config: PipelineConfig) -> dict[str, Any]:
-    """The run's config as the bundle records it: no artifacts folder, no refresh list, file names only."""
-    out = PipelineConfig.model_validate(config).model_dump(mode="json", exclude={"artifacts_dir", "refresh"})
+    """The run's config as the bundle records it: no artifacts folder or store, no refresh list, file names only."""
+    out = PipelineConfig.model_validate(config).model_dump(mode="json", exclude={"artifacts_dir", "store", "refresh"})
     for section, key in (("data", "dataset"), ("train", "weights")):
         if out[section].get(key):
             out[section][key] = Path(out[section][key]).name
@@ -366,7 +367,7 @@ def bundle_of_variants(
     checkpoint: ArtifactRef,
     data: ArtifactRef,
     config: PipelineConfig,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
 ) -> ArtifactRef:
     """Choose the variant to ship among those that passed, and write its bundle.
@@ -378,7 +379,7 @@ def bundle_of_variants(
         checkpoint: the ``train`` artifact (model provenance).
         data: the ``data`` artifact (the samples are its first test rows; dataset provenance).
         config: the run's config (ship policy, tolerances, and the record of what made the bundle).
-        artifacts_dir: root of the artifact store; the bundle is also copied to ``<it>/bundle/``.
+        store: the artifact store; the bundle is also copied to ``bundle/`` in its local folder (``--artifacts-dir``).
         refresh: write the bundle again even if an intact one exists.
 
     Returns:
@@ -463,10 +464,12 @@ def bundle_of_variants(
         }
 
     inputs = {"engines": dict(engines), "verifications": dict(verifications), "profiles": dict(profiles), "checkpoint": checkpoint, "data": data, "config": config}
-    ref = run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+    ref = run_stage(SPEC, inputs, store, refresh, make)
     # Runs sharing an artifacts folder replace bundle/ one at a time.
-    with key_lock(artifacts_dir, SPEC.name, MATERIALISING):
-        materialised(ref, Path(artifacts_dir) / BUNDLE_DIR)
+    local = as_store(store).local
+    # The copy is this machine's (a local folder), so is its lock.
+    with key_lock(local, SPEC.name, MATERIALISING):
+        materialised(ref, local / BUNDLE_DIR)
     return ref
 
 

@@ -110,12 +110,17 @@ def check_run(config: Any, environ: Mapping[str, str] | None = None) -> None:
         PolicyError: a model factory or a path that the worker does not allow.
     """
     check_model(config.train.model, environ)
-    check_paths(
-        {"config.data.dataset": config.data.dataset, "config.train.weights": config.train.weights, "config.artifacts_dir": config.artifacts_dir,
-         # a parent over several targets hands each its folder: the same rule on the parent's worker
-         **{f"config.targets[{i}].artifacts_dir": t.artifacts_dir for i, t in enumerate(getattr(config, "targets", []))}},
-        environ,
-    )
+    paths = {"config.data.dataset": config.data.dataset, "config.train.weights": config.train.weights, "config.artifacts_dir": config.artifacts_dir}
+    # a parent over several targets hands each its folder: the same rule on the parent's worker
+    paths.update({f"config.targets[{i}].artifacts_dir": t.artifacts_dir for i, t in enumerate(getattr(config, "targets", []))})
+    store = getattr(config, "store", None)
+    if store and "://" not in store:
+        paths["config.store"] = store  # a folder store is a local path like the others
+    elif store and store.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        paths["config.store"] = unquote(urlparse(store).path)
+    check_paths(paths, environ)
 
 
 def model_schema(schema: dict[str, Any]) -> None:

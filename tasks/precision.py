@@ -18,6 +18,7 @@ import numpy as np
 from tasks.artifacts import ArtifactRef
 from tasks.config import Precision
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store
 
 log = logging.getLogger("trtflow.precision")
 
@@ -257,7 +258,7 @@ def variant_from_onnx(
     data: ArtifactRef,
     precision: Precision,
     calibration_samples: int,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
     keep_fp32: list[str] | None = None,
 ) -> ArtifactRef:
@@ -268,7 +269,7 @@ def variant_from_onnx(
         data: the ``data`` artifact (int8 calibrates on the first samples of its training split).
         precision: fp32 (a copy), fp16 or int8.
         calibration_samples: how many training samples calibrate int8.
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: recompute even if an intact artifact exists.
         keep_fp32: node names kept in fp32 in an fp16 or int8 variant (what a repair chose).
 
@@ -295,4 +296,4 @@ def variant_from_onnx(
     inputs: dict[str, Any] = {"model": model, "data": data, "precision": precision, "calibration_samples": calibration_samples}
     if keep:
         inputs["keep_fp32"] = keep  # absent otherwise: the plain variants keep their keys
-    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+    return run_stage(SPEC, inputs, store, refresh, make)

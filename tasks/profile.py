@@ -33,6 +33,7 @@ from tasks.artifacts import ArtifactRef
 from tasks.config import BatchProfile, ProfileConfig
 from tasks.locking import key_lock
 from tasks.stage import StageSpec, run_stage, stage_key, was_cached
+from tasks.store import Store, as_store
 
 log = logging.getLogger("trtflow.profile")
 
@@ -257,7 +258,7 @@ def torch_profile(
     settings: ProfileConfig,
     threads: int,
     device: str,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
 ) -> ArtifactRef:
     """Measure PyTorch eager (``inference_mode``) on the same inputs as the engines.
@@ -269,7 +270,7 @@ def torch_profile(
         settings: warm-up and budget.
         threads: ``torch.set_num_threads`` during the measurement (restored after).
         device: ``cpu`` or ``cuda`` (falls back to the CPU, and says so, when torch has no CUDA).
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: measure again even if a result exists.
 
     Returns:
@@ -284,7 +285,7 @@ def torch_profile(
         (out / REPORT).write_text(json.dumps(meta, indent=2))
         return meta
 
-    ref = run_stage(TORCH_SPEC, inputs, artifacts_dir, refresh and not measured, make)
+    ref = run_stage(TORCH_SPEC, inputs, store, refresh and not measured, make)
     if not was_cached():
         _MEASURED.add(ref.key)
     return ref
@@ -349,7 +350,7 @@ def profile_of_engine(
     batch: BatchProfile,
     settings: ProfileConfig,
     threads: int,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
 ) -> ArtifactRef:
     """Time one engine and PyTorch eager on the same real inputs.
@@ -362,7 +363,7 @@ def profile_of_engine(
         settings: warm-up and budget per measurement.
         threads: PyTorch's CPU threads (the engine runs with the threads it was built with; the
             report states both).
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: measure again (the PyTorch reference too) even if results exist.
 
     Returns:
@@ -373,12 +374,14 @@ def profile_of_engine(
     """
     from tasks.engine import engine_info, runner_from_build
 
+    store = as_store(store)
+    local = store.local
 
     def make(out: Path) -> dict[str, Any]:
-        # One measurement at a time: threads of this process (_LOCK) and other processes of the same
-        # artifacts folder, e.g. Dask workers (a file lock).
-        with _LOCK, key_lock(artifacts_dir, SPEC.name, MEASURING):
-            reference = torch_profile(checkpoint, data, batch, settings, threads, _torch_device(engine), artifacts_dir, refresh=refresh)
+        # One measurement at a time on this machine: threads of this process (_LOCK) and other processes
+        # of the same local folder, e.g. Dask workers (a file lock); other machines time their own CPUs.
+        with _LOCK, key_lock(local, SPEC.name, MEASURING):
+            reference = torch_profile(checkpoint, data, batch, settings, threads, _torch_device(engine), store, refresh=refresh)
             plan = timed_shapes(batch)
             pads = getattr(batch, "pad_values", None)
             xs = {k: inputs_at(data, b, lengths, pads) for k, (b, lengths, _) in plan.items()}
@@ -409,7 +412,7 @@ def profile_of_engine(
         return s
 
     inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "batch": batch, "settings": settings, "threads": threads}
-    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+    return run_stage(SPEC, inputs, store, refresh, make)
 
 
 def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, load_ref
+from tasks.artifacts import ArtifactRef
 from tasks.config import Backend, BatchProfile, EngineOptions, Precision, RepairConfig, Tolerance
 from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
 from tasks.fp16_emulation import EMULATION_SUFFIX, FP16_MAX, emulation_from_fp16_onnx, tensor_types
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store, as_store
 
 log = logging.getLogger("trtflow.repair")
 
@@ -296,7 +297,7 @@ def sensitivity_of_variant(
     precision: Precision,
     samples: int,
     threads: int | None,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
 ) -> ArtifactRef:
     """Rank the nodes of one variant by the error they add (``node_errors``) on calibration samples.
@@ -308,7 +309,7 @@ def sensitivity_of_variant(
         precision: the variant's precision.
         samples: how many samples.
         threads: ONNX Runtime threads.
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: recompute even if an intact artifact exists.
 
     Returns:
@@ -329,7 +330,7 @@ def sensitivity_of_variant(
         return {"precision": precision.value, "samples": int(len(next(iter(feed.values())))), "nodes": len(errors), "worst": errors[0].to_dict() if errors else None}
 
     inputs = {"model": model, "variant": variant, "data": data, "precision": precision, "samples": samples, "threads": threads}
-    return run_stage(SENSITIVITY, inputs, artifacts_dir, refresh, make)
+    return run_stage(SENSITIVITY, inputs, store, refresh, make)
 
 
 def errors_of(sensitivity: ArtifactRef) -> list[NodeError]:
@@ -339,13 +340,13 @@ def errors_of(sensitivity: ArtifactRef) -> list[NodeError]:
 
 def _verified(
     engine: ArtifactRef, variant: ArtifactRef, checkpoint: ArtifactRef, data: ArtifactRef, precision: Precision,
-    tolerance: Tolerance, batch: BatchProfile, artifacts_dir: Path, refresh: bool,
+    tolerance: Tolerance, batch: BatchProfile, store: Store, refresh: bool,
 ) -> tuple[ArtifactRef | None, dict[str, Any], VerificationError | None]:
     """Verify an engine; return its ``verify`` artifact (None when it fails), the summary with its failures, and the failure."""
     from tasks.verify import verification_of_engine
 
     try:
-        ref = verification_of_engine(engine, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh, variant=variant)
+        ref = verification_of_engine(engine, checkpoint, data, precision, tolerance, batch, store, refresh, variant=variant)
         return ref, {**ref.meta, "failures": []}, None
     except VerificationError as exc:
         # The failing verdict is an artifact too: its summary is the manifest's metadata.
@@ -364,7 +365,7 @@ def repair_of_variant(
     options: EngineOptions,
     calibration_samples: int,
     repair: RepairConfig,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
 ) -> ArtifactRef:
     """Repair a variant that failed verification by keeping its worst nodes in fp32, attempt by attempt.
@@ -387,7 +388,7 @@ def repair_of_variant(
         options: backend build options (``EngineOptions``, as for ``engine_from_variant``).
         calibration_samples: int8 calibration samples (as for ``variant_from_onnx``).
         repair: budget and ranking samples.
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: recompute the repair and every attempt's stages.
 
     Returns:
@@ -403,7 +404,7 @@ def repair_of_variant(
 
     def make(out: Path) -> dict[str, Any]:
         backend = Backend(info.backend)
-        _, before, failure = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
+        _, before, failure = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, store, refresh)
         kept: list[str] = []
         attempts: list[dict[str, Any]] = []
         current, final_engine, final_verify, stop, finding = variant, engine, None, "", None
@@ -412,7 +413,7 @@ def repair_of_variant(
             stop = f"{finding}; keeping nodes in fp32 cannot add {precision.value} operators"
         while final_verify is None and finding is None:
             try:
-                ranking = sensitivity_of_variant(model, current, data, precision, repair.samples, info.threads, artifacts_dir, refresh)
+                ranking = sensitivity_of_variant(model, current, data, precision, repair.samples, info.threads, store, refresh)
             except TrtflowError:
                 raise
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime's untyped errors on an unusual graph
@@ -428,10 +429,10 @@ def repair_of_variant(
                 break
             kept = [*kept, *new]
             log.info("repair %s: attempt %d keeps %s in fp32", precision.value, len(attempts) + 1, kept)
-            current = variant_from_onnx(model, data, precision, calibration_samples, artifacts_dir, refresh, keep_fp32=kept)
-            validated_onnx(current, data, artifacts_dir, refresh)
-            final_engine = engine_from_variant(current, backend, batch, options, artifacts_dir, refresh)
-            final_verify, figures, failure = _verified(final_engine, current, checkpoint, data, precision, tolerance, batch, artifacts_dir, refresh)
+            current = variant_from_onnx(model, data, precision, calibration_samples, store, refresh, keep_fp32=kept)
+            validated_onnx(current, data, store, refresh)
+            final_engine = engine_from_variant(current, backend, batch, options, store, refresh)
+            final_verify, figures, failure = _verified(final_engine, current, checkpoint, data, precision, tolerance, batch, store, refresh)
             if isinstance(failure, PrecisionShareError):
                 # Every further attempt keeps more in fp32: stop here, saying what is left.
                 finding = failure.finding
@@ -474,10 +475,10 @@ def repair_of_variant(
         "model": model, "checkpoint": checkpoint, "data": data, "variant": variant, "engine": engine, "precision": precision,
         "tolerance": tolerance, "batch": batch, "options": options, "calibration_samples": calibration_samples, "repair": repair,
     }
-    return run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+    return run_stage(SPEC, inputs, store, refresh, make)
 
 
-def stand_ins(repair: ArtifactRef, artifacts_dir: Path) -> dict[str, ArtifactRef]:
+def stand_ins(repair: ArtifactRef, store: Store) -> dict[str, ArtifactRef]:
     """What a repair puts in its branch's place: ``{"build": engine, "verify": verdict}`` of the repaired variant.
 
     The repaired verification also becomes the precision's latest view (``reports/verify-<p>.json``).
@@ -489,15 +490,15 @@ def stand_ins(repair: ArtifactRef, artifacts_dir: Path) -> dict[str, ArtifactRef
     from tasks.errors import PrecisionRepairError
     from tasks.verify import write_latest
 
-    refs = repaired_refs(repair, artifacts_dir)
+    refs = repaired_refs(repair, store)
     if refs is None:
         m = repair.meta
         raise PrecisionRepairError(m["precision"], m["failures"], m["tried_fp32"], m["stopped"], str(repair.path(REPORT)), m.get("share_finding"))
-    write_latest(refs[1], artifacts_dir)
+    write_latest(refs[1], store)
     return {refs[0].stage: refs[0], refs[1].stage: refs[1]}
 
 
-def repaired_refs(repair: ArtifactRef, artifacts_dir: Path) -> tuple[ArtifactRef, ArtifactRef] | None:
+def repaired_refs(repair: ArtifactRef, store: Store) -> tuple[ArtifactRef, ArtifactRef] | None:
     """The final engine and verification of a passed repair (None when it did not pass).
 
     Raises:
@@ -510,7 +511,7 @@ def repaired_refs(repair: ArtifactRef, artifacts_dir: Path) -> tuple[ArtifactRef
     refs = []
     for name in ("engine", "verify"):
         where = repair.meta[name]
-        ref = load_ref(Path(artifacts_dir), where["stage"], where["key"])
+        ref = as_store(store).lookup(where["stage"], where["key"])
         problems = ["missing"] if ref is None else ref.problems()
         if ref is None or problems:
             raise ArtifactError(

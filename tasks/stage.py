@@ -18,7 +18,7 @@ When a stage runs again although it ran before (a miss), one log line says why, 
 ``--explain``: ``train: usernet.py changed``, ``data: d.npz changed``, ``verify-fp32: tolerance changed
 (atol 1e-05 -> 0.001)``, ``export: damaged model.onnx (digest mismatch), recomputing``. The ingredients of
 every committed artifact are in its manifest, and the latest ones of each stage instance in
-``<artifacts>/<stage>/.last-<instance>.json``, which is what the new ingredients are compared with.
+the store's side file ``<stage>/.last-<instance>.json``, which is what the new ingredients are compared with.
 """
 
 from __future__ import annotations
@@ -38,15 +38,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.artifacts import MANIFEST, ArtifactRef, artifact_dir, load_ref, sha256_json, staging, write_json_atomic
+from tasks.artifacts import MANIFEST, ArtifactRef, sha256_json
 from tasks.code_digests import project_code, user_code
 from tasks.config import TrainConfig
-from tasks.locking import key_lock
+from tasks.errors import StorageError
+from tasks.store import Store, as_store
 
 log = logging.getLogger("trtflow.stage")
 
 #: inputs that say where or how, not what: they never enter a key
-NOT_IN_KEY = frozenset({"artifacts_dir", "refresh"})
+NOT_IN_KEY = frozenset({"store", "refresh"})
 #: the stage whose artifacts are checkpoints: a stage taking one runs the model's code
 CHECKPOINT_STAGE = "train"
 
@@ -183,7 +184,7 @@ def checked_inputs(inputs: Mapping[str, Any]) -> None:
 def run_stage(
     spec: StageSpec,
     inputs: Mapping[str, Any],
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool,
     make: Callable[[Path], dict[str, Any]],
 ) -> ArtifactRef:
@@ -195,7 +196,7 @@ def run_stage(
     Args:
         spec: the stage's name and what its key depends on.
         inputs: the stage function's arguments that define its output (artifacts, parameters).
-        artifacts_dir: root of the artifact store.
+        store: the artifact store (a folder: the local store in it).
         refresh: make the artifact again even if an intact one exists.
         make: writes the stage's files into the folder it is given and returns the manifest metadata;
             called only on a miss, under the key's lock.
@@ -210,19 +211,19 @@ def run_stage(
     checked_inputs(inputs)
     ingredients = key_ingredients(spec, inputs)
     key = sha256_json(ingredients)
-    root = Path(artifacts_dir)
-    with key_lock(root, spec.name, key):
+    store = as_store(store)
+    with store.lock(spec.name, key):
         # Looked up under the lock: another process may have committed it while this one waited.
-        found = None if refresh else load_ref(root, spec.name, key)
+        found = None if refresh else store.lookup(spec.name, key)
         damage = found.damage() if found is not None else []
         if found is not None and not damage:
             _HIT.set(True)
             return found
         instance = _instance(spec, inputs)
-        causes = explain(root, spec.name, instance, key, ingredients, refresh, found, damage)
-        with staging(root, spec.name, key) as st:
-            ref = st.commit(make(st.dir), ingredients)
-        _remember(root, spec.name, instance, ref, ingredients, causes)
+        causes = explain(store, spec.name, instance, key, ingredients, refresh, found, damage)
+        with store.open(spec.name, key) as writer:
+            ref = writer.commit(make(writer.dir), ingredients)
+        _remember(store, spec.name, instance, ref, ingredients, causes)
     # Set last: ``make`` may run other stages (profile measures PyTorch) that set it themselves.
     _HIT.set(False)
     return ref
@@ -259,40 +260,42 @@ def _instance(spec: StageSpec, inputs: Mapping[str, Any]) -> str:
     return f"{spec.name} in {current}"  # a stage another one runs (repair builds and verifies)
 
 
-def _record_path(root: Path, stage: str, instance: str) -> Path:
-    return root / stage / f".last-{re.sub(r'[^A-Za-z0-9_.-]+', '_', instance)}.json"
+def _record_name(stage: str, instance: str) -> str:
+    """The side file of a stage instance's last ingredients (``train/.last-train.json``)."""
+    return f"{stage}/.last-{re.sub(r'[^A-Za-z0-9_.-]+', '_', instance)}.json"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(store: Store, name: str) -> dict[str, Any] | None:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(store.get(name) or b"null")
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def _remember(root: Path, stage: str, instance: str, ref: ArtifactRef, ingredients: dict[str, Any], causes: list[str]) -> None:
+def _remember(store: Store, stage: str, instance: str, ref: ArtifactRef, ingredients: dict[str, Any], causes: list[str]) -> None:
+    record = {"key": ref.key, "digest": ref.digest, "causes": causes, "ingredients": ingredients}
     try:
-        write_json_atomic(_record_path(root, stage, instance), {"key": ref.key, "digest": ref.digest, "causes": causes, "ingredients": ingredients})
-    except OSError:
+        store.put(_record_name(stage, instance), json.dumps(record, indent=2, default=str).encode())
+    except (OSError, StorageError):
         pass  # only an explanation is lost
 
 
-def _upstream_causes(root: Path, stage: str, digest: str) -> list[str] | None:
+def _upstream_causes(store: Store, stage: str, digest: str) -> list[str] | None:
     """What made the upstream artifact with this digest, as its stage explained it then (None: unknown)."""
     try:
-        records = sorted((root / stage).glob(".last-*.json"))
-    except OSError:
+        records = [n for n in store.entries(stage) if n.startswith(".last-") and n.endswith(".json")]
+    except (OSError, StorageError):
         return None
-    for path in records:
-        record = _read_json(path)
+    for name in records:
+        record = _read_json(store, f"{stage}/{name}")
         if record and record.get("digest") == digest and isinstance(record.get("causes"), list):
             return [str(c) for c in record["causes"]]
     return None
 
 
 def explain(
-    root: Path, stage: str, instance: str, key: str, ingredients: dict[str, Any], refresh: bool,
+    store: Store, stage: str, instance: str, key: str, ingredients: dict[str, Any], refresh: bool,
     found: ArtifactRef | None, damage: list[tuple[str, str]],
 ) -> list[str]:
     """Log, in one line, why a stage instance is computed although it may have run before.
@@ -302,7 +305,7 @@ def explain(
     (1 -> 2))``).
 
     Args:
-        root: the artifacts folder.
+        store: the artifact store (its ``.last-…`` records).
         stage: the stage name.
         instance: the stage instance (``verify-fp32``), as kept by ``run_stage``.
         key: the key being computed.
@@ -321,16 +324,17 @@ def explain(
         parts = [f"missing {name}" if why == "missing" else f"damaged {name} ({why})" for name, why in damage]
         log.warning("%s: %s, recomputing", instance, ", ".join(parts))
         return [f"{instance}: {', '.join(parts)}"]
-    if found is None and (artifact_dir(root, stage, key) / MANIFEST).exists():
+    # Every store keeps a key's manifest at ``<stage>/<key[:16]>/manifest.json`` of its side-file names.
+    if found is None and store.get(f"{stage}/{key[:16]}/{MANIFEST}") is not None:
         log.warning("%s: unreadable %s, recomputing", instance, MANIFEST)
         return [f"{instance}: unreadable {MANIFEST}"]
-    record = _read_json(_record_path(root, stage, instance))
+    record = _read_json(store, _record_name(stage, instance))
     if record is None:
         return []
     if record.get("key") == key:
         log.warning("%s: its artifact was deleted, recomputing", instance)
         return [f"{instance}: artifact deleted"]
-    own, derived = changes(record.get("ingredients") or {}, ingredients, lambda s, d: _upstream_causes(root, s, d))
+    own, derived = changes(record.get("ingredients") or {}, ingredients, lambda s, d: _upstream_causes(store, s, d))
     # An upstream cause this stage shares (the same trtflow file changed for both) is said once.
     upstream = [c for c in dict.fromkeys(c for _, found_causes in derived for c in found_causes or []) if c.split(": ", 1)[-1] not in own]
     phrases = list(own)

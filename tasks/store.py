@@ -2,7 +2,7 @@
 
 Stages receive a ``Store``, never a folder. Every file the pipeline writes goes through it: stage
 artifacts (``open`` -> ``Writer.commit``), and side files such as reports, run records and TensorRT
-timing caches (``put`` / ``get``). Implementations are registered by URL scheme (``register_store``)
+timing caches (``put`` / ``get`` / ``entries``). Implementations are registered by URL scheme (``register_store``)
 and made by ``store_for``; a new one (object storage) is one module plus a registration.
 
 Guarantees every implementation keeps (tests/stores/ checks them for each registered store):
@@ -19,6 +19,7 @@ Guarantees every implementation keeps (tests/stores/ checks them for each regist
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -88,6 +89,14 @@ class Store(Protocol):
         """Read a side file, or None when there is none."""
         ...
 
+    def where(self, name: str) -> str:
+        """Where a side file is, as its user finds it (a local path, ``s3://bucket/prefix/name``), for messages."""
+        ...
+
+    def entries(self, folder: str) -> list[str]:
+        """The names of the side files directly in ``folder`` (``train`` -> ``[".last-train.json", …]``)."""
+        ...
+
 
 #: URL scheme -> factory(url, local folder); "" is a plain path
 _STORES: dict[str, Callable[[str, Path], Store]] = {}
@@ -130,6 +139,17 @@ def store_for(url: str | Path | None, local: Path) -> Store:
         )
     store = _STORES[scheme](text, Path(local))
     _OPENED[text] = store
+    return store
+
+
+def as_store(store: Store | str | os.PathLike[str]) -> Store:
+    """A store as given; a folder is the local store in it (for callers outside the flow: scripts, tests).
+
+    Args:
+        store: a store (``store_for``), or a local folder.
+    """
+    if isinstance(store, (str, os.PathLike)):
+        return store_for(None, Path(store))
     return store
 
 

@@ -21,6 +21,7 @@ from tasks.config import TrainConfig
 from tasks.errors import ArtifactError, ModelCollapseError, ModelError
 from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store, as_store
 
 if TYPE_CHECKING:
     import torch
@@ -656,7 +657,7 @@ def _train_regression(
     return model, history
 
 
-def _learnt_nothing_error(findings: list[str], metrics: dict[str, Any], data: ArtifactRef, report: Path) -> ModelCollapseError:
+def _learnt_nothing_error(findings: list[str], metrics: dict[str, Any], data: ArtifactRef, report: str) -> ModelCollapseError:
     """Explain a regression that learnt nothing by the evidence: constant predictions, targets far from
     0 in units of their spread (slow to learn from a zero start), or no signal found."""
     from tasks.errors import LearntNothingError
@@ -708,7 +709,7 @@ def validation_metrics(y_train: np.ndarray, y_val: np.ndarray, val_logits: np.nd
 SKEW_FACTOR = 1.5
 
 
-def _collapse_error(findings: list[str], metrics: dict[str, Any], cfg: TrainConfig, report: Path) -> ModelCollapseError:
+def _collapse_error(findings: list[str], metrics: dict[str, Any], cfg: TrainConfig, report: str) -> ModelCollapseError:
     """Explain a tripped collapse gate by the evidence: skewed labels, or no signal learnt at all.
 
     Imbalance is blamed only when the training labels are skewed; balanced labels with a balanced
@@ -778,7 +779,7 @@ def module_from_checkpoint(ref: ArtifactRef) -> nn.Module:
     return bind(model, ckpt["binding"]).eval()
 
 
-def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
+def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, store: Store, refresh: bool = False) -> ArtifactRef:
     """Train the model on the ``data`` artifact (or load the user's weights) and store the checkpoint.
 
     With ``cfg.weights`` (and not ``cfg.fine_tune``) nothing is trained: this stage loads the weights,
@@ -788,7 +789,7 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
     Args:
         data: the ``data`` artifact.
         cfg: training settings.
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: retrain even if an intact checkpoint exists.
 
     Returns:
@@ -799,14 +800,16 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
     Raises:
         ModelError: the model cannot be built, does not fit the data, or the weights do not fit it.
         ModelCollapseError: the collapse gate tripped (``cfg.collapse_gate``); nothing is stored except
-            ``<artifacts_dir>/reports/train-metrics.json``, the evidence.
+            the store's side file ``reports/train-metrics.json``, the evidence.
     """
     import json
 
-    from tasks.artifacts import write_json_atomic
     from tasks.data import split_labels
     from tasks.metrics import collapse_findings, learnt_nothing_findings, regression_metrics
     from tasks.models import bind
+
+    store = as_store(store)
+    report_name = f"reports/{METRICS_REPORT}"
 
     def make(out: Path) -> dict[str, Any]:
         import torch
@@ -835,13 +838,12 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             val_logits = predict_split(bind(model, prepared.binding), data, "val")[at]
             metrics = validation_metrics(y_tr, y_val, val_logits, int(num_classes))
             findings = collapse_findings(metrics, cfg.collapse_gate)
-            report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
+            report_path = store.where(report_name)
             # Written before the gate raises, so a failed run keeps its evidence.
-            write_json_atomic(
-                report_path,
+            store.put(report_name, json.dumps(
                 {"passed": not findings, "findings": findings, "balance": cfg.balance, "trained_epochs": len(history),
-                 "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},
-            )
+                 "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics}, indent=2, default=str,
+            ).encode())
             log.info(
                 "train: validation balanced accuracy %.4f, macro F1 %.4f, class %d gets %.1f%% of predictions (%.1f%% of labels)",
                 metrics["balanced_accuracy"], metrics["macro_f1"], metrics["most_predicted"]["class"],
@@ -855,12 +857,11 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             at = list(prepared.outputs).index(prepared.logits)
             metrics = regression_metrics(y_val, predict_split(bind(model, prepared.binding), data, "val")[at], y_tr)
             findings = learnt_nothing_findings(metrics, cfg.collapse_gate)
-            report_path = Path(artifacts_dir) / "reports" / METRICS_REPORT
-            write_json_atomic(
-                report_path,
+            report_path = store.where(report_name)
+            store.put(report_name, json.dumps(
                 {"passed": not findings, "findings": findings, "task": "regression", "trained_epochs": len(history),
-                 "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics},
-            )
+                 "collapse_gate": cfg.collapse_gate.model_dump(), "validation_metrics": metrics}, indent=2, default=str,
+            ).encode())
             log.info("train: validation R² %.4f, MAE %.4g, RMSE %.4g (predicting the training mean: R² %.4f)", metrics["r2"], metrics["mae"], metrics["rmse"], metrics.get("r2_of_train_mean", float("nan")))
             if findings:
                 raise _learnt_nothing_error(findings, metrics, data, report_path)
@@ -910,4 +911,4 @@ def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, artifacts_dir: P
             log.warning("train: output(s) %s not trained: the loss used only '%s'; they are verified against PyTorch but never scored", meta["untrained_outputs"], prepared.logits)
         return meta
 
-    return run_stage(SPEC, {"data": data, "cfg": cfg}, artifacts_dir, refresh, make)
+    return run_stage(SPEC, {"data": data, "cfg": cfg}, store, refresh, make)

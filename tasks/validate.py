@@ -19,6 +19,7 @@ import numpy as np
 from tasks.artifacts import ArtifactRef
 from tasks.errors import OnnxValidationError
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store
 
 log = logging.getLogger("trtflow.validate")
 
@@ -134,7 +135,7 @@ def check_onnx(
     return report
 
 
-def validated_onnx(model: ArtifactRef, data: ArtifactRef, artifacts_dir: Path, refresh: bool = False) -> ArtifactRef:
+def validated_onnx(model: ArtifactRef, data: ArtifactRef, store: Store, refresh: bool = False) -> ArtifactRef:
     """Validate the ONNX file of an ``export`` or ``precision`` artifact on a real batch.
 
     Returns:
@@ -156,4 +157,4 @@ def validated_onnx(model: ArtifactRef, data: ArtifactRef, artifacts_dir: Path, r
         log.info("validate: %s %s passed %d checks", model.stage, report["precision"], len(report["checks"]))
         return {"model_digest": model.digest, **report}
 
-    return run_stage(SPEC, {"model": model, "data": data}, artifacts_dir, refresh, make)
+    return run_stage(SPEC, {"model": model, "data": data}, store, refresh, make)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.artifacts import ArtifactRef, write_json_atomic
+from tasks.artifacts import ArtifactRef
 from tasks.backends.onnxruntime import QDQ_IN_FP32
 from tasks.compare import ComparisonResult, compare_outputs
 from tasks.compute_share import ComputeShare, share_finding
@@ -36,6 +36,7 @@ from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
 from tasks.fp16_emulation import EMULATED, NoFp16Error
 from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
+from tasks.store import Store, as_store
 
 log = logging.getLogger("trtflow.verify")
 
@@ -408,7 +409,7 @@ def verification_of_engine(
     precision: Precision,
     tolerance: Tolerance,
     batch: BatchProfile,
-    artifacts_dir: Path,
+    store: Store,
     refresh: bool = False,
     variant: ArtifactRef | None = None,
 ) -> ArtifactRef:
@@ -425,7 +426,7 @@ def verification_of_engine(
         precision: the engine's precision (names it in messages).
         tolerance: thresholds of that precision.
         batch: the profile; verified at its min, opt and max.
-        artifacts_dir: root of the artifact store.
+        store: the artifact store.
         refresh: re-verify even if a result exists.
         variant: the ``precision`` artifact the engine was built from (its compute share, the fp16
             emulation's source).
@@ -441,7 +442,8 @@ def verification_of_engine(
             when the failing verdict is found in the store; ``error.artifact`` is that verdict.
     """
     precision = Precision(precision)
-    latest = Path(artifacts_dir) / LATEST.format(precision=precision.value)
+    store = as_store(store)
+    latest = LATEST.format(precision=precision.value)
 
     def make(out: Path) -> dict[str, Any]:
         from tasks.data import split_labels, split_size
@@ -519,22 +521,26 @@ def verification_of_engine(
     if variant is not None:
         inputs["variant"] = variant
     try:
-        ref = run_stage(SPEC, inputs, artifacts_dir, refresh, make)
+        ref = run_stage(SPEC, inputs, store, refresh, make)
     except TrtflowError as exc:
         # The latest report never keeps an older pass once this precision's verification failed.
-        write_json_atomic(latest, {"precision": precision.value, "passed": False, "failures": [], "error": str(exc)})
+        store.put(latest, _json({"precision": precision.value, "passed": False, "failures": [], "error": str(exc)}))
         raise
-    report = write_latest(ref, artifacts_dir)
+    report = write_latest(ref, store)
     if not report["passed"]:
-        raise verdict_error(report, str(latest), ref)
+        raise verdict_error(report, store.where(latest), ref)
     return ref
 
 
-def write_latest(verification: ArtifactRef, artifacts_dir: Path) -> dict[str, Any]:
-    """Make a ``verify`` artifact the latest verification of its precision (``LATEST``); returns its report."""
+def write_latest(verification: ArtifactRef, store: Store) -> dict[str, Any]:
+    """Make a ``verify`` artifact the latest verification of its precision (``LATEST``, a side file of the store); returns its report."""
     report = json.loads(verification.path(REPORT).read_text())
-    write_json_atomic(Path(artifacts_dir) / LATEST.format(precision=report["precision"]), report)
+    as_store(store).put(LATEST.format(precision=report["precision"]), _json(report))
     return report
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, default=str).encode()
 
 
 #: numerics of an int8 engine whose Q/DQ nodes ONNX Runtime runs in fp32 (``tasks.backends.onnxruntime``)

@@ -109,7 +109,7 @@ def _toy_graph(calls: list[str], failing: set[str], fixes: bool = True) -> Graph
     """a (shared) -> b, check per precision; fix recovers check; t (last) and g (gather) read b."""
 
     def stage(name: str):
-        def fn(artifacts_dir, refresh, precision=None, **kw):  # noqa: ANN001, ANN202
+        def fn(store, refresh, precision=None, **kw):  # noqa: ANN001, ANN202
             tag = f"{name}-{precision.value}" if precision else name
             calls.append(tag)
             if tag in failing:
@@ -151,7 +151,7 @@ def test_run_plain_runs_the_flows_phases_and_a_recovery_only_where_it_is_needed(
     assert refs["b-int8"] == "fix-int8/b" and refs["check-int8"] == "fix-int8/check"
     assert refs["t-int8"] == "t(fix-int8/b)" and refs["t-fp32"] == "t(b-fp32)"
     assert refs["g"] == "g(fp32,int8)"
-    out = schedule(_toy_graph([], failing={"check-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"artifacts_dir": tmp_path, "refresh": False})
+    out = schedule(_toy_graph([], failing={"check-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
     int8 = out.branches[Precision.int8]
     assert int8.passed and int8.recovered_by == "fix" and int8.recovery == "fix-int8"
     assert int8.replaced == {"b": "b-int8"} and int8.replaced_late == {"t": "t(b-int8)"}
@@ -161,7 +161,7 @@ def test_a_failed_recovery_fails_the_branch_and_the_others_still_finish(tmp_path
     from tasks.graph import _Plain, schedule
 
     calls: list[str] = []
-    out = schedule(_toy_graph(calls, failing={"check-int8"}, fixes=False), _cfg(tmp_path), _Plain(), lambda i: {"artifacts_dir": tmp_path, "refresh": False})
+    out = schedule(_toy_graph(calls, failing={"check-int8"}, fixes=False), _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
     int8, fp32 = out.branches[Precision.int8], out.branches[Precision.fp32]
     assert (int8.failed, str(int8.error), int8.verdict) == ("fix", "the fix did not pass", "verdict of check-int8")
     assert fp32.passed and fp32.late == {"t": "t(b-fp32)"}
@@ -173,7 +173,7 @@ def test_nothing_passed_skips_the_gather_and_raises_the_first_failure(tmp_path) 
     from tasks.graph import _Plain, run_plain, schedule
 
     calls: list[str] = []
-    out = schedule(_toy_graph(calls, failing={"b-fp32", "b-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"artifacts_dir": tmp_path, "refresh": False})
+    out = schedule(_toy_graph(calls, failing={"b-fp32", "b-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
     assert calls == ["a", "b-fp32", "b-int8"]  # a failed upstream stops its branch; no recovery for a non-recovered node
     assert out.gathered == {} and out.not_gathered == {"g": "no variant passed its gates"} and out.branches[Precision.fp32].failed == "b"
     with pytest.raises(_Fixable, match="fails its gate"):
@@ -244,10 +244,10 @@ def test_run_plain_gives_a_gather_node_every_branch(tmp_path) -> None:
 
     seen: dict[str, object] = {}
 
-    def branch(precision, artifacts_dir, refresh):  # noqa: ANN001, ANN202
+    def branch(precision, store, refresh):  # noqa: ANN001, ANN202
         return f"art-{precision.value}"
 
-    def gather(xs, artifacts_dir, refresh):  # noqa: ANN001, ANN202
+    def gather(xs, store, refresh):  # noqa: ANN001, ANN202
         seen.update(xs)
         return "all"
 

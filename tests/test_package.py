@@ -295,16 +295,16 @@ def test_a_second_run_reuses_the_bundle_and_a_new_policy_repackages_only(image_b
     shutil.copytree(image_bundle.root, root)
     args = {"engines": {"fp32": refs["build-fp32"]}, "verifications": {"fp32": refs["verify-fp32"]}, "profiles": {}, "checkpoint": refs["train"], "data": refs["data"]}
     args = {k: ({p: r.under(root) for p, r in v.items()} if isinstance(v, dict) else v.under(root)) for k, v in args.items()}
-    again = bundle_of_variants(**args, config=cfg.model_copy(update={"artifacts_dir": root}), artifacts_dir=root)
+    again = bundle_of_variants(**args, config=cfg.model_copy(update={"artifacts_dir": root}), store=root)
     assert was_cached() and again.key == refs["package"].key
     (root / "bundle" / "stale.txt").write_text("left by hand")
-    other = bundle_of_variants(**args, config=cfg.model_copy(update={"ship": ShipConfig(policy="smallest")}), artifacts_dir=root)
+    other = bundle_of_variants(**args, config=cfg.model_copy(update={"ship": ShipConfig(policy="smallest")}), store=root)
     assert not was_cached() and other.key != refs["package"].key
     b = json.loads((root / "bundle" / BUNDLE_JSON).read_text())
     assert b["choice"]["policy"] == "smallest" and not (root / "bundle" / "stale.txt").exists()
     check_bundle(root / "bundle")
     with pytest.raises(BundleError) as e:
-        bundle_of_variants(**{**args, "engines": {}, "verifications": {}}, config=cfg, artifacts_dir=root)
+        bundle_of_variants(**{**args, "engines": {}, "verifications": {}}, config=cfg, store=root)
     assert "nothing to ship" in e.value.summary
 
 

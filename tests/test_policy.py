@@ -197,3 +197,13 @@ def test_check_run_checks_the_model_first_then_every_path(tmp_path: Path) -> Non
         check_run(ok.model_copy(update={"train": ok.train.model_copy(update={"weights": tmp_path / "outside" / "w.pt"})}), env)
     with pytest.raises(PolicyError, match="config.artifacts_dir"):
         check_run(PipelineConfig(artifacts_dir=tmp_path / "outside" / "art"), env)
+
+
+def test_check_run_checks_a_folder_store_as_a_path_and_leaves_a_bucket_alone(tmp_path: Path) -> None:
+    allowed, env = _roots(tmp_path)
+    ok = PipelineConfig(artifacts_dir=allowed / "art")
+    check_run(ok.model_copy(update={"store": str(allowed / "shared")}), env)
+    check_run(ok.model_copy(update={"store": "s3://bucket/prefix"}), env)
+    for outside in (str(tmp_path / "outside"), f"file://{tmp_path}/outside"):
+        with pytest.raises(PolicyError, match="config.store"):
+            check_run(ok.model_copy(update={"store": outside}), env)

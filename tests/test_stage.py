@@ -16,11 +16,11 @@ def _ref(digest: str) -> ArtifactRef:
 
 
 def test_key_depends_on_params_and_upstream_content_only():
-    base = stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(), "artifacts_dir": "/a", "refresh": False})
-    assert base == stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(), "artifacts_dir": "/elsewhere", "refresh": True})
-    assert base != stage_key(SPEC, {"up": _ref("2"), "cfg": TrainConfig(), "artifacts_dir": "/a"})
-    assert base != stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(epochs=6), "artifacts_dir": "/a"})
-    assert base != stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(threads=1), "artifacts_dir": "/a"})
+    base = stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(), "store": "/a", "refresh": False})
+    assert base == stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(), "store": "/elsewhere", "refresh": True})
+    assert base != stage_key(SPEC, {"up": _ref("2"), "cfg": TrainConfig(), "store": "/a"})
+    assert base != stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(epochs=6), "store": "/a"})
+    assert base != stage_key(SPEC, {"up": _ref("1"), "cfg": TrainConfig(threads=1), "store": "/a"})
 
 
 def test_key_depends_on_code_and_environment():
@@ -171,7 +171,7 @@ def _keys_of_every_node(cfg, tmp: Path, monkeypatch) -> dict[str, str]:
     from flows.pipeline import GRAPH
     from tasks.config import TrainConfig
 
-    def fake_run_stage(spec, inputs, artifacts_dir, refresh, make):
+    def fake_run_stage(spec, inputs, store, refresh, make):
         raise _Key(stage_key(spec, inputs))
 
     for node in GRAPH.nodes:
@@ -188,7 +188,7 @@ def _keys_of_every_node(cfg, tmp: Path, monkeypatch) -> dict[str, str]:
             done.update({f"precision-{p}": _fake("precision", tmp, precision=p), f"validate-{p}": _fake("validate", tmp), f"build-{p}": _fake("build", tmp, **engine), f"verify-{p}": _fake("verify", tmp)})
         args = GRAPH.arguments(inst, cfg, done)
         with pytest.raises(_Key) as key:
-            inst.node.fn(**args, artifacts_dir=tmp, refresh=False)
+            inst.node.fn(**args, store=tmp, refresh=False)
         keys[inst.id] = str(key.value)
     return keys
 

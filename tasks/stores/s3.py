@@ -350,6 +350,23 @@ class S3Store:
         found = self._read(name.lstrip("/"))
         return None if found is None else found[0]
 
+    def where(self, name: str) -> str:
+        """The URL of a side file (``s3://bucket/prefix/name``)."""
+        return self._where(name.lstrip("/"))
+
+    def entries(self, folder: str) -> list[str]:
+        """The names of the side files directly in ``folder`` (one listing request, not recursive)."""
+        prefix = folder.strip("/")
+        listing = self._call(f"listing {prefix}/", lambda st, p: obs.list_with_delimiter(st, p)["objects"], prefix or None)
+        return sorted(m["path"].rsplit("/", 1)[-1] for m in listing)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to another process (a Dask worker): reopened there through the registry, so that the
+        # references it finds are read through it (``tasks.store.opened_store``).
+        from tasks.store import store_for
+
+        return (store_for, (self.url, self.local))
+
 
 class S3Writer:
     """A private local folder for one artifact; ``commit`` uploads its files, then creates the manifest."""

@@ -183,3 +183,15 @@ def test_summary_paths_are_relative(tmp_path, monkeypatch, capsys):
     _print_summary(report, tmp_path / "artifacts")
     out = capsys.readouterr().out
     assert "artifacts/build/abc/engine.onnx" in out and str(tmp_path) not in out
+
+
+def test_store_is_an_option_and_a_field_of_the_run_form(tmp_path):
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import pipeline
+
+    cfg = config_from_args(_parser().parse_args(["run", "--store", "s3://bucket/team", "--artifacts-dir", str(tmp_path)]))
+    assert cfg.store == "s3://bucket/team" and cfg.artifacts_dir == tmp_path
+    assert config_from_args(_parser().parse_args(["run"])).store is None
+    form = parameter_schema(pipeline).model_dump()["definitions"]["PipelineConfig"]["properties"]["store"]
+    assert "s3://BUCKET/PREFIX" in form["description"] and form["default"] is None

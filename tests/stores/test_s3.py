@@ -288,6 +288,27 @@ def test_side_files_are_shared_and_replaced(s3, tmp_path):
     a.put("reports/run-1.json", b'{"ok": true}')
     assert b.get("reports/run-1.json") == b'{"ok": true}'
     assert "runs/reports/run-1.json" in keys(client, bucket)
+    b.put("reports/run-2.json", b"2")
+    b.put("reports/deeper/x.json", b"x")
+    commit(a, {"model.onnx": b"m"})  # an artifact is no side file of its stage folder
+    a.put("export/.last-export.json", b"{}")
+    assert a.entries("reports") == ["run-1.json", "run-2.json"] and a.entries("/reports/") == ["run-1.json", "run-2.json"]
+    assert a.entries("export") == [".last-export.json"] and a.entries("nothing") == []
+    assert a.where("reports/run-1.json") == f"s3://{bucket}/runs/reports/run-1.json"
+
+
+def test_a_store_sent_to_another_process_is_reopened_there(s3, tmp_path):
+    import pickle
+
+    import tasks.store as registry
+
+    client, bucket, url = s3
+    a = store_for(url, tmp_path / "a")
+    made = commit(a, {"model.onnx": b"m"})
+    registry._OPENED.pop(url)  # as in a fresh Dask worker: no store opened for this URL yet
+    copy = pickle.loads(pickle.dumps(a))
+    assert isinstance(copy, S3Store) and (copy.url, copy.local) == (url, a.local)
+    assert opened_store(url) is copy and made.path("model.onnx").read_bytes() == b"m"
 
 
 def test_urls(tmp_path, monkeypatch):
@@ -384,3 +405,17 @@ def test_server_errors_are_retryable_and_refusals_are_not(monkeypatch, tmp_path,
         assert is_retryable(err.value) is retryable and says in err.value.summary, err.value.summary
     finally:
         server.shutdown()
+
+
+def test_timing_caches_come_from_the_bucket_and_go_back_to_it(s3, tmp_path):
+    from tasks.engine import timing_caches
+
+    client, bucket, url = s3
+    a, b = S3Store(url, tmp_path / "a"), S3Store(url, tmp_path / "b")
+    with timing_caches(a, "tensorrt") as folder:
+        assert folder == tmp_path / "a" / ".cache" / "tensorrt"
+        folder.mkdir(parents=True)
+        (folder / "timing-x.cache").write_bytes(b"tuned")
+    assert "runs/.cache/tensorrt/timing-x.cache" in keys(client, bucket)
+    with timing_caches(b, "tensorrt") as folder:  # the other machine starts from it
+        assert (folder / "timing-x.cache").read_bytes() == b"tuned"

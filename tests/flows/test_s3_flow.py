@@ -1,0 +1,85 @@
+"""The whole flow against an S3 store (moto's server: the real S3 HTTP API): two runs, two machines.
+
+A "machine" is an artifacts folder (its local read cache and report); both share one bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("obstore")
+moto_server = pytest.importorskip("moto.server")
+
+from test_pipeline import task_states  # noqa: E402
+
+from flows.pipeline import pipeline  # noqa: E402
+from tasks.config import Precision  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(endpoint, monkeypatch):
+    """A fresh bucket; the AWS variables point at the server. Returns (boto3 client, bucket name)."""
+    import boto3
+
+    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    name = f"trtflow-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return client, name
+
+
+def _run(config):
+    state = pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    report = json.loads((config.artifacts_dir / "report.json").read_text())
+    return report, task_states(state, report)
+
+
+def test_a_run_against_s3_is_cached_on_rerun_and_on_a_second_machine(bucket, tiny_config, tmp_path):
+    client, name = bucket
+    url = f"s3://{name}/team"
+
+    def tiny_config_for(folder, **update):
+        return tiny_config.model_copy(update={"artifacts_dir": folder, **update})
+    first, states = _run(tiny_config_for(tmp_path / "a", store=url, precisions=[Precision.fp32, Precision.int8]))
+    assert first["passed"] and first["store"] == url and all("Cached" not in c for c in states.values()), states
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"]}
+    # Artifacts, records and reports live in the bucket ...
+    for stage in ("data", "train", "export", "precision", "build", "verify", "profile", "package"):
+        assert any(k.startswith(f"team/{stage}/") and k.endswith("/manifest.json") for k in keys), stage
+    assert {"team/report.json", f"team/{first['report']}", "team/reports/verify-int8.json", "team/train/.last-train.json"} <= keys
+    stored = json.loads(client.get_object(Bucket=name, Key="team/report.json")["Body"].read())
+    assert stored["report"] == first["report"]
+    # ... and the local folder holds this run's report and the read cache, no artifact folders.
+    local = tmp_path / "a"
+    assert (local / first["report"]).is_file() and (local / first["precisions"]["fp32"]["engine"]).is_file()
+    assert not (local / "train").exists() and not (local / "build").exists()
+
+    again, states = _run(tiny_config_for(tmp_path / "a", store=url, precisions=[Precision.fp32, Precision.int8]))
+    assert again["passed"] and set(Counter(again["tasks"].values())) == {"Cached"}, again["tasks"]
+    assert all(set(c) == {"Cached"} for c in states.values()), states
+
+    # Another machine: its own (empty) local folder, the same bucket. Nothing is computed there.
+    other, states = _run(tiny_config_for(tmp_path / "b", store=url, precisions=[Precision.fp32, Precision.int8]))
+    assert other["passed"] and set(Counter(other["tasks"].values())) == {"Cached"}, other["tasks"]
+    assert other["precisions"]["int8"]["max_abs"] == first["precisions"]["int8"]["max_abs"]
+    assert (tmp_path / "b" / "report.json").is_file() and (tmp_path / "b" / other["report"]).is_file()
