@@ -49,9 +49,20 @@ def target_config(config: PipelineConfig, target: Target, root: Path) -> Pipelin
         train = train.model_copy(update={"weights": Path(train.weights).expanduser().resolve()})
     return config.model_copy(update={
         "targets": [], "target": target.name, "backend": target.backend, "precisions": list(target.precisions),
-        "artifacts_dir": Path(target.artifacts_dir).expanduser().resolve() if target.artifacts_dir else root.resolve(),
+        "artifacts_dir": _target_folder(config, target, root),
         "data": data, "train": train,
     })
+
+
+def _target_folder(config: PipelineConfig, target: Target, root: Path) -> Path:
+    """The local folder of a target's run: its own when it names one; with a remote store, the
+    deployment's ``artifacts`` (relative: in the project folder of the target's machine, its read
+    cache); with a local store, this run's folder, which every target must then see."""
+    if target.artifacts_dir is not None:
+        return Path(target.artifacts_dir).expanduser().resolve()
+    if config.store and "://" in config.store and not config.store.lower().startswith("file://"):
+        return Path("artifacts")
+    return root.resolve()
 
 
 def target_report_name(flow_run_id: UUID | str) -> str:

@@ -1,9 +1,10 @@
 """One run over two targets on two work pools, each with its own process worker in its own folder.
 
-Real parts only: the session's ``prefect server start``, two ``process`` work pools with the repo's
-locked template, one ``prefect worker start`` per pool started from a different working folder, the
+Real parts only: the session's ``prefect server start``, moto's S3 server (the real S3 HTTP API) as the
+one store, two ``process`` work pools with the repo's locked template, one ``prefect worker start`` per
+pool started from a different working folder with its own local cache (two "machines"), the
 deployments made with ``prefect deploy`` as docs/targets.md says, and the parent started by
-``trtflow run --targets``.
+``trtflow run`` with the targets in its config file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,26 @@ TINY = ["--epochs", "1", "--min-batch", "1", "--opt-batch", "8", "--max-batch", 
 
 
 @pytest.fixture(scope="module")
-def two_pools(prefect_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+def s3() -> Iterator[dict[str, str]]:
+    """moto's S3 server and a bucket; returns the AWS variables every "machine" sets, and the bucket."""
+    pytest.importorskip("obstore")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    bucket = f"trtflow-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        yield {**env, "BUCKET": bucket}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_pools(prefect_server: Server, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """Two pools, a deployment of the flow on each (trtflow/target-NAME), a worker per pool in its own folder."""
     folders: dict[str, Path] = {}
     workers = []
@@ -32,7 +53,7 @@ def two_pools(prefect_server: Server, tmp_path_factory: pytest.TempPathFactory) 
         prefect_server.cli("--no-prompt", "deploy", "flows/pipeline.py:pipeline", "--name", f"target-{name}", "--pool", pool)
         folders[name] = tmp_path_factory.mktemp(f"machine-{name}")
         workers.append(prefect_server.start([prefect_bin(), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
-                                            f"worker-{name}.log", cwd=folders[name]))
+                                            f"worker-{name}.log", cwd=folders[name], extra_env=s3))
     try:
         yield folders
     finally:
@@ -40,16 +61,23 @@ def two_pools(prefect_server: Server, tmp_path_factory: pytest.TempPathFactory) 
             stop(w)
 
 
-def trtflow(server: Server, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *argv], cwd=cwd, env={**server.env, "PYTHONPATH": str(REPO)},
+def trtflow(server: Server, *argv: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *argv], cwd=cwd, env={**server.env, **(env or {}), "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_one_parent_run_over_two_targets_writes_one_report_and_reruns_cached(prefect_server: Server, two_pools: dict[str, Path], tmp_path: Path) -> None:
+def test_one_parent_run_over_two_targets_writes_one_report_and_reruns_cached(prefect_server: Server, s3: dict[str, str], two_pools: dict[str, Path], tmp_path: Path) -> None:
     root = tmp_path / "artifacts"
-    targets = "cpu-a=trtflow-target-a:onnxruntime:fp32 cpu-b=trtflow-target-b:onnxruntime:fp32,int8"
-    first = trtflow(prefect_server, "--targets", targets, "--artifacts-dir", str(root), *TINY, cwd=tmp_path)
+    # Each target's machine keeps its own local cache; all three share the bucket.
+    config = tmp_path / "targets.json"
+    config.write_text(json.dumps({"targets": [
+        {"name": "cpu-a", "pool": POOLS["cpu-a"], "backend": "onnxruntime", "precisions": ["fp32"], "artifacts_dir": str(two_pools["cpu-a"] / "cache")},
+        {"name": "cpu-b", "pool": POOLS["cpu-b"], "backend": "onnxruntime", "precisions": ["fp32", "int8"], "artifacts_dir": str(two_pools["cpu-b"] / "cache")},
+    ]}))
+    store = f"s3://{s3['BUCKET']}/team"
+    argv = ["--config", str(config), "--store", store, "--artifacts-dir", str(root), *TINY]
+    first = trtflow(prefect_server, *argv, cwd=tmp_path, env=s3)
     logs = "\n".join((prefect_server.home / f"worker-{n}.log").read_text(errors="replace")[-3000:] for n in POOLS)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:] + logs
     report = json.loads((root / "report.json").read_text())
@@ -77,8 +105,17 @@ def test_one_parent_run_over_two_targets_writes_one_report_and_reruns_cached(pre
         # The engines were built by the targets. Both "machines" here have the same CPU and ONNX Runtime,
         # so their fp32 engines have one key (the backend's environment is in it): the second finds the first's.
         assert built.count("Completed") >= 2
+        # The artifacts are in the bucket, the parent's and the targets' reports too; each machine has its own local folder.
+        import boto3
 
-        again = trtflow(prefect_server, "--targets", targets, "--artifacts-dir", str(root), *TINY, cwd=tmp_path)
+        client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3["BUCKET"], Prefix="team/") for o in page.get("Contents", [])]
+        for stage in ("train", "export", "precision", "build", "verify"):
+            assert any(k.startswith(f"team/{stage}/") and k.endswith("manifest.json") for k in keys), stage
+        assert {f"team/reports/targets/{t['flow_run']}.json" for t in report["targets"].values()} <= set(keys)
+        assert all((two_pools[name] / "cache" / "report.json").is_file() for name in POOLS)
+
+        again = trtflow(prefect_server, *argv, cwd=tmp_path, env=s3)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         rerun = json.loads((root / "report.json").read_text())
         assert rerun["report"] != report["report"] and set(rerun["tasks"].values()) == {"Cached"}
