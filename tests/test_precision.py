@@ -2,7 +2,8 @@ import onnx
 import pytest
 
 from tasks.config import Precision
-from tasks.precision import topologically_sorted, variant_from_onnx
+from tasks.precision import variant_from_onnx
+from tasks.precisions.onnx_graph import topologically_sorted
 from tasks.validate import validated_onnx
 
 
@@ -68,7 +69,7 @@ def test_int8_quantization_never_writes_beside_its_input_and_runs_concurrently(t
 def test_unnamed_nodes_get_stable_unique_names():
     from onnx import helper
 
-    from tasks.precision import named_nodes
+    from tasks.precisions.onnx_graph import named_nodes
 
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
@@ -84,7 +85,7 @@ def test_int8_quantizes_only_the_inputs_of_compute_ops_so_tensorrt_accepts_const
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from tasks.precision import INT8_OPS, int8_from_onnx
+    from tasks.precisions.int8 import INT8_OPS, int8_from_onnx
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")

@@ -12,8 +12,10 @@ from tasks.compute_share import ComputeShare
 from tasks.config import Backend, BatchProfile, DataConfig, Precision, Tolerance, default_tolerances
 from tasks.engine import engine_from_variant
 from tasks.errors import PrecisionShareError, VerificationError
-from tasks.fp16_emulation import EMULATED
 from tasks.precision import variant_from_onnx
+
+#: what reports call fp16 verified through its emulation on a CPU
+EMULATED = "fp16 emulated on CPU"
 from tasks.verify import (
     BatchRun,
     batch_sizes,
@@ -579,10 +581,10 @@ def test_the_share_comes_from_tensorrt_layers_else_from_the_onnx_graph(branch, s
 
 
 def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(branch, small_data, monkeypatch):
-    import tasks.fp16_emulation
+    import tasks.verify
 
-    real, threads = tasks.fp16_emulation.emulation_runner, []
-    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", lambda path, folder, n=None: (threads.append(n), real(path, folder, n))[1])
+    real, threads = tasks.verify.emulation_runner, []
+    monkeypatch.setattr(tasks.verify, "emulation_runner", lambda path, folder, elem_type, n=None: (threads.append(n), real(path, folder, elem_type, n))[1])
     ref = _verify(branch, small_data, Precision.fp16, refresh=True)
     assert threads == [1]  # the engine was built with one thread
     report = json.loads(ref.path("verification.json").read_text())
@@ -594,7 +596,7 @@ def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(
 
 
 def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_broken(branch, small_data, monkeypatch, caplog, tmp_path):
-    import tasks.fp16_emulation
+    import tasks.verify
 
     root, checkpoint, built = branch
     variant, engine = built[Precision.fp16]
@@ -611,7 +613,7 @@ def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_br
     def broken(*_, **__):
         raise RuntimeError("unsupported op" + " in a node" * 30)
 
-    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", broken)
+    monkeypatch.setattr(tasks.verify, "emulation_runner", broken)
     with caplog.at_level("WARNING", logger="trtflow.verify"):
         # its own store: this verdict of a broken emulation must not stand in for the real one in other tests
         ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, tmp_path, variant=variant)
