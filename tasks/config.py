@@ -23,6 +23,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     int8 = "int8"
+    bf16 = "bf16"
 
 
 class Backend(str, Enum):

@@ -1,3 +1,5 @@
+import json
+
 import onnx
 import pytest
 
@@ -18,6 +20,11 @@ def test_variants_are_valid_and_typed(trained, tmp_path, precision):
     assert io == {onnx.TensorProto.FLOAT}  # callers always feed and read fp32
     if precision is Precision.fp16:
         assert onnx.TensorProto.FLOAT16 in types
+    if precision is Precision.bf16:
+        # Strongly typed bf16 (opset 22: Conv and pooling take bf16), validated on a CPU as its emulation.
+        assert onnx.TensorProto.BFLOAT16 in types and onnx.TensorProto.FLOAT not in types and ref.meta["conversion"]["opset"] == 22
+        assert "fp32_ops" not in ref.meta["conversion"], ref.meta["conversion"]  # every float op of the CNN takes bf16
+        assert "bf16 rounding emulation" in json.loads(validated_onnx(ref, trained.data, tmp_path).path("validation.json").read_text())["checks"]["onnxruntime load"]
     if precision is Precision.int8:
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
         assert onnx.TensorProto.INT8 in types

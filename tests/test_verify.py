@@ -364,7 +364,7 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
     from tasks.backends.onnxruntime import int8_kernels_saturate
     from tasks.verify import INT8_AS_FP32
 
-    assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "int8": INT8_AS_FP32 if int8_kernels_saturate() else "native int8"}[precision.value]
+    assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "bf16": "bf16 emulated on CPU", "int8": INT8_AS_FP32 if int8_kernels_saturate() else "native int8"}[precision.value]
     assert report["backend"] == "onnxruntime" and report["engine_digest"] == branch[2][precision][1].digest
     assert report["outputs"] == ["logits", "emb"] and report["logits_output"] == "logits" and report["confusion"]["batch"] == 8
     for b in report["batches"]:  # only the logits output is judged by task metrics, and only on distinct samples
@@ -378,7 +378,7 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
     assert report["task"] == "classification" and report["outputs_not_judged"] == {"emb": report["outputs_not_judged"]["emb"]}
     assert [s["label"] for s in report["shapes"]] == [f"{precision.value} batch {b}" for b in (1, 8, 64)]
     assert report["tolerance"] == default_tolerances()[precision].model_dump() and report["checkpoint_digest"] == branch[1].digest
-    assert (report["emulation"] is None) is (precision is not Precision.fp16)
+    assert (report["emulation"] is None) is (precision not in (Precision.fp16, Precision.bf16))  # bf16: the engine is the emulation
     latest = json.loads((branch[0] / "reports" / f"verify-{precision.value}.json").read_text())
     assert latest == report
 
