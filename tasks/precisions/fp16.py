@@ -62,7 +62,8 @@ def fold_cast_round_trips(graph: Any, original: set[str]) -> int:
         dropped.add(id(node))
     for node in graph.node:
         for i, name in enumerate(node.input):
-            node.input[i] = renamed.get(fp32_of.get(name, name), fp32_of.get(name, name))
+            before = fp32_of[name] if name in fp32_of else name
+            node.input[i] = renamed.get(before, before)
         for i, name in enumerate(node.output):
             node.output[i] = renamed.get(name, name)
     kept = [n for n in graph.node if id(n) not in dropped]

@@ -94,10 +94,12 @@ def int8_from_onnx(src: Path, dst: Path, calibration: np.ndarray | Mapping[str, 
     try:
         private = scratch / "model.onnx"
         onnx.save(source, str(private))  # the copy with every node named (repair excludes nodes by name)
+        # Duck-typed CalibrationDataReader: subclassing it would import onnxruntime.quantization with this module.
+        reader: Any = _Calibration(calibration, calibration_batch(calibration))
         quantize_static(
             str(private),
             str(dst),
-            _Calibration(calibration, calibration_batch(calibration)),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,
