@@ -17,8 +17,11 @@ inputs of those names), or a sidecar ``<file>.shapes.json`` next to the ONNX fil
 {"min": [1, 8], "opt": [...], "max": [...]}}``, what ``benchmarks/dynamic_onnx.py`` writes), which
 wins. The shapes' axis 0 is then the profile's batch range for that file.
 
-Prints one markdown row per file (inputs, profile, engine size, build seconds, layers per precision,
-or the error) and writes ``build-check.json`` into OUT_DIR. Exit status 1 when any file failed to build.
+Prints one markdown row per file (its precision, inputs, profile, engine size, build seconds, layers
+per precision, or the error) and writes ``build-check.json`` into OUT_DIR. A file's precision is read
+from its ONNX types (Q/DQ: int8; bfloat16 weights: bf16; float16 weights: fp16; else fp32); a reduced
+float file whose engine has no layer in that precision counts as failed (a strongly typed bf16 graph
+built all in fp32 would be a silent fallback). Exit status 1 when any file failed.
 """
 
 from __future__ import annotations
@@ -52,6 +55,30 @@ def _signature(path: Path) -> tuple[str, str]:
         return ", ".join(out)
 
     return fmt(list(model.graph.input)), fmt(list(model.graph.output))
+
+
+def precision_of(path: Path) -> str:
+    """The precision an ONNX file is in, read from its own types (what a strongly typed network builds)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return "int8"
+    types = {t.data_type for t in model.graph.initializer}
+    for elem_type, name in ((onnx.TensorProto.BFLOAT16, "bf16"), (onnx.TensorProto.FLOAT16, "fp16")):
+        if elem_type in types:
+            return name
+    return "fp32"
+
+
+def missing_precision(precision: str, layers: dict[str, int]) -> str | None:
+    """Why a built engine is not the precision its file is in (None: it is, or nothing to check).
+
+    A reduced float file (fp16, bf16) must build at least one layer of that precision.
+    """
+    if precision in ("fp16", "bf16") and layers and not layers.get(precision):
+        return f"no {precision} layer in the engine ({layers}): the {precision} graph was built in another precision"
+    return None
 
 
 def _profile_of(path: Path, options: dict[str, dict[str, list[int]]] | None) -> dict[str, dict[str, list[int]]]:
@@ -122,11 +149,12 @@ def main() -> int:
     files = sorted(args.onnx_dir.rglob("*.onnx"))
     rows, failed = [], 0
     print(f"TensorRT {trt.__version__}; profile batch {batch}; {len(files)} files\n")
-    print("| file | inputs | outputs | profile | engine bytes | build s | layers by precision | result |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| file | precision | inputs | outputs | profile | engine bytes | build s | layers by precision | result |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for i, path in enumerate(files):
         rel = str(path.relative_to(args.onnx_dir))
         ins, outs = _signature(path)
+        precision = precision_of(path)
         out_dir = args.out / f"{i:02d}"
         out_dir.mkdir(exist_ok=True)
         shapes = _profile_of(path, options)
@@ -139,15 +167,19 @@ def main() -> int:
             result = run_build_worker(out_dir / "spec.json", out_dir / "result.json", 600)
             info = result["info"]
             layers = (info.get("layers") or {}).get("by_precision", {})
-            row = {"file": rel, "inputs": ins, "outputs": outs, "profile": profile, "engine_bytes": info.get("engine_bytes"),
-                   "seconds": round(time.perf_counter() - t0, 2), "layers": layers, "ok": True, "warnings": result.get("warnings", [])}
+            wrong = missing_precision(precision, layers)
+            row = {"file": rel, "precision": precision, "inputs": ins, "outputs": outs, "profile": profile, "engine_bytes": info.get("engine_bytes"),
+                   "seconds": round(time.perf_counter() - t0, 2), "layers": layers, "ok": wrong is None, "warnings": result.get("warnings", [])}
+            if wrong is not None:
+                failed += 1
+                row["error"] = wrong
         except EngineBuildError as exc:
             failed += 1
-            row = {"file": rel, "inputs": ins, "outputs": outs, "profile": profile, "engine_bytes": None,
+            row = {"file": rel, "precision": precision, "inputs": ins, "outputs": outs, "profile": profile, "engine_bytes": None,
                    "seconds": round(time.perf_counter() - t0, 2), "layers": {}, "ok": False, "error": str(exc)[:600]}
         rows.append(row)
         verdict = "built" if row["ok"] else "FAILED: " + row["error"].replace("|", "/").replace("\n", " ")[:300]
-        print(f"| {rel} | {ins} | {outs} | {profile} | {row['engine_bytes'] or ''} | {row['seconds']} | {row['layers'] or ''} | {verdict} |", flush=True)
+        print(f"| {rel} | {precision} | {ins} | {outs} | {profile} | {row['engine_bytes'] or ''} | {row['seconds']} | {row['layers'] or ''} | {verdict} |", flush=True)
     (args.out / "build-check.json").write_text(json.dumps({"tensorrt": trt.__version__, "batch": batch, "files": rows}, indent=2))
     print(f"\n{len(files) - failed} of {len(files)} built")
     return 1 if failed else 0

@@ -405,7 +405,7 @@ def judged_lines(precisions: dict[str, Any]) -> list[str]:
 def numerics_lines(precisions: dict[str, Any]) -> list[str]:
     """One line per precision whose verified numerics are not the engine's own, e.g. fp16 emulated on CPU."""
     return [
-        f"{p}: {r['numerics']}" + (" (this backend computes fp16 graphs in fp32; fp16 rounding and overflow were emulated)" if "emulated" in r["numerics"] else "")
+        f"{p}: {r['numerics']}" + (f" (this backend computes {p} graphs in fp32; {p} rounding and overflow were emulated)" if "emulated" in r["numerics"] else "")
         for p, r in precisions.items()
         if r.get("numerics") and not r["numerics"].startswith("native")
     ]

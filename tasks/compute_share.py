@@ -10,7 +10,9 @@ Where the count comes from:
 
 - ONNX Runtime runs the variant's ONNX graph: a compute node is int8 when its data inputs come from
   ``DequantizeLinear`` (a Q/DQ pair ONNX Runtime fuses into an int8 kernel) or it is an integer kernel
-  itself (``QLinearConv``, ``MatMulInteger``...), fp16 when its first input is typed fp16, else fp32.
+  itself (``QLinearConv``, ``MatMulInteger``...), fp16 when its first input is typed fp16, else fp32:
+  which rule names which precision is each precision's registry entry (``tasks.precisions``:
+  ``dequantized``, ``kernels``, ``element_type``).
 - TensorRT reports what it built: the engine inspector's layers (``layers.json``, built with
   ``ProfilingVerbosity.DETAILED``), each compute layer typed by its inputs' formats (see
   ``tasks.backends.tensorrt.compute_layers``). A report whose compute layers are all untyped (fused
@@ -34,8 +36,6 @@ COMPUTE_OPS = frozenset({
     "FusedConv", "FusedGemm", "FusedMatMul", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
     "MatMulIntegerToFloat", "QGemm", "QAttention", "DynamicQuantizeMatMul",
 })
-#: compute operators that are int8 kernels whatever their neighbours
-INT8_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QAttention", "DynamicQuantizeMatMul"})
 #: which inputs carry data (not bias) for the Q/DQ rule: both operands of a product or convolution
 _DATA_INPUTS = 2
 #: where a count comes from
@@ -82,6 +82,12 @@ class ComputeShare:
 def _precision_of_type(elem_type: int | None) -> str:
     from onnx import TensorProto
 
+    from tasks.precisions import registered
+
+    for spec in registered():
+        if spec.element_type is not None and spec.element_type == elem_type:
+            return spec.name
+    # Float types no precision is registered for keep their usual names.
     return {
         TensorProto.FLOAT16: "fp16",
         TensorProto.BFLOAT16: "bf16",
@@ -96,10 +102,12 @@ def onnx_compute_share(model: Any) -> ComputeShare:
     A compute node reading only integer tensors (an embedding lookup done as a product of ids) is not
     counted: it computes no floating-point arithmetic to speak of a precision for.
     """
-    from tasks.fp16_emulation import tensor_types
+    from tasks.emulation import tensor_types
+    from tasks.precisions import registered
 
     types = tensor_types(model)
     counts: Counter[str] = Counter()
+    quantized = [s for s in registered() if s.dequantized or s.kernels]
 
     def visit(graph: Any) -> None:
         dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.output}
@@ -110,8 +118,9 @@ def onnx_compute_share(model: Any) -> ComputeShare:
             if node.op_type not in COMPUTE_OPS:
                 continue
             data = [i for i in node.input[:_DATA_INPUTS] if i]
-            if node.op_type in INT8_KERNELS or (data and all(i in dequantized for i in data)):
-                counts["int8"] += 1
+            fed = bool(data) and all(i in dequantized for i in data)
+            if q := next((s for s in quantized if node.op_type in s.kernels or (s.dequantized and fed)), None):
+                counts[q.name] += 1
                 continue
             kind = _precision_of_type(types.get(data[0])) if data else "unknown"
             if kind != "other":

@@ -23,6 +23,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     int8 = "int8"
+    bf16 = "bf16"
 
 
 class Backend(str, Enum):
@@ -349,29 +350,36 @@ class Tolerance(_Strict):
 
 
 def default_tolerances() -> dict[Precision, Tolerance]:
-    """Per-precision defaults; see README's 'Tolerances' for where they come from."""
-    return {
-        # ORT vs eager differs by <= 5e-6 on the seed CNN; 1e-4 leaves room for other CPUs/GPUs (TF32).
-        Precision.fp32: Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1_agreement=0.999, max_accuracy_drop=0.002, max_relative_rmse=1e-4, max_r2_drop=0.002),
-        # fp16 keeps ~3 decimal digits; NVIDIA's samples use 1e-2.
-        Precision.fp16: Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.9999, min_top1_agreement=0.99, max_accuracy_drop=0.01, max_relative_rmse=1e-2, max_r2_drop=0.01),
-        # Elementwise error says little for int8: judge by the task metric on real data.
-        # Regression outputs under int8: within 10% of the outputs' spread, and R² within 0.02.
-        Precision.int8: Tolerance(atol=None, rtol=None, min_cosine=0.99, min_top1_agreement=0.97, max_accuracy_drop=0.02, max_relative_rmse=0.1, max_r2_drop=0.02),
-    }
+    """Per-precision defaults: each precision's registry entry (``tasks.precisions``) says them and why.
+
+    Raises:
+        ConfigError: a ``Precision`` member has no registry entry.
+    """
+    from tasks.precisions import precision_spec
+
+    return {p: Tolerance(**precision_spec(p).tolerance) for p in Precision}
+
+
+def _tolerance_field(precision: Precision) -> Any:
+    """The ``Tolerances`` field of one precision: its registry entry's defaults and title."""
+    from tasks.precisions import precision_spec
+
+    return Field(default_factory=lambda: default_tolerances()[precision], title=precision.value, description=precision_spec(precision).title)
 
 
 class Tolerances(_Strict):
-    """Pass/fail thresholds per precision.
+    """Pass/fail thresholds per precision: one field per ``Precision`` member, named by its value.
 
     A partial override merges field by field into that precision's defaults: setting only
     ``fp32.atol`` keeps fp32's own ``min_cosine``, never the generic one (in the UI form, a config
     file and the CLI alike).
     """
 
-    fp32: Tolerance = Field(default_factory=lambda: default_tolerances()[Precision.fp32], title="fp32", description="Thresholds of the fp32 engine.")
-    fp16: Tolerance = Field(default_factory=lambda: default_tolerances()[Precision.fp16], title="fp16", description="Thresholds of the fp16 engine.")
-    int8: Tolerance = Field(default_factory=lambda: default_tolerances()[Precision.int8], title="int8", description="Thresholds of the int8 engine (judged by task metrics).")
+    # One field per precision, made from the enum: a new precision needs no field written here.
+    for _p in Precision:
+        vars().setdefault("__annotations__", {})[_p.value] = "Tolerance"
+        vars()[_p.value] = _tolerance_field(_p)
+    del _p
 
     @model_validator(mode="before")
     @classmethod
@@ -445,8 +453,10 @@ class RepairConfig(_Strict):
 
     @property
     def applies(self) -> dict[str, bool]:
-        """Precision name -> whether a failing variant of it is repaired (fp16 and int8, when enabled)."""
-        return {p.value: self.enabled and p is not Precision.fp32 for p in Precision}
+        """Precision name -> whether a failing variant of it is repaired (every reduced precision, when enabled)."""
+        from tasks.precisions import precision_spec
+
+        return {p.value: self.enabled and precision_spec(p).reduced for p in Precision}
 
 
 #: ship policies that need the speed profile (timings of every engine)

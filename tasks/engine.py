@@ -119,7 +119,8 @@ def engine_from_variant(
         specs = variant.meta.get("input_specs") or []
         shapes = full_shapes(batch, specs) if dynamic(batch) and specs else None
         with timing_caches(store, builder.name) as cache_dir:
-            build_options = {**options.model_dump(), "timing_cache_dir": str(cache_dir)}
+            # The precision too: a backend without kernels for it builds its emulation instead (tasks.precisions).
+            build_options = {**options.model_dump(), "timing_cache_dir": str(cache_dir), "precision": variant.meta.get("precision")}
             result = builder.engine_from_onnx(variant.path("model.onnx"), out, (batch.min, batch.opt, batch.max), build_options, shapes=shapes)
         info = EngineInfo.model_validate(
             {

@@ -1,12 +1,14 @@
-"""Automatic precision repair: find the nodes that break an fp16 or int8 variant and keep them in fp32.
+"""Automatic precision repair: find the nodes that break a reduced variant (fp16, int8, ...) and keep them in fp32.
 
 When a variant fails its gate, ``node_errors`` runs the fp32 graph and the reduced-precision graph
-(the fp16 emulation, or the int8 Q/DQ graph) side by side on calibration samples with every
-intermediate tensor exposed, and charges each node with the error it adds: the error of its output
-minus the worst error of its inputs. ``next_nodes`` picks what the next attempt keeps in fp32: every
-node that writes or reads a tensor past fp16's range (fp16 only; nothing else can fix an overflow),
+(the rounding emulation of a reduced float precision, or the int8 Q/DQ graph: what the precision's
+registry entry declares) side by side on calibration samples with every intermediate tensor exposed,
+and charges each node with the error it adds: the error of its output minus the worst error of its
+inputs. ``next_nodes`` picks what the next attempt keeps in fp32: every node that writes or reads a
+tensor past the reduced type's range (emulated precisions only; nothing else can fix an overflow),
 otherwise the one node adding the most error. ``repair_of_variant`` then loops: a new variant keeping
-those nodes (``node_block_list`` for fp16, ``nodes_to_exclude`` for int8), validate, build, verify,
+those nodes (the precision's ``convert`` with ``keep_fp32``: ``node_block_list`` for fp16,
+``nodes_to_exclude`` for int8), validate, build, verify,
 until the gate passes or the budget of kept nodes runs out. Each attempt's ranking, variant, engine
 and (passing) verification are ordinary cached artifacts; the repair's own artifact records them all.
 
@@ -35,13 +37,14 @@ import numpy as np
 from tasks.artifacts import ArtifactRef
 from tasks.config import Backend, BatchProfile, EngineOptions, Precision, RepairConfig, Tolerance
 from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
-from tasks.fp16_emulation import EMULATION_SUFFIX, FP16_MAX, emulation_from_fp16_onnx, tensor_types
+from tasks.emulation import EMULATION_SUFFIX, emulation_of, tensor_types
+from tasks.precisions import PrecisionSpec, precision_spec
 from tasks.stage import StageSpec, run_stage
 from tasks.store import Store, as_store
 
 log = logging.getLogger("trtflow.repair")
 
-#: a tensor whose fp32 values come within this factor of fp16's largest value is treated as overflowing:
+#: a tensor whose fp32 values come within this factor of the reduced type's largest value is treated as overflowing:
 #: calibration samples rarely show the largest activation the test data (or production) will
 FP16_RANGE_MARGIN = 2.0
 #: a channel whose reference energy is below this share of the tensor's largest channel counts as silent
@@ -160,22 +163,21 @@ def _candidate_names(reference: Any, candidate: Any) -> dict[str, str]:
     return out
 
 
-def _reduced_nodes(variant: Any, precision: Precision) -> set[str]:
+def _reduced_nodes(variant: Any, spec: PrecisionSpec) -> set[str]:
     """Names of the variant's nodes that compute in reduced precision: the ones a repair can keep in fp32.
 
-    fp16: a node reading or writing an fp16 tensor (Casts excepted). int8: a node reading a DequantizeLinear output.
+    A float precision (``spec.element_type``): a node reading or writing a tensor of its type (Casts
+    excepted). A Q/DQ precision (``spec.dequantized``): a node reading a DequantizeLinear output.
     """
-    from onnx import TensorProto
-
-    if precision is Precision.fp16:
-        types = tensor_types(variant)
-        return {
-            n.name
-            for n in variant.graph.node
-            if n.op_type != "Cast" and any(types.get(t) == TensorProto.FLOAT16 for t in [*n.input, *n.output] if t)
-        }
-    dequantized = {n.output[0] for n in variant.graph.node if n.op_type == "DequantizeLinear"}
-    return {n.name for n in variant.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized & set(n.input)}
+    if spec.dequantized:
+        dequantized = {n.output[0] for n in variant.graph.node if n.op_type == "DequantizeLinear"}
+        return {n.name for n in variant.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized & set(n.input)}
+    types = tensor_types(variant)
+    return {
+        n.name
+        for n in variant.graph.node
+        if n.op_type != "Cast" and any(types.get(t) == spec.element_type for t in [*n.input, *n.output] if t)
+    }
 
 
 def node_errors(
@@ -190,9 +192,10 @@ def node_errors(
 
     Args:
         reference: the fp32 graph (``onnx.ModelProto``, nodes named as in the variant).
-        variant: the fp16 or int8 variant made from it.
+        variant: the reduced variant made from it.
         samples: input name -> calibration samples (first axis: samples).
-        precision: fp16 (the variant is measured through its emulation, with the range rule) or int8.
+        precision: its precision: one with an emulation (fp16) is measured through it, with the range
+            rule; the others (int8 Q/DQ) as the variant runs.
         batch: samples per run (bounds memory: every intermediate tensor is held for one batch).
         threads: ONNX Runtime threads.
 
@@ -202,9 +205,11 @@ def node_errors(
     from onnx import TensorProto
 
     precision = Precision(precision)
-    if not _reduced_nodes(variant, precision):
+    spec = precision_spec(precision)
+    rounding = spec.emulation
+    if not _reduced_nodes(variant, spec):
         return []  # every node already computes in fp32: nothing left to keep
-    candidate = emulation_from_fp16_onnx(variant)[0] if precision is Precision.fp16 else variant
+    candidate = emulation_of(variant, rounding.elem_type)[0] if rounding is not None else variant
     ref_types = tensor_types(reference)
     cand_types = tensor_types(candidate)
     mapping = {
@@ -215,7 +220,7 @@ def node_errors(
     inputs = [i.name for i in reference.graph.input]
     ref_sess = _session(_exposed(reference, list(mapping)), True, threads)
     # The emulation must keep its rounding casts: no graph optimizer for it.
-    cand_sess = _session(_exposed(candidate, sorted(set(mapping.values()))), precision is not Precision.fp16, threads)
+    cand_sess = _session(_exposed(candidate, sorted(set(mapping.values()))), rounding is None, threads)
     stats = {r: _TensorError() for r in mapping}
     n = len(next(iter(samples.values())))
     for start in range(0, n, batch):
@@ -227,11 +232,12 @@ def node_errors(
                 stats[r].add(ref_out[r], cand_out[c])
     errors = {r: s.error() for r, s in stats.items()}
     errors.update({name: 0.0 for name in inputs})  # inputs are fed exactly
-    limit = FP16_MAX / FP16_RANGE_MARGIN
-    too_big = {r for r, s in stats.items() if s.ref_max > limit} if precision is Precision.fp16 else set()
-    if precision is Precision.fp16:
-        too_big |= {t.name for t in reference.graph.initializer if t.data_type == TensorProto.FLOAT and _max_abs(t) > FP16_MAX}
-    reduced = _reduced_nodes(variant, precision)
+    too_big: set[str] = set()
+    if rounding is not None:
+        limit = rounding.max_finite / FP16_RANGE_MARGIN
+        too_big = {r for r, s in stats.items() if s.ref_max > limit}
+        too_big |= {t.name for t in reference.graph.initializer if t.data_type == TensorProto.FLOAT and _max_abs(t) > rounding.max_finite}
+    reduced = _reduced_nodes(variant, spec)
     ranked: list[NodeError] = []
     for node in reference.graph.node:
         if node.name not in reduced:
@@ -244,7 +250,9 @@ def node_errors(
         big = sorted({*node.input, *node.output} & too_big)
         if big:
             peak = max((stats[t].ref_max for t in big if t in stats), default=math.inf)
-            reason = f"{', '.join(big)} reaches {peak:.4g} in fp32, past fp16's largest value {FP16_MAX:g} (checked with a {FP16_RANGE_MARGIN:g}x margin)"
+            assert rounding is not None  # too_big is empty without an emulation
+            reason = (f"{', '.join(big)} reaches {peak:.4g} in fp32, past {precision.value}'s largest value {rounding.max_finite:g} "
+                      f"(checked with a {FP16_RANGE_MARGIN:g}x margin)")
             ranked.append(NodeError(node.name, node.op_type, e_out, e_in, math.inf, reason))
         elif math.isinf(e_out) and not math.isinf(e_in):
             ranked.append(NodeError(node.name, node.op_type, e_out, e_in, math.inf, "turns finite inputs into inf/nan"))
@@ -304,7 +312,7 @@ def sensitivity_of_variant(
 
     Args:
         model: the ``export`` artifact (the fp32 graph).
-        variant: the fp16 or int8 ``precision`` artifact made from it.
+        variant: the reduced ``precision`` artifact made from it.
         data: the ``data`` artifact (its first ``samples`` training samples are used).
         precision: the variant's precision.
         samples: how many samples.
@@ -321,7 +329,7 @@ def sensitivity_of_variant(
         import onnx
 
         from tasks.data import split_inputs
-        from tasks.precision import named_nodes
+        from tasks.precisions.onnx_graph import named_nodes
 
         reference = named_nodes(onnx.load(str(model.path("model.onnx"))))
         feed = split_inputs(data, "train", slice(0, samples))  # every input, by name
@@ -382,11 +390,11 @@ def repair_of_variant(
         data: the ``data`` artifact.
         variant: the failing ``precision`` artifact.
         engine: its ``build`` artifact.
-        precision: fp16 or int8.
+        precision: a reduced precision (``PrecisionSpec.reduced``).
         tolerance: that precision's thresholds.
         batch: the optimization profile.
         options: backend build options (``EngineOptions``, as for ``engine_from_variant``).
-        calibration_samples: int8 calibration samples (as for ``variant_from_onnx``).
+        calibration_samples: calibration samples of a precision that reads data (as for ``variant_from_onnx``).
         repair: budget and ranking samples.
         store: the artifact store.
         refresh: recompute the repair and every attempt's stages.

@@ -2,7 +2,9 @@
 
 ``onnx.checker`` passes files that cannot run (an initializer reshaped to the wrong shape, an opset the
 runtime does not know, a truncated external-data file), so after the checker and strict shape
-inference this also loads the file in ONNX Runtime and runs one real batch.
+inference this also loads the file in ONNX Runtime and runs one real batch. A variant of a precision
+ONNX Runtime's CPU provider has no kernels for (``PrecisionSpec.cpu_kernels``) is loaded and run as
+its rounding emulation, the graph a CPU engine of it is (``tasks.emulation``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from tasks.artifacts import ArtifactRef
 from tasks.errors import OnnxValidationError
+from tasks.precisions import precision_spec
 from tasks.stage import StageSpec, run_stage
 from tasks.store import Store
 
@@ -38,7 +41,7 @@ def _fail(check: str, path: Path, detail: str, fix: str) -> OnnxValidationError:
 
 def check_onnx(
     path: Path, sample: np.ndarray | Mapping[str, np.ndarray], num_classes: int | None, logits: str | None = None,
-    dynamic_axes: Mapping[str, Mapping[Any, str]] | None = None,
+    dynamic_axes: Mapping[str, Mapping[Any, str]] | None = None, precision: str | None = None,
 ) -> dict[str, Any]:
     """Run every check on one ONNX file.
 
@@ -50,6 +53,7 @@ def check_onnx(
         logits: name of the logits output (default: the first output, when ``num_classes`` is given).
         dynamic_axes: input -> axis -> symbolic dimension the export declared beyond the batch (a
             sequence length); each must still be symbolic in this file.
+        precision: the file's precision (None: fp32); one without CPU kernels runs as its emulation.
 
     Returns:
         A report: check name -> detail, plus opset and tensor signatures.
@@ -105,11 +109,24 @@ def check_onnx(
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
+    runnable: str | bytes = str(path)
+    how = ""
+    spec = precision_spec(precision) if precision else None
+    if spec is not None and not spec.cpu_kernels and spec.emulation is not None:
+        from tasks.emulation import emulation_of
+
+        # The rounding casts must survive: no graph optimizer for the emulation.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            runnable = emulation_of(proto, spec.emulation.elem_type)[0].SerializeToString()
+        except Exception as exc:  # noqa: BLE001 - NothingToEmulateError and onnx's own errors alike
+            raise _fail("emulation", path, str(exc).splitlines()[0][:400], regen) from exc
+        how = f", as its {spec.name} rounding emulation: ONNX Runtime's CPU provider has no {spec.name} kernels"
     try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(runnable, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise _fail("onnxruntime load", path, str(exc).splitlines()[0][:400], "use an opset and operators ONNX Runtime supports") from exc
-    report["checks"]["onnxruntime load"] = f"passed (onnxruntime {ort.__version__})"
+    report["checks"]["onnxruntime load"] = f"passed (onnxruntime {ort.__version__}{how})"
 
     names = [o.name for o in sess.get_outputs()]
     if num_classes is not None and logits is None:
@@ -151,7 +168,8 @@ def validated_onnx(model: ArtifactRef, data: ArtifactRef, store: Store, refresh:
         sample = split_inputs(data, "val", slice(0, min(8, split_size(data, "val"))))
         width = model.meta.get("logits_width", data.meta.get("num_classes"))
         logits = model.meta.get("logits_output")
-        report = check_onnx(model.path("model.onnx"), sample, width if logits or "logits_width" not in model.meta else None, logits, model.meta.get("dynamic_axes"))
+        report = check_onnx(model.path("model.onnx"), sample, width if logits or "logits_width" not in model.meta else None, logits, model.meta.get("dynamic_axes"),
+                            model.meta.get("precision"))
         report["precision"] = model.meta.get("precision", "fp32")
         (out / REPORT).write_text(json.dumps(report, indent=2))
         log.info("validate: %s %s passed %d checks", model.stage, report["precision"], len(report["checks"]))

@@ -6,8 +6,8 @@ length, PyTorch run on the same inputs). Every call is at exactly that batch: a 
 batch, or a last call short of it, is filled by repeating the split's samples from the first one
 (cycled), so a batch named in the report is a batch the engine ran. The distinct samples are compared
 with PyTorch fp32 under the precision's tolerances; the rows that repeat a sample are compared with
-that sample's reference too. An fp16 or int8 engine must also run a share of its compute operators in
-that precision (``tasks.compute_share``).
+that sample's reference too. An engine of a reduced precision (fp16, int8, ...) must also run a share
+of its compute operators in that precision (``tasks.compute_share``).
 
 The verdict, passed or failed, is the stage's artifact: a verification that records a failure is a
 valid, cacheable result. The stage function raises the failure (``VerificationError``, carrying that
@@ -33,7 +33,8 @@ from tasks.compare import ComparisonResult, compare_outputs
 from tasks.compute_share import ComputeShare, share_finding
 from tasks.config import BatchProfile, Precision, Tolerance
 from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
-from tasks.fp16_emulation import EMULATED, NoFp16Error
+from tasks.emulation import NothingToEmulateError
+from tasks.precisions import precision_spec
 from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
 from tasks.store import Store, as_store
@@ -275,14 +276,14 @@ def verdict(
 ) -> dict[str, Any]:
     """Judge the comparisons and the compute share of one engine: the verdict part of its report.
 
-    An fp16 or int8 engine passes only when at least ``tolerance.min_compute_share`` of its compute
+    An engine of a reduced precision passes only when at least ``tolerance.min_compute_share`` of its compute
     operators run in that precision; that failure comes first and is not repairable (a repair keeps
     more nodes in fp32). Every other failing check is repairable.
 
     Args:
         precision: the engine's precision.
         tolerance: its thresholds.
-        results: every comparison (each batch size, the repeated rows, the fp16 emulation).
+        results: every comparison (each batch size, the repeated rows, the emulation).
         share: its compute operators by precision (None: not known, the check is skipped).
         kept_fp32: nodes a repair kept in fp32 in the variant (named in the finding).
         logits: the output judged by task metrics, or None.
@@ -297,7 +298,7 @@ def verdict(
     checks_run, skipped = checks_of(precision, tolerance, results, {logits} if logits else set(), regression, has_labels)
     compute = share.to_dict(precision.value) if share is not None else None
     finding = None
-    if precision is not Precision.fp32:
+    if precision_spec(precision).reduced:
         if share is None:
             skipped["compute share"] = "neither a layer report nor an ONNX graph of the engine"
         else:
@@ -415,9 +416,12 @@ def verification_of_engine(
 ) -> ArtifactRef:
     """Verify one engine against PyTorch on the test split.
 
-    An fp16 engine of a backend that cannot compute in fp16 (ONNX Runtime's CPU provider) is also
-    checked through the fp16 emulation of its variant (``tasks.fp16_emulation``), under the same
-    tolerance; the report's ``numerics`` says which fp16 numerics were verified.
+    An engine of a reduced float precision on a backend that computes floats in fp32 (ONNX Runtime's
+    CPU provider) is checked through the rounding emulation of its variant (``tasks.emulation``),
+    under the same tolerance: as a second pass beside the engine (fp16, which that backend runs
+    itself), or as the engine itself when the backend built the emulation in the variant's place (a
+    precision it has no kernels for, ``PrecisionSpec.cpu_kernels``). The report's ``numerics`` says
+    which numerics were verified.
 
     Args:
         engine: the ``build`` artifact.
@@ -428,7 +432,7 @@ def verification_of_engine(
         batch: the profile; verified at its min, opt and max.
         store: the artifact store.
         refresh: re-verify even if a result exists.
-        variant: the ``precision`` artifact the engine was built from (its compute share, the fp16
+        variant: the ``precision`` artifact the engine was built from (its compute share, the
             emulation's source).
 
     Returns:
@@ -461,7 +465,9 @@ def verification_of_engine(
         if getattr(info, "graph_optimization", None) == QDQ_IN_FP32:
             # What TensorRT computes (int8 products, an exact int32 sum), not this CPU's saturating kernels.
             numerics = INT8_AS_FP32
-        emulate = numerics == EMULATED and variant is not None
+        rounding = precision_spec(precision).emulation
+        # An engine that is the emulation graph itself verifies the emulated numerics directly: no second pass.
+        emulate = rounding is not None and numerics == rounding.label and variant is not None and not (info.model_extra or {}).get("emulation")
         n = split_size(data, "test")
         emulation = None
         opt = opt_point(batch)
@@ -470,28 +476,31 @@ def verification_of_engine(
         def fit_to(point: Any) -> Any:
             return partial(fit_lengths, lengths=point.lengths, pad_values=pads) if point.lengths else None
 
-        # Every pass over the test split counts: one per shape point, and the fp16 emulation's.
+        # Every pass over the test split counts: one per shape point, and the emulation's.
         with Progress(f"verify {precision.value}", total=n * (len(shape_points(batch)) + emulate), unit="sample", logger=log) as meter:
             with runner_from_build(engine) as runner:
                 checked = engine_checks(runner, reference, data, precision, tolerance, batch, y, logits, meter,
                                         reference_at=lambda point: reference_outputs_at(checkpoint, data, point, pads), regression=regression)
+            p = precision.value
             if emulate:
-                assert variant is not None
+                assert variant is not None and rounding is not None
                 try:
-                    emulated, emulation = emulated_fp16_check(
-                        variant, reference_outputs_at(checkpoint, data, opt, pads), data, y, batch.opt, tolerance, info.threads,
+                    emulated, emulation = emulated_check(
+                        variant, precision, reference_outputs_at(checkpoint, data, opt, pads), data, y, batch.opt, tolerance, info.threads,
                         {logits} if logits else set(), meter, fit=fit_to(opt), shape=opt.text(specs), regression=regression,
                     )
-                    meter.milestone(f"fp16 emulated {opt.text(specs)}: {n} samples compared ({'pass' if all(r.passed for r in emulated) else 'FAIL'})")
+                    meter.milestone(f"{p} emulated {opt.text(specs)}: {n} samples compared ({'pass' if all(r.passed for r in emulated) else 'FAIL'})")
                     checked.results += emulated
-                except NoFp16Error:
-                    numerics = "fp32 (a repair kept every node of the fp16 variant in fp32)"
+                except NothingToEmulateError:
+                    numerics = f"fp32 (a repair kept every node of the {p} variant in fp32)"
                 except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
-                    # Said in the report, not hidden: the engine was checked, its fp16 numerics were not.
-                    log.warning("verify: the fp16 emulation could not run (%s); fp16 numerics not verified", exc)
-                    numerics = f"fp16 weights, computed in fp32 (emulation failed: {str(exc)[:200]})"
-            elif numerics == EMULATED:
-                numerics = "fp16 weights, computed in fp32 (not emulated)"
+                    # Said in the report, not hidden: the engine was checked, its reduced numerics were not.
+                    log.warning("verify: the %s emulation could not run (%s); %s numerics not verified", p, exc, p)
+                    numerics = f"{p} weights, computed in fp32 (emulation failed: {str(exc)[:200]})"
+            elif rounding is not None and numerics == rounding.label and not (info.model_extra or {}).get("emulation"):
+                numerics = f"{p} weights, computed in fp32 (not emulated)"
+            elif (info.model_extra or {}).get("emulation"):
+                emulation = info.model_extra["emulation"]  # the engine is the emulation graph: what it rounds
         kept = len(((variant.meta.get("conversion") or {}).get("kept_fp32") or [])) if variant is not None else 0
         judged = verdict(precision, tolerance, checked.results, compute_share_of(engine, variant), kept, logits, y is not None, regression)
         report = {
@@ -548,16 +557,48 @@ INT8_AS_FP32 = "int8 Q/DQ computed in fp32 (this CPU has no VNNI and its int8 ke
 
 
 def numerics_of(backend: str, precision: Precision) -> str:
-    """Which numerics verifying an engine of this backend checks: native, or fp16 emulated."""
+    """Which numerics verifying an engine of this backend checks: native, or emulated (the
+    precision's ``Emulation.label``) on a backend that computes reduced floats in fp32."""
     from tasks.backends.registry import builder_for
 
-    if precision is Precision.fp16 and not builder_for(backend).native_fp16:
-        return EMULATED
-    return f"native {precision.value}"  # NATIVE for fp16
+    spec = precision_spec(precision)
+    if spec.emulation is not None and not builder_for(backend).native_reduced_floats:
+        return spec.emulation.label
+    return f"native {spec.name}"
 
 
-def emulated_fp16_check(
+def emulation_runner(variant_onnx: Any, folder: Any, elem_type: int, threads: int | None = None) -> tuple[Any, Any]:
+    """Write the emulation graph of a variant into ``folder`` and return an inactive Runner for it.
+
+    The runner runs ONNX Runtime's CPU provider with graph optimizations off, so no optimizer removes
+    the rounding casts, and with no batch limits (the emulation is not an engine).
+
+    Args:
+        variant_onnx: path of the reduced variant.
+        folder: where ``emulation.onnx`` is written (a private temporary folder).
+        elem_type: the reduced type it rounds through (``Emulation.elem_type``).
+        threads: ONNX Runtime threads.
+
+    Returns:
+        The runner and what the emulation rounds (``EmulationInfo``).
+
+    Raises:
+        NothingToEmulateError: the variant has no tensor of that type.
+    """
+    import onnx
+
+    from tasks.backends.onnxruntime import OnnxRuntimeRunner
+    from tasks.emulation import EMULATION_FILE, emulation_of
+
+    emulated, info = emulation_of(onnx.load(str(variant_onnx)), elem_type)
+    path = Path(folder) / EMULATION_FILE
+    onnx.save(emulated, str(path))
+    return OnnxRuntimeRunner(path, threads=threads, optimize=False), info
+
+
+def emulated_check(
     variant: ArtifactRef,
+    precision: Precision,
     reference: Mapping[str, np.ndarray],
     data: ArtifactRef,
     y: np.ndarray | None,
@@ -570,9 +611,10 @@ def emulated_fp16_check(
     shape: str | None = None,
     regression: bool = False,
 ) -> tuple[list[ComparisonResult], dict[str, Any]]:
-    """Run the fp16 emulation of a variant on the test split and compare it like an engine.
+    """Run the rounding emulation of a reduced float variant on the test split and compare it like an engine.
 
     Args:
+        precision: the variant's precision; its registry entry's ``emulation`` says the rounding.
         fit: cuts or pads each batch to the shape the reference was computed at (see ``outputs_at_batch``).
         shape: that shape as the label says it (default ``batch B``).
         regression: compare as a regression (``compare_outputs``).
@@ -582,18 +624,20 @@ def emulated_fp16_check(
         what the emulation rounded.
 
     Raises:
-        NoFp16Error: the variant has no fp16 tensor left.
+        NothingToEmulateError: the variant has no tensor of the reduced type left.
+        ValueError: the precision has no emulation.
     """
     import tempfile
 
-    from tasks.fp16_emulation import emulation_runner
-
+    rounding = precision_spec(precision).emulation
+    if rounding is None:
+        raise ValueError(f"got precision {precision.value}, expected one with an emulation, because only reduced float precisions are emulated")
     variant.verify()
     with tempfile.TemporaryDirectory(prefix="trtflow-emulation-") as tmp:  # pragma: no mutate (the folder's name)
-        runner, info = emulation_runner(variant.path("model.onnx"), tmp, threads)
+        runner, info = emulation_runner(variant.path("model.onnx"), tmp, rounding.elem_type, threads)
         with runner:
             got, run = outputs_at_batch(runner, data, "test", batch, progress, fit=fit)
-    label = f"fp16 emulated {shape or f'batch {batch}'}"
+    label = f"{precision.value} emulated {shape or f'batch {batch}'}"
     return checks_at_batch(reference, got, run, tolerance, label, y, task_outputs, regression), info.to_dict()
 
 

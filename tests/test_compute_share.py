@@ -9,7 +9,8 @@ from _precision_models import outlier_channel_mlp, overflowing_mlp
 from onnx import TensorProto, helper
 
 from tasks.compute_share import ENGINE_INSPECTOR, ONNX_GRAPH, engine_compute_share, onnx_compute_share
-from tasks.precision import fp16_from_onnx, int8_from_onnx
+from tasks.precisions.fp16 import fp16_from_onnx
+from tasks.precisions.int8 import int8_from_onnx
 
 
 def _variant(tmp_path, model, kind, keep=()):

@@ -70,8 +70,10 @@ def test_default_tolerances_are_pinned():
 
 
 def test_an_unknown_precision_in_tolerances_is_refused():
-    with pytest.raises(ValidationError, match="bf16"):
-        PipelineConfig.model_validate({"tolerances": {"bf16": {"atol": 1.0}}})
+    with pytest.raises(ValidationError, match="fp8"):
+        PipelineConfig.model_validate({"tolerances": {"fp8": {"atol": 1.0}}})
+    # A registered precision's thresholds merge into its own defaults like any other.
+    assert PipelineConfig.model_validate({"tolerances": {"bf16": {"atol": 1.0}}}).tolerances["bf16"].rtol == 8e-2
 
 
 def test_duplicate_precisions_collapse():

@@ -90,7 +90,7 @@ def test_repair_recovers_verify_for_fp16_and_int8_only() -> None:
     (repair,) = [n for n in GRAPH.nodes if n.name == "repair"]
     assert repair.recovers == "verify" and repair.when is not None and "if verify fails" in GRAPH.describe()
     cfg = PipelineConfig()
-    assert [repair.when.read(cfg, p) for p in Precision] == [False, True, True]
+    assert [repair.when.read(cfg, p) for p in Precision] == [False, True, True, True]  # fp32 is never repaired
     off = PipelineConfig.model_validate({"repair": {"enabled": False}})
     assert not any(repair.when.read(off, p) for p in Precision)
     with pytest.raises(ValueError, match="not declared before"):

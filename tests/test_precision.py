@@ -1,8 +1,11 @@
+import json
+
 import onnx
 import pytest
 
 from tasks.config import Precision
-from tasks.precision import topologically_sorted, variant_from_onnx
+from tasks.precision import variant_from_onnx
+from tasks.precisions.onnx_graph import topologically_sorted
 from tasks.validate import validated_onnx
 
 
@@ -17,6 +20,11 @@ def test_variants_are_valid_and_typed(trained, tmp_path, precision):
     assert io == {onnx.TensorProto.FLOAT}  # callers always feed and read fp32
     if precision is Precision.fp16:
         assert onnx.TensorProto.FLOAT16 in types
+    if precision is Precision.bf16:
+        # Strongly typed bf16 (opset 22: Conv and pooling take bf16), validated on a CPU as its emulation.
+        assert onnx.TensorProto.BFLOAT16 in types and onnx.TensorProto.FLOAT not in types and ref.meta["conversion"]["opset"] == 22
+        assert "fp32_ops" not in ref.meta["conversion"], ref.meta["conversion"]  # every float op of the CNN takes bf16
+        assert "bf16 rounding emulation" in json.loads(validated_onnx(ref, trained.data, tmp_path).path("validation.json").read_text())["checks"]["onnxruntime load"]
     if precision is Precision.int8:
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
         assert onnx.TensorProto.INT8 in types
@@ -68,7 +76,7 @@ def test_int8_quantization_never_writes_beside_its_input_and_runs_concurrently(t
 def test_unnamed_nodes_get_stable_unique_names():
     from onnx import helper
 
-    from tasks.precision import named_nodes
+    from tasks.precisions.onnx_graph import named_nodes
 
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
@@ -84,7 +92,7 @@ def test_int8_quantizes_only_the_inputs_of_compute_ops_so_tensorrt_accepts_const
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from tasks.precision import INT8_OPS, int8_from_onnx
+    from tasks.precisions.int8 import INT8_OPS, int8_from_onnx
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")

@@ -9,9 +9,13 @@ from onnx import TensorProto
 
 from tasks.compare import compare_outputs
 from tasks.config import Precision, default_tolerances
-from tasks.fp16_emulation import emulation_from_fp16_onnx, tensor_types
-from tasks.precision import fp16_from_onnx, int8_from_onnx, named_nodes
+from tasks.emulation import emulation_of, tensor_types
+from tasks.precisions.fp16 import fp16_from_onnx
+from tasks.precisions.int8 import int8_from_onnx
+from tasks.precisions.onnx_graph import named_nodes
 from tasks.repair import NodeError, _TensorError, next_nodes, node_errors
+
+FP16 = TensorProto.FLOAT16
 
 
 def _variant(tmp_path, model, precision, x, keep=()):
@@ -25,7 +29,7 @@ def _variant(tmp_path, model, precision, x, keep=()):
 
 
 def _passes(model, variant, x, precision):
-    out = run(emulation_from_fp16_onnx(variant)[0], x, optimize=False) if precision is Precision.fp16 else run(variant, x)
+    out = run(emulation_of(variant, FP16)[0], x, optimize=False) if precision is Precision.fp16 else run(variant, x)
     return compare_outputs({"logits": run(model, x)}, {"logits": out}, default_tolerances()[precision], precision.value)
 
 
@@ -60,7 +64,7 @@ def test_int8_outlier_channel_is_repaired_keeping_two_nodes(tmp_path):
     first = _passes(model, _variant(tmp_path, model, Precision.int8, x), x, Precision.int8)
     assert first.outputs["logits"].top1_agreement < 0.5  # int8 breaks top-1
     kept, rankings, variant = _repair(tmp_path, model, x, Precision.int8)
-    # Only compute ops' inputs are quantized (tasks.precision.INT8_OPS): fc2 reads the outlier tensor.
+    # Only compute ops' inputs are quantized (tasks.precisions.int8.INT8_OPS): fc2 reads the outlier tensor.
     assert kept == ["fc2"]
     assert rankings[0][0].node == "fc2" and rankings[0][0].contribution > 0.5
     assert _passes(model, variant, x, Precision.int8).outputs["logits"].top1_agreement >= 0.97

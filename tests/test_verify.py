@@ -12,8 +12,10 @@ from tasks.compute_share import ComputeShare
 from tasks.config import Backend, BatchProfile, DataConfig, Precision, Tolerance, default_tolerances
 from tasks.engine import engine_from_variant
 from tasks.errors import PrecisionShareError, VerificationError
-from tasks.fp16_emulation import EMULATED
 from tasks.precision import variant_from_onnx
+
+#: what reports call fp16 verified through its emulation on a CPU
+EMULATED = "fp16 emulated on CPU"
 from tasks.verify import (
     BatchRun,
     batch_sizes,
@@ -362,7 +364,7 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
     from tasks.backends.onnxruntime import int8_kernels_saturate
     from tasks.verify import INT8_AS_FP32
 
-    assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "int8": INT8_AS_FP32 if int8_kernels_saturate() else "native int8"}[precision.value]
+    assert report["numerics"] == {"fp32": "native fp32", "fp16": EMULATED, "bf16": "bf16 emulated on CPU", "int8": INT8_AS_FP32 if int8_kernels_saturate() else "native int8"}[precision.value]
     assert report["backend"] == "onnxruntime" and report["engine_digest"] == branch[2][precision][1].digest
     assert report["outputs"] == ["logits", "emb"] and report["logits_output"] == "logits" and report["confusion"]["batch"] == 8
     for b in report["batches"]:  # only the logits output is judged by task metrics, and only on distinct samples
@@ -376,7 +378,7 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
     assert report["task"] == "classification" and report["outputs_not_judged"] == {"emb": report["outputs_not_judged"]["emb"]}
     assert [s["label"] for s in report["shapes"]] == [f"{precision.value} batch {b}" for b in (1, 8, 64)]
     assert report["tolerance"] == default_tolerances()[precision].model_dump() and report["checkpoint_digest"] == branch[1].digest
-    assert (report["emulation"] is None) is (precision is not Precision.fp16)
+    assert (report["emulation"] is None) is (precision not in (Precision.fp16, Precision.bf16))  # bf16: the engine is the emulation
     latest = json.loads((branch[0] / "reports" / f"verify-{precision.value}.json").read_text())
     assert latest == report
 
@@ -579,10 +581,10 @@ def test_the_share_comes_from_tensorrt_layers_else_from_the_onnx_graph(branch, s
 
 
 def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(branch, small_data, monkeypatch):
-    import tasks.fp16_emulation
+    import tasks.verify
 
-    real, threads = tasks.fp16_emulation.emulation_runner, []
-    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", lambda path, folder, n=None: (threads.append(n), real(path, folder, n))[1])
+    real, threads = tasks.verify.emulation_runner, []
+    monkeypatch.setattr(tasks.verify, "emulation_runner", lambda path, folder, elem_type, n=None: (threads.append(n), real(path, folder, elem_type, n))[1])
     ref = _verify(branch, small_data, Precision.fp16, refresh=True)
     assert threads == [1]  # the engine was built with one thread
     report = json.loads(ref.path("verification.json").read_text())
@@ -594,7 +596,7 @@ def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(
 
 
 def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_broken(branch, small_data, monkeypatch, caplog, tmp_path):
-    import tasks.fp16_emulation
+    import tasks.verify
 
     root, checkpoint, built = branch
     variant, engine = built[Precision.fp16]
@@ -611,7 +613,7 @@ def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_br
     def broken(*_, **__):
         raise RuntimeError("unsupported op" + " in a node" * 30)
 
-    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", broken)
+    monkeypatch.setattr(tasks.verify, "emulation_runner", broken)
     with caplog.at_level("WARNING", logger="trtflow.verify"):
         # its own store: this verdict of a broken emulation must not stand in for the real one in other tests
         ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, tmp_path, variant=variant)

@@ -282,8 +282,9 @@ class EngineBuilder(abc.ABC):
 
     #: backend name as in ``tasks.config.Backend``
     name: str
-    #: whether its engines compute an fp16 graph in fp16; when not, verify also runs the fp16 emulation
-    native_fp16: bool = True
+    #: whether its engines compute a reduced float graph (fp16, bf16) in that precision; when not,
+    #: verify checks the precision's rounding emulation (``tasks.precisions``: ``PrecisionSpec.emulation``)
+    native_reduced_floats: bool = True
     #: whether its engines hold their activations in this process's memory (a CPU backend)
     host_memory: bool = False
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec, engine_unloadable
 from tasks.errors import EngineBuildError
+from tasks.precisions import precision_spec
 
 ENGINE_FILE = "engine.onnx"
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -102,8 +103,9 @@ class OnnxRuntimeBuilder(EngineBuilder):
     """Optimizes an ONNX file with ONNX Runtime's portable (extended) graph optimizations."""
 
     name = "onnxruntime"
-    # The CPU provider casts fp16 weights back to fp32 and computes in fp32 (facts: ORT CPU fp16).
-    native_fp16 = False
+    # The CPU provider casts fp16 weights back to fp32 and computes in fp32 (facts: ORT CPU fp16), and
+    # has no kernels for most bf16 operators.
+    native_reduced_floats = False
     host_memory = True
 
     def availability(self) -> str | None:
@@ -127,6 +129,9 @@ class OnnxRuntimeBuilder(EngineBuilder):
     ) -> BuildResult:
         import onnxruntime as ort
 
+        precision = options.get("precision")
+        if precision is not None and not precision_spec(precision).cpu_kernels:
+            return self._emulation_engine(onnx_path, out_dir, batch, shapes, precision)
         fuse_int8 = not (int8_kernels_saturate() and has_qdq(onnx_path))
         so = session_options(options.get("threads"), optimize=True, fuse_int8=fuse_int8)
         # EXTENDED fusions are valid on any CPU; layout (NCHWc) ones are applied again at load time.
@@ -156,8 +161,55 @@ class OnnxRuntimeBuilder(EngineBuilder):
             },
         )
 
+    def _emulation_engine(
+        self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], shapes: Mapping[str, Mapping[str, Any]] | None, precision: str,
+    ) -> BuildResult:
+        """The engine of a precision this CPU has no kernels for: the variant's rounding emulation graph.
+
+        It computes in fp32 and rounds every reduced tensor as the variant's own kernels would hold it
+        (``tasks.emulation``); saved unoptimized and run without graph optimizations, so no optimizer
+        removes the rounding.
+        """
+        import onnx
+        import onnxruntime as ort
+
+        from tasks.emulation import emulation_of
+
+        rounding = precision_spec(precision).emulation
+        if rounding is None:
+            raise EngineBuildError(
+                got=f"a {precision} variant", expected="a precision ONNX Runtime's CPU provider runs, or one with a rounding emulation",
+                because=f"this CPU has no {precision} kernels and the precision declares no emulation",
+                fix=f"build {precision} with --backend tensorrt on a GPU machine",
+            )
+        try:
+            emulated, emulation = emulation_of(onnx.load(str(onnx_path)), rounding.elem_type)
+            onnx.save(emulated, str(out_dir / ENGINE_FILE))
+            sess = ort.InferenceSession(str(out_dir / ENGINE_FILE), session_options(1, optimize=False), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT and onnx raise their own untyped errors
+            raise EngineBuildError(
+                got=f"{type(exc).__name__}: {str(exc)[:400]}", expected=f"a {precision} variant whose emulation graph ONNX Runtime loads",
+                because=f"this CPU has no {precision} kernels, so the engine is the variant's {precision} rounding emulation",
+                fix="check the opset and operators (the validate stage reports them), or upgrade onnxruntime",
+            ) from exc
+        return BuildResult(
+            engine_file=ENGINE_FILE,
+            info={
+                "backend": self.name,
+                "providers": sess.get_providers(),
+                "inputs": [s.__dict__ for s in _specs(sess.get_inputs())],
+                "outputs": [s.__dict__ for s in _specs(sess.get_outputs())],
+                "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+                "shapes": {k: {lvl: list(v[lvl]) for lvl in ("min", "opt", "max")} for k, v in (shapes or {}).items()},
+                "graph_optimization": "none: the rounding emulation of the variant (fp32 arithmetic, reduced tensors rounded)",
+                "emulation": {"precision": precision, "label": rounding.label, **emulation.to_dict()},
+            },
+        )
+
     def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
-        return OnnxRuntimeRunner(engine_path, threads=info.threads, min_batch=info.batch.min, max_batch=info.batch.max, shapes=info.shapes)
+        # An emulation engine keeps its rounding casts only without graph optimizations.
+        optimize = not (info.model_extra or {}).get("emulation")
+        return OnnxRuntimeRunner(engine_path, threads=info.threads, optimize=optimize, min_batch=info.batch.min, max_batch=info.batch.max, shapes=info.shapes)
 
 
 class OnnxRuntimeRunner(BaseRunner):

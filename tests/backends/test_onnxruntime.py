@@ -163,8 +163,10 @@ def test_every_session_gets_the_configured_thread_count(tmp_path):
     import onnx
     from _precision_models import overflowing_mlp
 
-    from tasks.fp16_emulation import emulation_runner
-    from tasks.precision import fp16_from_onnx
+    from onnx import TensorProto
+
+    from tasks.verify import emulation_runner
+    from tasks.precisions.fp16 import fp16_from_onnx
     from tasks.repair import _session
 
     model, _ = overflowing_mlp()
@@ -172,7 +174,7 @@ def test_every_session_gets_the_configured_thread_count(tmp_path):
     built = OnnxRuntimeBuilder().engine_from_onnx(tmp_path / "m.onnx", tmp_path, (1, 4, 16), {"threads": 3})
     info = EngineInfo.model_validate({**built.info, "engine_file": built.engine_file, "threads": 3})
     fp16_from_onnx(tmp_path / "m.onnx", tmp_path / "half.onnx")
-    emulation, _ = emulation_runner(tmp_path / "half.onnx", tmp_path, threads=2)
+    emulation, _ = emulation_runner(tmp_path / "half.onnx", tmp_path, TensorProto.FLOAT16, threads=2)
     for runner, threads in ((OnnxRuntimeBuilder().runner_from_engine(tmp_path / built.engine_file, info), 3), (emulation, 2)):
         with runner:
             options = runner._sess.get_session_options()

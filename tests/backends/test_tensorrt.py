@@ -515,7 +515,8 @@ def _variant(fp32: Path, precision: str, calib: np.ndarray) -> Path:
         return fp32
     dst = fp32.with_name(f"model.{precision}.onnx")
     try:
-        from tasks.precision import fp16_from_onnx, int8_from_onnx
+        from tasks.precisions.fp16 import fp16_from_onnx
+        from tasks.precisions.int8 import int8_from_onnx
     except ImportError:  # e.g. a bare GPU box without prefect: same recipe, inline
         fp16_from_onnx, int8_from_onnx = _fp16_inline, _int8_inline
     if precision == "fp16":

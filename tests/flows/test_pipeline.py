@@ -205,3 +205,20 @@ def test_moved_artifacts_folder_is_still_used(tiny_config, tmp_path):
     assert set(states["train"]) == {"Cached"} and states["verify"] == Counter({"Completed": 1})
     report = json.loads((moved / "report.json").read_text())
     assert (moved / report["precisions"]["fp16"]["engine"]).is_file()
+
+
+def test_bf16_is_verified_on_a_cpu_through_its_emulation_and_named_in_the_report(tiny_config):
+    from flows.report import numerics_lines, summary_markdown
+
+    config = tiny_config.model_copy(update={"precisions": [Precision.fp32, Precision.bf16]})
+    state, _ = run(config)
+    assert state.is_completed(), state.message
+    report = json.loads((config.artifacts_dir / "report.json").read_text())
+    bf16 = report["precisions"]["bf16"]
+    assert report["passed"] and bf16["passed"] and bf16["numerics"] == "bf16 emulated on CPU"
+    # The variant's compute operators run in bf16 (counted on the strongly typed graph, not the emulation).
+    assert bf16["compute"]["precision"] == "bf16" and bf16["compute"]["by_precision"] == {"bf16": bf16["compute"]["operators"]} and bf16["compute"]["operators"] > 0
+    assert numerics_lines(report["precisions"]) == ["bf16: bf16 emulated on CPU (this backend computes bf16 graphs in fp32; bf16 rounding and overflow were emulated)"]
+    assert "bf16: bf16 emulated on CPU" in summary_markdown(report)
+    verification = json.loads((config.artifacts_dir / "reports" / "verify-bf16.json").read_text())
+    assert verification["emulation"]["rounded_tensors"] > 5 and verification["tolerance"]["atol"] == 8e-2

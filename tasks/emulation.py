@@ -1,23 +1,27 @@
-"""fp16 numerics on a machine that cannot compute in fp16: a verification-only emulation graph.
+"""Reduced float numerics on a machine that computes in fp32: a verification-only emulation graph.
 
-ONNX Runtime's CPU provider does not run an fp16 graph in fp16: its optimizer casts the fp16 weights
-back to fp32 and computes everything in fp32, so overflow past 65504 and the rounding of activations
-never show up. ``emulation_from_fp16_onnx`` turns the fp16 variant into an fp32 graph that holds every
-tensor the variant types as fp16 the way a GPU holds it: after each node that writes an fp16 tensor, a
-``Cast`` to fp16 and back rounds the value (round to nearest even; beyond the fp16 range it becomes
-inf). Everything else (fp32 islands, integer tensors, inputs and outputs kept in fp32) is untouched.
+ONNX Runtime's CPU provider does not run a reduced float graph in that precision: for fp16 its
+optimizer casts the weights back to fp32 and computes everything in fp32, so overflow past 65504 and
+the rounding of activations never show up; for bf16 it has no kernels at all. ``emulation_of`` turns
+such a variant into an fp32 graph that holds every tensor the variant types as the reduced type
+(``elem_type``: fp16, bf16) the way a GPU holds it: after each node that writes one, a ``Cast`` to
+the reduced type and back rounds the value (round to nearest even; beyond the type's range it
+becomes inf). Everything else (fp32 islands, integer tensors, inputs and outputs kept in fp32) is
+untouched. Which type a precision rounds through is its registry entry's ``emulation``
+(``tasks.precisions``).
 
 What it models and what it cannot (see docs/precision.md): each node computes in fp32 from
-fp16-rounded inputs and weights and rounds its output once, which is what a kernel with fp32
-accumulation does (TensorRT's fp16 convolutions and GEMMs accumulate in fp32 on tensor cores). It does
-not model kernels that accumulate in fp16, fused layers that keep an intermediate in fp32 (the
-emulation rounds it, so it is slightly pessimistic there), or the approximations of fp16 math
-functions on a GPU. Run the emulation graph with graph optimizations off, or an optimizer may remove
-the rounding casts as redundant.
+rounded inputs and weights and rounds its output once, which is what a kernel with fp32
+accumulation does (TensorRT's fp16 and bf16 convolutions and GEMMs accumulate in fp32 on tensor
+cores). It does not model kernels that accumulate in the reduced type, fused layers that keep an
+intermediate in fp32 (the emulation rounds it, so it is slightly pessimistic there), or the
+approximations of math functions on a GPU. Run the emulation graph with graph optimizations off,
+or an optimizer may remove the rounding casts as redundant.
 
     import onnx
-    from tasks.fp16_emulation import emulation_from_fp16_onnx
-    emulated, info = emulation_from_fp16_onnx(onnx.load("fp16.onnx"))
+    from onnx import TensorProto
+    from tasks.emulation import emulation_of
+    emulated, info = emulation_of(onnx.load("fp16.onnx"), TensorProto.FLOAT16)
     onnx.save(emulated, "fp16-emulation.onnx")   # run with ORT_DISABLE_ALL
 """
 
@@ -28,17 +32,14 @@ from typing import Any
 
 import numpy as np
 
-#: largest finite fp16 value; anything rounding beyond it is inf
-FP16_MAX = 65504.0
-#: what reports call the two ways of verifying fp16
-NATIVE = "native fp16"
-EMULATED = "fp16 emulated on CPU"
 #: suffix of the tensors the emulation adds (the unrounded value is "<name>__fp16emu32")
 EMULATION_SUFFIX = "__fp16emu"
+#: file name of an emulation graph written beside other files
+EMULATION_FILE = "emulation.onnx"
 
 
-class NoFp16Error(ValueError):
-    """The model has no fp16 tensor: there is nothing to emulate (an fp32 graph, or every node kept in fp32)."""
+class NothingToEmulateError(ValueError):
+    """The model has no tensor of the reduced type: there is nothing to emulate (an fp32 graph, or every node kept in fp32)."""
 
 
 @dataclass
@@ -46,7 +47,7 @@ class EmulationInfo:
     """What the emulation rounds.
 
     Attributes:
-        rounded_tensors: fp16 tensors of the variant rounded through fp16 after their producer.
+        rounded_tensors: reduced tensors of the variant rounded through their type after their producer.
         fp32_tensors: float tensors the variant keeps in fp32 (fp32 islands, fp32 inputs/outputs).
         untyped_tensors: node outputs whose type shape inference could not tell; left unrounded.
     """
@@ -104,37 +105,37 @@ def _fp32_tensor(t: Any) -> Any:
     return out
 
 
-def _round_trip(src: str, dst: str) -> list[Any]:
-    """Nodes rounding the fp32 tensor ``src`` through fp16 into the fp32 tensor ``dst``."""
+def _round_trip(src: str, dst: str, reduced: int) -> list[Any]:
+    """Nodes rounding the fp32 tensor ``src`` through the type ``reduced`` into the fp32 tensor ``dst``."""
     from onnx import TensorProto, helper
 
     half = f"{dst}{EMULATION_SUFFIX}16"
     return [
-        helper.make_node("Cast", [src], [half], name=f"{dst}{EMULATION_SUFFIX}_to16", to=TensorProto.FLOAT16),
+        helper.make_node("Cast", [src], [half], name=f"{dst}{EMULATION_SUFFIX}_to16", to=reduced),
         helper.make_node("Cast", [half], [dst], name=f"{dst}{EMULATION_SUFFIX}_to32", to=TensorProto.FLOAT),
     ]
 
 
-def _emulate_graph(graph: Any, types: dict[str, int], counts: dict[str, int], outer: dict[str, str] | None = None) -> None:
-    """Rewrite one graph (and its subgraphs) in place: fp16 becomes fp32 plus rounding.
+def _emulate_graph(graph: Any, types: dict[str, int], counts: dict[str, int], f16: int, outer: dict[str, str] | None = None) -> None:
+    """Rewrite one graph (and its subgraphs) in place: the reduced type ``f16`` becomes fp32 plus rounding.
 
     ``outer`` maps names of the enclosing graph that now read a rounded copy (a subgraph may use them).
     """
     from onnx import AttributeProto, TensorProto
 
-    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    f32 = TensorProto.FLOAT
     rename: dict[str, str] = dict(outer or {})
     nodes: list[Any] = []
     for v in graph.input:
         if v.type.tensor_type.elem_type == f16:
-            # An fp16 input is fed in fp32 and rounded as the engine's fp16 input would be.
+            # A reduced input is fed in fp32 and rounded as the engine's input would be.
             v.type.tensor_type.elem_type = f32
             rename[v.name] = f"{v.name}{EMULATION_SUFFIX}_in"
-            nodes += _round_trip(v.name, rename[v.name])
+            nodes += _round_trip(v.name, rename[v.name], f16)
             counts["rounded_tensors"] += 1
     for i, t in enumerate(graph.initializer):
         if t.data_type == f16:
-            # fp16 weights are exactly representable in fp32: the values the GPU sees.
+            # fp16 and bf16 weights are exactly representable in fp32: the values the GPU sees.
             graph.initializer[i].CopyFrom(_fp32_tensor(t))
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -146,10 +147,10 @@ def _emulate_graph(graph: Any, types: dict[str, int], counts: dict[str, int], ou
             elif a.type == AttributeProto.TENSOR and a.t.data_type == f16:
                 a.t.CopyFrom(_fp32_tensor(a.t))
             elif a.type == AttributeProto.GRAPH:
-                _emulate_graph(a.g, types, counts, rename)
+                _emulate_graph(a.g, types, counts, f16, rename)
             elif a.type == AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    _emulate_graph(g, types, counts, rename)
+                    _emulate_graph(g, types, counts, f16, rename)
         rounding: list[Any] = []
         for i, out in enumerate(node.output):
             kind = types.get(out)
@@ -157,7 +158,7 @@ def _emulate_graph(graph: Any, types: dict[str, int], counts: dict[str, int], ou
                 continue
             if kind == f16:
                 node.output[i] = f"{out}{EMULATION_SUFFIX}32"
-                rounding += _round_trip(node.output[i], out)
+                rounding += _round_trip(node.output[i], out, f16)
                 counts["rounded_tensors"] += 1
             elif kind == f32:
                 counts["fp32_tensors"] += 1
@@ -170,60 +171,37 @@ def _emulate_graph(graph: Any, types: dict[str, int], counts: dict[str, int], ou
     for v in graph.output:
         if v.type.tensor_type.elem_type == f16:
             v.type.tensor_type.elem_type = f32
-    # The variant's value_info types fp16 tensors: drop it and let runtimes infer the fp32 types.
+    # The variant's value_info types reduced tensors: drop it and let runtimes infer the fp32 types.
     del graph.value_info[:]
 
 
-def emulation_from_fp16_onnx(model: Any) -> tuple[Any, EmulationInfo]:
-    """Build the verification-only fp32 graph that rounds like the fp16 variant.
+def emulation_of(model: Any, elem_type: int) -> tuple[Any, EmulationInfo]:
+    """Build the verification-only fp32 graph that rounds like a reduced float variant.
 
     Args:
-        model: the fp16 variant (an ``onnx.ModelProto``; not modified).
+        model: the variant (an ``onnx.ModelProto``; not modified).
+        elem_type: the reduced type it rounds through (``onnx.TensorProto.FLOAT16``, ``BFLOAT16``):
+            the precision's ``Emulation.elem_type``.
 
     Returns:
-        The emulation model (same input and output names; fp16 inputs/outputs become fp32) and what
-        it rounds.
+        The emulation model (same input and output names; reduced inputs/outputs become fp32) and
+        what it rounds.
 
     Raises:
-        NoFp16Error: the model has no fp16 tensor at all, so there is nothing to emulate.
+        NothingToEmulateError: the model has no tensor of that type at all, so there is nothing to emulate.
     """
     import onnx
 
+    name = onnx.TensorProto.DataType.Name(elem_type).lower().replace("bfloat", "bf").replace("float", "fp")  # fp16, bf16
     emulated = onnx.ModelProto()
     emulated.CopyFrom(model)
     types = tensor_types(emulated)
     counts = {"rounded_tensors": 0, "fp32_tensors": 0, "untyped_tensors": 0}
-    _emulate_graph(emulated.graph, types, counts)
+    _emulate_graph(emulated.graph, types, counts, elem_type)
     if counts["rounded_tensors"] == 0:
-        raise NoFp16Error(
-            "got a model without fp16 tensors, expected an fp16 variant, because only fp16 tensors are rounded; "
-            "pass the fp16 variant, not the fp32 export"
+        raise NothingToEmulateError(
+            f"got a model without {name} tensors, expected a {name} variant, because only {name} tensors are rounded; "
+            "pass the reduced variant, not the fp32 export"
         )
-    emulated.graph.name = f"{model.graph.name or 'graph'}-fp16-emulation"
+    emulated.graph.name = f"{model.graph.name or 'graph'}-{name}-emulation"
     return emulated, EmulationInfo(**counts)
-
-
-def emulation_runner(fp16_onnx: Any, folder: Any, threads: int | None = None) -> tuple[Any, EmulationInfo]:
-    """Write the emulation graph of an fp16 ONNX file into ``folder`` and return an inactive Runner for it.
-
-    The runner runs ONNX Runtime's CPU provider with graph optimizations off, so no optimizer removes
-    the rounding casts, and with no batch limits (the emulation is not an engine).
-
-    Args:
-        fp16_onnx: path of the fp16 variant.
-        folder: where ``fp16-emulation.onnx`` is written (a private temporary folder).
-        threads: ONNX Runtime threads.
-
-    Returns:
-        The runner and what the emulation rounds.
-    """
-    from pathlib import Path
-
-    import onnx
-
-    from tasks.backends.onnxruntime import OnnxRuntimeRunner
-
-    emulated, info = emulation_from_fp16_onnx(onnx.load(str(fp16_onnx)))
-    path = Path(folder) / "fp16-emulation.onnx"
-    onnx.save(emulated, str(path))
-    return OnnxRuntimeRunner(path, threads=threads, optimize=False), info

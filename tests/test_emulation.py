@@ -8,13 +8,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tasks.compare import compare_outputs
 from tasks.config import Backend, BatchProfile, Precision, default_tolerances
-from tasks.fp16_emulation import EMULATED, NATIVE, NoFp16Error, emulation_from_fp16_onnx
+from tasks.emulation import NothingToEmulateError, emulation_of
+
+FP16 = TensorProto.FLOAT16
+#: what reports call the two ways of verifying fp16
+EMULATED = "fp16 emulated on CPU"
+NATIVE = "native fp16"
 
 
 def fp16(model, **kw):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from tasks.precision import topologically_sorted
+    from tasks.precisions.onnx_graph import topologically_sorted
 
     out = convert_float_to_float16(model, keep_io_types=True, **kw)
     topologically_sorted(out.graph)
@@ -28,7 +33,7 @@ def test_overflow_that_the_cpu_hides_fails_under_emulation():
     tol = default_tolerances()[Precision.fp16]
     # ONNX Runtime's CPU computes the fp16 graph in fp32: it passes, although fp16 would overflow.
     assert compare_outputs({"logits": ref}, {"logits": run(half, x)}, tol, "cpu").passed
-    emulated, info = emulation_from_fp16_onnx(half)
+    emulated, info = emulation_of(half, FP16)
     onnx.checker.check_model(emulated)
     out = run(emulated, x, optimize=False)
     assert not np.isfinite(out).all()
@@ -55,7 +60,7 @@ def _identity_fp16(n_nodes: int = 1, **kw):
 
 def test_rounds_like_fp16_between_nodes_and_keeps_names():
     x = np.array([[1.0001, 3.14159265, 70000.0, 1e-9]], np.float32)
-    emulated, _ = emulation_from_fp16_onnx(_identity_fp16())
+    emulated, _ = emulation_of(_identity_fp16(), FP16)
     out = run(emulated, x, optimize=False)
     with np.errstate(over="ignore"):
         expected = x.astype(np.float16).astype(np.float32)
@@ -66,22 +71,22 @@ def test_rounds_like_fp16_between_nodes_and_keeps_names():
 
 
 def test_fp32_islands_are_not_rounded(tmp_path):
-    from tasks.precision import fp16_from_onnx
+    from tasks.precisions.fp16 import fp16_from_onnx
 
     x = np.array([[1.0001, 2.0002, 70000.0, 3.0003]], np.float32)
     src = tmp_path / "fp32.onnx"
     onnx.save(_identity_fp32(2), str(src))
     half = tmp_path / "fp16.onnx"
     fp16_from_onnx(src, half, keep_fp32=["mul1"])
-    emulated, info = emulation_from_fp16_onnx(onnx.load(str(half)))
+    emulated, info = emulation_of(onnx.load(str(half)), FP16)
     out = run(emulated, x, optimize=False)
     # mul0 rounds its output (70000 -> inf); mul1 then computes in fp32 and its output is not rounded
     assert np.isinf(out[0, 2]) and out[0, 0] == np.float32(np.float16(1.0001))
     fp16_from_onnx(src, half, keep_fp32=["mul0", "mul1"])
-    with pytest.raises(NoFp16Error):  # both nodes in fp32: nothing left to round, the variant is all fp32
-        emulation_from_fp16_onnx(onnx.load(str(half)))
+    with pytest.raises(NothingToEmulateError):  # both nodes in fp32: nothing left to round, the variant is all fp32
+        emulation_of(onnx.load(str(half)), FP16)
     fp16_from_onnx(src, half, keep_fp32=["mul0"])
-    emulated, info = emulation_from_fp16_onnx(onnx.load(str(half)))
+    emulated, info = emulation_of(onnx.load(str(half)), FP16)
     out = run(emulated, x, optimize=False)
     # mul0 in fp32: 70000 survives it, then mul1 (fp16) receives it rounded to fp16 -> inf; 1.0001 rounds once
     assert np.isinf(out[0, 2]) and out[0, 0] == np.float32(np.float16(1.0001)) and info.fp32_tensors >= 1
@@ -90,7 +95,7 @@ def test_fp32_islands_are_not_rounded(tmp_path):
 def test_a_model_without_fp16_is_refused():
     model, _ = overflowing_mlp()
     with pytest.raises(ValueError, match="fp16 variant"):
-        emulation_from_fp16_onnx(model)
+        emulation_of(model, FP16)
 
 
 def test_fp16_typed_constants_casts_and_io_become_fp32():
@@ -104,7 +109,7 @@ def test_fp16_typed_constants_casts_and_io_become_fp32():
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N"])], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N"])]
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    emulated, info = emulation_from_fp16_onnx(model)
+    emulated, info = emulation_of(model, FP16)
     onnx.checker.check_model(emulated)
     assert emulated.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert emulated.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
@@ -156,13 +161,13 @@ def test_native_backends_need_no_emulation():
 
 
 def test_an_emulation_that_cannot_run_is_reported_not_hidden(trained, fp16_engine, monkeypatch):
-    import tasks.fp16_emulation
+    import tasks.verify
     from tasks.verify import verification_of_engine
 
     def broken(*_, **__):
         raise RuntimeError("unsupported op")
 
-    monkeypatch.setattr(tasks.fp16_emulation, "emulation_runner", broken)
+    monkeypatch.setattr(tasks.verify, "emulation_runner", broken)
     root, variant, engine = fp16_engine
     tol = default_tolerances()[Precision.fp16]
     ref = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp16, tol, BatchProfile(min=1, opt=8, max=64), root, refresh=True, variant=variant)
@@ -198,7 +203,7 @@ def test_every_op_kind_rounds_its_output_to_fp16(op):
     model, x = ONE_OP_CASES[op]
     exact = run(model, x, optimize=False)
     assert np.isfinite(exact).all() and np.abs(exact).max() >= 1e5 * 0.99  # fp32 holds the value
-    emulated, info = emulation_from_fp16_onnx(fp16(model))
+    emulated, info = emulation_of(fp16(model), FP16)
     out = run(emulated, x, optimize=False)
     assert np.isinf(out).all(), (op, out)  # the op's own output went through fp16: inf, as on a GPU
     assert info.rounded_tensors >= 2  # the input and the op's output
