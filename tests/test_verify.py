@@ -538,6 +538,82 @@ def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypat
         reference_outputs(SimpleNamespace(digest="c", meta={"outputs": ["logits", "aux", "extra"], "scale": 2.0}), small_data)
 
 
+def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_and_pads(small_data, unlabelled_data, monkeypatch, tmp_path):
+    """A variable-length model's reference at each shape point: PyTorch on the split cut or padded to the
+    point's lengths, under the training's thread count, kept per (checkpoint, data, user code, lengths,
+    pad values) and never shared between two lengths, two pad values or two versions of the model's code."""
+    import contextlib
+
+    import tasks.train
+    import tasks.verify
+    from tasks.artifacts import ArtifactRef
+    from tasks.code_digests import forget
+    from tasks.data import split_inputs
+    from tasks.shapes import ShapePoint
+    from tasks.verify import reference_outputs_at
+
+    monkeypatch.setattr(tasks.verify, "_REFERENCE_AT", {})
+    monkeypatch.setattr(tasks.verify, "_REFERENCE", {})
+    calls, threads = [], []
+
+    @contextlib.contextmanager
+    def torch_threads(n):
+        threads.append(n)
+        yield
+
+    def predict_split(scale, data, split, progress=None, fit=None):
+        assert split == "test" and progress.total == 15 and progress.unit == "sample"
+        calls.append((scale, data.digest, progress.stage))
+        fed = split_inputs(data, "test")["x"]
+        fed = fed if fit is None else fit({"x": fed})["x"]
+        return [fed * scale, fed - scale]
+
+    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
+    monkeypatch.setattr(tasks.train, "predict_split", predict_split)
+    monkeypatch.setattr(tasks.train, "torch_threads", torch_threads)
+    (tmp_path / "refnet_user.py").write_text("def build():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forget()
+
+    def checkpoint(weights: str, scale: float) -> ArtifactRef:
+        meta = {"outputs": ["logits", "aux"], "scale": scale, "config": {"model": "refnet_user:build", "threads": 3}}
+        return ArtifactRef(stage="train", key=weights, dir=str(tmp_path / weights), files={"model.pt": weights}, meta=meta)
+
+    one, x = checkpoint("w1", 2.0), _test_inputs(small_data)
+    cut, cut_at_8, padded = ShapePoint("min", 1, {"x": {1: 2}}), ShapePoint("opt", 8, {"x": {1: 2}}), ShapePoint("max", 4, {"x": {1: 6}})
+    out = reference_outputs_at(one, small_data, cut, {})
+    assert list(out) == ["logits", "aux"] and np.array_equal(out["logits"], x[:, :2] * 2.0) and np.array_equal(out["aux"], x[:, :2] - 2.0)
+    assert not out["logits"].flags.writeable and not out["aux"].flags.writeable  # shared between the branches
+    assert calls == [(2.0, small_data.digest, "verify reference (PyTorch) at x:1x2")] and threads == [3]  # the training's threads
+    # the same lengths at another batch is the same reference; the order of the pad values does not matter
+    assert reference_outputs_at(one, small_data, cut, {}) is out and reference_outputs_at(one, small_data, cut_at_8, {}) is out and len(calls) == 1
+    zero = reference_outputs_at(one, small_data, padded, {"x": 0.0, "mask": 1.0})
+    assert np.array_equal(zero["logits"], np.pad(x, ((0, 0), (0, 2))) * 2.0) and len(calls) == 2
+    assert reference_outputs_at(one, small_data, padded, {"mask": 1.0, "x": 0.0}) is zero and len(calls) == 2
+    ones = reference_outputs_at(one, small_data, padded, {"x": 1.0, "mask": 1.0})  # another pad value: another reference
+    assert np.array_equal(ones["logits"][:, 4:], np.full((15, 2), 2.0, np.float32)) and len(calls) == 3
+    assert reference_outputs_at(one, small_data, cut, {}) is out and reference_outputs_at(one, small_data, padded, {"x": 0.0, "mask": 1.0}) is zero
+    assert len(calls) == 3  # every point of the current model is kept
+
+    other_data = reference_outputs_at(one, unlabelled_data, cut, {})
+    assert calls[-1][1] == unlabelled_data.digest and np.array_equal(other_data["logits"], _test_inputs(unlabelled_data)[:, :2] * 2.0)
+    assert reference_outputs_at(one, small_data, cut, {}) is not out and len(calls) == 5  # only the latest model and data are kept
+
+    # The same weights through edited model code are another reference, with and without lengths.
+    plain = reference_outputs(one, small_data)
+    assert reference_outputs(one, small_data) is plain and calls[-1][2] == "verify reference (PyTorch)" and len(calls) == 6
+    before = reference_outputs_at(one, small_data, cut, {})
+    (tmp_path / "refnet_user.py").write_text("def build():\n    return 2\n")
+    forget()
+    assert reference_outputs_at(one, small_data, cut, {}) is not before and len(calls) == 7
+    assert reference_outputs(one, small_data) is not plain and len(calls) == 8
+    # another checkpoint: computed with its own weights; no lengths: the plain reference
+    two = reference_outputs_at(checkpoint("w2", 5.0), small_data, cut, {})
+    assert np.array_equal(two["logits"], x[:, :2] * 5.0) and len(calls) == 9
+    assert reference_outputs_at(one, small_data, ShapePoint("opt", 8), {"x": 1.0}) is reference_outputs(one, small_data)
+    forget()
+
+
 # --- the stage on the session's tiny trained model (the default CNN on digits) --------------------
 
 
