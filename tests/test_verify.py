@@ -614,6 +614,83 @@ def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_
     forget()
 
 
+R = np.random.default_rng(6).normal(size=(4, 1)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def regression_branch(tmp_path_factory, monkeypatch_module):
+    """A regression (y float: pred = x @ R) with a second head emb = x @ V, its fp32 engine, and the products as reference."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import tasks.verify
+    from tasks.data import split_inputs, splits_from_dataset
+
+    root = tmp_path_factory.mktemp("regression")
+    x = np.random.default_rng(7).normal(size=(100, 4)).astype(np.float32)
+    np.savez(root / "r.npz", x=x, y=(x @ R)[:, 0] + np.random.default_rng(8).normal(scale=0.1, size=100).astype(np.float32))
+    data = splits_from_dataset(DataConfig(dataset=root / "r.npz"), root)
+    assert data.meta["task"] == "regression"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "r"], ["pred"], name="head"), helper.make_node("MatMul", ["x", "v"], ["emb"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("pred", TensorProto.FLOAT, ["N", 1]), helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(R, "r"), numpy_helper.from_array(V, "v")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["pred", "emb"], "precision": "fp32"})
+    checkpoint = _artifact(root, "train", {"model.pt": b"stands for a regression"},
+                           {"outputs": ["pred", "emb"], "logits_output": "pred", "config": {"threads": 2}})
+    previous = tasks.verify.reference_outputs
+
+    def products(ckpt, d):
+        if ckpt.digest != checkpoint.digest:
+            return previous(ckpt, d)
+        x = split_inputs(d, "test")["x"]
+        return {"pred": x @ R, "emb": x @ V}
+
+    monkeypatch_module.setattr(tasks.verify, "reference_outputs", products)
+    variant = variant_from_onnx(exported, data, Precision.fp32, 64, root)
+    return root, checkpoint, data, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root)
+
+
+def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regression_branch):
+    from tasks.stage import key_ingredients
+    from tasks.verify import SPEC
+
+    root, checkpoint, data, engine = regression_branch
+    ref = verification_of_engine(engine, checkpoint, data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root)
+    report = json.loads(ref.path("verification.json").read_text())
+    assert report["passed"] and report["task"] == "regression" and report["confusion"] is None and report["logits_output"] == "pred"
+    assert report["checks_run"] == ["elementwise (atol/rtol)", "relative RMSE (pred)", "cosine per sample", "R² drop (R², MAE, RMSE against the labels)"]
+    assert report["checks_skipped"] == {}
+    first = report["batches"][0]
+    assert first["label"] == "fp32 batch 1"
+    pred, emb = first["outputs"]["pred"], first["outputs"]["emb"]
+    # the task output: against the targets (R², MAE, RMSE: the same for PyTorch and the engine), no cosine, no class metrics
+    assert pred["min_cosine"] is None and pred["max_relative_rmse"] is not None and pred["top1_agreement"] is None and pred["accuracy"] is None
+    assert pred["r2"] == pytest.approx(pred["r2_reference"]) and pred["r2"] > 0.5 and pred["r2_drop"] == pytest.approx(0.0, abs=1e-6)
+    assert pred["mae"] == pytest.approx(pred["mae_reference"]) and pred["rmse"] == pytest.approx(pred["rmse_reference"]) and 0 < pred["rmse"] < 1
+    assert [c["metric"] for c in first["checks"] if c["output"] == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
+    assert [c["metric"] for c in first["checks"] if c["output"] == "emb"][1:] == ["min_cosine"]
+    repeated = next(b for b in report["batches"] if b["label"] == "fp32 batch 8 repeated rows")  # judged as on the split, not scored
+    assert [c["metric"] for c in repeated["checks"] if c["output"] == "pred"][1:] == ["max_relative_rmse"] and repeated["outputs"]["pred"]["r2"] is None
+    # the second head: verified against PyTorch by its cosine, never scored against the targets
+    assert emb["min_cosine"] == pytest.approx(1.0) and emb["r2"] is None and emb["top1_agreement"] is None
+    assert ref.meta["r2"] == pytest.approx(pred["r2"], abs=1e-6) and ref.meta["task"] == "regression"
+    # the reference's thread count (the training's) and the engine's enter the key
+    inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": Precision.fp32, "tolerance": Tolerance(), "batch": BATCH}
+    assert key_ingredients(SPEC, inputs)["environment"] == {"engine_threads": "1", "torch_threads": "2"}
+
+
+def test_the_reference_runs_with_the_trainings_thread_count():
+    from tasks.verify import reference_threads
+
+    assert reference_threads(SimpleNamespace(meta={"config": {"threads": 3}, "torch_threads": 2})) == 3
+    assert reference_threads(SimpleNamespace(meta={"config": {"threads": None}, "torch_threads": 2})) == 2
+    assert reference_threads(SimpleNamespace(meta={"torch_threads": 4})) == 4
+    assert reference_threads(SimpleNamespace(meta={})) == 1
+
+
 # --- the stage on the session's tiny trained model (the default CNN on digits) --------------------
 
 
