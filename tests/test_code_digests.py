@@ -257,7 +257,7 @@ def test_user_code_names_each_import_by_kind(tmp_path: Path, monkeypatch: pytest
     (folder / "cd_pkg" / ".hidden").mkdir()
     (folder / "cd_ns").mkdir()  # a namespace package: no __init__.py
     (folder / "cd_net.py").write_text(
-        "import sys, json, os.path\nimport numpy, sklearn, yaml\nimport cd_installed\nfrom tasks import config\nimport tasks.errors\n"
+        "import sys, json, os.path\nimport numpy, sklearn, yaml\nimport cd_installed, cd_multi\nfrom tasks import config\nimport tasks.errors\n"
         "import cd_missing\nfrom cd_pkg.sub import mod\nimport cd_ns.part\nimport cd_broken\n"
     )
     (folder / "cd_pkg" / "__init__.py").write_text("")
@@ -272,6 +272,9 @@ def test_user_code_names_each_import_by_kind(tmp_path: Path, monkeypatch: pytest
     site = tmp_path / "site"
     site.mkdir()
     (site / "cd_installed.py").write_text("import cd_helper_never_followed\n")
+    (site / "cd_multi.py").write_text("")  # provided by several distributions (one of them no longer installed)
+    dists = code._distributions()
+    monkeypatch.setattr(code, "_distributions", lambda: {**dists, "cd_multi": ["numpy", "PyYAML", "cd-gone-dist"]})
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.syspath_prepend(str(folder))
     roots = code._installed_roots()
@@ -284,6 +287,7 @@ def test_user_code_names_each_import_by_kind(tmp_path: Path, monkeypatch: pytest
     assert found.libraries == {
         "numpy": f"numpy {metadata.version('numpy')}", "sklearn": f"scikit-learn {metadata.version('scikit-learn')}",
         "yaml": f"PyYAML {metadata.version('PyYAML')}", "cd_installed": "unknown version",
+        "cd_multi": f"PyYAML {metadata.version('PyYAML')}, numpy {metadata.version('numpy')}",
     }
     assert {"tasks/config.py", "tasks/errors.py", "tasks/__init__.py"} <= set(found.project) and list(found.project) == sorted(found.project)
     assert list(found.files) == sorted(found.files) and list(found.libraries) == sorted(found.libraries)

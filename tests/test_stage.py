@@ -375,7 +375,7 @@ def _messages(caplog) -> list[tuple[str, str]]:
 def test_a_changed_upstream_artifact_is_named_with_what_changed_it(tmp_path, caplog):
     import logging
 
-    from tasks.stage import run_stage
+    from tasks.stage import run_stage, stage_instance
 
     up, calls = StageSpec("up"), []
     with caplog.at_level(logging.INFO, logger="trtflow"):
@@ -389,6 +389,17 @@ def test_a_changed_upstream_artifact_is_named_with_what_changed_it(tmp_path, cap
         u3 = run_stage(up, {"x": 2}, tmp_path, True, _make(b"3", calls))
         run_stage(SPEC, {"up": u3, "cfg": {"lr": 0.2}}, tmp_path, False, _make(b"d", calls))
         assert _messages(caplog) == [("INFO", "up: --refresh, recomputing"), ("INFO", "demo: lr changed (0.1 -> 0.2); up changed (after up: --refresh)")]
+        caplog.clear()
+        # two instances of the upstream stage: the cause is the one of the instance that made this artifact
+        with stage_instance("up-a"):
+            run_stage(up, {"x": 30}, tmp_path, False, _make(b"a30", calls))
+            run_stage(up, {"x": 31}, tmp_path, False, _make(b"a31", calls))
+        with stage_instance("up-b"):
+            run_stage(up, {"x": 40}, tmp_path, False, _make(b"b40", calls))
+            b41 = run_stage(up, {"x": 41}, tmp_path, False, _make(b"b41", calls))
+        caplog.clear()
+        run_stage(SPEC, {"up": b41, "cfg": {"lr": 0.2}}, tmp_path, False, _make(b"d", calls))
+        assert _messages(caplog) == [("INFO", "demo: up changed (after up-b: x changed (40 -> 41))")]
         caplog.clear()
         # an upstream artifact whose cause this folder does not know: made by another run
         u4 = run_stage(up, {"x": 4}, tmp_path, False, _make(b"4", calls))
@@ -425,7 +436,7 @@ def test_a_deleted_missing_or_unreadable_artifact_is_said_before_it_is_made_agai
         ("WARNING", "demo: its artifact was deleted, recomputing"),
         ("INFO", "demo: --refresh, recomputing"),
     ]
-    assert not was_cached() and len(calls) == 5
+    assert was_cached() is False and len(calls) == 5
 
 
 def test_each_instance_of_a_stage_is_compared_with_its_own_last_run(tmp_path, caplog):
@@ -448,6 +459,8 @@ def test_each_instance_of_a_stage_is_compared_with_its_own_last_run(tmp_path, ca
         run_stage(SPEC, {"x": 1, "precision": "fp16"}, tmp_path, False, _make(b"h", calls))
         run_stage(SPEC, {"x": 3, "precision": "fp16"}, tmp_path, False, _make(b"h", calls))
         # a stage another instance runs (repair builds and verifies) keeps its own record too
+        with stage_instance("demo-Fp32"):  # letters of either case are kept in the record's name
+            run_stage(SPEC, {"x": 21}, tmp_path, False, _make(b"u", calls))
         with stage_instance("repair-int8/b"):
             run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"r", calls))  # found: nothing recorded
             run_stage(SPEC, {"x": 11}, tmp_path, False, _make(b"r", calls))
@@ -458,7 +471,7 @@ def test_each_instance_of_a_stage_is_compared_with_its_own_last_run(tmp_path, ca
         ("INFO", "demo in repair-int8/b: x changed (11 -> 14)"),
     ]
     assert {p.name for p in (tmp_path / "demo").glob(".last-*.json")} == {
-        ".last-demo-a.json", ".last-demo-b.json", ".last-demo-int8.json", ".last-demo-fp16.json", ".last-demo_in_repair-int8_b.json", ".last-demo.json"}
+        ".last-demo-a.json", ".last-demo-b.json", ".last-demo-int8.json", ".last-demo-fp16.json", ".last-demo_in_repair-int8_b.json", ".last-demo.json", ".last-demo-Fp32.json"}
 
 
 def test_an_explanation_that_cannot_be_kept_or_read_never_fails_the_stage(tmp_path, caplog, monkeypatch):
@@ -506,6 +519,19 @@ def test_what_changed_is_said_in_words_the_users_edits_first():
     assert changes(long_old, long_new)[0] == [f"p changed (a {'x' * 37}... -> {'y' * 37}..., b 1 -> 2, c 1 -> 2)"]  # three at most, each cut
     assert changes({"inputs": {"n": 1}}, {"inputs": {"n": [1, 2]}})[0] == ["n changed (1 -> [1, 2])"]
     assert changes({"stage": "a"}, {"stage": "b"}) == (["its key changed"], [])
+    three, four = ({"code": {f"tasks/{c}.py": v for c in cs}} for v, cs in (("1", "abc"), ("1", "abcd")))
+    assert changes(three, {"code": {k: "2" for k in three["code"]}})[0] == ["trtflow code changed (tasks/a.py, tasks/b.py, tasks/c.py)"]
+    assert changes(four, {"code": {k: "2" for k in four["code"]}})[0] == ["trtflow code changed (tasks/a.py, tasks/b.py, tasks/c.py and 1 more)"]
+    assert changes({"libraries": {"onnx": "1.17"}, "environment": {"gpu": "H100"}}, {})[0] == ["onnx 1.17 -> absent", "gpu H100 -> absent"]
+    # a file input whose content is the same (another path to it): its fields, not "changed"
+    moved = changes({"inputs": {"data": {"file": "d.npz", "digest": "a", "path": "/x"}}}, {"inputs": {"data": {"file": "d.npz", "digest": "a", "path": "/y"}}})
+    assert moved == (['data changed (path /x -> /y)'], [])
+    # an artifact of the same content under another stage name is this stage's own input change, not an upstream's
+    renamed = changes({"inputs": {"ckpt": {"artifact": "train", "digest": "1"}}}, {"inputs": {"ckpt": {"artifact": "load", "digest": "1"}}})
+    assert renamed == (["ckpt changed (artifact train -> load)"], [])
+    # values are shown as JSON (anything else as its text), 40 characters at most
+    assert changes({"inputs": {"p": "a" * 40}}, {"inputs": {"p": "b" * 41}})[0] == [f"p changed ({'a' * 40} -> {'b' * 37}...)"]
+    assert changes({"inputs": {"p": {"at": 1}}}, {"inputs": {"p": {"at": Path("/x")}}})[0] == ['p changed (at 1 -> "/x")']
     up_old = {"inputs": {"ckpt": {"artifact": "train", "digest": "1"}}}
     up_new = {"inputs": {"ckpt": {"artifact": "train", "digest": "2"}}}
     asked = []
