@@ -61,7 +61,10 @@ def cache_dir() -> Path:
 _IMPORTS_LOCK = threading.Lock()
 #: source digest -> its import records; filled from and flushed to ``imports.json``
 _IMPORTS: dict[str, list[ImportRecord]] | None = None
-_IMPORTS_DIRTY = False
+#: the entries this process parsed and has not written yet (only these are written: the others are the file's)
+_IMPORTS_NEW: dict[str, list[ImportRecord]] = {}
+#: entries past which the file starts again from this process's new ones
+_IMPORTS_BOUND = 20_000
 
 
 def parse_imports(source: bytes) -> list[ImportRecord]:
@@ -102,7 +105,6 @@ def _load_imports() -> dict[str, list[ImportRecord]]:
 
 def _imports_of(source: bytes, digest: str) -> list[ImportRecord]:
     """``parse_imports`` remembered by the source's digest (content-addressed: never stale)."""
-    global _IMPORTS_DIRTY
     entry = f"{_PARSER}:{digest}"
     with _IMPORTS_LOCK:
         known = _load_imports().get(entry)
@@ -111,15 +113,14 @@ def _imports_of(source: bytes, digest: str) -> list[ImportRecord]:
     found = parse_imports(source)
     with _IMPORTS_LOCK:
         _load_imports()[entry] = found
-        _IMPORTS_DIRTY = True
+        _IMPORTS_NEW[entry] = found
     return found
 
 
 def _flush_imports() -> None:
     """Write newly parsed imports to the cache file (only a speed-up: failures are ignored)."""
-    global _IMPORTS_DIRTY
     with _IMPORTS_LOCK:
-        if not _IMPORTS_DIRTY or _IMPORTS is None:
+        if not _IMPORTS_NEW:
             return
         path = _imports_file()
         try:
@@ -128,16 +129,16 @@ def _flush_imports() -> None:
                 stored = stored if isinstance(stored, dict) else {}
             except (OSError, ValueError):
                 stored = {}
-            if len(stored) > 20_000:
+            if len(stored) > _IMPORTS_BOUND:
                 stored = {}
-            stored.update({k: [list(r) for r in v] for k, v in _IMPORTS.items()})
+            stored.update({k: [list(r) for r in v] for k, v in _IMPORTS_NEW.items()})
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(stored))
             os.replace(tmp, path)
         except OSError:
             pass
-        _IMPORTS_DIRTY = False
+        _IMPORTS_NEW.clear()
 
 
 @dataclass(frozen=True)

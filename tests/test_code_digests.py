@@ -28,6 +28,10 @@ def _fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     code.forget()
     yield
     code.forget()
+    # A user module a test imported must not stand for another test's file of the same name
+    # (``find_spec`` answers from ``sys.modules``): mutmut runs the selection twice in one process.
+    for name in [m for m in sys.modules if m.split(".")[0] in ("usernet", "helper", "mypkg") or m.startswith("cd_")]:
+        del sys.modules[name]
 
 
 def test_imports_are_read_everywhere_in_a_module_and_by_name():
@@ -154,6 +158,163 @@ def test_a_fully_cached_process_parses_no_file(tmp_path: Path):
     env = kit.child_env(TRTFLOW_CACHE_DIR=str(tmp_path / "cache"))
     first, second = (subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.strip() for _ in range(2))
     assert int(first) > 10 and second == "0"
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("TRTFLOW_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert code.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("TRTFLOW_CACHE_DIR")
+    assert code.cache_dir() == tmp_path / "xdg" / "trtflow"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert code.cache_dir() == tmp_path / "home" / ".cache" / "trtflow"
+
+
+def test_parsed_imports_are_remembered_by_content_and_parser_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """What a second process does (tests/test_code_digests.py::test_a_fully_cached_process_parses_no_file), in this one."""
+    import ast
+    import hashlib
+    import json
+
+    project_code("tasks.verify")
+    stored = json.loads((tmp_path / "cache" / "imports.json").read_text())
+    assert len(stored) > 10 and all(k.startswith(f"{code._PARSER}:") and len(k) == len(code._PARSER) + 65 for k in stored)
+    parses: list[int] = []
+    real = ast.parse
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: parses.append(1) or real(*a, **k))
+    monkeypatch.setattr(code, "_IMPORTS", None)
+    code.forget()
+    assert project_code("tasks.verify") and parses == []  # every file read from the cache, none parsed
+
+    # an entry is used for the content it was parsed from, by this parser version only
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "cd_user.py").write_text("import json\n")
+    monkeypatch.syspath_prepend(str(folder))
+    digest = hashlib.sha256((folder / "cd_user.py").read_bytes()).hexdigest()
+    stored = {f"{code._PARSER}:{digest}": [["cd_from_cache", [], 0]], f"0{code._PARSER}:{digest}": [["cd_old_parser", [], 0]]}
+    (tmp_path / "cache" / "imports.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(code, "_IMPORTS", None)
+    code.forget()
+    assert user_code("cd_user:build").files == {"cd_from_cache (not found)": "absent", "cd_user.py": digest}
+    del stored[f"{code._PARSER}:{digest}"]
+    (tmp_path / "cache" / "imports.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(code, "_IMPORTS", None)
+    code.forget()
+    assert user_code("cd_user:build").files == {"cd_user.py": digest} and parses == [1]  # parsed: json is the standard library's
+
+
+def test_the_imports_cache_keeps_what_other_processes_added_and_survives_a_damaged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    cache = tmp_path / "cache" / "imports.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"other:process": [["x", ["y"], 1]]}))
+    project_code("tasks.errors")
+    stored = json.loads(cache.read_text())
+    assert stored["other:process"] == [["x", ["y"], 1]] and len(stored) > 1  # merged, not overwritten
+    assert not list(cache.parent.glob(".*tmp"))  # written whole, through a temporary file
+    for damaged in ("{not json", "[1, 2]"):
+        cache.write_text(damaged)
+        monkeypatch.setattr(code, "_IMPORTS", None)
+        code.forget()
+        assert project_code("tasks.errors") and isinstance(json.loads(cache.read_text()), dict)
+    # a cache that grew past its bound starts again from this process's entries
+    cache.write_text(json.dumps({f"old:{i}": [] for i in range(code._IMPORTS_BOUND + 1)}))
+    monkeypatch.setattr(code, "_IMPORTS", None)
+    code.forget()
+    project_code("tasks.errors")
+    assert not any(k.startswith("old:") for k in json.loads(cache.read_text()))
+    # nothing new parsed: the file is not written again
+    cache.write_text(json.dumps({"kept": []}))
+    code.forget()
+    project_code("tasks.errors")
+    assert json.loads(cache.read_text()) == {"kept": []}
+    # a cache that cannot be written is only a lost speed-up
+    monkeypatch.setenv("TRTFLOW_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("a file where the folder should be")
+    monkeypatch.setattr(code, "_IMPORTS", None)
+    code.forget()
+    assert project_code("tasks.errors") == project_code("tasks.errors")
+
+
+def test_project_code_is_the_module_its_packages_and_imports_by_path(tmp_path: Path):
+    found = project_code("tasks.backends.onnxruntime")
+    assert {"tasks/__init__.py", "tasks/backends/__init__.py", "tasks/backends/onnxruntime.py"} <= set(found)
+    assert list(found) == sorted(found) and all(not p.startswith("/") for p in found)
+    assert project_code("json") == {} and project_code("tasks.no_such_module") == {}
+
+
+def test_user_code_names_each_import_by_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Standard library: nothing; installed: its distribution and version; trtflow: its files; the user's: its files;
+    not found: named; a package: every file under it but caches and hidden folders; unreadable: said."""
+    from importlib import metadata
+
+    folder = tmp_path / "proj"
+    (folder / "cd_pkg" / "sub").mkdir(parents=True)
+    (folder / "cd_pkg" / "__pycache__").mkdir()
+    (folder / "cd_pkg" / ".hidden").mkdir()
+    (folder / "cd_ns").mkdir()  # a namespace package: no __init__.py
+    (folder / "cd_net.py").write_text(
+        "import sys, json, os.path\nimport numpy, sklearn, yaml\nimport cd_installed, cd_multi\nfrom tasks import config\nimport tasks.errors\n"
+        "import cd_missing\nfrom cd_pkg.sub import mod\nimport cd_ns.part\nimport cd_broken\n"
+    )
+    (folder / "cd_pkg" / "__init__.py").write_text("")
+    (folder / "cd_pkg" / "sub" / "__init__.py").write_text("from .. import cd_sibling_name_only\n")
+    (folder / "cd_pkg" / "sub" / "mod.py").write_text("from ..sub import other\nimport cd_helper\n")
+    (folder / "cd_pkg" / "__pycache__" / "mod.cpython-311.py").write_text("")
+    (folder / "cd_pkg" / ".hidden" / "x.py").write_text("")
+    (folder / "cd_pkg" / "gone.py").symlink_to(folder / "nowhere.py")  # a dangling link: listed, not readable
+    (folder / "cd_ns" / "part.py").write_text("")
+    (folder / "cd_helper.py").write_text("")
+    (folder / "cd_broken.py").write_text("def broken(:\n")  # does not parse: no imports, still hashed
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "cd_installed.py").write_text("import cd_helper_never_followed\n")
+    (site / "cd_multi.py").write_text("")  # provided by several distributions (one of them no longer installed)
+    dists = code._distributions()
+    monkeypatch.setattr(code, "_distributions", lambda: {**dists, "cd_multi": ["numpy", "PyYAML", "cd-gone-dist"]})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(folder))
+    roots = code._installed_roots()
+    monkeypatch.setattr(code, "_installed_roots", lambda: (*roots, site.resolve()))
+    found = user_code("cd_net:build")
+    assert set(found.files) == {"cd_net.py", "cd_pkg/__init__.py", "cd_pkg/sub/__init__.py", "cd_pkg/sub/mod.py", "cd_pkg/gone.py",
+                                "cd_ns/part.py", "cd_helper.py", "cd_broken.py", "cd_missing (not found)"}
+    assert found.files["cd_pkg/gone.py"] == "unreadable" and found.files["cd_missing (not found)"] == "absent"
+    assert all(len(found.files[f]) == 64 for f in ("cd_net.py", "cd_helper.py", "cd_broken.py", "cd_ns/part.py"))
+    assert found.libraries == {
+        "numpy": f"numpy {metadata.version('numpy')}", "sklearn": f"scikit-learn {metadata.version('scikit-learn')}",
+        "yaml": f"PyYAML {metadata.version('PyYAML')}", "cd_installed": "unknown version",
+        "cd_multi": f"PyYAML {metadata.version('PyYAML')}, numpy {metadata.version('numpy')}",
+    }
+    assert {"tasks/config.py", "tasks/errors.py", "tasks/__init__.py"} <= set(found.project) and list(found.project) == sorted(found.project)
+    assert list(found.files) == sorted(found.files) and list(found.libraries) == sorted(found.libraries)
+    assert code.describe("cd_net:build") == {"files": found.files, "project": found.project, "libraries": found.libraries}
+
+
+def test_the_map_of_installed_modules_is_kept_while_site_packages_stay_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import json
+    from importlib import metadata
+
+    code._distributions.cache_clear()
+    try:
+        found = code._distributions()
+        assert found["sklearn"] == ["scikit-learn"]
+        stored = json.loads((tmp_path / "cache" / "distributions.json").read_text())
+        assert stored["map"] == found and stored["stamp"] and all(len(s) == 2 for s in stored["stamp"])
+        code._distributions.cache_clear()
+        monkeypatch.setattr(metadata, "packages_distributions", lambda: pytest.fail("read again although nothing was installed"))
+        assert code._distributions() == found
+        stored["stamp"] = [["/elsewhere", 1]]  # a site-packages folder changed: read again
+        (tmp_path / "cache" / "distributions.json").write_text(json.dumps(stored))
+        code._distributions.cache_clear()
+        monkeypatch.setattr(metadata, "packages_distributions", lambda: {"cd_mod": ["cd-dist", "cd-dist"]})
+        assert code._distributions() == {"cd_mod": ["cd-dist"]}
+        assert json.loads((tmp_path / "cache" / "distributions.json").read_text())["map"] == {"cd_mod": ["cd-dist"]}
+    finally:
+        code._distributions.cache_clear()
 
 
 # --- through the graph: an edit of the user's model recomputes from the first stage it affects ---------

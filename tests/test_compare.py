@@ -250,3 +250,59 @@ def test_relative_rmse_is_the_worst_column_against_its_own_spread():
     got = compare_outputs({"y": ref.astype(np.float32)}, {"y": out.astype(np.float32)}, Tolerance(), "b", spread_of={"y": spread})
     assert got.outputs["y"].max_relative_rmse == pytest.approx(0.2, rel=1e-5)
     assert compare_outputs({"y": ref.astype(np.float32)}, {"y": out.astype(np.float32)}, Tolerance(), "b").outputs["y"].max_relative_rmse == pytest.approx(0.1, rel=1e-5)
+
+
+def _judged(result) -> dict[str, list[str]]:
+    """Output -> the metrics it was checked by, elementwise shares left out."""
+    out: dict[str, list[str]] = {}
+    for c in result.checks:
+        if not c.metric.startswith("share within"):
+            out.setdefault(c.output, []).append(c.metric)
+    return out
+
+
+def test_which_outputs_are_judged_by_relative_rmse_cosine_or_task_metrics():
+    rng = np.random.default_rng(1)
+    wide, narrow = rng.normal(size=(20, 3)).astype(np.float32), rng.normal(size=(20, 1)).astype(np.float32)
+    ref = {"logits": wide, "score": narrow, "emb": wide[:, :2].copy()}
+    labels, tol = wide.argmax(1), Tolerance(atol=0.0, rtol=0.0)
+    # classification: a one-value output by relative RMSE (a cosine of one value is its sign), the others by cosine;
+    # the task metrics on the task output only
+    cls = compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, tol, "b", labels=labels, task_outputs={"logits"})
+    assert _judged(cls) == {"logits": ["min_cosine", "top1_agreement", "accuracy_drop"], "score": ["max_relative_rmse"], "emb": ["min_cosine"]}
+    assert cls.outputs["score"].min_cosine is None and cls.outputs["emb"].accuracy is None and cls.outputs["logits"].accuracy == 1.0
+    every = compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, tol, "b", labels=labels)  # no task outputs named: every 2-D one
+    assert every.outputs["emb"].top1_agreement == 1.0 and every.outputs["emb"].accuracy is not None
+    # regression: the task output by relative RMSE and R² drop against the labels; another head by its cosine, never scored
+    y = narrow[:, 0].astype(np.float64) + 0.1
+    reg = compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, tol, "b", labels=y, task_outputs={"score"}, regression=True)
+    assert _judged(reg) == {"logits": ["min_cosine"], "score": ["max_relative_rmse", "r2_drop"], "emb": ["min_cosine"]}
+    assert reg.outputs["score"].r2 is not None and reg.outputs["logits"].r2 is None and reg.outputs["logits"].top1_agreement is None
+    wide_task = compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, tol, "b", task_outputs={"emb"}, regression=True)
+    assert _judged(wide_task) == {"logits": ["min_cosine"], "score": ["max_relative_rmse"], "emb": ["max_relative_rmse"]}  # a wide prediction too
+    # a regression without labels (or naming no task output): every output is a prediction, by relative RMSE
+    for task_outputs in (None, set()):
+        unlabelled = compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, tol, "b", task_outputs=task_outputs, regression=True)
+        assert _judged(unlabelled) == {"logits": ["max_relative_rmse"], "score": ["max_relative_rmse"], "emb": ["max_relative_rmse"]}
+        assert all(s.r2 is None and s.top1_agreement is None for s in unlabelled.outputs.values())
+    # rows compared without task metrics (task_outputs empty) are judged like the split's outputs (judged_as)
+    rows = compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, tol, "b", task_outputs=set(), regression=True, judged_as={"logits"})
+    assert _judged(rows) == {"logits": ["max_relative_rmse"], "score": ["max_relative_rmse"], "emb": ["min_cosine"]}
+    cls_rows = compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, tol, "b", labels=labels, task_outputs=set(), judged_as={"logits"})
+    assert _judged(cls_rows) == {"logits": ["min_cosine"], "score": ["max_relative_rmse"], "emb": ["min_cosine"]}
+
+
+def test_an_r2_drop_exactly_at_its_threshold_passes_and_above_it_fails():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    ref = y.reshape(4, 1).astype(np.float32)
+    out = np.array([[1.0], [2.0], [3.0], [5.0]], dtype=np.float32)  # R² 0.8 against PyTorch's 1.0
+    at = compare_outputs({"y": ref}, {"y": out}, Tolerance(max_relative_rmse=10.0, max_r2_drop=0.2), "b", labels=y, regression=True)
+    s = at.outputs["y"]
+    assert (s.r2_reference, s.r2, s.mae, s.mae_reference, s.rmse, s.rmse_reference) == pytest.approx((1.0, 0.8, 0.25, 0.0, 0.5, 0.0))
+    assert s.r2_drop == pytest.approx(0.2) and at.passed, at.failures()
+    over = compare_outputs({"y": ref}, {"y": out}, Tolerance(max_relative_rmse=10.0, max_r2_drop=0.19), "b", labels=y, regression=True)
+    assert over.failures() == ["b: y.r2_drop = 0.2 (threshold <= 0.19)"]
+    rmse = compare_outputs({"y": ref}, {"y": out}, Tolerance(max_relative_rmse=0.1, max_r2_drop=1.0), "b", labels=y, regression=True)
+    assert rmse.failures() == [f"b: y.max_relative_rmse = {0.5 / np.std(y):.6g} (threshold <= 0.1)"]
+    exact = compare_outputs({"y": ref}, {"y": out}, Tolerance(max_relative_rmse=float(s.max_relative_rmse), max_r2_drop=1.0), "b", labels=y, regression=True)
+    assert exact.passed  # a relative RMSE at its threshold passes

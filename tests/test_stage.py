@@ -303,3 +303,238 @@ def test_healing_a_damaged_checkpoint_or_onnx_file_is_never_silent(tmp_path, cap
         assert onnx_from_checkpoint(again, tmp_path).problems() == [] and not was_cached()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "trtflow.stage"]
     assert warnings == ["train: damaged model.pt (digest mismatch), recomputing", "export: damaged model.onnx (digest mismatch), recomputing"]
+
+
+# --- what a key is made of, as recorded --------------------------------------------------------------
+
+
+def _user_module(folder: Path, name: str, body: str) -> str:
+    """A user's model module ``name`` in ``folder`` (on sys.path through the caller's monkeypatch)."""
+    from tasks.code_digests import forget
+
+    (folder / f"{name}.py").write_text(body)
+    forget()
+    return f"{name}:build"
+
+
+def test_the_ingredients_are_plain_json_of_every_input_and_the_code_libraries_and_environment_behind_it(tmp_path, monkeypatch):
+    import json
+    from importlib import metadata
+
+    from tasks.config import Precision
+    from tasks.stage import key_ingredients
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = _user_module(tmp_path, "stage_usernet", "import numpy\nimport yaml\nfrom tasks import config\n\ndef build():\n    return None\n")
+    up = ArtifactRef(stage="up", key="k", dir="/somewhere", files={"f": "1"})
+    spec = StageSpec("demo", "tasks.stage", libraries=("numpy", "no-such-dist-xyz"), environment=lambda inputs: {"n": str(inputs["n"])})
+    train = TrainConfig(model=model)
+    got = key_ingredients(spec, {"up": up, "cfg": train, "path": Path("/a/b"), "p": Precision.int8, "t": (1, 2), "m": {Precision.fp16: [up]}, "n": 3, "artifacts_dir": "/x"})
+    assert json.loads(json.dumps(got)) == got  # plain JSON: what the manifest records is what was hashed
+    assert got["stage"] == "demo" and got["environment"] == {"n": "3"}
+    assert got["inputs"] == {
+        "up": {"artifact": "up", "digest": up.digest}, "cfg": train.model_dump(mode="json"), "path": "/a/b", "p": "int8", "t": [1, 2],
+        "m": {"fp16": [{"artifact": "up", "digest": up.digest}]}, "n": 3,
+    }
+    # the stage's own libraries by version (an absent one as such), then those the user's code imports, by distribution
+    assert got["libraries"] == {"numpy": metadata.version("numpy"), "no-such-dist-xyz": "absent", "yaml": f"PyYAML {metadata.version('PyYAML')}"}
+    assert list(got["user_code"]) == ["stage_usernet.py"] and len(got["user_code"]["stage_usernet.py"]) == 64
+    # trtflow's modules: the stage module's closure and those the user's model imports, sorted by path
+    assert {"tasks/stage.py", "tasks/code_digests.py", "tasks/config.py"} <= set(got["code"]) and list(got["code"]) == sorted(got["code"])
+    # the stage's environment sees the inputs a stage's key_inputs picked
+    picked = StageSpec("demo", key_inputs=lambda inputs: {"n": inputs["n"] * 10}, environment=lambda inputs: {"n": str(inputs["n"])})
+    assert key_ingredients(picked, {"n": 3, "other": 1}) == {"stage": "demo", "code": {}, "user_code": {}, "libraries": {}, "environment": {"n": "30"}, "inputs": {"n": 30}}
+
+
+def test_the_users_code_enters_a_key_through_the_training_config_or_the_checkpoint_only(tmp_path, monkeypatch):
+    from tasks.stage import factories_in, key_ingredients
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a = _user_module(tmp_path, "stage_net_a", "def build():\n    return 1\n")
+    b = _user_module(tmp_path, "stage_net_b", "def build():\n    return 2\n")
+    checkpoint = ArtifactRef(stage="train", key="k", dir="/x", files={"model.pt": "1"}, meta={"config": {"model": b}})
+    exported = ArtifactRef(stage="export", key="k", dir="/x", files={"model.onnx": "1"}, meta={"config": {"model": a}})
+    assert factories_in({"cfg": TrainConfig(model=b), "ckpt": checkpoint, "onnx": exported, "x": 1}) == [b]  # each once
+    assert factories_in({"cfg": TrainConfig(model=b), "other": TrainConfig(model=a)}) == [a, b]  # sorted
+    assert factories_in({"ckpt": ArtifactRef(stage="train", key="k", dir="/x", files={}, meta={"config": {"model": None}})}) == []
+    assert factories_in({"ckpt": ArtifactRef(stage="train", key="k", dir="/x", files={}, meta={})}) == []
+    assert set(key_ingredients(SPEC, {"ckpt": checkpoint})["user_code"]) == {"stage_net_b.py"}
+    assert key_ingredients(SPEC, {"onnx": exported})["user_code"] == {}  # an ONNX graph runs no Python of the user's
+    before = stage_key(SPEC, {"ckpt": checkpoint})
+    _user_module(tmp_path, "stage_net_b", "def build():\n    return 3\n")
+    assert stage_key(SPEC, {"ckpt": checkpoint}) != before
+
+
+# --- why a stage runs again, each cause in words ------------------------------------------------------
+
+
+def _messages(caplog) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "trtflow.stage"]
+
+
+def test_a_changed_upstream_artifact_is_named_with_what_changed_it(tmp_path, caplog):
+    import logging
+
+    from tasks.stage import run_stage, stage_instance
+
+    up, calls = StageSpec("up"), []
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        u1 = run_stage(up, {"x": 1}, tmp_path, False, _make(b"1", calls))
+        run_stage(SPEC, {"up": u1, "cfg": {"lr": 0.1}}, tmp_path, False, _make(b"d", calls))
+        u2 = run_stage(up, {"x": 2}, tmp_path, False, _make(b"2", calls))
+        run_stage(SPEC, {"up": u2, "cfg": {"lr": 0.1}}, tmp_path, False, _make(b"d", calls))
+        assert _messages(caplog) == [("INFO", "up: x changed (1 -> 2)"), ("INFO", "demo: up changed (after up: x changed (1 -> 2))")]
+        caplog.clear()
+        # the upstream's own cause and a config field of this stage, both said
+        u3 = run_stage(up, {"x": 2}, tmp_path, True, _make(b"3", calls))
+        run_stage(SPEC, {"up": u3, "cfg": {"lr": 0.2}}, tmp_path, False, _make(b"d", calls))
+        assert _messages(caplog) == [("INFO", "up: --refresh, recomputing"), ("INFO", "demo: lr changed (0.1 -> 0.2); up changed (after up: --refresh)")]
+        caplog.clear()
+        # two instances of the upstream stage: the cause is the one of the instance that made this artifact
+        with stage_instance("up-a"):
+            run_stage(up, {"x": 30}, tmp_path, False, _make(b"a30", calls))
+            run_stage(up, {"x": 31}, tmp_path, False, _make(b"a31", calls))
+        with stage_instance("up-b"):
+            run_stage(up, {"x": 40}, tmp_path, False, _make(b"b40", calls))
+            b41 = run_stage(up, {"x": 41}, tmp_path, False, _make(b"b41", calls))
+        caplog.clear()
+        run_stage(SPEC, {"up": b41, "cfg": {"lr": 0.2}}, tmp_path, False, _make(b"d", calls))
+        assert _messages(caplog) == [("INFO", "demo: up changed (after up-b: x changed (40 -> 41))")]
+        caplog.clear()
+        # an upstream artifact whose cause this folder does not know: made by another run
+        u4 = run_stage(up, {"x": 4}, tmp_path, False, _make(b"4", calls))
+        for record in (tmp_path / "up").glob(".last-*.json"):
+            record.unlink()
+        run_stage(SPEC, {"up": u4, "cfg": {"lr": 0.2}}, tmp_path, False, _make(b"d", calls))
+        assert _messages(caplog)[-1] == ("INFO", "demo: up changed (made by another run)")
+        caplog.clear()
+        # an upstream made for the first time in this folder: changed, with no cause to add
+        u5 = run_stage(StageSpec("up"), {"x": 5}, tmp_path, False, _make(b"5", calls))
+        run_stage(SPEC, {"up": u5, "cfg": {"lr": 0.2}}, tmp_path, False, _make(b"d", calls))
+        assert _messages(caplog)[-1] == ("INFO", "demo: up changed")
+
+
+def test_a_deleted_missing_or_unreadable_artifact_is_said_before_it_is_made_again(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from tasks.stage import run_stage, was_cached
+
+    calls: list[int] = []
+    ref = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        ref.path("out.bin").unlink()
+        ref = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+        (ref.dir / "manifest.json").write_text("{not json")
+        ref = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+        shutil.rmtree(ref.dir)
+        run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+        run_stage(SPEC, {"x": 1}, tmp_path, True, _make(b"a", calls))
+    assert _messages(caplog) == [
+        ("WARNING", "demo: missing out.bin, recomputing"),
+        ("WARNING", "demo: unreadable manifest.json, recomputing"),
+        ("WARNING", "demo: its artifact was deleted, recomputing"),
+        ("INFO", "demo: --refresh, recomputing"),
+    ]
+    assert was_cached() is False and len(calls) == 5
+
+
+def test_each_instance_of_a_stage_is_compared_with_its_own_last_run(tmp_path, caplog):
+    import logging
+
+    from tasks.config import Precision
+    from tasks.stage import run_stage, stage_instance
+
+    calls: list[int] = []
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        with stage_instance("demo-a"):
+            run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+        with stage_instance("demo-b"):
+            run_stage(SPEC, {"x": 5}, tmp_path, False, _make(b"b", calls))
+        with stage_instance("demo-a"):
+            run_stage(SPEC, {"x": 2}, tmp_path, False, _make(b"a", calls))
+        # no instance named: the stage and its precision input
+        run_stage(SPEC, {"x": 1, "precision": Precision.int8}, tmp_path, False, _make(b"i", calls))
+        run_stage(SPEC, {"x": 2, "precision": Precision.int8}, tmp_path, False, _make(b"i", calls))
+        run_stage(SPEC, {"x": 1, "precision": "fp16"}, tmp_path, False, _make(b"h", calls))
+        run_stage(SPEC, {"x": 3, "precision": "fp16"}, tmp_path, False, _make(b"h", calls))
+        # a stage another instance runs (repair builds and verifies) keeps its own record too
+        with stage_instance("demo-Fp32"):  # letters of either case are kept in the record's name
+            run_stage(SPEC, {"x": 21}, tmp_path, False, _make(b"u", calls))
+        with stage_instance("repair-int8/b"):
+            run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"r", calls))  # found: nothing recorded
+            run_stage(SPEC, {"x": 11}, tmp_path, False, _make(b"r", calls))
+            run_stage(SPEC, {"x": 14}, tmp_path, False, _make(b"r", calls))
+        run_stage(SPEC, {"x": 9}, tmp_path, False, _make(b"p", calls))  # outside any instance: a first run
+    assert _messages(caplog) == [
+        ("INFO", "demo-a: x changed (1 -> 2)"), ("INFO", "demo-int8: x changed (1 -> 2)"), ("INFO", "demo-fp16: x changed (1 -> 3)"),
+        ("INFO", "demo in repair-int8/b: x changed (11 -> 14)"),
+    ]
+    assert {p.name for p in (tmp_path / "demo").glob(".last-*.json")} == {
+        ".last-demo-a.json", ".last-demo-b.json", ".last-demo-int8.json", ".last-demo-fp16.json", ".last-demo_in_repair-int8_b.json", ".last-demo.json", ".last-demo-Fp32.json"}
+
+
+def test_an_explanation_that_cannot_be_kept_or_read_never_fails_the_stage(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import tasks.stage
+    from tasks.stage import run_stage
+
+    calls: list[int] = []
+    real = tasks.stage.write_json_atomic
+
+    def disk_fails(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tasks.stage, "write_json_atomic", disk_fails)  # the record's write only: the commit is done
+    first = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+    assert first.problems() == [] and calls == [1] and not list((tmp_path / "demo").glob(".last-*"))
+    monkeypatch.setattr(tasks.stage, "write_json_atomic", real)
+    (tmp_path / "demo" / ".last-demo.json").write_text("[1, 2]")  # not a record
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        run_stage(SPEC, {"x": 2}, tmp_path, False, _make(b"a", calls))
+    assert _messages(caplog) == [] and calls == [1, 1]  # nothing known to compare with: said nothing
+
+
+def test_what_changed_is_said_in_words_the_users_edits_first():
+    from tasks.stage import changes
+
+    old = {
+        "user_code": {"usernet.py": "1", "old.py": "1"}, "code": {"tasks/a.py": "1"}, "libraries": {"torch": "2.5.0"}, "environment": {"threads": "1"},
+        "inputs": {"cfg": {"epochs": 1, "opt": {"lr": 0.1}}, "data": {"file": "d.npz", "digest": "a", "size": 1}, "gone": 1, "tol": {"atol": 1e-5, "rtol": 0.0}},
+    }
+    new = {
+        "user_code": {"usernet.py": "2", "helper.py": "1"}, "code": {"tasks/a.py": "2"}, "libraries": {"torch": "2.6.0", "onnx": "1.17"}, "environment": {"threads": "2"},
+        "inputs": {"cfg": {"epochs": 2, "opt": {"lr": 0.2}}, "data": {"file": "d.npz", "digest": "b", "size": 1}, "tol": {"atol": 1e-3, "rtol": 0.1}, "new": "x" * 50},
+    }
+    own, derived = changes(old, new)
+    assert own == [
+        "helper.py added", "old.py removed", "usernet.py changed",
+        "epochs changed (1 -> 2)", "opt.lr changed (0.1 -> 0.2)", "d.npz changed", "tol changed (atol 1e-05 -> 0.001, rtol 0.0 -> 0.1)",
+        "new added", "gone removed", "trtflow code changed (tasks/a.py)", "onnx absent -> 1.17", "torch 2.5.0 -> 2.6.0", "threads 1 -> 2",
+    ] and derived == []
+    many_old, many_new = {"code": {f"tasks/{c}.py": "1" for c in "abcde"}}, {"code": {f"tasks/{c}.py": "2" for c in "abcde"}}
+    assert changes(many_old, many_new) == (["trtflow code changed (tasks/a.py, tasks/b.py, tasks/c.py and 2 more)"], [])
+    long_old, long_new = {"inputs": {"p": {"a": "x" * 50, "b": 1, "c": 1, "d": 1}}}, {"inputs": {"p": {"a": "y" * 50, "b": 2, "c": 2, "d": 2}}}
+    assert changes(long_old, long_new)[0] == [f"p changed (a {'x' * 37}... -> {'y' * 37}..., b 1 -> 2, c 1 -> 2)"]  # three at most, each cut
+    assert changes({"inputs": {"n": 1}}, {"inputs": {"n": [1, 2]}})[0] == ["n changed (1 -> [1, 2])"]
+    assert changes({"stage": "a"}, {"stage": "b"}) == (["its key changed"], [])
+    three, four = ({"code": {f"tasks/{c}.py": v for c in cs}} for v, cs in (("1", "abc"), ("1", "abcd")))
+    assert changes(three, {"code": {k: "2" for k in three["code"]}})[0] == ["trtflow code changed (tasks/a.py, tasks/b.py, tasks/c.py)"]
+    assert changes(four, {"code": {k: "2" for k in four["code"]}})[0] == ["trtflow code changed (tasks/a.py, tasks/b.py, tasks/c.py and 1 more)"]
+    assert changes({"libraries": {"onnx": "1.17"}, "environment": {"gpu": "H100"}}, {})[0] == ["onnx 1.17 -> absent", "gpu H100 -> absent"]
+    # a file input whose content is the same (another path to it): its fields, not "changed"
+    moved = changes({"inputs": {"data": {"file": "d.npz", "digest": "a", "path": "/x"}}}, {"inputs": {"data": {"file": "d.npz", "digest": "a", "path": "/y"}}})
+    assert moved == (['data changed (path /x -> /y)'], [])
+    # an artifact of the same content under another stage name is this stage's own input change, not an upstream's
+    renamed = changes({"inputs": {"ckpt": {"artifact": "train", "digest": "1"}}}, {"inputs": {"ckpt": {"artifact": "load", "digest": "1"}}})
+    assert renamed == (["ckpt changed (artifact train -> load)"], [])
+    # values are shown as JSON (anything else as its text), 40 characters at most
+    assert changes({"inputs": {"p": "a" * 40}}, {"inputs": {"p": "b" * 41}})[0] == [f"p changed ({'a' * 40} -> {'b' * 37}...)"]
+    assert changes({"inputs": {"p": {"at": 1}}}, {"inputs": {"p": {"at": Path("/x")}}})[0] == ['p changed (at 1 -> "/x")']
+    up_old = {"inputs": {"ckpt": {"artifact": "train", "digest": "1"}}}
+    up_new = {"inputs": {"ckpt": {"artifact": "train", "digest": "2"}}}
+    asked = []
+    assert changes(up_old, up_new, lambda stage, digest: asked.append((stage, digest)) or ["train: epochs changed (1 -> 2)"]) == (
+        [], [("ckpt", ["train: epochs changed (1 -> 2)"])])
+    assert asked == [("train", "2")] and changes(up_old, up_new) == ([], [("ckpt", None)])  # unknown by default

@@ -540,6 +540,159 @@ def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypat
         reference_outputs(SimpleNamespace(digest="c", meta={"outputs": ["logits", "aux", "extra"], "scale": 2.0}), small_data)
 
 
+def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_and_pads(small_data, unlabelled_data, monkeypatch, tmp_path):
+    """A variable-length model's reference at each shape point: PyTorch on the split cut or padded to the
+    point's lengths, under the training's thread count, kept per (checkpoint, data, user code, lengths,
+    pad values) and never shared between two lengths, two pad values or two versions of the model's code."""
+    import contextlib
+
+    import tasks.train
+    import tasks.verify
+    from tasks.artifacts import ArtifactRef
+    from tasks.code_digests import forget
+    from tasks.data import split_inputs
+    from tasks.shapes import ShapePoint
+    from tasks.verify import reference_outputs_at
+
+    monkeypatch.setattr(tasks.verify, "_REFERENCE_AT", {})
+    monkeypatch.setattr(tasks.verify, "_REFERENCE", {})
+    calls, threads = [], []
+
+    @contextlib.contextmanager
+    def torch_threads(n):
+        threads.append(n)
+        yield
+
+    def predict_split(scale, data, split, progress=None, fit=None):
+        assert split == "test" and progress.total == 15 and progress.unit == "sample"
+        calls.append((scale, data.digest, progress.stage))
+        fed = split_inputs(data, "test")["x"]
+        fed = fed if fit is None else fit({"x": fed})["x"]
+        return [fed * scale, fed - scale]
+
+    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
+    monkeypatch.setattr(tasks.train, "predict_split", predict_split)
+    monkeypatch.setattr(tasks.train, "torch_threads", torch_threads)
+    (tmp_path / "refnet_user.py").write_text("def build():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forget()
+
+    def checkpoint(weights: str, scale: float) -> ArtifactRef:
+        meta = {"outputs": ["logits", "aux"], "scale": scale, "config": {"model": "refnet_user:build", "threads": 3}}
+        return ArtifactRef(stage="train", key=weights, dir=str(tmp_path / weights), files={"model.pt": weights}, meta=meta)
+
+    one, x = checkpoint("w1", 2.0), _test_inputs(small_data)
+    cut, cut_at_8, padded = ShapePoint("min", 1, {"x": {1: 2}}), ShapePoint("opt", 8, {"x": {1: 2}}), ShapePoint("max", 4, {"x": {1: 6}})
+    out = reference_outputs_at(one, small_data, cut, {})
+    assert list(out) == ["logits", "aux"] and np.array_equal(out["logits"], x[:, :2] * 2.0) and np.array_equal(out["aux"], x[:, :2] - 2.0)
+    assert not out["logits"].flags.writeable and not out["aux"].flags.writeable  # shared between the branches
+    assert calls == [(2.0, small_data.digest, "verify reference (PyTorch) at x:1x2")] and threads == [3]  # the training's threads
+    # the same lengths at another batch is the same reference; the order of the pad values does not matter
+    assert reference_outputs_at(one, small_data, cut, {}) is out and reference_outputs_at(one, small_data, cut_at_8, {}) is out and len(calls) == 1
+    zero = reference_outputs_at(one, small_data, padded, {"x": 0.0, "mask": 1.0})
+    assert np.array_equal(zero["logits"], np.pad(x, ((0, 0), (0, 2))) * 2.0) and len(calls) == 2
+    assert reference_outputs_at(one, small_data, padded, {"mask": 1.0, "x": 0.0}) is zero and len(calls) == 2
+    ones = reference_outputs_at(one, small_data, padded, {"x": 1.0, "mask": 1.0})  # another pad value: another reference
+    assert np.array_equal(ones["logits"][:, 4:], np.full((15, 2), 2.0, np.float32)) and len(calls) == 3
+    assert reference_outputs_at(one, small_data, cut, {}) is out and reference_outputs_at(one, small_data, padded, {"x": 0.0, "mask": 1.0}) is zero
+    assert len(calls) == 3  # every point of the current model is kept
+
+    other_data = reference_outputs_at(one, unlabelled_data, cut, {})
+    assert calls[-1][1] == unlabelled_data.digest and np.array_equal(other_data["logits"], _test_inputs(unlabelled_data)[:, :2] * 2.0)
+    assert reference_outputs_at(one, small_data, cut, {}) is not out and len(calls) == 5  # only the latest model and data are kept
+
+    # The same weights through edited model code are another reference, with and without lengths.
+    plain = reference_outputs(one, small_data)
+    assert reference_outputs(one, small_data) is plain and calls[-1][2] == "verify reference (PyTorch)" and len(calls) == 6
+    before = reference_outputs_at(one, small_data, cut, {})
+    (tmp_path / "refnet_user.py").write_text("def build():\n    return 2\n")
+    forget()
+    assert reference_outputs_at(one, small_data, cut, {}) is not before and len(calls) == 7
+    assert reference_outputs(one, small_data) is not plain and len(calls) == 8
+    # another checkpoint: computed with its own weights; no lengths: the plain reference
+    two = reference_outputs_at(checkpoint("w2", 5.0), small_data, cut, {})
+    assert np.array_equal(two["logits"], x[:, :2] * 5.0) and len(calls) == 9
+    assert reference_outputs_at(one, small_data, ShapePoint("opt", 8), {"x": 1.0}) is reference_outputs(one, small_data)
+    forget()
+
+
+R = np.random.default_rng(6).normal(size=(4, 1)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def regression_branch(tmp_path_factory, monkeypatch_module):
+    """A regression (y float: pred = x @ R) with a second head emb = x @ V, its fp32 engine, and the products as reference."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import tasks.verify
+    from tasks.data import split_inputs, splits_from_dataset
+
+    root = tmp_path_factory.mktemp("regression")
+    x = np.random.default_rng(7).normal(size=(100, 4)).astype(np.float32)
+    np.savez(root / "r.npz", x=x, y=(x @ R)[:, 0] + np.random.default_rng(8).normal(scale=0.1, size=100).astype(np.float32))
+    data = splits_from_dataset(DataConfig(dataset=root / "r.npz"), root)
+    assert data.meta["task"] == "regression"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "r"], ["pred"], name="head"), helper.make_node("MatMul", ["x", "v"], ["emb"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("pred", TensorProto.FLOAT, ["N", 1]), helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(R, "r"), numpy_helper.from_array(V, "v")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["pred", "emb"], "precision": "fp32"})
+    checkpoint = _artifact(root, "train", {"model.pt": b"stands for a regression"},
+                           {"outputs": ["pred", "emb"], "logits_output": "pred", "config": {"threads": 2}})
+    previous = tasks.verify.reference_outputs
+
+    def products(ckpt, d):
+        if ckpt.digest != checkpoint.digest:
+            return previous(ckpt, d)
+        x = split_inputs(d, "test")["x"]
+        return {"pred": x @ R, "emb": x @ V}
+
+    monkeypatch_module.setattr(tasks.verify, "reference_outputs", products)
+    variant = variant_from_onnx(exported, data, Precision.fp32, 64, root)
+    return root, checkpoint, data, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root)
+
+
+def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regression_branch):
+    from tasks.stage import key_ingredients
+    from tasks.verify import SPEC
+
+    root, checkpoint, data, engine = regression_branch
+    ref = verification_of_engine(engine, checkpoint, data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root)
+    report = json.loads(ref.path("verification.json").read_text())
+    assert report["passed"] and report["task"] == "regression" and report["confusion"] is None and report["logits_output"] == "pred"
+    assert report["checks_run"] == ["elementwise (atol/rtol)", "relative RMSE (pred)", "cosine per sample", "R² drop (R², MAE, RMSE against the labels)"]
+    assert report["checks_skipped"] == {}
+    first = report["batches"][0]
+    assert first["label"] == "fp32 batch 1"
+    pred, emb = first["outputs"]["pred"], first["outputs"]["emb"]
+    # the task output: against the targets (R², MAE, RMSE: the same for PyTorch and the engine), no cosine, no class metrics
+    assert pred["min_cosine"] is None and pred["max_relative_rmse"] is not None and pred["top1_agreement"] is None and pred["accuracy"] is None
+    assert pred["r2"] == pytest.approx(pred["r2_reference"]) and pred["r2"] > 0.5 and pred["r2_drop"] == pytest.approx(0.0, abs=1e-6)
+    assert pred["mae"] == pytest.approx(pred["mae_reference"]) and pred["rmse"] == pytest.approx(pred["rmse_reference"]) and 0 < pred["rmse"] < 1
+    assert [c["metric"] for c in first["checks"] if c["output"] == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
+    assert [c["metric"] for c in first["checks"] if c["output"] == "emb"][1:] == ["min_cosine"]
+    repeated = next(b for b in report["batches"] if b["label"] == "fp32 batch 8 repeated rows")  # judged as on the split, not scored
+    assert [c["metric"] for c in repeated["checks"] if c["output"] == "pred"][1:] == ["max_relative_rmse"] and repeated["outputs"]["pred"]["r2"] is None
+    # the second head: verified against PyTorch by its cosine, never scored against the targets
+    assert emb["min_cosine"] == pytest.approx(1.0) and emb["r2"] is None and emb["top1_agreement"] is None
+    assert ref.meta["r2"] == pytest.approx(pred["r2"], abs=1e-6) and ref.meta["task"] == "regression"
+    # the reference's thread count (the training's) and the engine's enter the key
+    inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": Precision.fp32, "tolerance": Tolerance(), "batch": BATCH}
+    assert key_ingredients(SPEC, inputs)["environment"] == {"engine_threads": "1", "torch_threads": "2"}
+
+
+def test_the_reference_runs_with_the_trainings_thread_count():
+    from tasks.verify import reference_threads
+
+    assert reference_threads(SimpleNamespace(meta={"config": {"threads": 3}, "torch_threads": 2})) == 3
+    assert reference_threads(SimpleNamespace(meta={"config": {"threads": None}, "torch_threads": 2})) == 2
+    assert reference_threads(SimpleNamespace(meta={"torch_threads": 4})) == 4
+    assert reference_threads(SimpleNamespace(meta={})) == 1
+
+
 # --- the stage on the session's tiny trained model (the default CNN on digits) --------------------
 
 
