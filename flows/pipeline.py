@@ -29,7 +29,7 @@ from flows.ui import Progress, publish_figures, publish_links
 from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
-from tasks.config import Backend, PipelineConfig
+from tasks.config import PipelineConfig
 from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
 from tasks.engine import engine_from_variant, profile_for
 from tasks.errors import DatasetError, StorageError, VerificationError
@@ -211,7 +211,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     store, builder, backend_reason = preflight(config)
     root = store.local
     logger.info("backend %s", backend_reason)
-    run_config = config.model_copy(update={"backend": Backend(builder.name)})
+    run_config = config.model_copy(update={"backend": builder.name})
     forced = GRAPH.refreshed(config.refresh, config.precisions)
     plan = GRAPH.plan(run_config)
     # Instances a planned recovery node stands behind (verify-int8 when repair-int8 may run).
