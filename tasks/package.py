@@ -296,11 +296,11 @@ def write_model_repository(
     Raises:
         BundleError: a tensor type Triton cannot name, or a config Triton would refuse.
     """
-    from tasks.triton import NUMPY_TYPES, PLATFORMS, WarmupInput, batched, config_problems, config_text, engine_io, model_of_engine, parsed_config, triton_type
+    from tasks.triton import NUMPY_TYPES, WarmupInput, batched, config_problems, config_text, engine_io, model_of_engine, parsed_config, platform_of, triton_type
 
     model_dir = repository / name
     (model_dir / "1").mkdir(parents=True)
-    shutil.copyfile(engine_file, model_dir / "1" / PLATFORMS[info.backend].model_file)
+    shutil.copyfile(engine_file, model_dir / "1" / platform_of(info.backend).model_file)
     # Warm-up: the first real sample of every input, as raw bytes (Triton repeats it to the batch size).
     io = engine_io(info)
     warmup, per_sample = [], batched(io)
@@ -394,7 +394,7 @@ def bundle_of_variants(
 
     def make(out: Path) -> dict[str, Any]:
         from tasks.engine import engine_info, runner_from_build
-        from tasks.triton import PLATFORMS, schema_version
+        from tasks.triton import platform_of, schema_version
 
         attempted = [p.value for p in config.precisions]
         passed = [p for p in attempted if p in engines and p in verifications]
@@ -404,7 +404,7 @@ def bundle_of_variants(
         info = engine_info(engine)
         engine.verify()
         name = model_name(config)
-        plat = PLATFORMS[info.backend]
+        plat = platform_of(info.backend)
         feed, labels = sample_inputs(data, info, config.ship.samples)
         with runner_from_build(engine) as runner:
             outputs = runner.infer(feed)

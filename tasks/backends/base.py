@@ -347,6 +347,8 @@ class BackendSpec:
         version_key: the key of its ``environment()`` that holds its version.
         portable_keys: keys of its ``environment()`` that must be the same where a built engine runs
             (a TensorRT plan runs only with its TensorRT version on its GPU model; an ONNX file anywhere).
+        triton_platform: the Triton Inference Server platform that serves its engine file as it is
+            (``onnxruntime_onnx``, ``tensorrt_plan``); None: it cannot be shipped as a Triton model.
     """
 
     name: str
@@ -361,6 +363,7 @@ class BackendSpec:
     present: str = ""
     version_key: str = ""
     portable_keys: tuple[str, ...] = ()
+    triton_platform: str | None = None
 
     @property
     def host_memory(self) -> bool:

@@ -333,4 +333,5 @@ BACKEND = BackendSpec(
     auto=100,
     present="onnxruntime is installed",
     version_key="onnxruntime",
+    triton_platform="onnxruntime_onnx",
 )

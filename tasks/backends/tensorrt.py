@@ -998,4 +998,5 @@ BACKEND = BackendSpec(
     present="TensorRT, pycuda and a GPU are present",
     version_key="tensorrt",
     portable_keys=("tensorrt", "gpu", "compute_capability"),
+    triton_platform="tensorrt_plan",
 )
