@@ -29,7 +29,7 @@ from flows.ui import Progress, publish_figures, publish_links
 from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
-from tasks.config import PipelineConfig
+from tasks.config import Backend, PipelineConfig
 from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
 from tasks.engine import engine_from_variant, profile_for
 from tasks.errors import DatasetError, StorageError, VerificationError
