@@ -211,7 +211,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     store, builder, backend_reason = preflight(config)
     root = store.local
     logger.info("backend %s", backend_reason)
-    run_config = config.model_copy(update={"backend": Backend(builder.name)})
+    run_config = config.model_copy(update={"backend": builder.name})
     forced = GRAPH.refreshed(config.refresh, config.precisions)
     plan = GRAPH.plan(run_config)
     # Instances a planned recovery node stands behind (verify-int8 when repair-int8 may run).

@@ -27,7 +27,7 @@ class Precision(str, Enum):
 
 
 class Backend(str, Enum):
-    """Inference backend that builds and runs engines."""
+    """The built-in inference backends (``PipelineConfig.backend`` also takes any registered one's name)."""
 
     auto = "auto"
     onnxruntime = "onnxruntime"
@@ -420,6 +420,10 @@ class EngineOptions(_Strict):
     threads: int = Field(2, ge=1, le=256, description="CPU threads of ONNX Runtime sessions.")
     workspace_mib: int = Field(1024, ge=16, description="TensorRT builder workspace limit (MiB).")
     tf32: bool = Field(True, description="Allow TF32 in TensorRT fp32 engines; off for strict fp32.")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
+        description="ONNX Runtime execution providers of every engine's session, in order of preference (each must be in the installed onnxruntime).",
+    )
 
 
 class ProfileConfig(_Strict):
@@ -619,7 +623,8 @@ class PipelineConfig(_Strict):
         min_length=1,
         description="Engines to build and verify.",
     )
-    backend: Backend = Field(Backend.auto, description="auto: TensorRT when it and a GPU are present, else ONNX Runtime.")
+    # A built-in name becomes its Backend member; any other is a registered backend's (checked when the run resolves it).
+    backend: Backend | str = Field(Backend.auto, union_mode="left_to_right", description="auto: TensorRT when it and a GPU are present, else ONNX Runtime.")
     batch: BatchProfile = Field(default_factory=BatchProfile, title="Batch sizes", description="Smallest, tuned-for and largest batch of every engine.")
     shapes: ShapeProfile = Field(
         default_factory=ShapeProfile, title="Input shapes",

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import ArtifactRef, write_bytes_atomic
 from tasks.backends.base import BaseRunner, EngineInfo
-from tasks.backends.registry import builder_for
+from tasks.backends.registry import backend_spec, builder_for
 from tasks.config import Backend, BatchProfile, EngineOptions, ShapeProfile
 from tasks.stage import StageSpec, run_stage
 from tasks.store import Store, as_store
@@ -21,9 +23,19 @@ log = logging.getLogger("trtflow.build")
 INFO = "engine.json"
 
 
+def _backend_name(backend: Backend | str) -> str:
+    return str(getattr(backend, "value", backend))
+
+
 def _environment(inputs: Mapping[str, Any]) -> dict[str, str]:
     # Engines are not portable across backend versions or devices: they are part of the key.
-    return builder_for(inputs["backend"]).environment()
+    builder = builder_for(inputs["backend"])
+    env = builder.environment()
+    module = sys.modules.get(type(builder).__module__)
+    if not type(builder).__module__.startswith("tasks.") and module is not None and getattr(module, "__file__", None):
+        # A registered backend's module is outside the project files the key hashes (``code``): its source is hashed here.
+        env = {**env, "backend_code": hashlib.sha256(Path(module.__file__ or "").read_bytes()).hexdigest()}
+    return env
 
 
 def _shapes_in_key(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -86,7 +98,7 @@ def timing_caches(store: Store, builder: str) -> Iterator[Path]:
 
 def engine_from_variant(
     variant: ArtifactRef,
-    backend: Backend,
+    backend: Backend | str,
     batch: BatchProfile,
     options: EngineOptions,
     store: Store,
@@ -96,10 +108,10 @@ def engine_from_variant(
 
     Args:
         variant: the ``precision`` artifact to build from.
-        backend: a concrete backend (``onnxruntime`` or ``tensorrt``), already resolved from ``auto``.
+        backend: a registered backend's name, already resolved from ``auto``.
         batch: min / opt / max batch of the optimization profile (an ``EngineProfile``: with the dynamic
             axes beyond the batch, which every input's min / opt / max shape then holds).
-        options: backend options (threads, workspace, tf32).
+        options: backend options (threads, workspace, tf32, ONNX Runtime's providers).
         store: the artifact store.
         refresh: rebuild even if an intact engine exists.
 
@@ -115,13 +127,20 @@ def engine_from_variant(
     def make(out: Path) -> dict[str, Any]:
         from tasks.shapes import dynamic, full_shapes
 
-        builder = builder_for(backend)
+        spec, builder = backend_spec(backend), builder_for(backend)
         specs = variant.meta.get("input_specs") or []
         shapes = full_shapes(batch, specs) if dynamic(batch) and specs else None
-        with timing_caches(store, builder.name) as cache_dir:
+        caches = timing_caches(store, builder.name) if spec.timing_cache else contextlib.nullcontext(None)
+        with caches as cache_dir:
             # The precision too: a backend without kernels for it builds its emulation instead (tasks.precisions).
-            build_options = {**options.model_dump(), "timing_cache_dir": str(cache_dir), "precision": variant.meta.get("precision")}
+            build_options: dict[str, Any] = {**options.model_dump(), "precision": variant.meta.get("precision")}
+            if cache_dir is not None:
+                build_options["timing_cache_dir"] = str(cache_dir)
             result = builder.engine_from_onnx(variant.path("model.onnx"), out, (batch.min, batch.opt, batch.max), build_options, shapes=shapes)
+        if result.engine_file != spec.engine_file:
+            # The spec says where every engine of the backend lives (the registry's listing, the docs);
+            # a builder writing elsewhere is that backend's bug, caught on its first build.
+            raise ValueError(f"backend '{spec.name}' wrote {result.engine_file}, its spec says {spec.engine_file}")
         info = EngineInfo.model_validate(
             {
                 **result.info,
@@ -141,7 +160,7 @@ def engine_from_variant(
         log.info("build: %s %s engine (%s)", builder.name, info.precision, result.engine_file)
         return meta
 
-    inputs = {"variant": variant, "backend": Backend(backend), "batch": batch, "options": options}
+    inputs = {"variant": variant, "backend": _backend_name(backend), "batch": batch, "options": options}
     return run_stage(SPEC, inputs, store, refresh, make)
 
 
@@ -149,7 +168,7 @@ def engine_from_variant(
 _TOLD: set[tuple[str, int]] = set()
 
 
-def profile_for(batch: BatchProfile, shapes: ShapeProfile, backend: Backend, checkpoint: ArtifactRef) -> BatchProfile:
+def profile_for(batch: BatchProfile, shapes: ShapeProfile, backend: Backend | str, checkpoint: ArtifactRef) -> BatchProfile:
     """The profile every engine is built, verified and timed at: the batch sizes fitted to memory
     (``batch_for_memory``, with one sample's activations scaled to the longest shape) and the shape
     profile's dynamic axes resolved against the model's inputs (``tasks.shapes.engine_profile``).
@@ -170,7 +189,7 @@ def profile_for(batch: BatchProfile, shapes: ShapeProfile, backend: Backend, che
     return engine_profile(batch_for_memory(batch, backend, checkpoint, scale), shapes, specs)
 
 
-def batch_for_memory(batch: BatchProfile, backend: Backend, checkpoint: ArtifactRef, scale: float = 1.0) -> BatchProfile:
+def batch_for_memory(batch: BatchProfile, backend: Backend | str, checkpoint: ArtifactRef, scale: float = 1.0) -> BatchProfile:
     """The profile engines are built, verified and timed at: ``batch``, with opt and max lowered when
     the engine runs on the CPU and one batch of the trained model's activations would take more than
     ``batch.cpu_memory_mib``.
@@ -192,7 +211,7 @@ def batch_for_memory(batch: BatchProfile, backend: Backend, checkpoint: Artifact
         and opt at most that.
     """
     per_sample = int(scale * (checkpoint.meta.get("memory_plan") or {}).get("activation_per_sample", 0))
-    if not batch.cpu_memory_mib or per_sample <= 0 or not builder_for(backend).host_memory:
+    if not batch.cpu_memory_mib or per_sample <= 0 or not backend_spec(backend).host_memory:
         return batch
     fits = (batch.cpu_memory_mib << 20) // per_sample
     if fits >= batch.max:
@@ -204,7 +223,7 @@ def batch_for_memory(batch: BatchProfile, backend: Backend, checkpoint: Artifact
         log.warning(
             "batch profile %d/%d/%d lowered to %d/%d/%d for %s on the CPU: one sample's activations take %.1f MiB, "
             "so a batch of %d would take %.0f MiB (--cpu-batch-memory-mib is %d; raise it, or pass 0, to keep the profile)",
-            batch.min, batch.opt, batch.max, fitted.min, fitted.opt, fitted.max, backend.value if isinstance(backend, Backend) else backend,
+            batch.min, batch.opt, batch.max, fitted.min, fitted.opt, fitted.max, _backend_name(backend),
             per_sample / (1 << 20), batch.max, batch.max * per_sample / (1 << 20), batch.cpu_memory_mib,
         )
     return fitted

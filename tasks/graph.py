@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tasks.artifacts import ArtifactRef
-from tasks.config import Backend, PipelineConfig, Precision
+from tasks.config import PipelineConfig, Precision
 from tasks.stage import stage_instance
 from tasks.store import Store, store_for
 
@@ -302,7 +302,7 @@ def resolved(config: PipelineConfig) -> tuple[PipelineConfig, str]:
     from tasks.backends.registry import choose_backend
 
     builder, reason = choose_backend(config.backend)
-    return config.model_copy(update={"backend": Backend(builder.name)}), reason
+    return config.model_copy(update={"backend": builder.name}), reason
 
 
 class Executor(Protocol):

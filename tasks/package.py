@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import MANIFEST, ArtifactRef, sha256_file
+from tasks.backends.base import EngineInfo
+from tasks.backends.registry import backend_spec, builder_for
 from tasks.config import PipelineConfig, Precision, Tolerance, parse_ship_policy
-from tasks.errors import BundleError
+from tasks.errors import BackendUnavailableError, BundleError
 from tasks.locking import key_lock
 from tasks.code_digests import describe
 from tasks.stage import StageSpec, run_stage
@@ -294,11 +296,11 @@ def write_model_repository(
     Raises:
         BundleError: a tensor type Triton cannot name, or a config Triton would refuse.
     """
-    from tasks.triton import NUMPY_TYPES, PLATFORMS, WarmupInput, batched, config_problems, config_text, engine_io, model_of_engine, parsed_config, triton_type
+    from tasks.triton import NUMPY_TYPES, WarmupInput, batched, config_problems, config_text, engine_io, model_of_engine, parsed_config, platform_of, triton_type
 
     model_dir = repository / name
     (model_dir / "1").mkdir(parents=True)
-    shutil.copyfile(engine_file, model_dir / "1" / PLATFORMS[info.backend].model_file)
+    shutil.copyfile(engine_file, model_dir / "1" / platform_of(info.backend).model_file)
     # Warm-up: the first real sample of every input, as raw bytes (Triton repeats it to the batch size).
     io = engine_io(info)
     warmup, per_sample = [], batched(io)
@@ -392,7 +394,7 @@ def bundle_of_variants(
 
     def make(out: Path) -> dict[str, Any]:
         from tasks.engine import engine_info, runner_from_build
-        from tasks.triton import PLATFORMS, schema_version
+        from tasks.triton import platform_of, schema_version
 
         attempted = [p.value for p in config.precisions]
         passed = [p for p in attempted if p in engines and p in verifications]
@@ -402,7 +404,7 @@ def bundle_of_variants(
         info = engine_info(engine)
         engine.verify()
         name = model_name(config)
-        plat = PLATFORMS[info.backend]
+        plat = platform_of(info.backend)
         feed, labels = sample_inputs(data, info, config.ship.samples)
         with runner_from_build(engine) as runner:
             outputs = runner.infer(feed)
@@ -417,13 +419,14 @@ def bundle_of_variants(
         write_npz(out / SAMPLES, arrays)
 
         env = dict(info.environment)
-        backend_version = env.get("onnxruntime") or env.get("tensorrt") or "unknown"
+        spec = backend_spec(info.backend)
+        backend_version = env.get(spec.version_key) or "unknown"
         engine_record: dict[str, Any] = {
             "backend": info.backend, "backend_version": backend_version, "environment": env, "precision": chosen,
             "threads": info.threads, "batch": info.batch.model_dump(), "engine_digest": engine.digest,
             "variant_digest": info.variant_digest, "io_source": model.source,
         }
-        if info.backend == "tensorrt":
+        if spec.device == "gpu":
             engine_record["gpu"] = {"name": env.get("gpu"), "compute_capability": env.get("compute_capability")}
         verify = verifications[chosen]
         tolerance = config.tolerance(Precision(chosen))
@@ -613,26 +616,18 @@ def _samples_through_backend(folder: Path, bundle: Mapping[str, Any]) -> str:
 def _local_runner(model_file: Path, backend: str, engine: Mapping[str, Any]) -> tuple[Any, str]:
     """A runner for the shipped file on this machine and the backend's name and version, or None and
     why it cannot run here."""
-    from tasks.backends.registry import builder_for
-
-    batch = engine.get("batch") or {}
-    if backend == "onnxruntime":
-        ort = builder_for("onnxruntime")
-        if (why := ort.availability()) is not None:
-            return None, why
-        from tasks.backends.onnxruntime import OnnxRuntimeRunner
-
-        runner = OnnxRuntimeRunner(model_file, threads=engine.get("threads"), min_batch=batch.get("min"), max_batch=batch.get("max"))
-        return runner, f"onnxruntime {ort.environment()['onnxruntime']}"
-    if backend == "tensorrt":
-        builder = builder_for("tensorrt")
-        if (why := builder.availability()) is not None:
-            return None, f"TensorRT cannot run here ({why})"
-        here, there = builder.environment(), engine.get("environment") or {}
-        for key in ("tensorrt", "gpu", "compute_capability"):
-            if here.get(key) != there.get(key):
-                return None, f"the plan was built for {key} {there.get(key)}, this machine has {here.get(key)} (plans are not portable)"
-        from tasks.backends.tensorrt import TensorRTRunner
-
-        return TensorRTRunner(model_file), f"TensorRT {here['tensorrt']} on {here['gpu']}"
-    return None, f"no local runner for backend '{backend}'"
+    try:
+        spec = backend_spec(backend)
+    except BackendUnavailableError:
+        return None, f"no local runner for backend '{backend}'"
+    builder = builder_for(backend)
+    if (why := builder.availability()) is not None:
+        return None, f"{spec.label or spec.name} cannot run here ({why})"
+    here, there = builder.environment(), engine.get("environment") or {}
+    for key in spec.portable_keys:
+        if here.get(key) != there.get(key):
+            return None, f"the engine was built for {key} {there.get(key)}, this machine has {here.get(key)} ({spec.engine_format} files are not portable)"
+    batch = engine.get("batch") or {"min": 1, "opt": 1, "max": 1}
+    info = EngineInfo(backend=backend, engine_file=model_file.name, batch=batch, inputs=[], outputs=[], threads=engine.get("threads"))
+    on = f" on {here['gpu']}" if spec.device == "gpu" and "gpu" in here else ""
+    return builder.runner_from_engine(model_file, info), f"{spec.name} {here.get(spec.version_key, '')}{on}"

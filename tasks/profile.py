@@ -246,9 +246,10 @@ def batches_of(batch: BatchProfile) -> tuple[int, int]:
 
 def _torch_device(engine: ArtifactRef) -> str:
     # A GPU engine against PyTorch on the CPU would flatter the engine: compare on the same device.
+    from tasks.backends.registry import backend_spec
     from tasks.engine import engine_info
 
-    return "cuda" if engine_info(engine).backend == "tensorrt" else "cpu"
+    return backend_spec(engine_info(engine).backend).torch_device
 
 
 def torch_profile(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.backends.base import EngineInfo
-from tasks.errors import BundleError
+from tasks.errors import BundleError, TrtflowError
 
 #: dtype names (numpy's, TensorRT's ``DataType``, ONNX Runtime's ``tensor(...)``) -> Triton's data type
 TRITON_TYPES: dict[str, str] = {
@@ -62,12 +62,42 @@ class Platform:
     instance_kind: str
 
 
-#: backend name -> Triton platform, the file name Triton looks for in the version folder, instance kind
-PLATFORMS: dict[str, Platform] = {
-    # ONNX Runtime engines here are verified on the CPU provider: serve them on the CPU too.
-    "onnxruntime": Platform("onnxruntime_onnx", "model.onnx", "KIND_CPU"),
-    "tensorrt": Platform("tensorrt_plan", "model.plan", "KIND_GPU"),
-}
+#: Triton platform -> the file name Triton looks for in a model's version folder
+MODEL_FILES: dict[str, str] = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+
+
+def _declared_platform(backend: str) -> str | None:
+    from tasks.backends.registry import backend_spec
+
+    try:
+        return backend_spec(backend).triton_platform
+    except TrtflowError:
+        return None
+
+
+def platform_of(backend: str) -> Platform:
+    """How Triton serves the engines of a registered backend: its spec's platform, on its device's kind.
+
+    Raises:
+        BundleError: the backend declares no Triton platform (or one this module has no file name for),
+            or is not registered.
+    """
+    from tasks.backends.registry import backend_spec, backends
+
+    try:
+        spec = backend_spec(backend)
+    except TrtflowError as exc:
+        raise BundleError(got=f"an engine of backend '{backend}'", expected="a registered backend", because=exc.because, fix=exc.fix) from exc
+    if spec.triton_platform not in MODEL_FILES:
+        served = [s.name for s in backends() if s.triton_platform in MODEL_FILES]
+        raise BundleError(
+            got=f"an engine of backend '{backend}'",
+            expected=f"one of {', '.join(served)}",
+            because="only those have a Triton platform",
+            fix=f"build with {' or '.join('--backend ' + n for n in served)}",
+        )
+    # An engine verified on the CPU is served on the CPU too; a GPU one on the GPU.
+    return Platform(spec.triton_platform, MODEL_FILES[spec.triton_platform], "KIND_GPU" if spec.device == "gpu" else "KIND_CPU")
 
 
 def triton_type(dtype: str, tensor: str) -> str:
@@ -153,7 +183,8 @@ def engine_io(info: EngineInfo) -> EngineIO:
         else:
             batch = (info.batch.min, info.batch.opt, info.batch.max)
         return EngineIO(ins, outs, batch, "the deserialized plan's IO tensors and optimization profile")
-    what = "the TensorRT network the plan was built from" if info.backend == "tensorrt" else f"the {info.backend} session's inputs and outputs"
+    plan = MODEL_FILES.get(_declared_platform(info.backend) or "") == "model.plan"
+    what = "the TensorRT network the plan was built from" if plan else f"the {info.backend} session's inputs and outputs"
     return EngineIO(
         tuple((s.name, s.dtype, tuple(s.shape)) for s in info.inputs),
         tuple((s.name, s.dtype, tuple(s.shape)) for s in info.outputs),
@@ -188,14 +219,7 @@ def model_of_engine(
     Raises:
         BundleError: the backend has no Triton platform, or a tensor's type has no Triton name.
     """
-    if info.backend not in PLATFORMS:
-        raise BundleError(
-            got=f"an engine of backend '{info.backend}'",
-            expected=f"one of {', '.join(PLATFORMS)}",
-            because="only those have a Triton platform",
-            fix="build with --backend onnxruntime or --backend tensorrt",
-        )
-    plat = PLATFORMS[info.backend]
+    plat = platform_of(info.backend)
     io = engine_io(info)
     batch = batched(io)
 
@@ -203,8 +227,8 @@ def model_of_engine(
         return tuple(TritonTensor(n, triton_type(d, n), tuple(shape[1:] if batch else shape)) for n, d, shape in specs)
 
     params: dict[str, str] = {}
-    if info.backend == "onnxruntime" and info.threads:
-        # Results and speed were verified with this many threads (ONNX Runtime backend parameters).
+    if plat.platform == "onnxruntime_onnx" and info.threads:
+        # Results and speed were verified with this many threads (Triton's ONNX Runtime backend parameters).
         params = {"intra_op_thread_count": str(info.threads), "inter_op_thread_count": "1"}
     return TritonModel(
         name=name,

@@ -558,11 +558,11 @@ INT8_AS_FP32 = "int8 Q/DQ computed in fp32 (this CPU has no VNNI and its int8 ke
 
 def numerics_of(backend: str, precision: Precision) -> str:
     """Which numerics verifying an engine of this backend checks: native, or emulated (the
-    precision's ``Emulation.label``) on a backend that computes reduced floats in fp32."""
-    from tasks.backends.registry import builder_for
+    precision's ``Emulation.label``) on a backend that does not compute that precision natively."""
+    from tasks.backends.registry import backend_spec
 
     spec = precision_spec(precision)
-    if spec.emulation is not None and not builder_for(backend).native_reduced_floats:
+    if spec.emulation is not None and not backend_spec(backend).runs_natively(spec.name):
         return spec.emulation.label
     return f"native {spec.name}"
 

@@ -239,3 +239,30 @@ def test_trtflow_run_writes_a_bundle_that_check_bundle_and_triton_accept(job, tm
     assert check.returncode == 0 and "files match bundle.json" in check.stdout and "samples through onnxruntime" in check.stdout, check.stderr
     assert_accepted(art / "bundle", triton, f"cli_accept_{job}")
     assert_served_as_verified(art / "bundle", triton, f"cli_serve_{job}")
+
+
+def test_the_platform_and_instance_kind_come_from_the_backends_spec():
+    """A registered backend is served on the Triton platform its spec declares, on its device's kind."""
+    from tasks.backends.base import BackendSpec
+    from tasks.backends.onnxruntime import OnnxRuntimeBuilder
+    from tasks.backends.registry import register_backend, unregister_backend
+    from tasks.errors import BundleError
+    from tasks.triton import platform_of
+
+    info = EngineInfo.model_validate({**TRT_INFO, "engine_io": None, "backend": "ort-gpu"})
+    for name, platform in (("ort-gpu", "onnxruntime_onnx"), ("unserved", None)):
+        register_backend(BackendSpec(name=name, builder=OnnxRuntimeBuilder, device="gpu", native_precisions=frozenset({"fp32"}),
+                                     engine_file="engine.onnx", engine_format="ONNX", triton_platform=platform))
+    try:
+        model = model_of_engine(info, "m")
+        assert (model.platform, model.instance_kind) == ("onnxruntime_onnx", "KIND_GPU")
+        assert "session's inputs" in model.source
+        assert (platform_of("onnxruntime").instance_kind, platform_of("tensorrt").model_file) == ("KIND_CPU", "model.plan")
+        with pytest.raises(BundleError, match="only those have a Triton platform") as error:
+            model_of_engine(info.model_copy(update={"backend": "unserved"}), "m")
+        assert "unserved" not in error.value.expected and "onnxruntime" in error.value.expected
+        with pytest.raises(BundleError, match="a registered backend"):
+            platform_of("nowhere")
+    finally:
+        unregister_backend("ort-gpu")
+        unregister_backend("unserved")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -278,15 +278,14 @@ class BuildResult:
 
 
 class EngineBuilder(abc.ABC):
-    """Turns an ONNX file of one precision into an engine of one backend."""
+    """Turns an ONNX file of one precision into an engine of one backend.
 
-    #: backend name as in ``tasks.config.Backend``
+    What the rest of the pipeline needs to know about a backend (its device, the precisions it
+    computes natively, its engine file) is its ``BackendSpec``, not the builder.
+    """
+
+    #: the backend's name, as its ``BackendSpec`` registers it
     name: str
-    #: whether its engines compute a reduced float graph (fp16, bf16) in that precision; when not,
-    #: verify checks the precision's rounding emulation (``tasks.precisions``: ``PrecisionSpec.emulation``)
-    native_reduced_floats: bool = True
-    #: whether its engines hold their activations in this process's memory (a CPU backend)
-    host_memory: bool = False
 
     @abc.abstractmethod
     def availability(self) -> str | None:
@@ -321,3 +320,61 @@ class EngineBuilder(abc.ABC):
     @abc.abstractmethod
     def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
         """Return an inactive Runner for a built engine."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend as the pipeline sees it: what it is capable of, and how to get its builder.
+
+    Stages ask these capabilities, never the backend's name: a new backend is one module declaring
+    its spec and ``tasks.backends.registry.register_backend(spec)``.
+
+    Attributes:
+        name: the ``--backend`` name, recorded in every engine's ``EngineInfo.backend``.
+        builder: makes the backend's ``EngineBuilder`` (called when one is needed: no heavy import before).
+        device: where its engines compute. ``gpu``: PyTorch is timed on CUDA beside them, the batch
+            profile is kept as configured, the bundle records the GPU. ``cpu``: PyTorch on the CPU, the
+            profile's batches are fitted to ``batch.cpu_memory_mib``.
+        native_precisions: the precisions whose engines compute in that precision; any other is also
+            verified through its emulation on the CPU (an fp16 engine ONNX Runtime computes in fp32).
+        engine_file: the file name of the engine in its ``build`` artifact.
+        engine_format: what that file is (for people: the report, the docs).
+        timing_cache: whether its builder keeps a timing cache (in the store, ``.cache/<name>``).
+        label: its name in sentences ("ONNX Runtime").
+        auto: its rank among the backends ``--backend auto`` tries, lowest first (None: never chosen
+            by ``auto``); the last one that is available everywhere is the fallback.
+        present: why ``auto`` chose it when it is the first it tried ("TensorRT, pycuda and a GPU are present").
+        version_key: the key of its ``environment()`` that holds its version.
+        portable_keys: keys of its ``environment()`` that must be the same where a built engine runs
+            (a TensorRT plan runs only with its TensorRT version on its GPU model; an ONNX file anywhere).
+        triton_platform: the Triton Inference Server platform that serves its engine file as it is
+            (``onnxruntime_onnx``, ``tensorrt_plan``); None: it cannot be shipped as a Triton model.
+    """
+
+    name: str
+    builder: Callable[[], EngineBuilder]
+    device: Literal["cpu", "gpu"]
+    native_precisions: frozenset[str]
+    engine_file: str
+    engine_format: str
+    timing_cache: bool = False
+    label: str = ""
+    auto: int | None = None
+    present: str = ""
+    version_key: str = ""
+    portable_keys: tuple[str, ...] = ()
+    triton_platform: str | None = None
+
+    @property
+    def host_memory(self) -> bool:
+        """Whether its engines hold their activations in this process's memory (a CPU backend)."""
+        return self.device == "cpu"
+
+    @property
+    def torch_device(self) -> str:
+        """The PyTorch device its engines are compared and timed against (the same kind of device)."""
+        return "cuda" if self.device == "gpu" else "cpu"
+
+    def runs_natively(self, precision: str) -> bool:
+        """Whether its engines compute ``precision`` (a ``Precision`` value) in that precision."""
+        return str(getattr(precision, "value", precision)) in self.native_precisions

@@ -2,23 +2,37 @@
 
 "Building" an ONNX Runtime engine means running its offline graph optimizer once and saving the
 result, so each session later loads an already-fused graph, mirroring TensorRT's build/run split.
+
+The execution providers are a parameter (``EngineOptions.providers``, default the CPU provider) that
+reaches every session of the build and of the runner. This module's ``BACKEND`` declares the CPU
+backend; one on another device is one more spec with its own builder name, e.g.::
+
+    class OnnxRuntimeCudaBuilder(OnnxRuntimeBuilder):
+        name = "onnxruntime-cuda"
+    register_backend(BackendSpec(
+        name="onnxruntime-cuda", builder=OnnxRuntimeCudaBuilder, device="gpu",
+        native_precisions=frozenset({"fp32", "fp16", "int8"}), engine_file=ENGINE_FILE,
+        engine_format="ONNX (optimized by ONNX Runtime)", label="ONNX Runtime (CUDA)", version_key="onnxruntime",
+    ))  # with engine.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] in the config
 """
 
 from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec, engine_unloadable
-from tasks.errors import EngineBuildError
+from tasks.backends.base import BackendSpec, BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec, engine_unloadable
+from tasks.errors import EngineBuildError, InferenceError, TrtflowError
 from tasks.precisions import precision_spec
 
 ENGINE_FILE = "engine.onnx"
+#: the providers of a session when none are asked for
+CPU_PROVIDERS = ("CPUExecutionProvider",)
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
@@ -92,9 +106,35 @@ def session_options(threads: int | None, optimize: bool, fuse_int8: bool = True)
     return so
 
 
-def _specs(nodes: list[Any]) -> list[TensorSpec]:
+def checked_providers(providers: Sequence[str] | None, error: type[TrtflowError] = EngineBuildError) -> list[str]:
+    """The execution providers a session is given: ``providers``, each one present in this onnxruntime.
+
+    Args:
+        providers: in order of preference; None or empty: the CPU provider.
+        error: what a missing provider raises (a runner's is an ``InferenceError``).
+
+    Raises:
+        EngineBuildError: a provider this onnxruntime does not have (ONNX Runtime itself would only
+            warn and run on the CPU provider: the engine would be verified and timed as what it is not).
+    """
+    import onnxruntime as ort
+
+    wanted = list(providers or CPU_PROVIDERS)
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise error(
+            got=f"execution providers {wanted}",
+            expected=f"providers this onnxruntime {ort.__version__} has: {available}",
+            because=f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not built into the installed onnxruntime package",
+            fix="install the onnxruntime package that has it (onnxruntime-gpu for CUDAExecutionProvider), or leave engine.providers at its default",
+        )
+    return wanted
+
+
+def _specs(nodes: Sequence[Any]) -> list[TensorSpec]:
     return [
-        TensorSpec(n.name, _ORT_DTYPES.get(n.type, n.type), tuple(d if isinstance(d, int) else -1 for d in n.shape))
+        TensorSpec(n.name, _ORT_DTYPES.get(n.type) or str(n.type), tuple(d if isinstance(d, int) else -1 for d in n.shape))
         for n in nodes
     ]
 
@@ -103,10 +143,6 @@ class OnnxRuntimeBuilder(EngineBuilder):
     """Optimizes an ONNX file with ONNX Runtime's portable (extended) graph optimizations."""
 
     name = "onnxruntime"
-    # The CPU provider casts fp16 weights back to fp32 and computes in fp32 (facts: ORT CPU fp16), and
-    # has no kernels for most bf16 operators.
-    native_reduced_floats = False
-    host_memory = True
 
     def availability(self) -> str | None:
         try:
@@ -138,8 +174,9 @@ class OnnxRuntimeBuilder(EngineBuilder):
         if fuse_int8:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(out_dir / ENGINE_FILE)
+        providers = checked_providers(options.get("providers"))
         try:
-            sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineBuildError(
                 got=f"ONNX Runtime error: {exc}",
@@ -209,11 +246,14 @@ class OnnxRuntimeBuilder(EngineBuilder):
     def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:
         # An emulation engine keeps its rounding casts only without graph optimizations.
         optimize = not (info.model_extra or {}).get("emulation")
-        return OnnxRuntimeRunner(engine_path, threads=info.threads, optimize=optimize, min_batch=info.batch.min, max_batch=info.batch.max, shapes=info.shapes)
+        return OnnxRuntimeRunner(
+            engine_path, threads=info.threads, optimize=optimize, min_batch=info.batch.min, max_batch=info.batch.max, shapes=info.shapes,
+            providers=info.options.get("providers"),
+        )
 
 
 class OnnxRuntimeRunner(BaseRunner):
-    """Runs an ONNX file with ONNX Runtime's CPU provider."""
+    """Runs an ONNX file with ONNX Runtime (the CPU provider unless ``providers`` says otherwise)."""
 
     def __init__(
         self,
@@ -224,8 +264,11 @@ class OnnxRuntimeRunner(BaseRunner):
         max_batch: int | None = None,
         shapes: Mapping[str, Mapping[str, Any]] | None = None,
         fuse_int8: bool | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(onnx_path).name}")
+        #: execution providers of the session, in order of preference (None: the CPU provider)
+        self.providers = list(providers) if providers else None
         # None: fuse Q/DQ into int8 kernels unless this CPU's int8 kernels saturate (int8_kernels_saturate)
         self.fuse_int8 = fuse_int8
         self.onnx_path = Path(onnx_path)
@@ -237,14 +280,15 @@ class OnnxRuntimeRunner(BaseRunner):
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
+        import onnxruntime.capi.onnxruntime_pybind11_state as state
 
         from google.protobuf.message import DecodeError
 
-        state = ort.capi.onnxruntime_pybind11_state
         try:
             # _fuse_int8 may read the file too (onnx.load): a damaged one fails there first.
             options = session_options(self.threads, self.optimize, self._fuse_int8())
-            self._sess = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+            providers = checked_providers(self.providers, InferenceError)
+            self._sess = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
         except (state.Fail, state.InvalidProtobuf, state.InvalidGraph, state.NoSuchFile, DecodeError) as exc:
             raise engine_unloadable(self.name, exc) from exc
 
@@ -274,3 +318,20 @@ class OnnxRuntimeRunner(BaseRunner):
 
     def output_specs(self) -> list[TensorSpec]:
         return _specs(self._sess.get_outputs())
+
+
+#: ONNX Runtime on the CPU: the backend that runs everywhere, and ``auto``'s fallback
+BACKEND = BackendSpec(
+    name=OnnxRuntimeBuilder.name,
+    builder=OnnxRuntimeBuilder,
+    device="cpu",
+    # The CPU provider casts fp16 weights back to fp32 and computes in fp32 (facts: ORT CPU fp16).
+    native_precisions=frozenset({"fp32", "int8"}),
+    engine_file=ENGINE_FILE,
+    engine_format="ONNX (optimized by ONNX Runtime)",
+    label="ONNX Runtime",
+    auto=100,
+    present="onnxruntime is installed",
+    version_key="onnxruntime",
+    triton_platform="onnxruntime_onnx",
+)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.artifacts import write_bytes_atomic
-from tasks.backends.base import BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec
+from tasks.backends.base import BackendSpec, BaseRunner, BuildResult, EngineBuilder, EngineInfo, TensorSpec
 from tasks.errors import BackendUnavailableError, EngineBuildError, InferenceError
 
 if TYPE_CHECKING:
@@ -981,3 +981,22 @@ def profile_to_json(profile: Mapping[str, ProfileShapes]) -> dict[str, dict[str,
     """JSON form of a profile, for ``BuildResult.info``."""
     return {name: shapes.to_json() for name, shapes in profile.items()}
 
+
+
+#: TensorRT on an NVIDIA GPU: what ``auto`` picks first where TensorRT, pycuda and a GPU are present
+BACKEND = BackendSpec(
+    name=TensorRTBuilder.name,
+    builder=TensorRTBuilder,
+    device="gpu",
+    # A strongly typed network computes each tensor in the type the ONNX file gives it.
+    native_precisions=frozenset({"fp32", "fp16", "bf16", "int8"}),
+    engine_file=ENGINE_FILE,
+    engine_format="TensorRT plan (serialized engine)",
+    timing_cache=True,
+    label="TensorRT",
+    auto=0,
+    present="TensorRT, pycuda and a GPU are present",
+    version_key="tensorrt",
+    portable_keys=("tensorrt", "gpu", "compute_capability"),
+    triton_platform="tensorrt_plan",
+)

@@ -181,3 +181,46 @@ def test_every_session_gets_the_configured_thread_count(tmp_path):
             assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
     options = _session(model, True, 5).get_session_options()  # repair's ranking sessions
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (5, 1)
+
+
+def test_the_providers_option_reaches_the_build_and_the_runners_sessions(trained, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from tasks.config import BatchProfile, EngineOptions, PipelineConfig, Precision
+    from tasks.engine import engine_from_variant, runner_from_build
+    from tasks.precision import variant_from_onnx
+
+    variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp32, 16, tmp_path)
+    real, here, seen = ort.InferenceSession, ort.get_available_providers(), []
+
+    def recording(path, sess_options=None, providers=None, **kw):
+        seen.append(list(providers))  # what the session receives
+        return real(path, sess_options, providers=[p for p in providers if p in here], **kw)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*here, "ToyExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    batch = BatchProfile(min=1, opt=2, max=4)
+    asked = ["ToyExecutionProvider", "CPUExecutionProvider"]
+    engine = engine_from_variant(variant, Backend.onnxruntime, batch, EngineOptions(threads=1, providers=asked), tmp_path)
+    assert seen == [asked] and engine.meta["options"]["providers"] == asked
+    with runner_from_build(engine) as runner:
+        runner.infer({"x": load_splits(trained.data)["x_test"][:2]})
+    assert seen == [asked, asked]
+    # The default: the CPU provider, as before the option existed.
+    assert PipelineConfig().engine.providers == ["CPUExecutionProvider"]
+    seen.clear()
+    default = engine_from_variant(variant, Backend.onnxruntime, batch, {"threads": 1}, tmp_path)
+    with runner_from_build(default):
+        pass
+    assert seen == [["CPUExecutionProvider"]] * 2 and default.key != engine.key
+
+
+def test_a_provider_this_onnxruntime_lacks_fails_the_build_instead_of_running_on_the_cpu(trained, tmp_path):
+    from tasks.errors import EngineBuildError
+
+    with pytest.raises(EngineBuildError) as info:
+        OnnxRuntimeBuilder().engine_from_onnx(trained.onnx.path("model.onnx"), tmp_path, (1, 2, 4), {"providers": ["NoSuchExecutionProvider"]})
+    assert "NoSuchExecutionProvider" in info.value.got and "CPUExecutionProvider" in info.value.expected
+    runner = OnnxRuntimeRunner(trained.onnx.path("model.onnx"), providers=["NoSuchExecutionProvider"])
+    with pytest.raises(InferenceError, match="NoSuchExecutionProvider"):
+        runner.activate()
