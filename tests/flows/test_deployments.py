@@ -52,7 +52,7 @@ def test_deployments_have_schedule_pool_and_typed_form(prefect_server: Server, d
     epochs = defs["TrainConfig"]["properties"]["epochs"]
     assert epochs["type"] == "integer" and epochs["minimum"] == 1 and epochs["description"] == "Training epochs."
     assert defs["PipelineConfig"]["properties"]["precisions"]["items"]["$ref"] == "#/definitions/Precision"
-    assert defs["Precision"]["enum"] == ["fp32", "fp16", "int8"]
+    assert defs["Precision"]["enum"] == ["fp32", "fp16", "int8", "bf16"]
     # Form sections are titled by what they hold, not by class name, and say what they are for.
     assert [defs[m]["title"] for m in ("DataConfig", "TrainConfig", "BatchProfile", "EngineOptions")] == ["Data", "Training", "Batch sizes", "Engine options"]
     assert all(defs["PipelineConfig"]["properties"][f].get("description") for f in ("data", "train", "batch", "engine", "profile"))
