@@ -39,7 +39,8 @@ def target_config(config: PipelineConfig, target: Target, root: Path) -> Pipelin
     Args:
         config: the parent run's config.
         target: the target.
-        root: the parent's artifacts folder (the target's too, unless it names its own).
+        root: the parent's artifacts folder (the target's too, unless it names its own: with a local
+            store, the parent's folder is then the target's store, where the shared artifacts are).
     """
     data = config.data
     if data.dataset is not None:
@@ -50,6 +51,7 @@ def target_config(config: PipelineConfig, target: Target, root: Path) -> Pipelin
     return config.model_copy(update={
         "targets": [], "target": target.name, "backend": target.backend, "precisions": list(target.precisions),
         "artifacts_dir": _target_folder(config, target, root),
+        "store": config.store if config.store is not None or target.artifacts_dir is None else str(root.resolve()),
         "data": data, "train": train,
     })
 

@@ -154,7 +154,7 @@ def _make(url: str, local: Path) -> LocalStore:
                 fix="pass --store file:///path/to/folder, or a plain folder path",
             )
         return LocalStore(Path(unquote(parsed.path)), local, url)
-    return LocalStore(Path(url).expanduser(), local, url)
+    return LocalStore(Path(url).expanduser().resolve(), local, url)
 
 
 register_store("", _make)

@@ -200,3 +200,21 @@ def test_a_target_that_left_no_report_is_a_failed_row_per_precision_never_a_gap(
     child = target_config(cfg.model_copy(update={"artifacts_dir": Path("rel")}), cfg.targets[1], Path("rel"))
     assert (child.target, child.backend.value, [p.value for p in child.precisions], child.targets) == ("b", "onnxruntime", ["fp32", "int8"], [])
     assert child.artifacts_dir.is_absolute()
+
+
+def test_a_target_with_its_own_folder_reads_the_parents_local_store(tmp_path: Path) -> None:
+    from flows.targets import read_target_report, target_config, target_report_name
+    from tasks.config import PipelineConfig, parse_targets
+    from tasks.stores.local import LocalStore
+
+    cfg = PipelineConfig(artifacts_dir=tmp_path / "parent", targets=parse_targets("a=pa:onnxruntime:fp32"))
+    own = cfg.model_copy(update={"targets": [cfg.targets[0].model_copy(update={"artifacts_dir": tmp_path / "machine-a"})]})
+    child = target_config(own, own.targets[0], tmp_path / "parent")
+    assert child.artifacts_dir == tmp_path / "machine-a" and child.store == str(tmp_path / "parent")
+    assert target_config(cfg, cfg.targets[0], tmp_path / "parent").store is None  # the same folder: the local store there
+    bucket = own.model_copy(update={"store": "s3://bucket/team"})
+    assert target_config(bucket, bucket.targets[0], tmp_path / "parent").store == "s3://bucket/team"
+    # The report a target leaves is a side file of that store, where the parent reads it.
+    LocalStore(tmp_path / "parent", tmp_path / "machine-a").put(target_report_name("r1"), b'{"passed": true}')
+    assert read_target_report(LocalStore(tmp_path / "parent"), "r1") == {"passed": True}
+    assert read_target_report(LocalStore(tmp_path / "parent"), "r2") is None
