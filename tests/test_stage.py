@@ -25,7 +25,7 @@ def test_key_depends_on_params_and_upstream_content_only():
 
 def test_key_depends_on_code_and_environment():
     a = stage_key(SPEC, {"x": 1})
-    assert a != stage_key(StageSpec("demo", "tasks.config", libraries=("numpy",)), {"x": 1})
+    assert a != stage_key(StageSpec("demo", "tasks.progress", libraries=("numpy",)), {"x": 1})  # another import closure
     env = StageSpec("demo", "tasks.stage", environment=lambda inputs: {"gpu": "H100"})
     env2 = StageSpec("demo", "tasks.stage", environment=lambda inputs: {"gpu": "H200"})
     assert stage_key(env, {"x": 1}) != stage_key(env2, {"x": 1})
@@ -330,7 +330,7 @@ def test_the_ingredients_are_plain_json_of_every_input_and_the_code_libraries_an
     spec = StageSpec("demo", "tasks.stage", libraries=("numpy", "no-such-dist-xyz"), environment=lambda inputs: {"n": str(inputs["n"])})
     train = TrainConfig(model=model)
     data_cfg = DataConfig(dataset=Path("/data/d.npz"))
-    got = key_ingredients(spec, {"data": data_cfg, "up": up, "cfg": train, "path": Path("/a/b"), "p": Precision.int8, "t": (1, 2), "m": {Precision.fp16: [up]}, "n": 3, "artifacts_dir": "/x"})
+    got = key_ingredients(spec, {"data": data_cfg, "up": up, "cfg": train, "path": Path("/a/b"), "p": Precision.int8, "t": (1, 2), "m": {Precision.fp16: [up]}, "n": 3, "store": "/x", "refresh": True})
     assert json.loads(json.dumps(got)) == got  # plain JSON: what the manifest records is what was hashed
     assert got["stage"] == "demo" and got["environment"] == {"n": "3"}
     assert got["inputs"] == {
@@ -475,22 +475,17 @@ def test_each_instance_of_a_stage_is_compared_with_its_own_last_run(tmp_path, ca
         ".last-demo-a.json", ".last-demo-b.json", ".last-demo-int8.json", ".last-demo-fp16.json", ".last-demo_in_repair-int8_b.json", ".last-demo.json", ".last-demo-Fp32.json"}
 
 
-def test_an_explanation_that_cannot_be_kept_or_read_never_fails_the_stage(tmp_path, caplog, monkeypatch):
+def test_an_explanation_that_cannot_be_kept_or_read_never_fails_the_stage(tmp_path, caplog):
     import logging
 
-    import tasks.stage
     from tasks.stage import run_stage
 
     calls: list[int] = []
-    real = tasks.stage.write_json_atomic
-
-    def disk_fails(path, obj):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(tasks.stage, "write_json_atomic", disk_fails)  # the record's write only: the commit is done
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / ".last-demo.json").mkdir()  # a folder where the record goes: it cannot be written
     first = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
-    assert first.problems() == [] and calls == [1] and not list((tmp_path / "demo").glob(".last-*"))
-    monkeypatch.setattr(tasks.stage, "write_json_atomic", real)
+    assert first.problems() == [] and calls == [1]
+    (tmp_path / "demo" / ".last-demo.json").rmdir()
     (tmp_path / "demo" / ".last-demo.json").write_text("[1, 2]")  # not a record
     with caplog.at_level(logging.INFO, logger="trtflow"):
         run_stage(SPEC, {"x": 2}, tmp_path, False, _make(b"a", calls))
