@@ -4,6 +4,7 @@ Run from the repository root (never part of the test suite)::
 
     python benchmarks/overhead.py                 # 5 repeats, both server modes
     python benchmarks/overhead.py --repeats 3 --modes server
+    python benchmarks/overhead.py --repeats 3 --modes server,s3   # also the cached run against an S3 store
 
 Three ways of doing the same (cached) work, each in a fresh process as a user would:
 
@@ -19,6 +20,10 @@ variant once, interleaved, and ratios are taken within a repeat. Two figures per
 wall time (what a user waits for) and the flow call alone (what the pipeline's own code adds).
 The child also reports which heavy modules a cached run imported (torch must not be among them).
 Target: cached pipeline <= 1.10x the bare flow (``TARGET``). Writes the ``overhead`` section of RESULTS.md.
+
+Mode ``s3`` runs the cached pipeline against an S3 store (``--store s3://…``: moto's S3 server on
+127.0.0.1, started here, the real S3 HTTP API) on the running server, with its own local read cache,
+and compares it with the local store's cached run of the same repeat.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def child(kind: str, artifacts: Path) -> None:
     t_start = time.perf_counter()
     from tasks.config import PipelineConfig
 
-    cfg = PipelineConfig(artifacts_dir=artifacts)
+    cfg = PipelineConfig(artifacts_dir=artifacts, store=os.environ.get("TRTFLOW_BENCH_STORE") or None)
     if kind == "pipeline":
         from flows.pipeline import pipeline
 
@@ -106,6 +111,27 @@ def run_child(kind: str, artifacts: Path, env: dict[str, str]) -> dict[str, Any]
     return {**json.loads(line[7:]), "wall_s": wall, "cached": proc.stdout.count("Cached(") + proc.stderr.count("Cached(")}
 
 
+def _folder(artifacts: Path, mode: str) -> Path:
+    # The S3 runs keep their own local folder (read cache, reports): the local store's is not theirs to read.
+    return artifacts.with_name(artifacts.name + "-s3") if mode == "s3" else artifacts
+
+
+def start_s3() -> tuple[Any, dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with a fresh bucket; returns it and the variables that point a child at it."""
+    import uuid
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1").create_bucket(Bucket=bucket)
+    return server, {**env, "TRTFLOW_BENCH_STORE": f"s3://{bucket}/bench"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,21 +181,28 @@ def main() -> None:
             envs = {}
             if "temporary" in modes:
                 envs["temporary"] = base_env
-            if "server" in modes:
+            if "server" in modes or "s3" in modes:
                 server, url = start_server(Path(tmp) / "prefect-home", base_env)
                 envs["server"] = {**base_env, "PREFECT_API_URL": url}
-            # Warm-up: the first run computes every stage into the artifact store.
-            t0 = time.perf_counter()
-            first_env = next(iter(envs.values()))
-            run_child("pipeline", artifacts, first_env)
-            print(f"warm-up run (fills the cache): {time.perf_counter() - t0:.1f}s")
+            if "s3" in modes:
+                moto, s3_env = start_s3()
+                envs["s3"] = {**envs["server"], **s3_env}
+            # Warm-up: the first run computes every stage into the artifact store (and copies it to the bucket).
+            for mode, env in envs.items():
+                if mode != "temporary" or "server" not in envs:
+                    t0 = time.perf_counter()
+                    run_child("pipeline", _folder(artifacts, mode), env)
+                    print(f"warm-up run {mode} (fills the cache): {time.perf_counter() - t0:.1f}s")
             for rep in range(args.repeats):
                 for mode, env in envs.items():
-                    for kind in ("pipeline", "bare") if rep % 2 == 0 else ("bare", "pipeline"):
-                        results.setdefault((mode, kind), []).append(run_child(kind, artifacts, env))
+                    kinds = ("pipeline",) if mode == "s3" else ("pipeline", "bare") if rep % 2 == 0 else ("bare", "pipeline")
+                    for kind in kinds:
+                        results.setdefault((mode, kind), []).append(run_child(kind, _folder(artifacts, mode), env))
                 results.setdefault(("none", "direct"), []).append(run_child("direct", artifacts, base_env))
                 print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{m}/{k} {v[-1]['wall_s']:.2f}s" for (m, k), v in results.items()))
         finally:
+            if "s3" in envs:
+                moto.stop()
             if server is not None:
                 server.terminate()
                 try:
@@ -195,6 +228,11 @@ def main() -> None:
             f"{', '.join(imported) or 'none'} | {rs[-1]['cached'] if kind == 'pipeline' else ''} |"
         )
     lines += ["", f"Cached pipeline / bare flow, within each repeat (target ≤ {TARGET:g}×):", ""]
+    if ("s3", "pipeline") in results:
+        p, local = results[("s3", "pipeline")], results[("server", "pipeline")]
+        wall = spread([x["wall_s"] / y["wall_s"] for x, y in zip(p, local, strict=True)])
+        lines.append(f"- S3 store (moto's S3 server on 127.0.0.1, its own local read cache): cached pipeline {fmt(spread([x['wall_s'] for x in p]))} s "
+                     f"against {fmt(spread([x['wall_s'] for x in local]))} s on the local store: {fmt(wall)}× (process wall, within each repeat)")
     for mode in envs:
         p, b = results.get((mode, "pipeline")), results.get((mode, "bare"))
         if not p or not b:

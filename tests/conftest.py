@@ -17,6 +17,22 @@ from tasks.artifacts import ArtifactRef  # noqa: E402
 from tasks.config import BatchProfile, DataConfig, PipelineConfig, ProfileConfig, TrainConfig  # noqa: E402
 
 
+#: fixtures that take seconds to build (engines, a trained model): their tests run last under mutmut
+_COSTLY_FIXTURES = frozenset({"branch", "regression_branch", "trained"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under mutmut (docs/development.md), cheap tests first and each file's tests in their order.
+
+    mutmut hands a mutant's tests over in no particular order and stops at the first failure (``-x``):
+    a mutant the cheap tests kill is then killed before any engine is built, and a file's module
+    fixtures are built once instead of once per switch between files. Plain runs keep pytest's order.
+    """
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return
+    items.sort(key=lambda item: (bool(_COSTLY_FIXTURES & set(getattr(item, "fixturenames", ()))), str(item.path), item.location[1] or 0))
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One isolated Prefect database and API for the whole session (its start costs ~10 s)."""

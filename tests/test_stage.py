@@ -25,7 +25,7 @@ def test_key_depends_on_params_and_upstream_content_only():
 
 def test_key_depends_on_code_and_environment():
     a = stage_key(SPEC, {"x": 1})
-    assert a != stage_key(StageSpec("demo", "tasks.paths", libraries=("numpy",)), {"x": 1})  # another closure of modules
+    assert a != stage_key(StageSpec("demo", "tasks.progress", libraries=("numpy",)), {"x": 1})  # another import closure
     env = StageSpec("demo", "tasks.stage", environment=lambda inputs: {"gpu": "H100"})
     env2 = StageSpec("demo", "tasks.stage", environment=lambda inputs: {"gpu": "H200"})
     assert stage_key(env, {"x": 1}) != stage_key(env2, {"x": 1})
@@ -329,11 +329,12 @@ def test_the_ingredients_are_plain_json_of_every_input_and_the_code_libraries_an
     up = ArtifactRef(stage="up", key="k", dir="/somewhere", files={"f": "1"})
     spec = StageSpec("demo", "tasks.stage", libraries=("numpy", "no-such-dist-xyz"), environment=lambda inputs: {"n": str(inputs["n"])})
     train = TrainConfig(model=model)
-    got = key_ingredients(spec, {"up": up, "cfg": train, "path": Path("/a/b"), "p": Precision.int8, "t": (1, 2), "m": {Precision.fp16: [up]}, "n": 3, "store": "/x"})
+    data_cfg = DataConfig(dataset=Path("/data/d.npz"))
+    got = key_ingredients(spec, {"data": data_cfg, "up": up, "cfg": train, "path": Path("/a/b"), "p": Precision.int8, "t": (1, 2), "m": {Precision.fp16: [up]}, "n": 3, "store": "/x", "refresh": True})
     assert json.loads(json.dumps(got)) == got  # plain JSON: what the manifest records is what was hashed
     assert got["stage"] == "demo" and got["environment"] == {"n": "3"}
     assert got["inputs"] == {
-        "up": {"artifact": "up", "digest": up.digest}, "cfg": train.model_dump(mode="json"), "path": "/a/b", "p": "int8", "t": [1, 2],
+        "data": {**data_cfg.model_dump(mode="json"), "dataset": "/data/d.npz"}, "up": {"artifact": "up", "digest": up.digest}, "cfg": train.model_dump(mode="json"), "path": "/a/b", "p": "int8", "t": [1, 2],
         "m": {"fp16": [{"artifact": "up", "digest": up.digest}]}, "n": 3,
     }
     # the stage's own libraries by version (an absent one as such), then those the user's code imports, by distribution
@@ -474,25 +475,17 @@ def test_each_instance_of_a_stage_is_compared_with_its_own_last_run(tmp_path, ca
         ".last-demo-a.json", ".last-demo-b.json", ".last-demo-int8.json", ".last-demo-fp16.json", ".last-demo_in_repair-int8_b.json", ".last-demo.json", ".last-demo-Fp32.json"}
 
 
-def test_an_explanation_that_cannot_be_kept_or_read_never_fails_the_stage(tmp_path, caplog, monkeypatch):
+def test_an_explanation_that_cannot_be_kept_or_read_never_fails_the_stage(tmp_path, caplog):
     import logging
 
     from tasks.stage import run_stage
-    from tasks.store import as_store
 
     calls: list[int] = []
-    store = as_store(tmp_path)
-    real = type(store).put
-
-    def disk_fails(self, name, data):
-        if "/.last-" in name:
-            raise OSError(28, "No space left on device")
-        return real(self, name, data)
-
-    monkeypatch.setattr(type(store), "put", disk_fails)  # the record's write only: the commit is done
-    first = run_stage(SPEC, {"x": 1}, store, False, _make(b"a", calls))
-    assert first.problems() == [] and calls == [1] and not list((tmp_path / "demo").glob(".last-*"))
-    monkeypatch.setattr(type(store), "put", real)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / ".last-demo.json").mkdir()  # a folder where the record goes: it cannot be written
+    first = run_stage(SPEC, {"x": 1}, tmp_path, False, _make(b"a", calls))
+    assert first.problems() == [] and calls == [1]
+    (tmp_path / "demo" / ".last-demo.json").rmdir()
     (tmp_path / "demo" / ".last-demo.json").write_text("[1, 2]")  # not a record
     with caplog.at_level(logging.INFO, logger="trtflow"):
         run_stage(SPEC, {"x": 2}, tmp_path, False, _make(b"a", calls))
@@ -541,3 +534,46 @@ def test_what_changed_is_said_in_words_the_users_edits_first():
     assert changes(up_old, up_new, lambda stage, digest: asked.append((stage, digest)) or ["train: epochs changed (1 -> 2)"]) == (
         [], [("ckpt", ["train: epochs changed (1 -> 2)"])])
     assert asked == [("train", "2")] and changes(up_old, up_new) == ([], [("ckpt", None)])  # unknown by default
+
+
+def test_several_upstream_changes_are_said_together_and_a_shared_cause_once(tmp_path, caplog):
+    import logging
+
+    from tasks.stage import run_stage
+
+    env = {"gpu": "H100"}
+    one, two = StageSpec("one", environment=lambda i: dict(env)), StageSpec("two")
+    demo = StageSpec("demo", environment=lambda i: dict(env))
+    calls: list[int] = []
+    a = run_stage(one, {"x": 1, "y": 1, "z": 1}, tmp_path, False, _make(b"a", calls))
+    b = run_stage(two, {"w": 1}, tmp_path, False, _make(b"b", calls))
+    run_stage(demo, {"one": a, "two": b}, tmp_path, False, _make(b"d", calls))
+    env["gpu"] = "H200"
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        a = run_stage(one, {"x": 2, "y": 2, "z": 2}, tmp_path, False, _make(b"a2", calls))
+        b = run_stage(two, {"w": 2}, tmp_path, False, _make(b"b2", calls))
+        run_stage(demo, {"one": a, "two": b}, tmp_path, False, _make(b"d", calls))
+    assert _messages(caplog) == [
+        ("INFO", "one: x changed (1 -> 2); y changed (1 -> 2); z changed (1 -> 2); gpu H100 -> H200"),
+        ("INFO", "two: w changed (1 -> 2)"),
+        # the GPU changed for this stage too: said once, as its own; three upstream causes at most
+        ("INFO", "demo: gpu H100 -> H200; one, two changed (after one: x changed (1 -> 2); one: y changed (1 -> 2); one: z changed (1 -> 2))"),
+    ]
+
+
+def test_two_damaged_files_are_named_in_one_warning(tmp_path, caplog):
+    import logging
+
+    from tasks.stage import run_stage
+
+    def make(out):
+        (out / "a.bin").write_bytes(b"a")
+        (out / "b.bin").write_bytes(b"b")
+        return {}
+
+    ref = run_stage(SPEC, {"x": 1}, tmp_path, False, make)
+    ref.path("a.bin").unlink()
+    ref.path("b.bin").write_bytes(b"flipped")
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        run_stage(SPEC, {"x": 1}, tmp_path, False, make)
+    assert _messages(caplog) == [("WARNING", "demo: missing a.bin, damaged b.bin (digest mismatch), recomputing")]
