@@ -118,10 +118,13 @@ def _folder(artifacts: Path, mode: str) -> Path:
 
 def start_s3() -> tuple[Any, dict[str, str]]:
     """moto's S3 server on 127.0.0.1 with a fresh bucket; returns it and the variables that point a child at it."""
+    import logging
     import uuid
 
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

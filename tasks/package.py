@@ -398,8 +398,22 @@ def bundle_of_variants(
 
         attempted = [p.value for p in config.precisions]
         passed = [p for p in attempted if p in engines and p in verifications]
-        figures = {p: figures_of(p, engines[p], profiles.get(p), config.profile.enabled) for p in passed}
-        chosen, reason = choose([figures[p] for p in passed], config.ship.policy, attempted)
+        # An engine that is a precision's rounding emulation (bf16 on a CPU without bf16 kernels) computes
+        # in fp32: verified as that precision's numerics, but not an engine of it, so it is never shipped.
+        emulated = [p for p in passed if (engine_info(engines[p]).model_extra or {}).get("emulation")]
+        kind, value = parse_ship_policy(config.ship.policy)
+        if kind == "precision" and value in emulated:
+            raise _fail(
+                got=f"--ship {value}, but the {value} engine built here is its rounding emulation (fp32 arithmetic)",
+                expected=f"a {value} engine that computes in {value}", because=f"this backend has no {value} kernels; the emulation only verifies {value}'s numerics",
+                fix=f"build {value} on a backend that runs it (--backend tensorrt on a GPU, or a --targets entry), or ship another precision",
+                summary=f"--ship {value}: the {value} engine here is an emulation (no {value} kernels on this backend); build it where {value} runs, or ship another precision",
+            )
+        shippable = [p for p in passed if p not in emulated]
+        figures = {p: figures_of(p, engines[p], profiles.get(p), config.profile.enabled) for p in shippable}
+        chosen, reason = choose([figures[p] for p in shippable], config.ship.policy, [p for p in attempted if p not in emulated])
+        if emulated:
+            reason += f"; not shipped: {', '.join(emulated)} (verified through its rounding emulation: this backend has no kernels for it)"
         engine = engines[chosen]
         info = engine_info(engine)
         engine.verify()

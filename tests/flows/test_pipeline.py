@@ -222,3 +222,10 @@ def test_bf16_is_verified_on_a_cpu_through_its_emulation_and_named_in_the_report
     assert "bf16: bf16 emulated on CPU" in summary_markdown(report)
     verification = json.loads((config.artifacts_dir / "reports" / "verify-bf16.json").read_text())
     assert verification["emulation"]["rounded_tensors"] > 5 and verification["tolerance"]["atol"] == 8e-2
+    # The bf16 "engine" here is its rounding emulation (fp32 arithmetic): verified, never shipped as bf16.
+    assert report["bundle"]["precision"] == "fp32" and "not shipped: bf16" in report["bundle"]["reason"]
+    from tasks.config import ShipConfig
+    from tasks.errors import BundleError
+
+    with pytest.raises(BundleError, match="the bf16 engine built here is its rounding emulation"):
+        pipeline(config.model_copy(update={"ship": ShipConfig(policy="bf16")}))
