@@ -162,3 +162,24 @@ def test_a_registered_backends_own_source_is_part_of_its_engines_key(toy):
     env = _environment({"backend": "toy"})
     assert env["backend_code"] == hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     assert "backend_code" not in _environment({"backend": "onnxruntime"})  # the project's code is hashed as ``code``
+
+
+def test_only_a_backend_with_a_timing_cache_is_given_the_stores_cache_folder(toy, trained, tmp_path, monkeypatch):
+    from tasks.engine import engine_from_variant
+    from tasks.precision import variant_from_onnx
+
+    seen: list[dict[str, Any]] = []
+    build = ToyBuilder.engine_from_onnx
+
+    def recording(self: ToyBuilder, onnx_path: Path, out_dir: Path, batch: Any, options: Any, shapes: Any = None) -> BuildResult:
+        seen.append(dict(options))
+        return build(self, onnx_path, out_dir, batch, options, shapes)
+
+    monkeypatch.setattr(ToyBuilder, "engine_from_onnx", recording)
+    variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp32, 16, tmp_path)
+    batch = BatchProfile(min=1, opt=2, max=4)
+    engine_from_variant(variant, "toy", batch, {"threads": 1}, tmp_path)
+    monkeypatch.setitem(registry._REGISTRY, "toy", BackendSpec(**{**toy.__dict__, "timing_cache": True}))
+    engine_from_variant(variant, "toy", batch, {"threads": 1}, tmp_path, refresh=True)
+    assert "timing_cache_dir" not in seen[0]
+    assert Path(seen[1]["timing_cache_dir"]) == tmp_path / ".cache" / "toy"
