@@ -83,3 +83,44 @@ def test_a_run_against_s3_is_cached_on_rerun_and_on_a_second_machine(bucket, tin
     assert other["passed"] and set(Counter(other["tasks"].values())) == {"Cached"}, other["tasks"]
     assert other["precisions"]["int8"]["max_abs"] == first["precisions"]["int8"]["max_abs"]
     assert (tmp_path / "b" / "report.json").is_file() and (tmp_path / "b" / other["report"]).is_file()
+
+
+def test_a_machine_killed_in_a_stage_is_resumed_by_another_machine_there(bucket, tmp_path, monkeypatch):
+    """Machine A (a child process) is SIGKILLed while it trains; machine B, with its own local folder,
+    runs the same config on the same bucket: it waits out A's lease, trains, and reuses A's data."""
+    import os
+    import signal
+    import time
+
+    import _pipeline_kit as kit
+
+    client, name = bucket
+    url = f"s3://{name}/team"
+    dataset = kit.tiny_dataset(tmp_path / "tiny.npz")
+    a = kit.tiny_config(tmp_path / "machine-a", dataset).model_copy(update={"store": url})
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    child = kit.start_child(a, **env, TRTFLOW_S3_LEASE_S="4")
+
+    def keys() -> list[str]:
+        return [o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="team/").get("Contents", [])]
+
+    try:
+        # Killed once it holds the train lease (data is committed by then), before train commits.
+        deadline = time.monotonic() + 120
+        while not any(k.startswith("team/train/.leases/") for k in keys()) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, "machine A finished before it could be killed"
+    data_manifests = [k for k in keys() if k.startswith("team/data/") and k.endswith("/manifest.json")]
+    assert len(data_manifests) == 1 and not [k for k in keys() if k.startswith("team/train/") and k.endswith("/manifest.json")]
+    etag = client.head_object(Bucket=name, Key=data_manifests[0])["ETag"]
+
+    monkeypatch.setenv("TRTFLOW_S3_LEASE_S", "4")
+    b = a.model_copy(update={"artifacts_dir": tmp_path / "machine-b"})
+    refs = kit.run_plain(b)
+    assert all(r.problems() == [] for r in refs.values()) and refs["verify-int8"].meta["passed"]
+    # B took A's data from the bucket (the manifest A wrote is untouched) and did the rest itself.
+    assert client.head_object(Bucket=name, Key=data_manifests[0])["ETag"] == etag
+    assert len([k for k in keys() if k.startswith("team/train/") and k.endswith("/manifest.json")]) == 1
