@@ -25,14 +25,14 @@ from prefect.futures import PrefectFuture, as_completed
 from flows.report import outcome_of, publish, run_report, shared_facts
 from flows.targets import check_targets, failed_targets, read_target_report, start_targets, target_report_name, targets_report, wait_for_targets
 from flows.runtime import reclaim_sigterm, started_by_deployment
-from flows.ui import Progress, publish_figures, publish_links
+from flows.ui import Progress, failed_in_ui_terms, publish_figures, publish_links
 from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
 from tasks.config import Backend, PipelineConfig
 from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
 from tasks.engine import engine_from_variant, profile_for
-from tasks.errors import DatasetError, StorageError, VerificationError
+from tasks.errors import DatasetError, StorageError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node, schedule
 from tasks.models import factory_from_path, state_dict_from_file
@@ -200,6 +200,14 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     Raises:
         TrtflowError: the first failing stage's error; VerificationError lists every failing check.
     """
+    try:
+        return _pipeline(config)
+    except TrtflowError as exc:
+        # Its message in the UI names the form's fields (config.train.lr), not the CLI's flags.
+        return failed_in_ui_terms(exc)
+
+
+def _pipeline(config: PipelineConfig) -> dict[str, Any]:
     reclaim_sigterm()
     if started_by_deployment():
         # Parameters from the API (the UI's form): only the worker's allowed factories and folders,

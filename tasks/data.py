@@ -94,27 +94,6 @@ def check_targets(y: np.ndarray, n: int, source: str) -> np.ndarray:
     return y
 
 
-def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits (1797 8×8 images, 10 classes), upscaled to 3×32×32 in [0, 1].
-
-    Returns:
-        x as float32 (N, 3, 32, 32) and y as int64 (N,).
-    """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    img = (d.images / 16.0).astype(np.float32)  # (N, 8, 8)
-    # Bilinear upscaling by 4 (half-pixel centres, edge clamped), in numpy to avoid importing torch.
-    src = (np.arange(32) + 0.5) / 4 - 0.5
-    lo = np.clip(np.floor(src).astype(int), 0, 7)
-    hi = np.clip(lo + 1, 0, 7)
-    w = np.clip(src - lo, 0, 1).astype(np.float32)
-    rows = img[:, lo, :] * (1 - w)[None, :, None] + img[:, hi, :] * w[None, :, None]
-    full = rows[:, :, lo] * (1 - w)[None, None, :] + rows[:, :, hi] * w[None, None, :]
-    x = np.repeat(full[:, None], 3, axis=1).astype(np.float32)
-    return x, d.target.astype(np.int64)
-
-
 def arrays_from_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Open the named inputs and the optional labels ``y`` of a ``.npz`` file or ``.npy`` folder.
 

@@ -297,7 +297,7 @@ def _torch_measurement(
 ) -> dict[str, Any]:
     import torch
 
-    from tasks.train import module_from_checkpoint
+    from tasks.inference import module_from_checkpoint
 
     used = device if device == "cpu" or torch.cuda.is_available() else "cpu"
     model = module_from_checkpoint(checkpoint).to(used)
