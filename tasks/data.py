@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,21 +93,6 @@ def check_targets(y: np.ndarray, n: int, source: str) -> np.ndarray:
     return y
 
 
-def arrays_from_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Open the named inputs and the optional labels ``y`` of a ``.npz`` file or ``.npy`` folder.
-
-    Arrays are memory-mapped where the format allows (see ``tasks.datasource``); nothing is unpickled.
-
-    Returns:
-        Input name -> array (every array but ``y``, in the file's order), and the labels or None.
-
-    Raises:
-        DatasetError: missing file, not an npz, no input array.
-    """
-    src = open_source(Path(path))
-    return src.inputs, src.labels
-
-
 #: largest |x| the data check accepts: beyond it, float32 training overflows or learns nothing
 MAX_ABS_VALUE = 1e6
 
@@ -149,18 +133,6 @@ def check_value_range(x: np.ndarray, source: str, name: str = "x") -> None:
             fix=f"check how {name} was built (a constant fill, a broken loader, all samples the same)",
             summary=f"every sample of {name} is identical ({hi:.3g}); check how {name} was built",
         )
-
-
-def labels_in(path: Path) -> bool:
-    """Whether a dataset holds labels ``y`` (reads only the archive's table of contents or the folder)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return (path / f"{LABELS}.npy").is_file()
-    try:
-        with zipfile.ZipFile(path) as z:
-            return f"{LABELS}.npy" in z.namelist()
-    except Exception:
-        return True  # unreadable: the data stage names the problem
 
 
 def input_spec(name: str, arr: np.ndarray) -> dict[str, Any]:

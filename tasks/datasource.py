@@ -243,6 +243,18 @@ def open_source(path: Path | None) -> Source:
     return open_npz(path)
 
 
+def labels_in(path: Path) -> bool:
+    """Whether a dataset holds labels ``y`` (reads only the archive's table of contents or the folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return (path / f"{LABELS}.npy").is_file()
+    try:
+        with zipfile.ZipFile(path) as z:
+            return f"{LABELS}.npy" in z.namelist()
+    except Exception:
+        return True  # unreadable: the data stage names the problem
+
+
 def release(a: np.ndarray) -> None:
     """Unmap the pages of a memory-mapped array that this process has touched (``MADV_DONTNEED``).
 
