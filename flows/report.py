@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flows.ui import error_text, in_ui_terms
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Precision
 from tasks.graph import Branch
@@ -184,7 +185,7 @@ def outcome_of(branch: Branch) -> dict[str, Any]:
     failing verdict and the repair when there are."""
     recovery = branch.recovered_by
     if not branch.passed:
-        out: dict[str, Any] = {"failed_stage": branch.failed, "error": str(branch.error)}
+        out: dict[str, Any] = {"failed_stage": branch.failed, "error": error_text(branch.error)}
         if branch.verdict is not None:
             out["verify"] = branch.verdict  # the failing verdict: what ran, and in which precision
         if branch.recovery is not None:
@@ -196,7 +197,7 @@ def outcome_of(branch: Branch) -> dict[str, Any]:
         out.update({f"{'engine' if n == 'build' else n}_before_{recovery}": r for n, r in branch.replaced.items()})
     out.update(branch.late)
     out.update({f"{n}_before_{recovery}": r for n, r in branch.replaced_late.items()})
-    out.update({f"{n}_error": str(e) for n, e in branch.late_errors.items()})
+    out.update({f"{n}_error": error_text(e) for n, e in branch.late_errors.items()})
     return out
 
 
@@ -205,7 +206,7 @@ def bundle_summary(bundle: ArtifactRef | str) -> dict[str, Any]:
     from tasks.package import BUNDLE_DIR
 
     if isinstance(bundle, str):
-        return {"error": bundle}
+        return {"error": in_ui_terms(bundle)}
     m = bundle.meta
     return {
         "path": BUNDLE_DIR, "name": m["name"], "precision": m["precision"], "backend": m["backend"], "platform": m["platform"],

@@ -86,6 +86,18 @@ def _flow_artifacts_dir() -> str | None:
         return None
 
 
+def in_ui_terms(text: str) -> str:
+    """``text`` (an error's) as the current flow run's UI says it (``for_ui``); unchanged outside a flow run."""
+    return for_ui(text, _flow_artifacts_dir()) if _in_flow_run() else text
+
+
+def error_text(exc: BaseException) -> str:
+    """What the run report says of an error: a trtflow error in the UI's terms inside a flow run, else ``str(exc)``."""
+    from tasks.errors import TrtflowError
+
+    return in_ui_terms(str(exc)) if isinstance(exc, TrtflowError) else str(exc)
+
+
 def failed_in_ui_terms(exc: BaseException) -> Any:
     """The flow's Failed state for ``exc``, its message in the UI's terms (``for_ui``).
 
@@ -95,7 +107,7 @@ def failed_in_ui_terms(exc: BaseException) -> Any:
     from prefect import get_run_logger
     from prefect.states import Failed
 
-    message = for_ui(f"{type(exc).__name__}: {exc}", _flow_artifacts_dir())
+    message = f"{type(exc).__name__}: {in_ui_terms(str(exc))}"
     get_run_logger().error(message)
     return Failed(data=exc, message=f"Flow run encountered an exception: {message}")
 

@@ -178,7 +178,7 @@ def test_an_error_is_data_its_text_the_same_inside_a_flow_run(tmp_path):
     """str(error) never changes with where it is read; the flow renders the UI's text into its state."""
     from prefect import flow
 
-    from flows.ui import failed_in_ui_terms
+    from flows.ui import error_text, failed_in_ui_terms
     from tasks.errors import ConfigError
 
     error = ConfigError(got=f"{tmp_path}/x", expected="y", because="z", fix="lower --lr")
@@ -186,11 +186,13 @@ def test_an_error_is_data_its_text_the_same_inside_a_flow_run(tmp_path):
 
     @flow
     def failing(config: dict) -> None:
-        seen.append(str(error))
+        seen.extend([str(error), error_text(error), error_text(ValueError("--lr"))])
         return failed_in_ui_terms(error)
 
     state = failing({"artifacts_dir": str(tmp_path)}, return_state=True)
-    assert seen == [str(error)] and "--lr" in str(error)
+    # The report's text of it is in the UI's terms (a trtflow error's only); str(error) is the same everywhere.
+    assert seen == [str(error), "got x, expected y, because z; lower config.train.lr", "--lr"] and "--lr" in str(error)
+    assert error_text(error) == str(error)  # outside a flow run
     assert state.is_failed() and state.message == "Flow run encountered an exception: ConfigError: got x, expected y, because z; lower config.train.lr"
     with pytest.raises(ConfigError) as raised:
         state.result()
