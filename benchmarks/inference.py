@@ -32,7 +32,8 @@ from tasks.data import load_splits, splits_from_dataset
 from tasks.engine import engine_from_variant, runner_from_build
 from tasks.export import onnx_from_checkpoint
 from tasks.precision import variant_from_onnx
-from tasks.train import checkpoint_from_splits, module_from_checkpoint
+from tasks.inference import module_from_checkpoint
+from tasks.train import checkpoint_from_splits
 
 
 def timed(run: Callable[[int], list[float]], seconds: float, warmup: int = 3) -> float:

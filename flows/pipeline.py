@@ -25,18 +25,19 @@ from prefect.futures import PrefectFuture, as_completed
 from flows.report import outcome_of, publish, run_report, shared_facts
 from flows.targets import check_targets, failed_targets, read_target_report, start_targets, target_report_name, targets_report, wait_for_targets
 from flows.runtime import reclaim_sigterm, started_by_deployment
-from flows.ui import Progress, publish_figures, publish_links
+from flows.ui import Progress, failed_in_ui_terms, publish_figures, publish_links
 from tasks.artifacts import ensure_writable
 from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
-from tasks.config import Backend, PipelineConfig
-from tasks.data import arrays_from_npz, labels_in, splits_from_dataset
+from tasks.config import Backend, PipelineConfig, check_ship_policy
+from tasks.data import splits_from_dataset
+from tasks.datasource import labels_in, open_source
 from tasks.engine import engine_from_variant, profile_for
-from tasks.errors import DatasetError, StorageError, VerificationError
+from tasks.errors import DatasetError, StorageError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node, schedule
 from tasks.models import factory_from_path, state_dict_from_file
-from tasks.package import bundle_of_variants, check_policy
+from tasks.package import bundle_of_variants
 from tasks.policy import check_run
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
@@ -106,7 +107,7 @@ def preflight(config: PipelineConfig) -> tuple[Store, Any, str]:
         missing dataset file. ModelError: unknown model factory, unreadable weights.
         BackendUnavailableError: requested backend missing. DatasetError: a dataset without labels and no weights.
     """
-    check_policy(config)
+    check_ship_policy(config)
     root = ensure_writable(config.artifacts_dir)
     store = store_for(config.store, root)
     if isinstance(store, LocalStore):
@@ -114,14 +115,17 @@ def preflight(config: PipelineConfig) -> tuple[Store, Any, str]:
             ensure_writable(store.root)
     else:
         store.get("report.json")  # one request: a missing bucket or refused credentials fail before any work
-    if config.data.dataset is not None and not Path(config.data.dataset).expanduser().is_file():
-        arrays_from_npz(Path(config.data.dataset))  # raises the dataset error with its fix
+    dataset = None if config.data.dataset is None else Path(config.data.dataset)
+    if dataset is not None and not dataset.expanduser().is_file():
+        open_source(dataset)  # raises the dataset error with its fix
+    # Whether it has labels (its table of contents only), read with the dataset; refused after the model's checks.
+    labelled = dataset is None or config.train.weights is not None or labels_in(dataset)
     factory_from_path(config.train.model)
     if config.train.weights is not None:
         state_dict_from_file(Path(config.train.weights))  # readable, and a state_dict
-    elif config.data.dataset is not None and not labels_in(Path(config.data.dataset)):
+    elif dataset is not None and not labelled:
         raise DatasetError(
-            got=f"dataset {Path(config.data.dataset).name} without labels y, and no --weights",
+            got=f"dataset {dataset.name} without labels y, and no --weights",
             expected="labels y to train on, or trained weights to convert",
             because="training needs labels; without them trtflow can only convert a model that is already trained",
             fix="add y to the dataset (numpy.savez(path, ..., y=labels)), or pass --weights FILE with your --model",
@@ -200,6 +204,14 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     Raises:
         TrtflowError: the first failing stage's error; VerificationError lists every failing check.
     """
+    try:
+        return _pipeline(config)
+    except TrtflowError as exc:
+        # Its message in the UI names the form's fields (config.train.lr), not the CLI's flags.
+        return failed_in_ui_terms(exc)
+
+
+def _pipeline(config: PipelineConfig) -> dict[str, Any]:
     reclaim_sigterm()
     if started_by_deployment():
         # Parameters from the API (the UI's form): only the worker's allowed factories and folders,

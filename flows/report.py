@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flows.ui import error_text, in_ui_terms
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Precision
 from tasks.graph import Branch
 from tasks.engine import engine_info
-from tasks.profile import speed_markdown, table_columns
 from tasks.artifacts import write_bytes_atomic
 from tasks.store import Store, as_store
 
@@ -185,7 +185,7 @@ def outcome_of(branch: Branch) -> dict[str, Any]:
     failing verdict and the repair when there are."""
     recovery = branch.recovered_by
     if not branch.passed:
-        out: dict[str, Any] = {"failed_stage": branch.failed, "error": str(branch.error)}
+        out: dict[str, Any] = {"failed_stage": branch.failed, "error": error_text(branch.error)}
         if branch.verdict is not None:
             out["verify"] = branch.verdict  # the failing verdict: what ran, and in which precision
         if branch.recovery is not None:
@@ -197,7 +197,7 @@ def outcome_of(branch: Branch) -> dict[str, Any]:
         out.update({f"{'engine' if n == 'build' else n}_before_{recovery}": r for n, r in branch.replaced.items()})
     out.update(branch.late)
     out.update({f"{n}_before_{recovery}": r for n, r in branch.replaced_late.items()})
-    out.update({f"{n}_error": str(e) for n, e in branch.late_errors.items()})
+    out.update({f"{n}_error": error_text(e) for n, e in branch.late_errors.items()})
     return out
 
 
@@ -206,7 +206,7 @@ def bundle_summary(bundle: ArtifactRef | str) -> dict[str, Any]:
     from tasks.package import BUNDLE_DIR
 
     if isinstance(bundle, str):
-        return {"error": bundle}
+        return {"error": in_ui_terms(bundle)}
     m = bundle.meta
     return {
         "path": BUNDLE_DIR, "name": m["name"], "precision": m["precision"], "backend": m["backend"], "platform": m["platform"],
@@ -435,3 +435,66 @@ def publish(report: dict[str, Any], root: Path) -> None:
     ]
     create_table_artifact(key="trtflow-verification", table=rows, description="Per-precision verification against PyTorch")
     create_markdown_artifact(key="trtflow-summary", markdown=summary_markdown(report), description="What was built and verified")
+
+
+# --- the speed of each engine (the profile stage's summaries) ---------------------------------------
+
+
+def table_columns(summary: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The speed columns of one precision's row in the Prefect table (empty when not profiled)."""
+    if not summary:
+        return {}
+    if "error" in summary:
+        return {"profile": f"failed: {str(summary['error'])[:200]}"}
+    return {
+        f"p50 ms (b{summary['latency_batch']})": round(summary["latency_ms"]["p50"], 4),
+        f"p99 ms (b{summary['latency_batch']})": round(summary["latency_ms"]["p99"], 4),
+        f"samples/s (b{summary['throughput_batch']})": round(summary["samples_per_s"] or 0.0, 1),
+        "x torch (latency)": _round2(summary["speedup"]["latency_p50"]),
+        "x torch (throughput)": _round2(summary["speedup"]["throughput"]),
+    }
+
+
+def _round2(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
+
+
+def speed_markdown(precisions: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines of the speed table of a run report (no lines when nothing was profiled)."""
+    rows = [(p, r["profile"]) for p, r in precisions.items() if r.get("profile")]
+    if not rows:
+        return []
+    first = next((s for _, s in rows if "error" not in s), None)
+    lines = ["", "## Speed", ""]
+    if first is not None:
+        lines.append(
+            f"Machine: {first['machine']['cpu']} ({first['machine']['cores']} cores); engine threads "
+            f"{first['threads']['engine']}, PyTorch threads {first['threads']['torch']} on {first['torch']['device']}; "
+            f"timer {first['timer']}."
+        )
+        lines.append("")
+    lines += [
+        "| precision | p50 / p90 / p99 ms (batch) | samples/s (batch) | PyTorch p50 ms | PyTorch samples/s | speed-up latency | speed-up throughput |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p, s in rows:
+        if "error" in s:
+            lines.append(f"| {p} | profile failed: {str(s['error'])[:200]} | | | | | |")
+            continue
+        la, t = s["latency_ms"], s["torch"]
+        lines.append(
+            f"| {p} | {la['p50']:.3f} / {la['p90']:.3f} / {la['p99']:.3f} ({s['latency_batch']}) | "
+            f"{(s['samples_per_s'] or 0):.0f} ({s['throughput_batch']}) | {t['latency_ms']['p50']:.3f} | "
+            f"{(t['samples_per_s'] or 0):.0f} | {_fmt_x(s['speedup']['latency_p50'])} | {_fmt_x(s['speedup']['throughput'])} |"
+        )
+    by_shape = [(p, x) for p, s in rows if "error" not in s for x in s.get("shapes") or [] if x.get("level") in ("min", "opt", "max")]
+    if by_shape:
+        lines += ["", "Every shape timed (latency above: the min shape; throughput: the max shape):", "",
+                  "| precision | shape | p50 ms | samples/s | PyTorch p50 ms | PyTorch samples/s |", "|---|---|---|---|---|---|"]
+        for p, x in by_shape:
+            lines.append(f"| {p} | {x['shape']} | {x['p50_ms']:.3f} | {(x['samples_per_s'] or 0):.0f} | {(x.get('torch_p50_ms') or 0):.3f} | {(x.get('torch_samples_per_s') or 0):.0f} |")
+    return lines
+
+
+def _fmt_x(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}×"

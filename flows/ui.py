@@ -1,4 +1,5 @@
-"""What a run shows in the Prefect UI besides the summary: progress, file links, training curve, confusion matrix.
+"""What a run shows in the Prefect UI besides the summary: progress, file links, training curve, confusion matrix,
+and a failed run's message in the UI's terms (``failed_in_ui_terms``).
 
 The UI cannot read files of the machine that ran the flow, so the figures are written as PNG files under
 ``<artifacts>/reports/`` and also embedded in markdown artifacts as base64 data URIs. Links name files
@@ -18,6 +19,8 @@ import contextvars
 import hashlib
 import json
 import logging
+import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +44,72 @@ def _in_flow_run() -> bool:
     from prefect.context import FlowRunContext
 
     return FlowRunContext.get() is not None
+
+
+# --- errors in the UI's terms ----------------------------------------------------------------------
+
+
+def for_ui(text: str, root: str | None = None) -> str:
+    """Say ``text`` in the Prefect UI's terms: parameter paths instead of options, relative artifact paths.
+
+    ``--lr`` becomes ``config.train.lr``, ``--balance class_weight`` becomes
+    ``config.train.balance=class_weight``, ``--tolerance fp16.atol=0.02`` becomes
+    ``config.tolerances.fp16.atol=0.02``; the artifacts folder ``root`` is dropped from paths.
+    """
+    from tasks.options import parameter_path
+
+    def option(m: re.Match[str]) -> str:
+        flag, value = m.group(1), m.group(2)
+        if flag == "--tolerance" and value:
+            name, _, v = value.partition("=")
+            return f"config.tolerances.{name}" + (f"={v}" if v else "")
+        path = parameter_path(flag, value)
+        return path if path else m.group(0)
+
+    text = re.sub(r"(--[a-z][a-z0-9-]*)(?:[ =](?![-(])([^\s,;()]+))?", option, text)
+    if root:
+        for prefix in {root, os.path.realpath(root)}:
+            text = text.replace(prefix.rstrip("/") + "/", "")
+    return text
+
+
+def _flow_artifacts_dir() -> str | None:
+    """The artifacts folder of the current flow run's ``config`` parameter, absolute; None outside a run."""
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        config = (ctx.parameters or {}).get("config") if ctx else None
+        folder = config.get("artifacts_dir") if isinstance(config, dict) else getattr(config, "artifacts_dir", None)
+        return os.path.abspath(os.path.expanduser(str(folder))) if folder else None
+    except Exception:  # noqa: BLE001 - a message must always render
+        return None
+
+
+def in_ui_terms(text: str) -> str:
+    """``text`` (an error's) as the current flow run's UI says it (``for_ui``); unchanged outside a flow run."""
+    return for_ui(text, _flow_artifacts_dir()) if _in_flow_run() else text
+
+
+def error_text(exc: BaseException) -> str:
+    """What the run report says of an error: a trtflow error in the UI's terms inside a flow run, else ``str(exc)``."""
+    from tasks.errors import TrtflowError
+
+    return in_ui_terms(str(exc)) if isinstance(exc, TrtflowError) else str(exc)
+
+
+def failed_in_ui_terms(exc: BaseException) -> Any:
+    """The flow's Failed state for ``exc``, its message in the UI's terms (``for_ui``).
+
+    Returned by the flow instead of raising: Prefect then keeps this message, and a caller of the flow
+    still gets ``exc`` itself raised, its text unchanged (the CLI renders it with the flags).
+    """
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
+    message = f"{type(exc).__name__}: {in_ui_terms(str(exc))}"
+    get_run_logger().error(message)
+    return Failed(data=exc, message=f"Flow run encountered an exception: {message}")
 
 
 # --- progress -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -94,6 +94,38 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+class Fetches(Protocol):
+    """What an artifact of a remote store is read through: its store (``tasks.store.Store``)."""
+
+    def fetch(self, ref: ArtifactRef, name: str) -> Path: ...
+
+
+#: url -> the store this process opened for it (``tasks.store.store_for``); kept here, below the
+#: store interface, so that a reference reads its files without importing the layer above it
+_OPENED: dict[str, Fetches] = {}
+
+
+def remember_store(url: str, store: Fetches) -> None:
+    """Record ``store`` as the one the references recording ``url`` read their files through."""
+    _OPENED[url] = store
+
+
+def opened_store(url: str) -> Fetches:
+    """The store this process opened (``store_for``) for ``url``: what a reference recording ``url`` is read through.
+
+    Raises:
+        ConfigError: no store was opened for ``url`` in this process.
+    """
+    if url not in _OPENED:
+        raise ConfigError(
+            got=f"an artifact of the store {url!r}, read in a process that did not open it",
+            expected="the store opened (store_for) before its artifacts' files are read",
+            because="an artifact's files are fetched through the store that found it",
+            fix=f"open the store first (--store {url})",
+        )
+    return _OPENED[url]
+
+
 class ArtifactRef(BaseModel):
     """What a stage returns: where its files are, their digests, and small metadata.
 
@@ -140,8 +172,6 @@ class ArtifactRef(BaseModel):
                 fix="re-run the stage with --refresh " + self.stage,
             )
         if self.store is not None:
-            from tasks.store import opened_store
-
             return opened_store(self.store).fetch(self, name)
         return self.dir / name
 

@@ -501,6 +501,34 @@ def parse_ship_policy(text: str) -> tuple[str, str | float | None]:
     )
 
 
+def check_ship_policy(config: PipelineConfig) -> None:
+    """Refuse, before any work, a ship policy that cannot be met by this config.
+
+    Raises:
+        ConfigError: a speed policy with the profile stage off, or a precision not among --precisions.
+    """
+    ship = config.ship
+    if not ship.enabled:
+        return
+    kind, value = parse_ship_policy(ship.policy)
+    if ship.needs_timings and not config.profile.enabled:
+        raise ConfigError(
+            got=f"--ship {ship.policy} with --no-profile",
+            expected="the speed profile for a speed policy",
+            because=f"'{kind}' chooses by measured speed, and the profile stage measures it",
+            fix="drop --no-profile, or pass --ship smallest or --ship PRECISION, or --no-package",
+            summary=f"--ship {ship.policy} needs the speed profile; drop --no-profile, or pass --ship smallest, --ship fp32 or --no-package",
+        )
+    if kind == "precision" and Precision(value) not in config.precisions:
+        raise ConfigError(
+            got=f"--ship {value} with --precisions {','.join(p.value for p in config.precisions)}",
+            expected=f"a precision that is built: {', '.join(p.value for p in config.precisions)}",
+            because="only a built and verified variant can be shipped",
+            fix=f"add {value} to --precisions, or pass another --ship",
+            summary=f"--ship {value} but --precisions has no {value}; add it or pass another --ship",
+        )
+
+
 class ShipConfig(_Strict):
     """What the ``package`` stage ships: one verified engine as a Triton model repository (docs/shipping.md)."""
 
@@ -687,7 +715,7 @@ class PipelineConfig(_Strict):
     def _ship_without_timings(self) -> PipelineConfig:
         # The default policy compares speed; with the profile off and no policy chosen, ship the smallest
         # passed variant instead of refusing a run the user never asked to be timed. A policy the user
-        # chose is kept, and check_policy refuses it with the fix.
+        # chose is kept, and check_ship_policy refuses it with the fix.
         if not self.profile.enabled and "policy" not in self.ship.model_fields_set and self.ship.needs_timings:
             self.ship = self.ship.model_copy(update={"policy": "smallest"})
         return self

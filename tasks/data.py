@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,42 +93,6 @@ def check_targets(y: np.ndarray, n: int, source: str) -> np.ndarray:
     return y
 
 
-def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits (1797 8×8 images, 10 classes), upscaled to 3×32×32 in [0, 1].
-
-    Returns:
-        x as float32 (N, 3, 32, 32) and y as int64 (N,).
-    """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    img = (d.images / 16.0).astype(np.float32)  # (N, 8, 8)
-    # Bilinear upscaling by 4 (half-pixel centres, edge clamped), in numpy to avoid importing torch.
-    src = (np.arange(32) + 0.5) / 4 - 0.5
-    lo = np.clip(np.floor(src).astype(int), 0, 7)
-    hi = np.clip(lo + 1, 0, 7)
-    w = np.clip(src - lo, 0, 1).astype(np.float32)
-    rows = img[:, lo, :] * (1 - w)[None, :, None] + img[:, hi, :] * w[None, :, None]
-    full = rows[:, :, lo] * (1 - w)[None, None, :] + rows[:, :, hi] * w[None, None, :]
-    x = np.repeat(full[:, None], 3, axis=1).astype(np.float32)
-    return x, d.target.astype(np.int64)
-
-
-def arrays_from_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Open the named inputs and the optional labels ``y`` of a ``.npz`` file or ``.npy`` folder.
-
-    Arrays are memory-mapped where the format allows (see ``tasks.datasource``); nothing is unpickled.
-
-    Returns:
-        Input name -> array (every array but ``y``, in the file's order), and the labels or None.
-
-    Raises:
-        DatasetError: missing file, not an npz, no input array.
-    """
-    src = open_source(Path(path))
-    return src.inputs, src.labels
-
-
 #: largest |x| the data check accepts: beyond it, float32 training overflows or learns nothing
 MAX_ABS_VALUE = 1e6
 
@@ -170,18 +133,6 @@ def check_value_range(x: np.ndarray, source: str, name: str = "x") -> None:
             fix=f"check how {name} was built (a constant fill, a broken loader, all samples the same)",
             summary=f"every sample of {name} is identical ({hi:.3g}); check how {name} was built",
         )
-
-
-def labels_in(path: Path) -> bool:
-    """Whether a dataset holds labels ``y`` (reads only the archive's table of contents or the folder)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return (path / f"{LABELS}.npy").is_file()
-    try:
-        with zipfile.ZipFile(path) as z:
-            return f"{LABELS}.npy" in z.namelist()
-    except Exception:
-        return True  # unreadable: the data stage names the problem
 
 
 def input_spec(name: str, arr: np.ndarray) -> dict[str, Any]:

@@ -187,6 +187,27 @@ def open_npy_folder(path: Path) -> Source:
     return Source(arrays, labels, "npy", path, int(labels.nbytes) if labels is not None else 0)
 
 
+def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (1797 8×8 images, 10 classes), upscaled to 3×32×32 in [0, 1].
+
+    Returns:
+        x as float32 (N, 3, 32, 32) and y as int64 (N,).
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = (d.images / 16.0).astype(np.float32)  # (N, 8, 8)
+    # Bilinear upscaling by 4 (half-pixel centres, edge clamped), in numpy to avoid importing torch.
+    src = (np.arange(32) + 0.5) / 4 - 0.5
+    lo = np.clip(np.floor(src).astype(int), 0, 7)
+    hi = np.clip(lo + 1, 0, 7)
+    w = np.clip(src - lo, 0, 1).astype(np.float32)
+    rows = img[:, lo, :] * (1 - w)[None, :, None] + img[:, hi, :] * w[None, :, None]
+    full = rows[:, :, lo] * (1 - w)[None, None, :] + rows[:, :, hi] * w[None, None, :]
+    x = np.repeat(full[:, None], 3, axis=1).astype(np.float32)
+    return x, d.target.astype(np.int64)
+
+
 def open_source(path: Path | None) -> Source:
     """Open a dataset: None for the bundled digits, a ``.npz`` file, or a folder of ``.npy`` files.
 
@@ -194,8 +215,6 @@ def open_source(path: Path | None) -> Source:
         DatasetError: missing, unreadable, or not one of those formats.
     """
     if path is None:
-        from tasks.data import digits_dataset
-
         x, y = digits_dataset()
         return Source({"x": x}, y, "digits", None, int(x.nbytes + y.nbytes))
     from tasks.paths import file_problem
@@ -222,6 +241,18 @@ def open_source(path: Path | None) -> Source:
     if not magic.startswith(b"PK"):
         raise DatasetError(got=f"{path}, which is not a numpy archive (a .npz is a zip file; this one starts with {magic!r})", expected="a .npz file", because="trtflow reads datasets with numpy.load, without unpickling", fix="save it with numpy.savez(path, x=inputs, y=labels)")
     return open_npz(path)
+
+
+def labels_in(path: Path) -> bool:
+    """Whether a dataset holds labels ``y`` (reads only the archive's table of contents or the folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return (path / f"{LABELS}.npy").is_file()
+    try:
+        with zipfile.ZipFile(path) as z:
+            return f"{LABELS}.npy" in z.namelist()
+    except Exception:
+        return True  # unreadable: the data stage names the problem
 
 
 def release(a: np.ndarray) -> None:

@@ -100,7 +100,7 @@ def batch_frozen_at(model: nn.Module, examples: tuple[Any, ...]) -> str | None:
     """
     import torch
 
-    from tasks.export import _takes_varargs
+    from tasks.models import takes_varargs
 
     frames: list[Any] = []
     events: list[ShapeEvent] = []
@@ -111,7 +111,7 @@ def batch_frozen_at(model: nn.Module, examples: tuple[Any, ...]) -> str | None:
             shapes = tuple({0: batch} for _ in examples)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.export.export(model.eval(), examples, dynamic_shapes=(shapes,) if _takes_varargs(model) else shapes, strict=False)
+                torch.export.export(model.eval(), examples, dynamic_shapes=(shapes,) if takes_varargs(model) else shapes, strict=False)
     except Exception:  # noqa: BLE001 - the refusal is expected; the guard log is what we want
         pass
     for event in events:

@@ -5,16 +5,14 @@ flow run in the terminal or the Prefect UI knows what broke and how to fix it. E
 ``summary``: one line of at most ``SUMMARY_CHARS`` characters saying what happened and the fix, which
 the terminal shows first, followed by a few indented ``details`` lines (``render``).
 
-Inside a flow run ``str(error)`` speaks the UI's language: the command-line options named in the fix
-become the flow's parameter paths (``--lr`` -> ``config.train.lr``), and paths under the artifacts
-folder are given relative to it. The CLI renders its own lines from the fields, with the flags.
+An error is data: ``str(error)`` is the same wherever it is read, and this module knows neither Prefect
+nor the command line. Whoever shows it renders it: the CLI from the fields, with the flags
+(``flows.cli``); the flow for the Prefect UI, with the form's parameter paths (``flows.ui.for_ui``).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 import textwrap
 from typing import Any
 
@@ -103,58 +101,6 @@ class TrtflowError(Exception):
         if not debug and len(lines) > MAX_DETAIL_LINES:
             lines = lines[: MAX_DETAIL_LINES - 1] + ["… (--debug shows the whole message)"]
         return "\n".join([self.summary, *("  " + line for line in lines)])
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return for_ui(text) if _in_flow_run() else text
-
-
-def _in_flow_run() -> bool:
-    if "prefect" not in sys.modules:
-        return False
-    try:
-        from prefect.context import FlowRunContext
-
-        return FlowRunContext.get() is not None
-    except Exception:  # noqa: BLE001 - a message must always render
-        return False
-
-
-def for_ui(text: str) -> str:
-    """Say ``text`` in the Prefect UI's terms: parameter paths instead of options, relative artifact paths.
-
-    ``--lr`` becomes ``config.train.lr``, ``--balance class_weight`` becomes
-    ``config.train.balance=class_weight``, ``--tolerance fp16.atol=0.02`` becomes
-    ``config.tolerances.fp16.atol=0.02``; the artifacts folder of the current flow run is dropped from paths.
-    """
-    from tasks.options import parameter_path
-
-    def option(m: re.Match[str]) -> str:
-        flag, value = m.group(1), m.group(2)
-        if flag == "--tolerance" and value:
-            name, _, v = value.partition("=")
-            return f"config.tolerances.{name}" + (f"={v}" if v else "")
-        path = parameter_path(flag, value)
-        return path if path else m.group(0)
-
-    text = re.sub(r"(--[a-z][a-z0-9-]*)(?:[ =](?![-(])([^\s,;()]+))?", option, text)
-    root = _flow_artifacts_dir()
-    if root:
-        for prefix in {root, os.path.realpath(root)}:
-            text = text.replace(prefix.rstrip("/") + "/", "")
-    return text
-
-
-def _flow_artifacts_dir() -> str | None:
-    try:
-        from prefect.context import FlowRunContext
-
-        ctx = FlowRunContext.get()
-        config = (ctx.parameters or {}).get("config") if ctx else None
-        folder = config.get("artifacts_dir") if isinstance(config, dict) else getattr(config, "artifacts_dir", None)
-        return os.path.abspath(os.path.expanduser(str(folder))) if folder else None
-    except Exception:  # noqa: BLE001 - a message must always render
-        return None
 
 
 class ConfigError(TrtflowError):

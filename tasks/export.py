@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.artifacts import ArtifactRef
 from tasks.config import ShapeProfile
 from tasks.errors import ExportError, one_line, plain
+from tasks.models import takes_varargs
 from tasks.stage import StageSpec, run_stage
 from tasks.store import Store
 
@@ -89,7 +90,7 @@ def onnx_from_module(
             # The example lies inside the range, and is not 1 (the exporter specialises size-1 dimensions).
             sizes[index[inp]][axis - 1] = max(min(sizes[index[inp]][axis - 1], hi), lo, min(2, hi))
     examples = tuple(torch.from_numpy(np.zeros((2, *size), dtype=np.dtype(s["dtype"]))) for s, size in zip(inputs, sizes))
-    dynamic_shapes: Any = (tuple(per_input),) if _takes_varargs(model) else tuple(per_input)
+    dynamic_shapes: Any = (tuple(per_input),) if takes_varargs(model) else tuple(per_input)
     declared = [d[0] for d in dims]
     refused: list[str] = []
     try:
@@ -402,15 +403,6 @@ def _apply_names(graph: Any, full: dict[str, str]) -> None:
                 _apply_names(g, full)
 
 
-def _takes_varargs(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return False
-
-
 def _strip_stack_traces(proto: Any) -> None:
     # The exporter records each node's Python stack trace, i.e. absolute paths of this machine
     # (site-packages, the user's home): they have no place in a file that ships.
@@ -442,7 +434,7 @@ def onnx_from_checkpoint(checkpoint: ArtifactRef, store: Store, refresh: bool = 
 
     def make(out: Path) -> dict[str, Any]:
         from tasks.shapes import export_dims
-        from tasks.train import module_from_checkpoint
+        from tasks.inference import module_from_checkpoint
 
         model = module_from_checkpoint(checkpoint)
         shape = tuple(checkpoint.meta["sample_shape"])

@@ -403,6 +403,14 @@ def _user_model(model: nn.Module) -> nn.Module:
     return model.model if getattr(model, "wraps_user_model", False) else model  # type: ignore[return-value]
 
 
+def takes_varargs(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``*args`` (torch.export then wants its dynamic shapes as one tuple more)."""
+    try:
+        return any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
 def forward_parameters(model: nn.Module) -> list[str]:
     """The named parameters of ``model.forward`` (of the user's model inside a ``bind`` wrapper)."""
     try:

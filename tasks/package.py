@@ -205,36 +205,6 @@ def figures_of(precision: str, engine: ArtifactRef, profile: ArtifactRef | None,
     return Figures(precision, size, m["latency_ms"]["p50"], m["latency_batch"], m["samples_per_s"], m["throughput_batch"])
 
 
-def check_policy(config: PipelineConfig) -> None:
-    """Refuse, before any work, a ship policy that cannot be met by this config.
-
-    Raises:
-        ConfigError: a speed policy with the profile stage off, or a precision not among --precisions.
-    """
-    from tasks.errors import ConfigError
-
-    ship = config.ship
-    if not ship.enabled:
-        return
-    kind, value = parse_ship_policy(ship.policy)
-    if ship.needs_timings and not config.profile.enabled:
-        raise ConfigError(
-            got=f"--ship {ship.policy} with --no-profile",
-            expected="the speed profile for a speed policy",
-            because=f"'{kind}' chooses by measured speed, and the profile stage measures it",
-            fix="drop --no-profile, or pass --ship smallest or --ship PRECISION, or --no-package",
-            summary=f"--ship {ship.policy} needs the speed profile; drop --no-profile, or pass --ship smallest, --ship fp32 or --no-package",
-        )
-    if kind == "precision" and Precision(value) not in config.precisions:
-        raise ConfigError(
-            got=f"--ship {value} with --precisions {','.join(p.value for p in config.precisions)}",
-            expected=f"a precision that is built: {', '.join(p.value for p in config.precisions)}",
-            because="only a built and verified variant can be shipped",
-            fix=f"add {value} to --precisions, or pass another --ship",
-            summary=f"--ship {value} but --precisions has no {value}; add it or pass another --ship",
-        )
-
-
 # --- writing the bundle ---------------------------------------------------------------------------
 
 

@@ -297,7 +297,7 @@ def _torch_measurement(
 ) -> dict[str, Any]:
     import torch
 
-    from tasks.train import module_from_checkpoint
+    from tasks.inference import module_from_checkpoint
 
     used = device if device == "cpu" or torch.cuda.is_available() else "cpu"
     model = module_from_checkpoint(checkpoint).to(used)
@@ -447,63 +447,3 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
             for m, t in zip(engine.get("by_shape") or [], torch.get("by_shape") or [{}] * len(engine.get("by_shape") or []))
         ] or [{"level": k, "shape": engine[k].get("shape"), "batch": engine[k]["batch"], "p50_ms": engine[k]["p50_ms"], "samples_per_s": engine[k]["samples_per_s"]} for k in ("latency", "throughput")],
     }
-
-
-def table_columns(summary: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The speed columns of one precision's row in the Prefect table (empty when not profiled)."""
-    if not summary:
-        return {}
-    if "error" in summary:
-        return {"profile": f"failed: {str(summary['error'])[:200]}"}
-    return {
-        f"p50 ms (b{summary['latency_batch']})": round(summary["latency_ms"]["p50"], 4),
-        f"p99 ms (b{summary['latency_batch']})": round(summary["latency_ms"]["p99"], 4),
-        f"samples/s (b{summary['throughput_batch']})": round(summary["samples_per_s"] or 0.0, 1),
-        "x torch (latency)": _round(summary["speedup"]["latency_p50"]),
-        "x torch (throughput)": _round(summary["speedup"]["throughput"]),
-    }
-
-
-def _round(v: float | None) -> float | None:
-    return None if v is None else round(v, 2)
-
-
-def speed_markdown(precisions: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Markdown lines of the speed table of a run report (no lines when nothing was profiled)."""
-    rows = [(p, r["profile"]) for p, r in precisions.items() if r.get("profile")]
-    if not rows:
-        return []
-    first = next((s for _, s in rows if "error" not in s), None)
-    lines = ["", "## Speed", ""]
-    if first is not None:
-        lines.append(
-            f"Machine: {first['machine']['cpu']} ({first['machine']['cores']} cores); engine threads "
-            f"{first['threads']['engine']}, PyTorch threads {first['threads']['torch']} on {first['torch']['device']}; "
-            f"timer {first['timer']}."
-        )
-        lines.append("")
-    lines += [
-        "| precision | p50 / p90 / p99 ms (batch) | samples/s (batch) | PyTorch p50 ms | PyTorch samples/s | speed-up latency | speed-up throughput |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for p, s in rows:
-        if "error" in s:
-            lines.append(f"| {p} | profile failed: {str(s['error'])[:200]} | | | | | |")
-            continue
-        la, t = s["latency_ms"], s["torch"]
-        lines.append(
-            f"| {p} | {la['p50']:.3f} / {la['p90']:.3f} / {la['p99']:.3f} ({s['latency_batch']}) | "
-            f"{(s['samples_per_s'] or 0):.0f} ({s['throughput_batch']}) | {t['latency_ms']['p50']:.3f} | "
-            f"{(t['samples_per_s'] or 0):.0f} | {_fmt_x(s['speedup']['latency_p50'])} | {_fmt_x(s['speedup']['throughput'])} |"
-        )
-    by_shape = [(p, x) for p, s in rows if "error" not in s for x in s.get("shapes") or [] if x.get("level") in ("min", "opt", "max")]
-    if by_shape:
-        lines += ["", "Every shape timed (latency above: the min shape; throughput: the max shape):", "",
-                  "| precision | shape | p50 ms | samples/s | PyTorch p50 ms | PyTorch samples/s |", "|---|---|---|---|---|---|"]
-        for p, x in by_shape:
-            lines.append(f"| {p} | {x['shape']} | {x['p50_ms']:.3f} | {(x['samples_per_s'] or 0):.0f} | {(x.get('torch_p50_ms') or 0):.3f} | {(x.get('torch_samples_per_s') or 0):.0f} |")
-    return lines
-
-
-def _fmt_x(v: float | None) -> str:
-    return "" if v is None else f"{v:.2f}×"

@@ -22,10 +22,9 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from tasks.artifacts import ArtifactRef
+from tasks.artifacts import ArtifactRef, remember_store
 
 
 @runtime_checkable
@@ -100,8 +99,6 @@ class Store(Protocol):
 
 #: URL scheme -> factory(url, local folder); "" is a plain path
 _STORES: dict[str, Callable[[str, Path], Store]] = {}
-#: url -> the store ``store_for`` last made for it in this process (``ArtifactRef.path`` fetches through it)
-_OPENED: dict[str, Store] = {}
 
 
 def register_store(scheme: str, factory: Callable[[str, Path], Store]) -> None:
@@ -138,7 +135,7 @@ def store_for(url: str | Path | None, local: Path) -> Store:
             fix="pass --store s3://BUCKET/PREFIX, or leave --store out to keep artifacts in --artifacts-dir",
         )
     store = _STORES[scheme](text, Path(local))
-    _OPENED[text] = store
+    remember_store(text, store)  # ``ArtifactRef.path`` fetches through it (``tasks.artifacts.opened_store``)
     return store
 
 
@@ -153,27 +150,16 @@ def as_store(store: Store | str | os.PathLike[str]) -> Store:
     return store
 
 
-def opened_store(url: str) -> Store:
-    """The store this process opened (``store_for``) for ``url``: what a reference recording ``url`` is read through.
-
-    Raises:
-        ConfigError: no store was opened for ``url`` in this process.
-    """
-    if url not in _OPENED:
-        from tasks.errors import ConfigError
-
-        raise ConfigError(
-            got=f"an artifact of the store {url!r}, read in a process that did not open it",
-            expected="the store opened (store_for) before its artifacts' files are read",
-            because="an artifact's files are fetched through the store that found it",
-            fix=f"open the store first (--store {url})",
-        )
-    return _OPENED[url]
-
-
 def _load_builtin() -> None:
-    # The built-in stores register themselves on import; importing them here (not at the top) keeps
-    # this interface module free of their dependencies.
-    with contextlib.suppress(ImportError):
-        import tasks.stores  # noqa: F401
+    # The built-in stores are registered here, imported when first asked for (not at the top): this
+    # interface module stays free of their dependencies, and they import nothing above them.
+    if "" in _STORES:
+        return
+    from tasks.stores import local
 
+    register_store("", local.make)
+    register_store("file", local.make)
+    with contextlib.suppress(ImportError):
+        from tasks.stores import s3
+
+        register_store("s3", s3.make)

@@ -6,10 +6,9 @@ floating-point reductions, hence the weights) is set and recorded.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,8 @@ import numpy as np
 
 from tasks.artifacts import ArtifactRef, sha256_file
 from tasks.config import TrainConfig
-from tasks.errors import ArtifactError, ModelCollapseError, ModelError
+from tasks.errors import ModelCollapseError, ModelError
+from tasks.inference import CHECKPOINT, eval_batch, predict_split
 from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
 from tasks.store import Store, as_store
@@ -41,100 +41,10 @@ def _key_inputs(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 SPEC = StageSpec("train", __name__, libraries=("torch", "numpy", "scikit-learn"), key_inputs=_key_inputs)
-CHECKPOINT = "model.pt"
 HISTORY = "history.json"
 METRICS = "metrics.json"
 #: the latest train stage's validation metrics, kept even when the collapse gate fails the stage
 METRICS_REPORT = "train-metrics.json"
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run a block with ``torch.set_num_threads(threads)``, restoring the process's count after.
-
-    Float reductions split over another number of threads may round differently: whatever is stored
-    must be computed under a thread count its key holds.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    import torch
-
-    # Split arrays are shared read-only; a batch is small, so copy it rather than alias it.
-    return torch.from_numpy(np.array(a, copy=True))
-
-
-def predict_outputs(model: nn.Module, inputs: Mapping[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
-    """Run a bound model (``tasks.models.bind``) in eval mode without gradients, batch by batch.
-
-    Args:
-        model: takes the inputs positionally in ``inputs``' order, returns a tuple of outputs.
-        inputs: input name -> array (N samples each).
-        batch_size: samples per forward pass.
-
-    Returns:
-        One array per output, in the model's output order.
-    """
-    import torch
-
-    model.eval()
-    n = len(next(iter(inputs.values())))
-    chunks: list[list[np.ndarray]] = []
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            out = model(*(_tensor(a[i : i + batch_size]) for a in inputs.values()))
-            out = out if isinstance(out, tuple) else (out,)
-            if not chunks:
-                chunks = [[] for _ in out]
-            for c, o in zip(chunks, out):
-                c.append(o.detach().numpy())
-    return [np.concatenate(c) for c in chunks]
-
-
-def eval_batch(data: ArtifactRef, limit: int = 256, budget: int = 256 << 20) -> int:
-    """Rows per evaluation forward pass: up to ``limit``, fewer for large samples (``rows_for_memory``)."""
-    from tasks.data import sample_bytes
-    from tasks.datasource import rows_for_memory
-
-    return rows_for_memory(sample_bytes(data), limit, budget)
-
-
-def predict_split(
-    model: nn.Module, data: ArtifactRef, split: str, batch_size: int | None = None, progress: Progress | None = None,
-    fit: Any = None,
-) -> list[np.ndarray]:
-    """``predict_outputs`` over one split of a ``data`` artifact, reading ``batch_size`` rows at a time
-    (default ``eval_batch``: bounded memory for large samples); ``progress`` counts the samples done;
-    ``fit`` changes each batch of inputs first (``tasks.shapes.fit_lengths``: cut or pad to a length)."""
-    from tasks.data import split_batches
-
-    batch_size = batch_size or eval_batch(data)
-
-    chunks: list[list[np.ndarray]] = []
-    for _, feed in split_batches(data, split, batch_size):
-        feed = fit(feed) if fit is not None else feed
-        outs = predict_outputs(model, feed, batch_size)
-        if progress is not None:
-            rows = len(next(iter(feed.values())))
-            progress.update(rows, samples=rows)
-        if not chunks:
-            chunks = [[] for _ in outs]
-        for c, o in zip(chunks, outs):
-            c.append(o)
-    return [np.concatenate(c) for c in chunks]
-
-
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The first output of a one-input model on ``x`` (eval mode, no gradients)."""
-    return predict_outputs(model, {"x": x}, batch_size)[0]
 
 
 @dataclass
@@ -744,39 +654,6 @@ def _collapse_error(findings: list[str], metrics: dict[str, Any], cfg: TrainConf
         f"class {top} is {share:.0%} of the training labels; retrain with --balance {others[0]}"
     )
     return ModelCollapseError(findings, str(report), because=because, fix=fix, summary=summary)
-
-
-def load_checkpoint(ref: ArtifactRef) -> dict[str, Any]:
-    """Read the checkpoint of a ``train`` artifact (digest checked, ``weights_only`` load)."""
-    import pickle
-
-    import torch
-
-    ref.verify()
-    try:
-        return torch.load(ref.path(CHECKPOINT), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ArtifactError(
-            got=f"{ref.path(CHECKPOINT)} holding objects other than tensors and plain containers",
-            expected="a checkpoint written by trtflow (state_dict and plain metadata)",
-            because="checkpoints load with weights_only=True, so a file that would run code when unpickled is refused",
-            fix="delete the artifact folder and run the same command again (it retrains)",
-        ) from exc
-
-
-def module_from_checkpoint(ref: ArtifactRef) -> nn.Module:
-    """Rebuild the model of a ``train`` artifact, bound to the dataset's inputs (eval mode).
-
-    Returns:
-        A module taking the dataset's inputs positionally (in dataset order) and returning a tuple of
-        its outputs in the order of ``ref.meta["outputs"]`` (see ``tasks.models.bind``).
-    """
-    from tasks.models import bind, model_from_path
-
-    ckpt = load_checkpoint(ref)
-    model = model_from_path(ckpt["model"], ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    return bind(model, ckpt["binding"]).eval()
 
 
 def checkpoint_from_splits(data: ArtifactRef, cfg: TrainConfig, store: Store, refresh: bool = False) -> ArtifactRef:

@@ -345,7 +345,7 @@ def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, n
         Output name -> read-only array (shared between callers).
     """
     from tasks.data import split_size
-    from tasks.train import module_from_checkpoint, predict_split, torch_threads
+    from tasks.inference import module_from_checkpoint, predict_split, torch_threads
 
     from tasks.code_digests import user_code
     from tasks.stage import factories_in
@@ -383,7 +383,7 @@ def reference_outputs_at(checkpoint: ArtifactRef, data: ArtifactRef, point: Any,
     from tasks.data import split_size
     from tasks.shapes import fit_lengths
     from tasks.stage import factories_in
-    from tasks.train import module_from_checkpoint, predict_split, torch_threads
+    from tasks.inference import module_from_checkpoint, predict_split, torch_threads
 
     if not point.lengths:
         return reference_outputs(checkpoint, data)

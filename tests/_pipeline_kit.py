@@ -44,7 +44,7 @@ print(json.dumps(kit.digests(kit.run_plain(cfg))))
 
 def tiny_dataset(path: Path, per_class: int = 40) -> Path:
     """Write ``per_class`` digits per class (3×32×32, 10 classes) to an npz file; trains in about a second."""
-    from tasks.data import digits_dataset
+    from tasks.datasource import digits_dataset
 
     if not path.is_file():
         x, y = digits_dataset()

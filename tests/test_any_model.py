@@ -149,7 +149,7 @@ def test_weights_without_epochs_load_and_convert_and_the_key_follows_the_file(tm
     train = refs["train"]
     assert train.meta["mode"] == "load" and train.meta["epoch_seconds"] == []
     assert train.meta["outputs"] == {"output_0": [2, 3], "output_1": [2, 16]}
-    from tasks.train import module_from_checkpoint
+    from tasks.inference import module_from_checkpoint
 
     x = torch.randn(4, 6, 5)
     assert torch.equal(module_from_checkpoint(train)(x)[0], net.eval()(x)[0])  # the weights given, untouched

@@ -118,7 +118,7 @@ def _npz(path: Path, **arrays: Any) -> Path:
 
 
 def _digits(n_per_class: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.data import digits_dataset
+    from tasks.datasource import digits_dataset
 
     x, y = digits_dataset()
     idx = np.concatenate([np.flatnonzero(y == c)[:n_per_class] for c in range(10)])

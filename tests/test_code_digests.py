@@ -55,9 +55,9 @@ def test_imports_are_read_everywhere_in_a_module_and_by_name():
 
 
 def test_a_stage_key_covers_the_modules_its_functions_import():
-    # The hand-kept lists missed these: export calls train.py and models.py; build runs _trt_build by name.
+    # The hand-kept lists missed these: export calls inference.py and models.py; build runs _trt_build by name.
     export = project_code("tasks.export")
-    assert {"tasks/export.py", "tasks/train.py", "tasks/models.py", "tasks/stage.py", "tasks/__init__.py"} <= set(export)
+    assert {"tasks/export.py", "tasks/inference.py", "tasks/models.py", "tasks/stage.py", "tasks/__init__.py"} <= set(export)
     assert {"tasks/backends/_trt_build.py", "tasks/backends/onnxruntime.py", "tasks/backends/__init__.py"} <= set(project_code("tasks.engine"))
     assert all(len(d) == 64 for d in export.values())
     assert project_code("json") == {}

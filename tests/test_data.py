@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from tasks.config import DataConfig
-from tasks.data import SPLITS_FILE, check_arrays, digits_dataset, load_splits, split_inputs, split_labels, splits_from_dataset
+from tasks.data import SPLITS_FILE, check_arrays, load_splits, split_inputs, split_labels, splits_from_dataset
+from tasks.datasource import digits_dataset
 from tasks.errors import DatasetError
 
 

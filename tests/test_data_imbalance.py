@@ -5,7 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.config import DataConfig
-from tasks.data import digits_dataset, imbalanced_train, load_splits, split_indices, splits_from_dataset
+from tasks.data import imbalanced_train, load_splits, split_indices, splits_from_dataset
+from tasks.datasource import digits_dataset
 from tasks.errors import ConfigError
 
 

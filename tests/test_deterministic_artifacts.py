@@ -56,12 +56,12 @@ def test_the_pytorch_reference_runs_with_the_checkpoints_thread_count(made: kit.
     """Not the process's: one that trained has the training's count, one that found the checkpoint cached has the default."""
     import torch
 
-    import tasks.train
+    import tasks.inference
     import tasks.verify
 
     seen: list[int] = []
-    real = tasks.train.predict_outputs
-    monkeypatch.setattr(tasks.train, "predict_outputs", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    real = tasks.inference.predict_outputs
+    monkeypatch.setattr(tasks.inference, "predict_outputs", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
     monkeypatch.setattr(tasks.verify, "_REFERENCE", {})
     before = torch.get_num_threads()
     torch.set_num_threads(3)

@@ -89,7 +89,7 @@ def _load_sites() -> dict[str, tuple[str, str, Callable[[dict[str, ArtifactRef],
     from tasks.data import load_splits
     from tasks.engine import engine_from_variant, runner_from_build
     from tasks.precision import variant_from_onnx
-    from tasks.train import module_from_checkpoint
+    from tasks.inference import module_from_checkpoint
     from tasks.validate import validated_onnx
     from tasks.verify import verification_of_engine
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from tasks.backends.base import EngineInfo
-from tasks.config import PipelineConfig, Precision, ShipConfig, parse_ship_policy
+from tasks.config import PipelineConfig, Precision, ShipConfig, check_ship_policy, parse_ship_policy
 from tasks.errors import BundleError, ConfigError
-from tasks.package import BUNDLE_JSON, Figures, check_bundle, check_policy, choose, model_name
+from tasks.package import BUNDLE_JSON, Figures, check_bundle, choose, model_name
 from tasks.triton import config_problems, config_text, model_of_engine, parsed_config, triton_type
 
 ALL = ["fp32", "fp16", "int8"]
@@ -81,16 +81,16 @@ def test_policies_are_parsed_and_refused_before_any_work():
         with pytest.raises(ValueError, match="ship policy"):
             ShipConfig(policy=bad)
     with pytest.raises(ConfigError) as e:
-        check_policy(PipelineConfig.model_validate({"profile": {"enabled": False}, "ship": {"policy": "fastest"}}))
+        check_ship_policy(PipelineConfig.model_validate({"profile": {"enabled": False}, "ship": {"policy": "fastest"}}))
     assert "--ship fastest needs the speed profile" in e.value.summary and "--no-package" in e.value.summary
     with pytest.raises(ConfigError) as e:
-        check_policy(PipelineConfig.model_validate({"precisions": ["fp32"], "ship": {"policy": "int8"}}))
+        check_ship_policy(PipelineConfig.model_validate({"precisions": ["fp32"], "ship": {"policy": "int8"}}))
     assert "--precisions has no int8" in e.value.summary
     # No policy chosen and no profile: the smallest passed variant ships (the default compares speed).
     assert PipelineConfig.model_validate({"profile": {"enabled": False}}).ship.policy == "smallest"
     assert PipelineConfig.model_validate({}).ship.policy == "fastest"
     for fine in ({"profile": {"enabled": False}}, {"profile": {"enabled": False}, "ship": {"policy": "smallest"}}, {"profile": {"enabled": False}, "ship": {"enabled": False}}, {}):
-        check_policy(PipelineConfig.model_validate(fine))
+        check_ship_policy(PipelineConfig.model_validate(fine))
 
 
 def test_the_cli_options_set_the_ship_config(capsys):

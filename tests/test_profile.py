@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flows.report import speed_markdown, table_columns
 from tasks.artifacts import ArtifactRef
 from tasks.backends.base import BaseRunner, TensorSpec
 from tasks.config import Backend, BatchProfile, Precision, ProfileConfig
@@ -14,9 +15,7 @@ from tasks.profile import (
     measurement,
     percentiles,
     profile_of_engine,
-    speed_markdown,
     speedup,
-    table_columns,
     timed_runs,
     torch_profile,
 )

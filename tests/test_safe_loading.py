@@ -61,7 +61,7 @@ def test_the_payload_is_live_under_plain_pickle(tmp_path: Path) -> None:
 
 
 def test_checkpoint_with_a_pickled_object_is_refused_even_with_a_forged_manifest(good: kit.Good, tmp_path: Path) -> None:
-    from tasks.train import module_from_checkpoint
+    from tasks.inference import module_from_checkpoint
 
     root = kit.clone(good.root, tmp_path / "artifacts")
     marker = tmp_path / "marker"
@@ -75,7 +75,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_even_with_a_forged_manifest
 def test_checkpoint_with_a_pickled_object_fails_its_digest_check_first(good: kit.Good, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from tasks.train import module_from_checkpoint
+    from tasks.inference import module_from_checkpoint
 
     root = kit.clone(good.root, tmp_path / "artifacts")
     marker = tmp_path / "marker"

@@ -511,13 +511,13 @@ def test_without_labels_no_output_is_judged_by_task_metrics(branch, unlabelled_d
 
 
 def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypatch, caplog):
-    import tasks.train
+    import tasks.inference
     import tasks.verify
 
     monkeypatch.setattr(tasks.verify, "_REFERENCE", {})  # another test in this process may have filled it
     calls = []
     x = _test_inputs(small_data)
-    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
+    monkeypatch.setattr(tasks.inference, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
 
     def predict_split(scale, data, split, progress=None):
         assert data is small_data and split == "test" and progress.total == 15 and progress.unit == "sample"
@@ -525,7 +525,7 @@ def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypat
         progress.update(15, samples=15)
         return [x * scale, x - scale][: 2 if scale == 2.0 else 1]
 
-    monkeypatch.setattr(tasks.train, "predict_split", predict_split)
+    monkeypatch.setattr(tasks.inference, "predict_split", predict_split)
     one = SimpleNamespace(digest="a", meta={"outputs": ["logits", "aux"], "scale": 2.0})
     with caplog.at_level("INFO", logger="trtflow.verify"):
         out = reference_outputs(one, small_data)

@@ -1,4 +1,1 @@
-"""The built-in stores; each registers itself with ``tasks.store`` on import."""
-
-from tasks.stores import local  # noqa: F401
-from tasks.stores import s3  # noqa: F401
+"""The built-in stores; ``tasks.store`` registers each by URL scheme when first asked for one."""

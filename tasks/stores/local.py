@@ -20,7 +20,6 @@ from urllib.parse import unquote, urlparse
 from tasks.artifacts import MANIFEST, ArtifactRef, Staging, file_digest, load_ref, staging, write_bytes_atomic
 from tasks.errors import ArtifactError, ConfigError
 from tasks.locking import key_lock
-from tasks.store import register_store
 
 
 class LocalStore:
@@ -140,8 +139,8 @@ def _damaged(ref: ArtifactRef, name: str, path: Path, why: str) -> ArtifactError
     return err
 
 
-def _make(url: str, local: Path) -> LocalStore:
-    """The local store of ``url`` (a folder, ``file:///folder``; empty: ``local`` itself)."""
+def make(url: str, local: Path) -> LocalStore:
+    """The local store of ``url`` (a folder, ``file:///folder``; empty: ``local`` itself); registered by ``tasks.store``."""
     if not url:
         return LocalStore(local)
     if url.lower().startswith("file://"):
@@ -156,6 +155,3 @@ def _make(url: str, local: Path) -> LocalStore:
         return LocalStore(Path(unquote(parsed.path)), local, url)
     return LocalStore(Path(url).expanduser().resolve(), local, url)
 
-
-register_store("", _make)
-register_store("file", _make)

@@ -45,7 +45,7 @@ try:
     import obstore as obs
     from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
     from obstore.store import S3Store as ObjectStore
-except ImportError:  # the optional extra: ``--store s3://`` then says how to install it (``_make``)
+except ImportError:  # the optional extra: ``--store s3://`` then says how to install it (``make``)
     if TYPE_CHECKING:  # pyright checks the calls against obstore's own annotations
         raise
     obs = None
@@ -53,7 +53,6 @@ except ImportError:  # the optional extra: ``--store s3://`` then says how to in
 from tasks.artifacts import _HOST as _HOST_ID
 from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, clean_stale, file_digest, sha256_file
 from tasks.errors import ArtifactError, ConfigError, StorageError
-from tasks.store import register_store
 
 log = logging.getLogger("trtflow.s3")
 
@@ -580,7 +579,8 @@ def _first_line(text: str) -> str:
     return re.split(r"\n|Debug source", text, maxsplit=1)[0].strip()[:300]
 
 
-def _make(url: str, local: Path) -> S3Store:
+def make(url: str, local: Path) -> S3Store:
+    """The S3 store at ``url`` (registered for ``s3://`` by ``tasks.store``), its read cache in ``local``."""
     if obs is None:
         raise ConfigError(
             got=f"--store {url}",
@@ -590,5 +590,3 @@ def _make(url: str, local: Path) -> S3Store:
         )
     return S3Store(url, local)
 
-
-register_store("s3", _make)

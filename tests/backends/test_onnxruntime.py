@@ -7,7 +7,7 @@ from tasks.backends.registry import builder_for, choose_backend
 from tasks.config import Backend
 from tasks.data import load_splits
 from tasks.errors import BackendUnavailableError, InferenceError
-from tasks.train import module_from_checkpoint, predict_logits
+from tasks.inference import module_from_checkpoint, predict_logits
 
 
 @pytest.fixture(scope="module")

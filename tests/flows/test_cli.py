@@ -167,12 +167,36 @@ def test_every_option_names_a_config_field():
     assert parameter_path("--no-profile") == "config.profile.enabled=false"
 
 
-def test_messages_in_the_ui_name_parameter_paths_and_relative_files(tmp_path, monkeypatch):
-    from tasks import errors
+def test_messages_in_the_ui_name_parameter_paths_and_relative_files(tmp_path):
+    from flows.ui import for_ui
 
-    monkeypatch.setattr(errors, "_flow_artifacts_dir", lambda: str(tmp_path))
-    text = errors.for_ui(f"loosen --tolerance fp16.atol=0.05, retrain with --balance class_weight or lower --lr; read {tmp_path}/reports/train-metrics.json")
+    text = for_ui(f"loosen --tolerance fp16.atol=0.05, retrain with --balance class_weight or lower --lr; read {tmp_path}/reports/train-metrics.json", str(tmp_path))
     assert text == "loosen config.tolerances.fp16.atol=0.05, retrain with config.train.balance=class_weight or lower config.train.lr; read reports/train-metrics.json"
+
+
+def test_an_error_is_data_its_text_the_same_inside_a_flow_run(tmp_path):
+    """str(error) never changes with where it is read; the flow renders the UI's text into its state."""
+    from prefect import flow
+
+    from flows.ui import error_text, failed_in_ui_terms
+    from tasks.errors import ConfigError
+
+    error = ConfigError(got=f"{tmp_path}/x", expected="y", because="z", fix="lower --lr")
+    seen: list[str] = []
+
+    @flow
+    def failing(config: dict) -> None:
+        seen.extend([str(error), error_text(error), error_text(ValueError("--lr"))])
+        return failed_in_ui_terms(error)
+
+    state = failing({"artifacts_dir": str(tmp_path)}, return_state=True)
+    # The report's text of it is in the UI's terms (a trtflow error's only); str(error) is the same everywhere.
+    assert seen == [str(error), "got x, expected y, because z; lower config.train.lr", "--lr"] and "--lr" in str(error)
+    assert error_text(error) == str(error)  # outside a flow run
+    assert state.is_failed() and state.message == "Flow run encountered an exception: ConfigError: got x, expected y, because z; lower config.train.lr"
+    with pytest.raises(ConfigError) as raised:
+        state.result()
+    assert raised.value is error
 
 
 def test_summary_paths_are_relative(tmp_path, monkeypatch, capsys):

@@ -23,9 +23,9 @@ import pytest
 pytest.importorskip("obstore")
 moto_server = pytest.importorskip("moto.server")
 
-from tasks.artifacts import KILL_AT_ENV, ArtifactRef  # noqa: E402
+from tasks.artifacts import KILL_AT_ENV, ArtifactRef, opened_store  # noqa: E402
 from tasks.errors import ArtifactError, ConfigError, StorageError, is_retryable  # noqa: E402
-from tasks.store import Store, Writer, opened_store, store_for  # noqa: E402
+from tasks.store import Store, Writer, store_for  # noqa: E402
 from tasks.stores.s3 import Lease, S3Store, parse_url  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
