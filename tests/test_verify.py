@@ -563,14 +563,15 @@ def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_
         threads.append(n)
         yield
 
-    def predict_split(scale, data, split, progress=None, fit=None):
+    def predict_split(model, data, split, progress=None, fit=None):
+        scale, count = model
         assert split == "test" and progress.total == 15 and progress.unit == "sample"
         calls.append((scale, data.digest, progress.stage))
         fed = split_inputs(data, "test")["x"]
         fed = fed if fit is None else fit({"x": fed})["x"]
-        return [fed * scale, fed - scale]
+        return [fed * scale, fed - scale, fed][:count]
 
-    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
+    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: (ckpt.meta["scale"], ckpt.meta.get("count", 2)))
     monkeypatch.setattr(tasks.train, "predict_split", predict_split)
     monkeypatch.setattr(tasks.train, "torch_threads", torch_threads)
     (tmp_path / "refnet_user.py").write_text("def build():\n    return 1\n")
@@ -613,6 +614,12 @@ def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_
     two = reference_outputs_at(checkpoint("w2", 5.0), small_data, cut, {})
     assert np.array_equal(two["logits"], x[:, :2] * 5.0) and len(calls) == 9
     assert reference_outputs_at(one, small_data, ShapePoint("opt", 8), {"x": 1.0}) is reference_outputs(one, small_data)
+    # a checkpoint that names no outputs has one, logits; names that do not fit the outputs are an error, not a silent cut
+    unnamed = ArtifactRef(stage="train", key="w3", dir=str(tmp_path / "w3"), files={"model.pt": "w3"}, meta={"scale": 1.0, "count": 1})
+    assert list(reference_outputs_at(unnamed, small_data, cut, {})) == ["logits"]
+    misnamed = ArtifactRef(stage="train", key="w4", dir=str(tmp_path / "w4"), files={"model.pt": "w4"}, meta={"scale": 1.0, "outputs": ["a", "b", "c"]})
+    with pytest.raises(ValueError):
+        reference_outputs_at(misnamed, small_data, cut, {})
     forget()
 
 
@@ -652,14 +659,14 @@ def regression_branch(tmp_path_factory, monkeypatch_module):
 
     monkeypatch_module.setattr(tasks.verify, "reference_outputs", products)
     variant = variant_from_onnx(exported, data, Precision.fp32, 64, root)
-    return root, checkpoint, data, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root)
+    return root, checkpoint, data, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root), exported
 
 
 def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regression_branch):
     from tasks.stage import key_ingredients
     from tasks.verify import SPEC
 
-    root, checkpoint, data, engine = regression_branch
+    root, checkpoint, data, engine, _ = regression_branch
     ref = verification_of_engine(engine, checkpoint, data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root)
     report = json.loads(ref.path("verification.json").read_text())
     assert report["passed"] and report["task"] == "regression" and report["confusion"] is None and report["logits_output"] == "pred"
@@ -682,6 +689,40 @@ def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regr
     # the reference's thread count (the training's) and the engine's enter the key
     inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": Precision.fp32, "tolerance": Tolerance(), "batch": BATCH}
     assert key_ingredients(SPEC, inputs)["environment"] == {"engine_threads": "1", "torch_threads": "2"}
+
+
+def test_the_emulation_pass_runs_fitted_batches_with_the_engine_threads_and_no_graph_optimizer(branch, small_data, regression_branch, monkeypatch):
+    import tasks.backends.onnxruntime as ort
+    from tasks.data import split_labels
+    from tasks.verify import emulated_check
+
+    made, fitted = [], []
+    real = ort.OnnxRuntimeRunner
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, path, **kw):
+            made.append(kw)
+            super().__init__(path, **kw)
+
+    monkeypatch.setattr(ort, "OnnxRuntimeRunner", Recording)
+    variant, _ = branch[2][Precision.fp16]
+    x, y = _test_inputs(small_data), split_labels(small_data, "test")
+    reference, tol = {"logits": x @ W, "emb": x @ V}, default_tolerances()[Precision.fp16]
+    results, info = emulated_check(variant, Precision.fp16, reference, small_data, y, 8, tol, 3, {"logits"}, fit=lambda feed: (fitted.append(len(feed["x"])), feed)[1])
+    # no optimizer may remove the rounding casts; the engine's thread count; every batch through the fit
+    assert made == [{"threads": 3, "optimize": False}] and fitted == [8, 8]
+    assert [r.label for r in results] == ["fp16 emulated batch 8", "fp16 emulated batch 8 repeated rows"] and all(r.passed for r in results)
+    assert results[0].outputs["logits"].top1_agreement is not None and info["rounded_tensors"] >= 2  # a classification unless told
+    with pytest.raises(ValueError, match="got precision int8, expected one with an emulation"):
+        emulated_check(variant, Precision.int8, reference, small_data, y, 8, tol, 1)
+
+    # a regression's emulation is judged as a regression, labelled with the shape it ran at
+    root, _, data, _, exported = regression_branch
+    fp16 = variant_from_onnx(exported, data, Precision.fp16, 64, root)
+    xr = _test_inputs(data)
+    got, _ = emulated_check(fp16, Precision.fp16, {"pred": xr @ R, "emb": xr @ V}, data, split_labels(data, "test"), 8, tol, 1, {"pred"},
+                            shape="x:8x4", regression=True)
+    assert got[0].label == "fp16 emulated x:8x4" and [c.metric for c in got[0].checks if c.output == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
 
 
 def test_the_reference_runs_with_the_trainings_thread_count():
