@@ -127,6 +127,54 @@ def test_a_failing_batch_says_fail_and_each_pass_gets_labels_and_its_task_output
     assert untask.confusion is None
 
 
+def test_each_shape_point_is_fed_at_its_lengths_and_pad_values_and_judged_against_its_own_reference(small_data):
+    from tasks.config import EngineProfile
+    from tasks.shapes import fit_lengths
+
+    profile = EngineProfile(min=1, opt=8, max=16, axes={"x": {1: (2, 4, 6)}}, lengths={"x": {1: 4}}, pad_values={"x": 3.0})
+    fed, asked = [], []
+
+    class Ends:  # the first two columns plus the last: the pad value shows at the longest point
+        def infer(self, feed):
+            fed.append(feed["x"].shape)
+            return {"h": feed["x"][:, :2] + feed["x"][:, -1:]}
+
+    def reference_at(point):
+        asked.append(point.key())
+        x = fit_lengths({"x": _test_inputs(small_data)}, point.lengths, {"x": 3.0})["x"]
+        return {"h": x[:, :2] + x[:, -1:]}
+
+    wrong = {"h": np.zeros((15, 2), np.float32)}  # the reference at the dataset's own length is not any point's
+    checked = engine_checks(Ends(), wrong, small_data, Precision.fp32, Tolerance(atol=0.0, rtol=0.0), profile, None, None, reference_at=reference_at)
+    assert fed == [(1, 2)] * 15 + [(8, 4)] * 2 + [(16, 6)]  # every call at its point's batch and length
+    assert asked == [(1, (("x", ((1, 2),)),)), (8, (("x", ((1, 4),)),)), (16, (("x", ((1, 6),)),))]
+    assert all(r.passed for r in checked.results), [f for r in checked.results for f in r.failures()]  # padded with 3.0, not 0
+    assert [r.label for r in checked.results] == ["fp32 x:1x2", "fp32 x:8x4", "fp32 x:8x4 repeated rows", "fp32 x:16x6", "fp32 x:16x6 repeated rows"]
+    # a regression naming no task output: every output is a prediction, judged by relative RMSE
+    reference = {"h": _test_inputs(small_data)[:, :2].copy()}
+
+    class Head:
+        def infer(self, feed):
+            return {"h": feed["x"][:, :2]}
+
+    regression = engine_checks(Head(), reference, small_data, Precision.fp32, Tolerance(), BatchProfile(min=4, opt=4, max=4), None, None, regression=True)
+    assert [c.metric for c in regression.results[0].checks] == ["max_relative_rmse"]
+
+
+def test_repeated_rows_are_judged_as_on_the_split_against_the_splits_spread(small_data):
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(15, 2)).astype(np.float32)
+    got = ref[np.arange(17) % 15].copy()
+    got[15:] += np.float32(0.05)  # the two repeated rows (samples 0 and 1) a little off
+    results = checks_at_batch({"y": ref}, {"y": got}, BatchRun(17, 1, 15), Tolerance(max_relative_rmse=0.2), "b", None, {"y"}, regression=True)
+    rows = results[1]
+    assert rows.label == "b repeated rows" and [c.metric for c in rows.checks] == ["max_relative_rmse"]  # a wide prediction: not by cosine
+    from tasks.compare import relative_rmse
+
+    assert rows.outputs["y"].max_relative_rmse == pytest.approx(relative_rmse(ref[:2], got[15:], spread_of=ref), rel=1e-6)
+    assert rows.passed and rows.outputs["y"].max_relative_rmse < relative_rmse(ref[:2], got[15:])  # two rows' own spread would be smaller
+
+
 def test_a_wrong_row_among_the_repeated_ones_fails_the_batch(small_data):
     reference = {"logits": _test_inputs(small_data) @ W}
     got, run = outputs_at_batch(Spy(wrong_from=20), small_data, "test", 32)
