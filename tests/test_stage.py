@@ -374,6 +374,7 @@ def _messages(caplog) -> list[tuple[str, str]]:
 
 
 def test_a_changed_upstream_artifact_is_named_with_what_changed_it(tmp_path, caplog):
+    import json
     import logging
 
     from tasks.stage import run_stage, stage_instance
@@ -399,6 +400,8 @@ def test_a_changed_upstream_artifact_is_named_with_what_changed_it(tmp_path, cap
             run_stage(up, {"x": 40}, tmp_path, False, _make(b"b40", calls))
             b41 = run_stage(up, {"x": 41}, tmp_path, False, _make(b"b41", calls))
         caplog.clear()
+        # another JSON file beside the records is no record
+        (tmp_path / "up" / "notes.json").write_text(json.dumps({"digest": b41.digest, "causes": ["not a record"]}))
         run_stage(SPEC, {"up": b41, "cfg": {"lr": 0.2}}, tmp_path, False, _make(b"d", calls))
         assert _messages(caplog) == [("INFO", "demo: up changed (after up-b: x changed (40 -> 41))")]
         caplog.clear()
@@ -528,6 +531,7 @@ def test_what_changed_is_said_in_words_the_users_edits_first():
     # values are shown as JSON (anything else as its text), 40 characters at most
     assert changes({"inputs": {"p": "a" * 40}}, {"inputs": {"p": "b" * 41}})[0] == [f"p changed ({'a' * 40} -> {'b' * 37}...)"]
     assert changes({"inputs": {"p": {"at": 1}}}, {"inputs": {"p": {"at": Path("/x")}}})[0] == ['p changed (at 1 -> "/x")']
+    assert changes({"inputs": {"p": {"a": {"b": 1}}}}, {"inputs": {"p": {"a": {"b": 2}}}})[0] == ["p changed (a.b 1 -> 2)"]  # a nested field by its path
     up_old = {"inputs": {"ckpt": {"artifact": "train", "digest": "1"}}}
     up_new = {"inputs": {"ckpt": {"artifact": "train", "digest": "2"}}}
     asked = []

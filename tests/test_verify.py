@@ -127,6 +127,54 @@ def test_a_failing_batch_says_fail_and_each_pass_gets_labels_and_its_task_output
     assert untask.confusion is None
 
 
+def test_each_shape_point_is_fed_at_its_lengths_and_pad_values_and_judged_against_its_own_reference(small_data):
+    from tasks.config import EngineProfile
+    from tasks.shapes import fit_lengths
+
+    profile = EngineProfile(min=1, opt=8, max=16, axes={"x": {1: (2, 4, 6)}}, lengths={"x": {1: 4}}, pad_values={"x": 3.0})
+    fed, asked = [], []
+
+    class Ends:  # the first two columns plus the last: the pad value shows at the longest point
+        def infer(self, feed):
+            fed.append(feed["x"].shape)
+            return {"h": feed["x"][:, :2] + feed["x"][:, -1:]}
+
+    def reference_at(point):
+        asked.append(point.key())
+        x = fit_lengths({"x": _test_inputs(small_data)}, point.lengths, {"x": 3.0})["x"]
+        return {"h": x[:, :2] + x[:, -1:]}
+
+    wrong = {"h": np.zeros((15, 2), np.float32)}  # the reference at the dataset's own length is not any point's
+    checked = engine_checks(Ends(), wrong, small_data, Precision.fp32, Tolerance(atol=0.0, rtol=0.0), profile, None, None, reference_at=reference_at)
+    assert fed == [(1, 2)] * 15 + [(8, 4)] * 2 + [(16, 6)]  # every call at its point's batch and length
+    assert asked == [(1, (("x", ((1, 2),)),)), (8, (("x", ((1, 4),)),)), (16, (("x", ((1, 6),)),))]
+    assert all(r.passed for r in checked.results), [f for r in checked.results for f in r.failures()]  # padded with 3.0, not 0
+    assert [r.label for r in checked.results] == ["fp32 x:1x2", "fp32 x:8x4", "fp32 x:8x4 repeated rows", "fp32 x:16x6", "fp32 x:16x6 repeated rows"]
+    # a regression naming no task output: every output is a prediction, judged by relative RMSE
+    reference = {"h": _test_inputs(small_data)[:, :2].copy()}
+
+    class Head:
+        def infer(self, feed):
+            return {"h": feed["x"][:, :2]}
+
+    regression = engine_checks(Head(), reference, small_data, Precision.fp32, Tolerance(), BatchProfile(min=4, opt=4, max=4), None, None, regression=True)
+    assert [c.metric for c in regression.results[0].checks] == ["max_relative_rmse"]
+
+
+def test_repeated_rows_are_judged_as_on_the_split_against_the_splits_spread(small_data):
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(15, 2)).astype(np.float32)
+    got = ref[np.arange(17) % 15].copy()
+    got[15:] += np.float32(0.05)  # the two repeated rows (samples 0 and 1) a little off
+    results = checks_at_batch({"y": ref}, {"y": got}, BatchRun(17, 1, 15), Tolerance(max_relative_rmse=0.2), "b", None, {"y"}, regression=True)
+    rows = results[1]
+    assert rows.label == "b repeated rows" and [c.metric for c in rows.checks] == ["max_relative_rmse"]  # a wide prediction: not by cosine
+    from tasks.compare import relative_rmse
+
+    assert rows.outputs["y"].max_relative_rmse == pytest.approx(relative_rmse(ref[:2], got[15:], spread_of=ref), rel=1e-6)
+    assert rows.passed and rows.outputs["y"].max_relative_rmse < relative_rmse(ref[:2], got[15:])  # two rows' own spread would be smaller
+
+
 def test_a_wrong_row_among_the_repeated_ones_fails_the_batch(small_data):
     reference = {"logits": _test_inputs(small_data) @ W}
     got, run = outputs_at_batch(Spy(wrong_from=20), small_data, "test", 32)
@@ -563,14 +611,15 @@ def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_
         threads.append(n)
         yield
 
-    def predict_split(scale, data, split, progress=None, fit=None):
+    def predict_split(model, data, split, progress=None, fit=None):
+        scale, count = model
         assert split == "test" and progress.total == 15 and progress.unit == "sample"
         calls.append((scale, data.digest, progress.stage))
         fed = split_inputs(data, "test")["x"]
         fed = fed if fit is None else fit({"x": fed})["x"]
-        return [fed * scale, fed - scale]
+        return [fed * scale, fed - scale, fed][:count]
 
-    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
+    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: (ckpt.meta["scale"], ckpt.meta.get("count", 2)))
     monkeypatch.setattr(tasks.train, "predict_split", predict_split)
     monkeypatch.setattr(tasks.train, "torch_threads", torch_threads)
     (tmp_path / "refnet_user.py").write_text("def build():\n    return 1\n")
@@ -613,6 +662,12 @@ def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_
     two = reference_outputs_at(checkpoint("w2", 5.0), small_data, cut, {})
     assert np.array_equal(two["logits"], x[:, :2] * 5.0) and len(calls) == 9
     assert reference_outputs_at(one, small_data, ShapePoint("opt", 8), {"x": 1.0}) is reference_outputs(one, small_data)
+    # a checkpoint that names no outputs has one, logits; names that do not fit the outputs are an error, not a silent cut
+    unnamed = ArtifactRef(stage="train", key="w3", dir=str(tmp_path / "w3"), files={"model.pt": "w3"}, meta={"scale": 1.0, "count": 1})
+    assert list(reference_outputs_at(unnamed, small_data, cut, {})) == ["logits"]
+    misnamed = ArtifactRef(stage="train", key="w4", dir=str(tmp_path / "w4"), files={"model.pt": "w4"}, meta={"scale": 1.0, "outputs": ["a", "b", "c"]})
+    with pytest.raises(ValueError):
+        reference_outputs_at(misnamed, small_data, cut, {})
     forget()
 
 
@@ -652,14 +707,14 @@ def regression_branch(tmp_path_factory, monkeypatch_module):
 
     monkeypatch_module.setattr(tasks.verify, "reference_outputs", products)
     variant = variant_from_onnx(exported, data, Precision.fp32, 64, root)
-    return root, checkpoint, data, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root)
+    return root, checkpoint, data, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root), exported
 
 
 def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regression_branch):
     from tasks.stage import key_ingredients
     from tasks.verify import SPEC
 
-    root, checkpoint, data, engine = regression_branch
+    root, checkpoint, data, engine, _ = regression_branch
     ref = verification_of_engine(engine, checkpoint, data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root)
     report = json.loads(ref.path("verification.json").read_text())
     assert report["passed"] and report["task"] == "regression" and report["confusion"] is None and report["logits_output"] == "pred"
@@ -682,6 +737,40 @@ def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regr
     # the reference's thread count (the training's) and the engine's enter the key
     inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": Precision.fp32, "tolerance": Tolerance(), "batch": BATCH}
     assert key_ingredients(SPEC, inputs)["environment"] == {"engine_threads": "1", "torch_threads": "2"}
+
+
+def test_the_emulation_pass_runs_fitted_batches_with_the_engine_threads_and_no_graph_optimizer(branch, small_data, regression_branch, monkeypatch):
+    import tasks.backends.onnxruntime as ort
+    from tasks.data import split_labels
+    from tasks.verify import emulated_check
+
+    made, fitted = [], []
+    real = ort.OnnxRuntimeRunner
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, path, **kw):
+            made.append(kw)
+            super().__init__(path, **kw)
+
+    monkeypatch.setattr(ort, "OnnxRuntimeRunner", Recording)
+    variant, _ = branch[2][Precision.fp16]
+    x, y = _test_inputs(small_data), split_labels(small_data, "test")
+    reference, tol = {"logits": x @ W, "emb": x @ V}, default_tolerances()[Precision.fp16]
+    results, info = emulated_check(variant, Precision.fp16, reference, small_data, y, 8, tol, 3, {"logits"}, fit=lambda feed: (fitted.append(len(feed["x"])), feed)[1])
+    # no optimizer may remove the rounding casts; the engine's thread count; every batch through the fit
+    assert made == [{"threads": 3, "optimize": False}] and fitted == [8, 8]
+    assert [r.label for r in results] == ["fp16 emulated batch 8", "fp16 emulated batch 8 repeated rows"] and all(r.passed for r in results)
+    assert results[0].outputs["logits"].top1_agreement is not None and info["rounded_tensors"] >= 2  # a classification unless told
+    with pytest.raises(ValueError, match="got precision int8, expected one with an emulation"):
+        emulated_check(variant, Precision.int8, reference, small_data, y, 8, tol, 1)
+
+    # a regression's emulation is judged as a regression, labelled with the shape it ran at
+    root, _, data, _, exported = regression_branch
+    fp16 = variant_from_onnx(exported, data, Precision.fp16, 64, root)
+    xr = _test_inputs(data)
+    got, _ = emulated_check(fp16, Precision.fp16, {"pred": xr @ R, "emb": xr @ V}, data, split_labels(data, "test"), 8, tol, 1, {"pred"},
+                            shape="x:8x4", regression=True)
+    assert got[0].label == "fp16 emulated x:8x4" and [c.metric for c in got[0].checks if c.output == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
 
 
 def test_the_reference_runs_with_the_trainings_thread_count():
