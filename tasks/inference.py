@@ -82,7 +82,7 @@ def predict_outputs(model: nn.Module, inputs: Mapping[str, np.ndarray], batch_si
 def eval_batch(data: ArtifactRef, limit: int = 256, budget: int = 256 << 20) -> int:
     """Rows per evaluation forward pass: up to ``limit``, fewer for large samples (``rows_for_memory``)."""
     from tasks.data import sample_bytes
-    from tasks.datasource import rows_for_memory
+    from tasks.sizing import rows_for_memory
 
     return rows_for_memory(sample_bytes(data), limit, budget)
 

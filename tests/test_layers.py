@@ -19,14 +19,16 @@ from tasks.code_digests import ROOT
 
 #: the layers, lowest first: a module imports only modules of its own layer or of a lower one
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("tasks", "tasks.errors", "tasks.paths", "tasks.progress", "tasks.code_digests")),
+    ("base", ("tasks", "tasks.errors", "tasks.paths", "tasks.progress", "tasks.code_digests", "tasks.sizing")),
+    # the precision registry: each entry's conversion, gates and CPU check (config reads its default gates)
+    ("precisions", ("tasks.precisions", "tasks.precisions.*", "tasks.emulation")),
     ("models", ("tasks.models",)),
     ("config", ("tasks.config", "tasks.policy", "tasks.shapes", "tasks.options")),
     ("numerics", ("tasks.metrics", "tasks.compare")),
     ("store", ("tasks.artifacts", "tasks.locking", "tasks.store", "tasks.stores", "tasks.stores.*", "tasks.stage")),
     ("backends", ("tasks.backends", "tasks.backends.*")),
     ("data", ("tasks.datasource", "tasks.data", "tasks.inference")),
-    ("stages", ("tasks.export", "tasks.diagnose", "tasks.validate", "tasks.precision", "tasks.fp16_emulation",
+    ("stages", ("tasks.export", "tasks.diagnose", "tasks.validate", "tasks.precision",
                 "tasks.compute_share", "tasks.engine", "tasks.train", "tasks.verify", "tasks.profile",
                 "tasks.repair", "tasks.package", "tasks.triton")),
     ("schedule", ("tasks.graph", "tasks.caching")),

@@ -41,8 +41,8 @@ class _Calibration:
 
 
 def calibration_batch(inputs: Mapping[str, np.ndarray], limit: int = 32, budget: int = 256 << 20) -> int:
-    """Rows per calibration run (``tasks.datasource.rows_for_memory``). MinMax ranges do not depend on it."""
-    from tasks.datasource import rows_for_memory
+    """Rows per calibration run (``tasks.sizing.rows_for_memory``). MinMax ranges do not depend on it."""
+    from tasks.sizing import rows_for_memory
 
     return rows_for_memory(sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in inputs.values()), limit, budget)
 

@@ -51,7 +51,7 @@ except ImportError:  # the optional extra: ``--store s3://`` then says how to in
     obs = None
 
 from tasks.artifacts import _HOST as _HOST_ID
-from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, clean_stale, file_digest, sha256_file
+from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, clean_stale, file_digest, remember_store, sha256_file
 from tasks.errors import ArtifactError, ConfigError, StorageError
 
 log = logging.getLogger("trtflow.s3")
@@ -360,11 +360,9 @@ class S3Store:
         return sorted(m["path"].rsplit("/", 1)[-1] for m in listing)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Sent to another process (a Dask worker): reopened there through the registry, so that the
-        # references it finds are read through it (``tasks.store.opened_store``).
-        from tasks.store import store_for
-
-        return (store_for, (self.url, self.local))
+        # Sent to another process (a Dask worker): reopened there and recorded as opened, so that the
+        # references it finds are read through it (``tasks.artifacts.opened_store``).
+        return (reopen, (self.url, self.local))
 
 
 class S3Writer:
@@ -577,6 +575,13 @@ def _s3_code(text: str) -> str:
 
 def _first_line(text: str) -> str:
     return re.split(r"\n|Debug source", text, maxsplit=1)[0].strip()[:300]
+
+
+def reopen(url: str, local: Path) -> S3Store:
+    """The S3 store at ``url`` made in this process and recorded as the one its references read through."""
+    store = make(url, local)
+    remember_store(url, store)
+    return store
 
 
 def make(url: str, local: Path) -> S3Store:
