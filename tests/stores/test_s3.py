@@ -300,7 +300,7 @@ def test_side_files_are_shared_and_replaced(s3, tmp_path):
 def test_a_store_sent_to_another_process_is_reopened_there(s3, tmp_path):
     import pickle
 
-    import tasks.store as registry
+    import tasks.artifacts as registry
 
     client, bucket, url = s3
     a = store_for(url, tmp_path / "a")
