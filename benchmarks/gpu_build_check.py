@@ -19,7 +19,7 @@ wins. The shapes' axis 0 is then the profile's batch range for that file.
 
 Prints one markdown row per file (its precision, inputs, profile, engine size, build seconds, layers
 per precision, or the error) and writes ``build-check.json`` into OUT_DIR. A file's precision is read
-from its ONNX types (Q/DQ: int8; bfloat16 weights: bf16; float16 weights: fp16; else fp32); a reduced
+from its ONNX types (Q/DQ: int8; bfloat16 weights or Casts: bf16; float16 ones: fp16; else fp32); a reduced
 float file whose engine has no layer in that precision counts as failed (a strongly typed bf16 graph
 built all in fp32 would be a silent fallback). Exit status 1 when any file failed.
 """
@@ -64,7 +64,9 @@ def precision_of(path: Path) -> str:
     model = onnx.load(str(path), load_external_data=False)
     if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         return "int8"
+    # Weights, and the Casts at a reduced graph's fp32 inputs (a graph whose weights all stay fp32 still computes in it).
     types = {t.data_type for t in model.graph.initializer}
+    types |= {a.i for n in model.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
     for elem_type, name in ((onnx.TensorProto.BFLOAT16, "bf16"), (onnx.TensorProto.FLOAT16, "fp16")):
         if elem_type in types:
             return name
