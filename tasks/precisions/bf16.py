@@ -70,11 +70,18 @@ def _bf16_tensor(t: Any, name: str | None = None) -> Any:
     return out
 
 
+#: operators kept in fp32 though their schema allows bfloat16, because a real builder refuses them in
+#: bf16: TensorRT-RTX 1.7.1.116's ONNX parser rejects a bf16 GRU (its importer subtracts a Float from a
+#: BFloat16 tensor; docs/gpu-build-check.md, 2026-12-02), while the fp16/fp32/int8 GRUs build
+BUILDERS_REFUSE = frozenset({"GRU"})
+
+
 def _takes_bf16(node: Any, opset: int, types: Mapping[str, int]) -> bool:
-    """Whether the operator's schema at ``opset`` lets every fp32 input and output of the node be bfloat16."""
+    """Whether the operator's schema at ``opset`` lets every fp32 input and output of the node be bfloat16
+    (and no real builder is known to refuse it so: ``BUILDERS_REFUSE``)."""
     from onnx import AttributeProto, defs
 
-    if node.domain not in ("", "ai.onnx") or node.op_type == "Cast":
+    if node.domain not in ("", "ai.onnx") or node.op_type == "Cast" or node.op_type in BUILDERS_REFUSE:
         return False  # a Cast keeps the type it names; other domains have their own schemas
     if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
         return False  # a subgraph would read bf16 tensors it types fp32

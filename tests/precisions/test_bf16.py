@@ -171,3 +171,20 @@ def test_onnxruntime_builds_the_emulation_as_the_bf16_engine(tmp_path):
         assert runner._sess.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         got = runner.infer({"x": x[:4]})["logits"]
     np.testing.assert_array_equal(got, run(emulation_of(onnx.load(str(tmp_path / "bf16.onnx")), TensorProto.BFLOAT16)[0], x[:4], optimize=False))
+
+
+def test_a_gru_stays_fp32_in_bf16_because_tensorrts_parser_refuses_a_bf16_gru(tmp_path):
+    """GRU has a bfloat16 schema at opset 22, but TensorRT-RTX's parser rejects it (docs/gpu-build-check.md):
+    the variant computes the GRU in fp32 and says so; the Relu after it is still bf16."""
+    h, d = 4, 3
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(1, 3 * h, d)).astype(np.float32), "w")
+    r = numpy_helper.from_array(np.random.default_rng(1).normal(size=(1, 3 * h, h)).astype(np.float32), "r")
+    nodes = [helper.make_node("GRU", ["x", "w", "r"], ["seq"], name="gru", hidden_size=h), helper.make_node("Relu", ["seq"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, "N", h])], [w, r])
+    variant, details = _convert(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10))
+    assert details["fp32_ops"] == ["GRU"]
+    types = tensor_types(variant)
+    relu = next(n for n in variant.graph.node if n.name == "relu")
+    assert types["seq"] == TensorProto.FLOAT and types[relu.input[0]] == TensorProto.BFLOAT16
+    onnx.checker.check_model(variant, full_check=True)
