@@ -12,15 +12,17 @@ of its compute operators in that precision (``tasks.compute_share``).
 The verdict, passed or failed, is the stage's artifact: a verification that records a failure is a
 valid, cacheable result. The stage function raises the failure (``VerificationError``, carrying that
 artifact) on every call that finds one, fresh or cached; the flow lets a repair stand behind it.
+
+This module runs the engines; the PyTorch reference and its cache are ``tasks.verify_reference``, the
+judging of the outputs (pure, a typed verdict) ``tasks.verify_comparison``, and the report file and
+its views ``tasks.verify_result``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,15 +31,18 @@ import numpy as np
 
 from tasks.artifacts import ArtifactRef
 from tasks.backends.onnxruntime import QDQ_IN_FP32
-from tasks.compare import ComparisonResult, compare_outputs
-from tasks.compute_share import ComputeShare, share_finding
+from tasks.compare import ComparisonResult
+from tasks.compute_share import ComputeShare
 from tasks.config import BatchProfile, Precision, Tolerance
-from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
+from tasks.errors import TrtflowError
 from tasks.emulation import NothingToEmulateError
 from tasks.precisions import precision_spec
 from tasks.progress import Progress
 from tasks.stage import StageSpec, run_stage
 from tasks.store import Store, as_store
+from tasks.verify_comparison import BatchRun, checks_at_batch, describe_runs, not_judged, verdict, verdict_error
+from tasks.verify_reference import reference_outputs, reference_outputs_at, reference_threads
+from tasks.verify_result import LATEST, write_failure, write_latest, write_report
 
 log = logging.getLogger("trtflow.verify")
 
@@ -49,48 +54,11 @@ def _environment(inputs: Mapping[str, Any]) -> dict[str, str]:
 
 
 SPEC = StageSpec("verify", __name__, libraries=("torch", "numpy", "onnx", "onnxruntime", "scikit-learn"), environment=_environment)
-REPORT = "verification.json"
-#: where the latest verification of each precision is kept, passed or not (relative to the artifacts folder)
-LATEST = "reports/verify-{precision}.json"
-#: the checks of the task metrics, run when the dataset has labels and the model a logits output
-TASK_CHECKS = ("top-1 agreement", "accuracy drop", "balanced accuracy")
 
 
 def batch_sizes(batch: BatchProfile) -> list[int]:
     """The batches verified: the profile's min, opt and max, without repeats."""
     return sorted({batch.min, batch.opt, batch.max})
-
-
-@dataclass(frozen=True)
-class BatchRun:
-    """How the test split went through the engine at one batch size.
-
-    Attributes:
-        batch: rows of every engine call.
-        runs: engine calls.
-        distinct_samples: the split's samples; the rows fed beyond them repeat samples (cycled).
-    """
-
-    batch: int
-    runs: int
-    distinct_samples: int
-
-    @property
-    def rows_fed(self) -> int:
-        return self.batch * self.runs
-
-    @property
-    def repeated_rows(self) -> int:
-        return self.rows_fed - self.distinct_samples
-
-    def to_dict(self) -> dict[str, int]:
-        return {**asdict(self), "rows_fed": self.rows_fed, "repeated_rows": self.repeated_rows}
-
-
-def describe_runs(runs: Sequence[Mapping[str, int]]) -> str:
-    """e.g. 'batch 1 x150, 32 x5 (10 rows repeated), 256 x1 (106 rows repeated)': what the engine ran."""
-    parts = [f"{r['batch']} x{r['runs']}" + (f" ({r['repeated_rows']} rows repeated)" if r["repeated_rows"] else "") for r in runs]
-    return "batch " + ", ".join(parts)
 
 
 def outputs_at_batch(
@@ -132,38 +100,6 @@ def outputs_at_batch(
         if progress is not None:
             progress.update(rows, samples=rows)
     return {k: np.concatenate(v) for k, v in chunks.items()}, BatchRun(b, runs, n)
-
-
-def checks_at_batch(
-    reference: Mapping[str, np.ndarray],
-    got: Mapping[str, np.ndarray],
-    run: BatchRun,
-    tolerance: Tolerance,
-    label: str,
-    labels: np.ndarray | None = None,
-    task_outputs: set[str] | None = None,
-    regression: bool = False,
-) -> list[ComparisonResult]:
-    """Compare what one batch size produced: the distinct samples, then the rows that repeat them.
-
-    The task metrics (agreement, accuracy: shares of samples) are computed on the distinct samples
-    only: a repeated sample must not count twice. The repeated rows must still match their sample's
-    reference row by row (cosine of the worst row, every element within atol/rtol, finite), so a batch
-    position that computes wrong cannot hide behind the fill.
-
-    Returns:
-        One result labelled ``label``, and one labelled ``'<label> repeated rows'`` when rows repeat.
-    """
-    n = run.distinct_samples
-    results = [compare_outputs(reference, {k: v[:n] for k, v in got.items()}, tolerance, label=label, labels=labels, task_outputs=task_outputs, regression=regression)]
-    if run.repeated_rows > 0:
-        rows = np.arange(n, run.rows_fed) % n
-        repeated_ref = {k: v[rows] for k, v in reference.items()}
-        # No task metrics here, but every output judged as on the split (relative RMSE or cosine), a
-        # relative error measured against the whole split's spread, not that of a few repeated rows.
-        results.append(compare_outputs(repeated_ref, {k: v[n:] for k, v in got.items()}, tolerance, label=f"{label} repeated rows",
-                                       task_outputs=set(), regression=regression, judged_as=task_outputs, spread_of=reference))
-    return results
 
 
 @dataclass
@@ -262,145 +198,6 @@ def compute_share_of(engine: ArtifactRef, variant: ArtifactRef | None) -> Comput
     if has_report:
         share.source += " (the engine's layer report types no compute layer)"
     return share
-
-
-def verdict(
-    precision: Precision,
-    tolerance: Tolerance,
-    results: Sequence[ComparisonResult],
-    share: ComputeShare | None,
-    kept_fp32: int = 0,
-    logits: str | None = None,
-    has_labels: bool = True,
-    regression: bool = False,
-) -> dict[str, Any]:
-    """Judge the comparisons and the compute share of one engine: the verdict part of its report.
-
-    An engine of a reduced precision passes only when at least ``tolerance.min_compute_share`` of its compute
-    operators run in that precision; that failure comes first and is not repairable (a repair keeps
-    more nodes in fp32). Every other failing check is repairable.
-
-    Args:
-        precision: the engine's precision.
-        tolerance: its thresholds.
-        results: every comparison (each batch size, the repeated rows, the emulation).
-        share: its compute operators by precision (None: not known, the check is skipped).
-        kept_fp32: nodes a repair kept in fp32 in the variant (named in the finding).
-        logits: the output judged by task metrics, or None.
-        has_labels: whether the test split has labels.
-        regression: the task is a regression.
-
-    Returns:
-        passed, failures, repairable, share_finding (the sentence, or None), compute, checks_run,
-        checks_skipped, batches (each comparison).
-    """
-    failures = [f for r in results for f in r.failures()]
-    checks_run, skipped = checks_of(precision, tolerance, results, {logits} if logits else set(), regression, has_labels)
-    compute = share.to_dict(precision.value) if share is not None else None
-    finding = None
-    if precision_spec(precision).reduced:
-        if share is None:
-            skipped["compute share"] = "neither a layer report nor an ONNX graph of the engine"
-        else:
-            assert compute is not None
-            compute["floor"] = tolerance.min_compute_share
-            compute["passed"] = share.share(precision.value) >= tolerance.min_compute_share
-            checks_run.append(f"compute share >= {tolerance.min_compute_share:.0%}")
-            if not compute["passed"]:
-                finding = share_finding(share, precision.value, kept_fp32)
-                failures.insert(0, f"{precision.value} compute share: {share.count(precision.value)} of {share.total} compute operators "
-                                   f"in {precision.value} = {share.share(precision.value):.0%} (threshold >= {tolerance.min_compute_share:.0%})")
-    return {
-        "passed": not failures,
-        "failures": failures,
-        "repairable": bool(failures) and finding is None,
-        "share_finding": finding,
-        "compute": compute,
-        "checks_run": checks_run,
-        "checks_skipped": skipped,
-        "batches": [r.to_dict() for r in results],
-    }
-
-
-def verdict_error(report: Mapping[str, Any], report_path: str, artifact: ArtifactRef | None = None) -> VerificationError:
-    """The error a failing verification report stands for (a ``PrecisionShareError`` when the share failed)."""
-    if report.get("share_finding"):
-        return PrecisionShareError(report["precision"], report["share_finding"], list(report["failures"]), report_path, artifact)
-    return VerificationError(list(report["failures"]), report_path, artifact)
-
-
-#: PyTorch's test-split outputs of the latest (checkpoint, data) pair; see ``reference_outputs``
-_REFERENCE: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
-_REFERENCE_LOCK = threading.Lock()
-
-
-def reference_outputs(checkpoint: ArtifactRef, data: ArtifactRef) -> dict[str, np.ndarray]:
-    """PyTorch's outputs (every one, by name) on the test split of ``data``, computed once per process.
-
-    Every precision verifies against the same reference; the branches run concurrently, so the lock
-    also makes the first caller compute it while the others wait, instead of all three loading the
-    checkpoint and running the model (the largest part of a cold verify on 2 cores).
-
-    Returns:
-        Output name -> read-only array (shared between callers).
-    """
-    from tasks.data import split_size
-    from tasks.inference import module_from_checkpoint, predict_split, torch_threads
-
-    from tasks.code_digests import user_code
-    from tasks.stage import factories_in
-
-    # The model's code too: the same weights through an edited forward are another reference.
-    key = (checkpoint.digest, data.digest, *(str(user_code(f).files) for f in factories_in({"checkpoint": checkpoint})))
-    with _REFERENCE_LOCK:
-        if key not in _REFERENCE:
-            names = list(checkpoint.meta.get("outputs") or ["logits"])
-            # The training's thread count, not whatever this process has: the reference must not depend
-            # on which process (one that trained, or one that found the checkpoint cached) computes it.
-            with Progress("verify reference (PyTorch)", total=split_size(data, "test"), unit="sample", logger=log) as meter, torch_threads(reference_threads(checkpoint)):
-                arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter)
-                meter.milestone("PyTorch outputs of the test split")
-            for a in arrays:
-                a.flags.writeable = False
-            _REFERENCE.clear()  # only the current model's outputs are kept
-            _REFERENCE[key] = dict(zip(names, arrays, strict=True))
-        return _REFERENCE[key]
-
-
-def reference_threads(checkpoint: ArtifactRef) -> int:
-    """The torch thread count the PyTorch reference runs with: the one the checkpoint was trained with."""
-    return int((checkpoint.meta.get("config") or {}).get("threads") or checkpoint.meta.get("torch_threads") or 1)
-
-
-#: PyTorch's test-split outputs at other lengths than the dataset's, of the latest (checkpoint, data) pair
-_REFERENCE_AT: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
-
-
-def reference_outputs_at(checkpoint: ArtifactRef, data: ArtifactRef, point: Any, pad_values: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """PyTorch's outputs on the test split cut or padded to a shape point's lengths (``tasks.shapes``),
-    computed once per process and point, as ``reference_outputs`` (which it is without lengths)."""
-    from tasks.code_digests import user_code
-    from tasks.data import split_size
-    from tasks.shapes import fit_lengths
-    from tasks.stage import factories_in
-    from tasks.inference import module_from_checkpoint, predict_split, torch_threads
-
-    if not point.lengths:
-        return reference_outputs(checkpoint, data)
-    model_key = (checkpoint.digest, data.digest, *(str(user_code(f).files) for f in factories_in({"checkpoint": checkpoint})))
-    key = (*model_key, point.key()[1], tuple(sorted(pad_values.items())))
-    with _REFERENCE_LOCK:
-        if key not in _REFERENCE_AT:
-            names = list(checkpoint.meta.get("outputs") or ["logits"])
-            fit = partial(fit_lengths, lengths=point.lengths, pad_values=pad_values)
-            with Progress(f"verify reference (PyTorch) at {point.text()}", total=split_size(data, "test"), unit="sample", logger=log) as meter, torch_threads(reference_threads(checkpoint)):
-                arrays = predict_split(module_from_checkpoint(checkpoint), data, "test", progress=meter, fit=fit)
-            for a in arrays:
-                a.flags.writeable = False
-            if any(k[: len(model_key)] != model_key for k in _REFERENCE_AT):
-                _REFERENCE_AT.clear()  # only the current model's outputs are kept
-            _REFERENCE_AT[key] = dict(zip(names, arrays, strict=True))
-        return _REFERENCE_AT[key]
 
 
 def verification_of_engine(
@@ -521,10 +318,10 @@ def verification_of_engine(
             "engine_digest": engine.digest,
             "checkpoint_digest": checkpoint.digest,
         }
-        (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        summary = write_report(out, report)
         if report["passed"]:
             log.info("verify: %s passed on %d samples at %s (outputs %s; checks %s)", precision.value, n, describe_runs(report["batches_run"]), list(reference), ", ".join(report["checks_run"]))
-        return summary_of(report)
+        return summary
 
     inputs: dict[str, Any] = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": precision, "tolerance": tolerance, "batch": batch}
     if variant is not None:
@@ -533,23 +330,12 @@ def verification_of_engine(
         ref = run_stage(SPEC, inputs, store, refresh, make)
     except TrtflowError as exc:
         # The latest report never keeps an older pass once this precision's verification failed.
-        store.put(latest, _json({"precision": precision.value, "passed": False, "failures": [], "error": str(exc)}))
+        write_failure(store, precision.value, exc)
         raise
     report = write_latest(ref, store)
     if not report["passed"]:
         raise verdict_error(report, store.where(latest), ref)
     return ref
-
-
-def write_latest(verification: ArtifactRef, store: Store) -> dict[str, Any]:
-    """Make a ``verify`` artifact the latest verification of its precision (``LATEST``, a side file of the store); returns its report."""
-    report = json.loads(verification.path(REPORT).read_text())
-    as_store(store).put(LATEST.format(precision=report["precision"]), _json(report))
-    return report
-
-
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj, indent=2, default=str).encode()
 
 
 #: numerics of an int8 engine whose Q/DQ nodes ONNX Runtime runs in fp32 (``tasks.backends.onnxruntime``)
@@ -639,92 +425,3 @@ def emulated_check(
             got, run = outputs_at_batch(runner, data, "test", batch, progress, fit=fit)
     label = f"{precision.value} emulated {shape or f'batch {batch}'}"
     return checks_at_batch(reference, got, run, tolerance, label, y, task_outputs, regression), info.to_dict()
-
-
-def checks_of(
-    precision: Precision, tolerance: Tolerance, results: Sequence[ComparisonResult], task_outputs: set[str], regression: bool, labelled: bool
-) -> tuple[list[str], dict[str, str]]:
-    """Which checks a verification ran, and which it did not (with why), as the report says them.
-
-    The per-output checks are read off the comparisons themselves: the relative RMSE for the outputs
-    judged by it (regression outputs, one-value outputs), the cosine when any output was judged by it.
-    """
-    judged = [(c.output, c.metric) for r in results for c in r.checks]
-    run = ["elementwise (atol/rtol)"] if tolerance.atol is not None or tolerance.rtol is not None else []
-    skipped: dict[str, str] = {} if run else {"elementwise": f"no atol/rtol for {precision.value}"}
-    if relative := list(dict.fromkeys(o for o, m in judged if m == "max_relative_rmse")):
-        run.append(f"relative RMSE ({', '.join(relative)})")
-    if any(m == "min_cosine" for _, m in judged):
-        run.append("cosine per sample")
-    if regression:
-        if task_outputs:
-            run.append("R² drop (R², MAE, RMSE against the labels)")
-        else:
-            skipped["R² drop"] = "the dataset has no labels"
-    elif task_outputs:
-        run += list(TASK_CHECKS)
-    else:
-        skipped.update({c: "no logits output" if labelled else "the dataset has no labels" for c in TASK_CHECKS})
-    return run, skipped
-
-
-def not_judged(checkpoint: ArtifactRef, outputs: list[str], task_output: str | None) -> dict[str, str]:
-    """The outputs that are not the task's, each with what was (and was not) done with it.
-
-    Such an output (a second head, an embedding) is verified against PyTorch like every output, but
-    no label scores it, and training did not train it when trtflow trained the model (the loss reads
-    the task output only).
-    """
-    if task_output is None:
-        return {}
-    trained = checkpoint.meta.get("mode", "train") != "load"
-    why = (f"not trained (the loss used only '{task_output}') and not scored against labels" if trained
-           else "not scored against labels (the weights were loaded as given)")
-    return {k: f"{why}: verified against PyTorch only" for k in outputs if k != task_output}
-
-
-def summary_of(report: dict[str, Any]) -> dict[str, Any]:
-    """Condense a verification report to the worst value of each metric over all batches (the manifest's meta)."""
-    stats = [o for b in report["batches"] for o in b["outputs"].values()]
-
-    def worst(key: str, fn: Any) -> float | None:
-        vals = [s[key] for s in stats if s.get(key) is not None]
-        return fn(vals) if vals else None
-
-    # A non-finite output has no statistics, only its 'finite share' check: keep the worst one visible.
-    finite = [c["value"] for b in report["batches"] for c in b["checks"] if c["metric"] == "finite share"]
-    return {
-        "precision": report["precision"],
-        "backend": report["backend"],
-        "numerics": report.get("numerics"),
-        "finite_share": min(finite, default=1.0),
-        "passed": report["passed"],
-        "failures": report.get("failures", []),
-        "repairable": report.get("repairable", False),
-        "samples": report["samples"],
-        "batches_run": report.get("batches_run"),
-        "compute": report.get("compute"),
-        "outputs": report.get("outputs"),
-        "checks_run": report.get("checks_run"),
-        "checks_skipped": report.get("checks_skipped"),
-        "task": report.get("task"),
-        "outputs_not_judged": report.get("outputs_not_judged") or {},
-        "shapes": [s["label"] for s in report.get("shapes") or []],
-        "max_abs": worst("max_abs", max),
-        "mean_abs": worst("mean_abs", max),
-        "max_rel": worst("max_rel", max),
-        "min_cosine": worst("min_cosine", min),
-        "top1_agreement": worst("top1_agreement", min),
-        "accuracy_reference": worst("accuracy_reference", max),
-        "accuracy": worst("accuracy", min),
-        "accuracy_drop": worst("accuracy_drop", max),
-        "balanced_accuracy_reference": worst("balanced_accuracy_reference", max),
-        "balanced_accuracy": worst("balanced_accuracy", min),
-        "max_relative_rmse": worst("max_relative_rmse", max),
-        "r2_reference": worst("r2_reference", max),
-        "r2": worst("r2", min),
-        "r2_drop": worst("r2_drop", max),
-        "mae_reference": worst("mae_reference", min),
-        "mae": worst("mae", max),
-        "rmse": worst("rmse", max),
-    }

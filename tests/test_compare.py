@@ -7,7 +7,7 @@ import pytest
 
 from tasks.compare import compare_outputs, output_stats
 from tasks.config import Tolerance
-from tasks.verify import summary_of
+from tasks.verify_result import summary_of
 
 TOL = Tolerance(atol=1e-3, rtol=1e-3, min_cosine=0.999, min_top1_agreement=0.99, max_accuracy_drop=0.01)
 

@@ -34,12 +34,13 @@ def _busy_loops(n: int) -> list[subprocess.Popen[bytes]]:
 def test_verification_is_the_same_under_cpu_contention(made: kit.Good, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """verify recomputed (the PyTorch reference too), alone and with every core busy: the first run's digests."""
     import tasks.verify
+    import tasks.verify_reference
 
     verify = {k: v for k, v in made.digests.items() if k.startswith("verify-")}
     cfg = kit.with_root(made.config, kit.clone(made.root, tmp_path / "a"))
     manifests = {k: (cfg.artifacts_dir / "verify" / made.refs[k].key[:16] / "manifest.json") for k in verify}
     for load in (0, 3):
-        monkeypatch.setattr(tasks.verify, "_REFERENCE", {})
+        monkeypatch.setattr(tasks.verify_reference, "_REFERENCE", {})
         committed = {k: m.stat().st_ino for k, m in manifests.items()}
         busy = _busy_loops(load)
         try:
@@ -58,15 +59,16 @@ def test_the_pytorch_reference_runs_with_the_checkpoints_thread_count(made: kit.
 
     import tasks.inference
     import tasks.verify
+    import tasks.verify_reference
 
     seen: list[int] = []
     real = tasks.inference.predict_outputs
     monkeypatch.setattr(tasks.inference, "predict_outputs", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
-    monkeypatch.setattr(tasks.verify, "_REFERENCE", {})
+    monkeypatch.setattr(tasks.verify_reference, "_REFERENCE", {})
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        tasks.verify.reference_outputs(made.refs["train"], made.refs["data"])
+        tasks.verify_reference.reference_outputs(made.refs["train"], made.refs["data"])
         assert set(seen) == {1} and torch.get_num_threads() == 3  # and the process's count is restored
     finally:
         torch.set_num_threads(before)

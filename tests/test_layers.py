@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("tasks.backends", "tasks.backends.*")),
     ("data", ("tasks.datasource", "tasks.data", "tasks.inference")),
     ("stages", ("tasks.export", "tasks.diagnose", "tasks.validate", "tasks.precision",
-                "tasks.compute_share", "tasks.engine", "tasks.train", "tasks.verify", "tasks.profile",
+                "tasks.compute_share", "tasks.engine", "tasks.train", "tasks.verify", "tasks.verify_*", "tasks.profile",
                 "tasks.repair", "tasks.package", "tasks.triton")),
     ("schedule", ("tasks.graph", "tasks.caching")),
     ("flows", ("flows", "flows.*")),

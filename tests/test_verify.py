@@ -16,6 +16,7 @@ from tasks.precision import variant_from_onnx
 
 #: what reports call fp16 verified through its emulation on a CPU
 EMULATED = "fp16 emulated on CPU"
+from tasks.verify_result import summary_of
 from tasks.verify import (
     BatchRun,
     batch_sizes,
@@ -24,7 +25,6 @@ from tasks.verify import (
     engine_checks,
     outputs_at_batch,
     reference_outputs,
-    summary_of,
     verdict,
     verdict_error,
     verification_of_engine,
@@ -346,6 +346,7 @@ def branch(small_data, monkeypatch_module):
     from onnx import TensorProto, helper, numpy_helper
 
     import tasks.verify
+    import tasks.verify_reference
     from tasks.data import split_inputs
 
     root = small_data.dir.parents[1]
@@ -364,6 +365,7 @@ def branch(small_data, monkeypatch_module):
 
     # the stand-in checkpoint has no model: its reference is the products (every other checkpoint's is PyTorch's)
     monkeypatch_module.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: products(ckpt, data) if ckpt.digest == checkpoint.digest else reference_outputs(ckpt, data))
+    monkeypatch_module.setattr(tasks.verify_reference, "reference_outputs", tasks.verify.reference_outputs)  # what reference_outputs_at falls back on
     return root, checkpoint, Built(exported, small_data, root)
 
 
@@ -561,8 +563,9 @@ def test_without_labels_no_output_is_judged_by_task_metrics(branch, unlabelled_d
 def test_the_reference_is_computed_once_per_model_and_data(small_data, monkeypatch, caplog):
     import tasks.inference
     import tasks.verify
+    import tasks.verify_reference
 
-    monkeypatch.setattr(tasks.verify, "_REFERENCE", {})  # another test in this process may have filled it
+    monkeypatch.setattr(tasks.verify_reference, "_REFERENCE", {})  # another test in this process may have filled it
     calls = []
     x = _test_inputs(small_data)
     monkeypatch.setattr(tasks.inference, "module_from_checkpoint", lambda ckpt: ckpt.meta["scale"])
@@ -594,16 +597,17 @@ def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_
     pad values) and never shared between two lengths, two pad values or two versions of the model's code."""
     import contextlib
 
-    import tasks.train
+    import tasks.inference
     import tasks.verify
+    import tasks.verify_reference
     from tasks.artifacts import ArtifactRef
     from tasks.code_digests import forget
     from tasks.data import split_inputs
     from tasks.shapes import ShapePoint
     from tasks.verify import reference_outputs_at
 
-    monkeypatch.setattr(tasks.verify, "_REFERENCE_AT", {})
-    monkeypatch.setattr(tasks.verify, "_REFERENCE", {})
+    monkeypatch.setattr(tasks.verify_reference, "_REFERENCE_AT", {})
+    monkeypatch.setattr(tasks.verify_reference, "_REFERENCE", {})
     calls, threads = [], []
 
     @contextlib.contextmanager
@@ -619,9 +623,9 @@ def test_the_reference_at_a_shape_point_is_computed_once_per_model_data_lengths_
         fed = fed if fit is None else fit({"x": fed})["x"]
         return [fed * scale, fed - scale, fed][:count]
 
-    monkeypatch.setattr(tasks.train, "module_from_checkpoint", lambda ckpt: (ckpt.meta["scale"], ckpt.meta.get("count", 2)))
-    monkeypatch.setattr(tasks.train, "predict_split", predict_split)
-    monkeypatch.setattr(tasks.train, "torch_threads", torch_threads)
+    monkeypatch.setattr(tasks.inference, "module_from_checkpoint", lambda ckpt: (ckpt.meta["scale"], ckpt.meta.get("count", 2)))
+    monkeypatch.setattr(tasks.inference, "predict_split", predict_split)
+    monkeypatch.setattr(tasks.inference, "torch_threads", torch_threads)
     (tmp_path / "refnet_user.py").write_text("def build():\n    return 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     forget()
@@ -680,6 +684,7 @@ def regression_branch(tmp_path_factory, monkeypatch_module):
     from onnx import TensorProto, helper, numpy_helper
 
     import tasks.verify
+    import tasks.verify_reference
     from tasks.data import split_inputs, splits_from_dataset
 
     root = tmp_path_factory.mktemp("regression")
@@ -706,6 +711,7 @@ def regression_branch(tmp_path_factory, monkeypatch_module):
         return {"pred": x @ R, "emb": x @ V}
 
     monkeypatch_module.setattr(tasks.verify, "reference_outputs", products)
+    monkeypatch_module.setattr(tasks.verify_reference, "reference_outputs", tasks.verify.reference_outputs)  # what reference_outputs_at falls back on
     variant = variant_from_onnx(exported, data, Precision.fp32, 64, root)
     return root, checkpoint, data, engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, root), exported
 
@@ -824,6 +830,7 @@ def test_the_share_comes_from_tensorrt_layers_else_from_the_onnx_graph(branch, s
 
 def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(branch, small_data, monkeypatch):
     import tasks.verify
+    import tasks.verify_reference
 
     real, threads = tasks.verify.emulation_runner, []
     monkeypatch.setattr(tasks.verify, "emulation_runner", lambda path, folder, elem_type, n=None: (threads.append(n), real(path, folder, elem_type, n))[1])
@@ -839,6 +846,7 @@ def test_the_fp16_emulation_runs_with_the_engine_threads_labels_and_task_output(
 
 def test_fp16_numerics_say_what_was_verified_when_the_emulation_is_missing_or_broken(branch, small_data, monkeypatch, caplog, tmp_path):
     import tasks.verify
+    import tasks.verify_reference
 
     root, checkpoint, built = branch
     variant, engine = built[Precision.fp16]
@@ -900,7 +908,7 @@ def test_outputs_not_judged_say_whether_trtflow_trained_them():
 
 
 def test_the_checks_named_are_the_checks_that_ran():
-    from tasks.verify import checks_of
+    from tasks.verify_comparison import checks_of
 
     def results(*pairs: tuple[str, str]) -> list:
         return [SimpleNamespace(checks=[SimpleNamespace(output=o, metric=m) for o, m in pairs])]
