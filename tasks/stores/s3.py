@@ -594,3 +594,4 @@ def make(url: str, local: Path) -> S3Store:
             fix="pip install 'trtflow[s3]' (or pip install obstore)",
         )
     return S3Store(url, local)
+

@@ -305,7 +305,7 @@ def test_a_store_sent_to_another_process_is_reopened_there(s3, tmp_path):
     client, bucket, url = s3
     a = store_for(url, tmp_path / "a")
     made = commit(a, {"model.onnx": b"m"})
-    artifacts._OPENED.pop(url)  # as in a fresh Dask worker: no store opened for this URL yet
+    registry._OPENED.pop(url)  # as in a fresh Dask worker: no store opened for this URL yet
     copy = pickle.loads(pickle.dumps(a))
     assert isinstance(copy, S3Store) and (copy.url, copy.local) == (url, a.local)
     assert opened_store(url) is copy and made.path("model.onnx").read_bytes() == b"m"
