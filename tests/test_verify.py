@@ -773,6 +773,73 @@ def test_the_emulation_pass_runs_fitted_batches_with_the_engine_threads_and_no_g
     assert got[0].label == "fp16 emulated x:8x4" and [c.metric for c in got[0].checks if c.output == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
 
 
+K = np.random.default_rng(10).normal(size=(2, 1, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sequence_model(tmp_path_factory):
+    """x of shape N x 1 x L (L dynamic): logits = the sum over L of a Conv (2 channels, kernel 3); its data, export and checkpoint."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tasks.data import splits_from_dataset
+
+    root = tmp_path_factory.mktemp("sequence")
+    x = np.random.default_rng(9).normal(size=(100, 1, 4)).astype(np.float32)
+    np.savez(root / "seq.npz", x=x, y=(x.sum((1, 2)) > 0).astype(np.int64))
+    data = splits_from_dataset(DataConfig(dataset=root / "seq.npz"), root)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1], name="conv"), helper.make_node("ReduceSum", ["c", "axes"], ["logits"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "L"])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(K, "k"), numpy_helper.from_array(np.array([2], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["logits"], "precision": "fp32"})
+    checkpoint = _artifact(root, "train", {"model.pt": b"stands for a sequence model"}, {"outputs": ["logits"], "logits_output": "logits"})
+    return root, data, exported, checkpoint
+
+
+def test_a_variable_length_model_is_verified_at_each_points_lengths_against_the_reference_there(sequence_model, monkeypatch):
+    """L dynamic (2, 4, 6; padded with 1.0): every point is run at its length and compared with PyTorch's
+    outputs at that length and pad value, the fp16 emulation at the opt point too."""
+    import tasks.verify
+    from tasks.config import EngineProfile
+    from tasks.data import split_inputs
+    from tasks.shapes import fit_lengths
+
+    tmp_path, data, exported, checkpoint = sequence_model
+    k = K
+
+    def conv_sum(a):  # what the graph computes, in numpy
+        padded = np.pad(a[:, 0], ((0, 0), (1, 1)))
+        return np.stack([sum(k[o, 0, j] * padded[:, j: j + a.shape[2]] for j in range(3)).sum(1) for o in range(2)], axis=1).astype(np.float32)
+
+    asked = []
+
+    def reference_at(ckpt, d, point, pads):
+        asked.append((ckpt.digest, d.digest, point.key(), dict(pads)))
+        return {"logits": conv_sum(fit_lengths(split_inputs(d, "test"), point.lengths, pads)["x"])}
+
+    monkeypatch.setattr(tasks.verify, "reference_outputs", lambda ckpt, d: {"logits": conv_sum(split_inputs(d, "test")["x"])})
+    monkeypatch.setattr(tasks.verify, "reference_outputs_at", reference_at)
+    profile = EngineProfile(min=1, opt=8, max=16, axes={"x": {2: (2, 4, 6)}}, lengths={"x": {2: 4}}, pad_values={"x": 1.0})
+    for precision in (Precision.fp32, Precision.fp16):
+        variant = variant_from_onnx(exported, data, precision, 64, tmp_path)
+        engine = engine_from_variant(variant, Backend.onnxruntime, profile, {"threads": 1}, tmp_path)
+        ref = verification_of_engine(engine, checkpoint, data, precision, default_tolerances()[precision], profile, tmp_path, variant=variant)
+        report = json.loads(ref.path("verification.json").read_text())
+        assert report["passed"], report["failures"]
+        labels = [b["label"] for b in report["batches"]]
+        assert labels[:5] == [f"{precision.value} x:1x1x2", f"{precision.value} x:8x1x4", f"{precision.value} x:8x1x4 repeated rows",
+                              f"{precision.value} x:16x1x6", f"{precision.value} x:16x1x6 repeated rows"]
+        points = [(1, (("x", ((2, 2),)),)), (8, (("x", ((2, 4),)),)), (16, (("x", ((2, 6),)),))]
+        if precision is Precision.fp16:  # the emulation at the opt point, fitted to its length, against the reference there
+            assert labels[5:] == ["fp16 emulated x:8x1x4", "fp16 emulated x:8x1x4 repeated rows"] and report["emulation"]["rounded_tensors"] >= 1
+            points.append((8, (("x", ((2, 4),)),)))
+        assert asked == [(checkpoint.digest, data.digest, p, {"x": 1.0}) for p in points]
+        assert report["shapes"][2] == {"level": "max", "batch": 16, "shapes": {"x": [16, 1, 6]}, "label": f"{precision.value} x:16x1x6"}
+        asked.clear()
+
+
 def test_the_reference_runs_with_the_trainings_thread_count():
     from tasks.verify import reference_threads
 
