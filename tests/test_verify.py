@@ -406,6 +406,8 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
         {"batch": 64, "runs": 1, "distinct_samples": 15, "rows_fed": 64, "repeated_rows": 49},
     ]
     labels = [b["label"] for b in report["batches"]]
+    # a second, emulated pass only where the engine is not the emulation itself (bf16's is)
+    assert any(label.startswith(f"{precision.value} emulated") for label in labels) is (precision is Precision.fp16)
     assert labels[:5] == [f"{precision.value} batch 1", f"{precision.value} batch 8", f"{precision.value} batch 8 repeated rows", f"{precision.value} batch 64", f"{precision.value} batch 64 repeated rows"]
     assert report["compute"]["by_precision"] == {precision.value: 2} and report["compute"]["share"] == 1.0
     # int8: ONNX Runtime's int8 kernels where they are exact, its Q/DQ nodes in fp32 where they saturate (no VNNI)
@@ -737,6 +739,12 @@ def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regr
     # the reference's thread count (the training's) and the engine's enter the key
     inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": Precision.fp32, "tolerance": Tolerance(), "batch": BATCH}
     assert key_ingredients(SPEC, inputs)["environment"] == {"engine_threads": "1", "torch_threads": "2"}
+    # fp16: the emulation pass is judged as a regression too
+    fp16 = variant_from_onnx(regression_branch[4], data, Precision.fp16, 64, root)
+    ref16 = verification_of_engine(engine_from_variant(fp16, Backend.onnxruntime, BATCH, {"threads": 1}, root), checkpoint, data, Precision.fp16,
+                                   default_tolerances()[Precision.fp16], BATCH, root, variant=fp16)
+    emulated = next(b for b in json.loads(ref16.path("verification.json").read_text())["batches"] if b["label"] == "fp16 emulated batch 8")
+    assert [c["metric"] for c in emulated["checks"] if c["output"] == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
 
 
 def test_the_emulation_pass_runs_fitted_batches_with_the_engine_threads_and_no_graph_optimizer(branch, small_data, regression_branch, monkeypatch):
@@ -838,6 +846,37 @@ def test_a_variable_length_model_is_verified_at_each_points_lengths_against_the_
         assert asked == [(checkpoint.digest, data.digest, p, {"x": 1.0}) for p in points]
         assert report["shapes"][2] == {"level": "max", "batch": 16, "shapes": {"x": [16, 1, 6]}, "label": f"{precision.value} x:16x1x6"}
         asked.clear()
+
+
+def test_an_int8_engine_whose_qdq_runs_in_fp32_says_so_in_its_numerics(branch, small_data, monkeypatch, tmp_path):
+    """On a CPU whose int8 kernels saturate, ONNX Runtime runs the Q/DQ nodes in fp32: the report says that the
+    int8 rounding was verified, not int8 kernels (on either kind of CPU, by standing in for the check)."""
+    import tasks.backends.onnxruntime as ort
+    from tasks.verify import INT8_AS_FP32
+
+    monkeypatch.setattr(ort, "int8_kernels_saturate", lambda flags=None: True)
+    root, checkpoint, built = branch
+    variant, _ = built[Precision.int8]
+    engine = engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, tmp_path)
+    assert engine.meta["graph_optimization"] == ort.QDQ_IN_FP32
+    ref = verification_of_engine(engine, checkpoint, small_data, Precision.int8, default_tolerances()[Precision.int8], BATCH, tmp_path, variant=variant)
+    assert ref.meta["numerics"] == INT8_AS_FP32 and ref.meta["passed"]
+
+
+def test_labelled_data_without_a_logits_output_says_why_no_task_metric_ran(branch, small_data, monkeypatch):
+    import tasks.verify
+    from tasks.data import split_inputs
+    from tasks.verify import TASK_CHECKS
+
+    root, _, built = branch
+    variant, engine = built[Precision.fp32]
+    checkpoint = _artifact(root, "train", {"model.pt": b"a model naming no logits output"}, {"outputs": ["logits", "emb"]})
+    x = split_inputs(small_data, "test")["x"]
+    monkeypatch.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: {"logits": x @ W, "emb": x @ V})
+    ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root, variant=variant)
+    report = json.loads(ref.path("verification.json").read_text())
+    assert report["passed"] and report["logits_output"] is None and report["confusion"] is None and report["task"] == "classification"
+    assert report["checks_skipped"] == {c: "no logits output" for c in TASK_CHECKS}
 
 
 def test_the_reference_runs_with_the_trainings_thread_count():
