@@ -555,7 +555,7 @@ def unlabelled_data(small_data):
 def test_without_labels_no_output_is_judged_by_task_metrics(branch, unlabelled_data):
     ref = _verify(branch, unlabelled_data, Precision.fp32)
     report = json.loads(ref.path("verification.json").read_text())
-    assert report["passed"] and report["logits_output"] is None and report["confusion"] is None
+    assert report["passed"] and report["logits_output"] is None and report["confusion"] is None and report["task"] is None
     assert report["checks_skipped"] == {c: "the dataset has no labels" for c in ("top-1 agreement", "accuracy drop", "balanced accuracy")}
     assert all(o["top1_agreement"] is None for b in report["batches"] for o in b["outputs"].values())
 
@@ -877,6 +877,26 @@ def test_labelled_data_without_a_logits_output_says_why_no_task_metric_ran(branc
     report = json.loads(ref.path("verification.json").read_text())
     assert report["passed"] and report["logits_output"] is None and report["confusion"] is None and report["task"] == "classification"
     assert report["checks_skipped"] == {c: "no logits output" for c in TASK_CHECKS}
+
+
+def test_a_verification_is_kept_per_variant_and_a_rerun_names_the_input_that_changed(branch, small_data, caplog):
+    import logging
+
+    root, checkpoint, built = branch
+    variant, engine = built[Precision.fp16]
+    kept, _ = built["fp16-kept"]
+    tol = default_tolerances()[Precision.fp16]
+    assert verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root, variant=variant).meta["passed"]
+    # the same engine judged through another variant (its share, its emulation) is another verification, not the cached one
+    with pytest.raises(PrecisionShareError):
+        verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root, variant=kept)
+    looser = tol.model_copy(update={"atol": 0.05})
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        verification_of_engine(engine, checkpoint, small_data, Precision.fp16, looser, BATCH, root, variant=variant)
+        verification_of_engine(engine, checkpoint, small_data, Precision.fp16, looser, BatchProfile(min=1, opt=8, max=32), root, variant=variant)
+    said = [r.getMessage() for r in caplog.records if r.name == "trtflow.stage"]
+    # the variant went back from the kept one: named as the input it is
+    assert said[0].startswith("verify-fp16: tolerance changed (atol 0.01 -> 0.05); variant changed") and said[1:] == ["verify-fp16: batch changed (max 64 -> 32)"]
 
 
 def test_the_reference_runs_with_the_trainings_thread_count():
