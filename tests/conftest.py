@@ -18,7 +18,7 @@ from tasks.config import BatchProfile, DataConfig, PipelineConfig, ProfileConfig
 
 
 #: fixtures that take seconds to build (engines, a trained model): their tests run last under mutmut
-_COSTLY_FIXTURES = frozenset({"branch", "regression_branch", "trained"})
+_COSTLY_FIXTURES = frozenset({"branch", "regression_branch", "sequence_model", "trained"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

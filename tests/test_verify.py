@@ -408,6 +408,8 @@ def test_every_precision_passes_and_reports_what_ran(branch, small_data, precisi
         {"batch": 64, "runs": 1, "distinct_samples": 15, "rows_fed": 64, "repeated_rows": 49},
     ]
     labels = [b["label"] for b in report["batches"]]
+    # a second, emulated pass only where the engine is not the emulation itself (bf16's is)
+    assert any(label.startswith(f"{precision.value} emulated") for label in labels) is (precision is Precision.fp16)
     assert labels[:5] == [f"{precision.value} batch 1", f"{precision.value} batch 8", f"{precision.value} batch 8 repeated rows", f"{precision.value} batch 64", f"{precision.value} batch 64 repeated rows"]
     assert report["compute"]["by_precision"] == {precision.value: 2} and report["compute"]["share"] == 1.0
     # int8: ONNX Runtime's int8 kernels where they are exact, its Q/DQ nodes in fp32 where they saturate (no VNNI)
@@ -555,7 +557,7 @@ def unlabelled_data(small_data):
 def test_without_labels_no_output_is_judged_by_task_metrics(branch, unlabelled_data):
     ref = _verify(branch, unlabelled_data, Precision.fp32)
     report = json.loads(ref.path("verification.json").read_text())
-    assert report["passed"] and report["logits_output"] is None and report["confusion"] is None
+    assert report["passed"] and report["logits_output"] is None and report["confusion"] is None and report["task"] is None
     assert report["checks_skipped"] == {c: "the dataset has no labels" for c in ("top-1 agreement", "accuracy drop", "balanced accuracy")}
     assert all(o["top1_agreement"] is None for b in report["batches"] for o in b["outputs"].values())
 
@@ -743,6 +745,12 @@ def test_a_regression_is_judged_by_relative_rmse_and_r2_against_its_targets(regr
     # the reference's thread count (the training's) and the engine's enter the key
     inputs = {"engine": engine, "checkpoint": checkpoint, "data": data, "precision": Precision.fp32, "tolerance": Tolerance(), "batch": BATCH}
     assert key_ingredients(SPEC, inputs)["environment"] == {"engine_threads": "1", "torch_threads": "2"}
+    # fp16: the emulation pass is judged as a regression too
+    fp16 = variant_from_onnx(regression_branch[4], data, Precision.fp16, 64, root)
+    ref16 = verification_of_engine(engine_from_variant(fp16, Backend.onnxruntime, BATCH, {"threads": 1}, root), checkpoint, data, Precision.fp16,
+                                   default_tolerances()[Precision.fp16], BATCH, root, variant=fp16)
+    emulated = next(b for b in json.loads(ref16.path("verification.json").read_text())["batches"] if b["label"] == "fp16 emulated batch 8")
+    assert [c["metric"] for c in emulated["checks"] if c["output"] == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
 
 
 def test_the_emulation_pass_runs_fitted_batches_with_the_engine_threads_and_no_graph_optimizer(branch, small_data, regression_branch, monkeypatch):
@@ -777,6 +785,124 @@ def test_the_emulation_pass_runs_fitted_batches_with_the_engine_threads_and_no_g
     got, _ = emulated_check(fp16, Precision.fp16, {"pred": xr @ R, "emb": xr @ V}, data, split_labels(data, "test"), 8, tol, 1, {"pred"},
                             shape="x:8x4", regression=True)
     assert got[0].label == "fp16 emulated x:8x4" and [c.metric for c in got[0].checks if c.output == "pred"][1:] == ["max_relative_rmse", "r2_drop"]
+
+
+K = np.random.default_rng(10).normal(size=(2, 1, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sequence_model(tmp_path_factory):
+    """x of shape N x 1 x L (L dynamic): logits = the sum over L of a Conv (2 channels, kernel 3); its data, export and checkpoint."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tasks.data import splits_from_dataset
+
+    root = tmp_path_factory.mktemp("sequence")
+    x = np.random.default_rng(9).normal(size=(100, 1, 4)).astype(np.float32)
+    np.savez(root / "seq.npz", x=x, y=(x.sum((1, 2)) > 0).astype(np.int64))
+    data = splits_from_dataset(DataConfig(dataset=root / "seq.npz"), root)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1], name="conv"), helper.make_node("ReduceSum", ["c", "axes"], ["logits"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "L"])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(K, "k"), numpy_helper.from_array(np.array([2], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    exported = _artifact(root, "export", {"model.onnx": model.SerializeToString()}, {"inputs": ["x"], "outputs": ["logits"], "precision": "fp32"})
+    checkpoint = _artifact(root, "train", {"model.pt": b"stands for a sequence model"}, {"outputs": ["logits"], "logits_output": "logits"})
+    return root, data, exported, checkpoint
+
+
+def test_a_variable_length_model_is_verified_at_each_points_lengths_against_the_reference_there(sequence_model, monkeypatch):
+    """L dynamic (2, 4, 6; padded with 1.0): every point is run at its length and compared with PyTorch's
+    outputs at that length and pad value, the fp16 emulation at the opt point too."""
+    import tasks.verify
+    from tasks.config import EngineProfile
+    from tasks.data import split_inputs
+    from tasks.shapes import fit_lengths
+
+    tmp_path, data, exported, checkpoint = sequence_model
+    k = K
+
+    def conv_sum(a):  # what the graph computes, in numpy
+        padded = np.pad(a[:, 0], ((0, 0), (1, 1)))
+        return np.stack([sum(k[o, 0, j] * padded[:, j: j + a.shape[2]] for j in range(3)).sum(1) for o in range(2)], axis=1).astype(np.float32)
+
+    asked = []
+
+    def reference_at(ckpt, d, point, pads):
+        asked.append((ckpt.digest, d.digest, point.key(), dict(pads)))
+        return {"logits": conv_sum(fit_lengths(split_inputs(d, "test"), point.lengths, pads)["x"])}
+
+    monkeypatch.setattr(tasks.verify, "reference_outputs", lambda ckpt, d: {"logits": conv_sum(split_inputs(d, "test")["x"])})
+    monkeypatch.setattr(tasks.verify, "reference_outputs_at", reference_at)
+    profile = EngineProfile(min=1, opt=8, max=16, axes={"x": {2: (2, 4, 6)}}, lengths={"x": {2: 4}}, pad_values={"x": 1.0})
+    for precision in (Precision.fp32, Precision.fp16):
+        variant = variant_from_onnx(exported, data, precision, 64, tmp_path)
+        engine = engine_from_variant(variant, Backend.onnxruntime, profile, {"threads": 1}, tmp_path)
+        ref = verification_of_engine(engine, checkpoint, data, precision, default_tolerances()[precision], profile, tmp_path, variant=variant)
+        report = json.loads(ref.path("verification.json").read_text())
+        assert report["passed"], report["failures"]
+        labels = [b["label"] for b in report["batches"]]
+        assert labels[:5] == [f"{precision.value} x:1x1x2", f"{precision.value} x:8x1x4", f"{precision.value} x:8x1x4 repeated rows",
+                              f"{precision.value} x:16x1x6", f"{precision.value} x:16x1x6 repeated rows"]
+        points = [(1, (("x", ((2, 2),)),)), (8, (("x", ((2, 4),)),)), (16, (("x", ((2, 6),)),))]
+        if precision is Precision.fp16:  # the emulation at the opt point, fitted to its length, against the reference there
+            assert labels[5:] == ["fp16 emulated x:8x1x4", "fp16 emulated x:8x1x4 repeated rows"] and report["emulation"]["rounded_tensors"] >= 1
+            points.append((8, (("x", ((2, 4),)),)))
+        assert asked == [(checkpoint.digest, data.digest, p, {"x": 1.0}) for p in points]
+        assert report["shapes"][2] == {"level": "max", "batch": 16, "shapes": {"x": [16, 1, 6]}, "label": f"{precision.value} x:16x1x6"}
+        asked.clear()
+
+
+def test_an_int8_engine_whose_qdq_runs_in_fp32_says_so_in_its_numerics(branch, small_data, monkeypatch, tmp_path):
+    """On a CPU whose int8 kernels saturate, ONNX Runtime runs the Q/DQ nodes in fp32: the report says that the
+    int8 rounding was verified, not int8 kernels (on either kind of CPU, by standing in for the check)."""
+    import tasks.backends.onnxruntime as ort
+    from tasks.verify import INT8_AS_FP32
+
+    monkeypatch.setattr(ort, "int8_kernels_saturate", lambda flags=None: True)
+    root, checkpoint, built = branch
+    variant, _ = built[Precision.int8]
+    engine = engine_from_variant(variant, Backend.onnxruntime, BATCH, {"threads": 1}, tmp_path)
+    assert engine.meta["graph_optimization"] == ort.QDQ_IN_FP32
+    ref = verification_of_engine(engine, checkpoint, small_data, Precision.int8, default_tolerances()[Precision.int8], BATCH, tmp_path, variant=variant)
+    assert ref.meta["numerics"] == INT8_AS_FP32 and ref.meta["passed"]
+
+
+def test_labelled_data_without_a_logits_output_says_why_no_task_metric_ran(branch, small_data, monkeypatch):
+    import tasks.verify
+    from tasks.data import split_inputs
+    from tasks.verify import TASK_CHECKS
+
+    root, _, built = branch
+    variant, engine = built[Precision.fp32]
+    checkpoint = _artifact(root, "train", {"model.pt": b"a model naming no logits output"}, {"outputs": ["logits", "emb"]})
+    x = split_inputs(small_data, "test")["x"]
+    monkeypatch.setattr(tasks.verify, "reference_outputs", lambda ckpt, data: {"logits": x @ W, "emb": x @ V})
+    ref = verification_of_engine(engine, checkpoint, small_data, Precision.fp32, default_tolerances()[Precision.fp32], BATCH, root, variant=variant)
+    report = json.loads(ref.path("verification.json").read_text())
+    assert report["passed"] and report["logits_output"] is None and report["confusion"] is None and report["task"] == "classification"
+    assert report["checks_skipped"] == {c: "no logits output" for c in TASK_CHECKS}
+
+
+def test_a_verification_is_kept_per_variant_and_a_rerun_names_the_input_that_changed(branch, small_data, caplog):
+    import logging
+
+    root, checkpoint, built = branch
+    variant, engine = built[Precision.fp16]
+    kept, _ = built["fp16-kept"]
+    tol = default_tolerances()[Precision.fp16]
+    assert verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root, variant=variant).meta["passed"]
+    # the same engine judged through another variant (its share, its emulation) is another verification, not the cached one
+    with pytest.raises(PrecisionShareError):
+        verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root, variant=kept)
+    looser = tol.model_copy(update={"atol": 0.05})
+    with caplog.at_level(logging.INFO, logger="trtflow"):
+        verification_of_engine(engine, checkpoint, small_data, Precision.fp16, looser, BATCH, root, variant=variant)
+        verification_of_engine(engine, checkpoint, small_data, Precision.fp16, looser, BatchProfile(min=1, opt=8, max=32), root, variant=variant)
+    said = [r.getMessage() for r in caplog.records if r.name == "trtflow.stage"]
+    # the variant went back from the kept one: named as the input it is
+    assert said[0].startswith("verify-fp16: tolerance changed (atol 0.01 -> 0.05); variant changed") and said[1:] == ["verify-fp16: batch changed (max 64 -> 32)"]
 
 
 def test_the_reference_runs_with_the_trainings_thread_count():
