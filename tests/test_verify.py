@@ -872,7 +872,7 @@ def test_an_int8_engine_whose_qdq_runs_in_fp32_says_so_in_its_numerics(branch, s
 def test_labelled_data_without_a_logits_output_says_why_no_task_metric_ran(branch, small_data, monkeypatch):
     import tasks.verify
     from tasks.data import split_inputs
-    from tasks.verify import TASK_CHECKS
+    from tasks.verify_comparison import TASK_CHECKS
 
     root, _, built = branch
     variant, engine = built[Precision.fp32]
