@@ -12,6 +12,7 @@ from flows.ui import error_text, in_ui_terms
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Precision
 from tasks.graph import Branch
+from tasks.repair import SUMMARY
 from tasks.engine import engine_info
 from tasks.artifacts import write_bytes_atomic
 from tasks.store import Store, as_store
@@ -289,7 +290,7 @@ def repair_summary(outcome: dict[str, Any], root: Path) -> dict[str, Any]:
     repair = outcome["repair"]
     m = repair.meta
     out: dict[str, Any] = {
-        **{k: m.get(k) for k in ("passed", "kept_fp32", "tried_fp32", "budget", "attempts", "stopped", "share_finding", "before", "after")},
+        **{k: m.get(k) for k in SUMMARY},
         "report": _rel(repair.path("repair.json"), root),
     }
     before, after = outcome.get("profile_before_repair"), outcome.get("profile")

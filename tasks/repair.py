@@ -346,19 +346,86 @@ def errors_of(sensitivity: ArtifactRef) -> list[NodeError]:
     return [NodeError.from_dict(d) for d in json.loads(sensitivity.path(ERRORS_FILE).read_text())]
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What a repair does after a failing attempt: keep ``keep_fp32`` in fp32 and try again, or stop.
+
+    Attributes:
+        keep_fp32: every node the next attempt keeps in fp32 (those kept so far, then ``added``).
+        added: the nodes this decision adds.
+        stop: why the repair stops instead (None: try ``keep_fp32``).
+    """
+
+    keep_fp32: list[str]
+    added: list[str]
+    stop: str | None = None
+
+
+def decide(errors: Sequence[NodeError], kept: Sequence[str], budget: int) -> Decision:
+    """The next attempt from a ranking of the failing variant's nodes: ``next_nodes``, within the budget.
+
+    Args:
+        errors: the failing variant's ranking (``node_errors``, worst first).
+        kept: the nodes kept in fp32 so far.
+        budget: the most nodes a repair may keep in fp32.
+
+    Returns:
+        The decision; it stops when no node adds error any more or the next attempt would exceed the budget.
+    """
+    new = next_nodes(errors, kept)
+    if not new:
+        return Decision(list(kept), [], "no node of the variant adds error any more: the failure is not one of precision per node")
+    if len(kept) + len(new) > budget:
+        return Decision(list(kept), new, f"the next attempt would keep {len(kept) + len(new)} nodes in fp32 ({', '.join(new)} added), over the budget of {budget}")
+    return Decision([*kept, *new], new)
+
+
+@dataclass
+class Attempt:
+    """One run of the branch's stages with a set of nodes kept in fp32.
+
+    Attributes:
+        variant, engine: its ``precision`` and ``build`` artifacts.
+        verify: its passing ``verify`` artifact (None when it fails).
+        figures: the verification's summary (the failing verdict's when it fails) with its ``failures``.
+        failure: the verification's error (None when it passes).
+    """
+
+    variant: ArtifactRef
+    engine: ArtifactRef
+    verify: ArtifactRef | None
+    figures: dict[str, Any]
+    failure: VerificationError | None
+
+
 def _verified(
     engine: ArtifactRef, variant: ArtifactRef, checkpoint: ArtifactRef, data: ArtifactRef, precision: Precision,
     tolerance: Tolerance, batch: BatchProfile, store: Store, refresh: bool,
-) -> tuple[ArtifactRef | None, dict[str, Any], VerificationError | None]:
-    """Verify an engine; return its ``verify`` artifact (None when it fails), the summary with its failures, and the failure."""
+) -> Attempt:
+    """Verify an engine of ``variant``; a failing verdict is data (its summary is the manifest's metadata)."""
     from tasks.verify import verification_of_engine
 
     try:
         ref = verification_of_engine(engine, checkpoint, data, precision, tolerance, batch, store, refresh, variant=variant)
-        return ref, {**ref.meta, "failures": []}, None
+        return Attempt(variant, engine, ref, {**ref.meta, "failures": []}, None)
     except VerificationError as exc:
-        # The failing verdict is an artifact too: its summary is the manifest's metadata.
-        return None, {**(exc.artifact.meta if exc.artifact is not None else {}), "failures": exc.failures}, exc
+        return Attempt(variant, engine, None, {**(exc.artifact.meta if exc.artifact is not None else {}), "failures": exc.failures}, exc)
+
+
+def _stop_of(failure: VerificationError | None, precision: Precision, tolerance: Tolerance, first: bool) -> tuple[str | None, str | None]:
+    """Whether a verification ends the repair: (why it stops, the share finding); (None, None) to go on."""
+    if failure is None:
+        return "verification passed", None
+    if isinstance(failure, PrecisionShareError):
+        # Every further attempt keeps more in fp32: it can only lower the share further.
+        if first:
+            return f"{failure.finding}; keeping nodes in fp32 cannot add {precision.value} operators", failure.finding
+        return f"{failure.finding} (the floor is --tolerance {precision.value}.min_compute_share={tolerance.min_compute_share:g})", failure.finding
+    return None, None
+
+
+#: what a repair's meta (and the run report, ``flows.report.repair_summary``) says of it
+SUMMARY = ("passed", "kept_fp32", "tried_fp32", "budget", "attempts", "stopped", "share_finding", "before", "after")
 
 
 def repair_of_variant(
@@ -378,11 +445,13 @@ def repair_of_variant(
 ) -> ArtifactRef:
     """Repair a variant that failed verification by keeping its worst nodes in fp32, attempt by attempt.
 
-    Each attempt ranks the current variant's nodes (``sensitivity_of_variant``), adds ``next_nodes``
-    to those kept in fp32, makes the variant again (``variant_from_onnx(keep_fp32=...)``), validates,
-    builds and verifies it. It stops when verification passes, when no node adds error any more, or
-    when the next attempt would keep more than ``repair.budget`` nodes. The outcome, passed or not, is
-    an artifact: the same failing model is not repaired again on the next run.
+    A loop of decisions: rank the failing variant's nodes (``sensitivity_of_variant``), ``decide``
+    what to keep in fp32 (or stop), run the branch's stages again with that list (``attempt`` below:
+    precision with ``keep_fp32``, validate, build, verify, each through its own stage cache, keyed by
+    its own inputs), and decide again on the verdict. It stops when verification passes, when no node
+    adds error any more, when the next attempt would keep more than ``repair.budget`` nodes, or on
+    the int8-share finding. The outcome, passed or not, is an artifact: the same failing model is not
+    repaired again on the next run.
 
     Args:
         model: the ``export`` artifact (fp32 graph).
@@ -409,74 +478,68 @@ def repair_of_variant(
 
     precision = Precision(precision)
     info = engine_info(engine)
+    backend = Backend(info.backend)
+
+    def attempt(keep_fp32: list[str]) -> Attempt:
+        # The branch's own stages, wired as GRAPH wires them, with the decision's list for precision.
+        current = variant_from_onnx(model, data, precision, calibration_samples, store, refresh, keep_fp32=keep_fp32)
+        validated_onnx(current, data, store, refresh)
+        built = engine_from_variant(current, backend, batch, options, store, refresh)
+        return _verified(built, current, checkpoint, data, precision, tolerance, batch, store, refresh)
 
     def make(out: Path) -> dict[str, Any]:
-        backend = Backend(info.backend)
-        _, before, failure = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, store, refresh)
+        first = last = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, store, refresh)
+        stop, finding = _stop_of(first.failure, precision, tolerance, first=True)
         kept: list[str] = []
         attempts: list[dict[str, Any]] = []
-        current, final_engine, final_verify, stop, finding = variant, engine, None, "", None
-        if isinstance(failure, PrecisionShareError):
-            finding = failure.finding
-            stop = f"{finding}; keeping nodes in fp32 cannot add {precision.value} operators"
-        while final_verify is None and finding is None:
+        while stop is None:
             try:
-                ranking = sensitivity_of_variant(model, current, data, precision, repair.samples, info.threads, store, refresh)
+                ranking = sensitivity_of_variant(model, last.variant, data, precision, repair.samples, info.threads, store, refresh)
             except TrtflowError:
                 raise
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime's untyped errors on an unusual graph
                 stop = f"the nodes could not be ranked ({type(exc).__name__}: {str(exc)[:300]})"
                 break
             errors = errors_of(ranking)
-            new = next_nodes(errors, kept)
-            if not new:
-                stop = "no node of the variant adds error any more: the failure is not one of precision per node"
+            decision = decide(errors, kept, repair.budget)
+            if decision.stop is not None:
+                stop = decision.stop
                 break
-            if len(kept) + len(new) > repair.budget:
-                stop = f"the next attempt would keep {len(kept) + len(new)} nodes in fp32 ({', '.join(new)} added), over the budget of {repair.budget}"
-                break
-            kept = [*kept, *new]
+            kept = decision.keep_fp32
             log.info("repair %s: attempt %d keeps %s in fp32", precision.value, len(attempts) + 1, kept)
-            current = variant_from_onnx(model, data, precision, calibration_samples, store, refresh, keep_fp32=kept)
-            validated_onnx(current, data, store, refresh)
-            final_engine = engine_from_variant(current, backend, batch, options, store, refresh)
-            final_verify, figures, failure = _verified(final_engine, current, checkpoint, data, precision, tolerance, batch, store, refresh)
-            if isinstance(failure, PrecisionShareError):
-                # Every further attempt keeps more in fp32: stop here, saying what is left.
-                finding = failure.finding
-                stop = f"{finding} (the floor is --tolerance {precision.value}.min_compute_share={tolerance.min_compute_share:g})"
+            last = attempt(kept)
+            stop, finding = _stop_of(last.failure, precision, tolerance, first=False)
             why = {e.node: e for e in errors}
             attempts.append({
                 "kept_fp32": kept,
-                "added": [{"node": n, "op_type": why[n].op_type if n in why else "", "reason": why[n].reason if n in why else ""} for n in new],
-                "passed": final_verify is not None,
-                "figures": {k: figures.get(k) for k in FIGURES},
-                "failures": figures["failures"],
-                "variant": current.digest,
+                "added": [{"node": n, "op_type": why[n].op_type if n in why else "", "reason": why[n].reason if n in why else ""} for n in decision.added],
+                "passed": last.verify is not None,
+                "figures": {k: last.figures.get(k) for k in FIGURES},
+                "failures": last.figures["failures"],
+                "variant": last.variant.digest,
                 "sensitivity": ranking.digest,
             })
-        passed = final_verify is not None
+        passed = last.verify is not None
         report = {
             "precision": precision.value,
             "passed": passed,
             "kept_fp32": kept if passed else [],
             "tried_fp32": kept,
             "budget": repair.budget,
-            "stopped": "verification passed" if passed else stop or "verification still fails",
+            "stopped": stop or "verification still fails",
             "share_finding": finding,
-            "before": {k: before.get(k) for k in FIGURES},
-            "before_failures": before["failures"],
+            "before": {k: first.figures.get(k) for k in FIGURES},
+            "before_failures": first.figures["failures"],
             "after": attempts[-1]["figures"] if attempts else None,
             "attempts": attempts,
         }
         (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
         log.info("repair %s: %s (%s)", precision.value, "passed" if passed else "failed", report["stopped"])
-        meta = {k: report[k] for k in ("precision", "passed", "kept_fp32", "tried_fp32", "budget", "stopped", "share_finding", "before", "after")}
-        meta["attempts"] = len(attempts)
-        meta["failures"] = attempts[-1]["failures"] if attempts else before["failures"]
+        meta = {"precision": precision.value, **{k: report[k] for k in SUMMARY if k != "attempts"}, "attempts": len(attempts)}
+        meta["failures"] = last.figures["failures"]
         # Stage and key only: the artifacts are found again under whatever folder the store is in now.
-        meta["engine"] = {"stage": final_engine.stage, "key": final_engine.key} if passed else None
-        meta["verify"] = {"stage": final_verify.stage, "key": final_verify.key} if final_verify is not None else None
+        meta["engine"] = {"stage": last.engine.stage, "key": last.engine.key} if passed else None
+        meta["verify"] = {"stage": last.verify.stage, "key": last.verify.key} if last.verify is not None else None
         return meta
 
     inputs = {

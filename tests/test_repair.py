@@ -13,7 +13,7 @@ from tasks.emulation import emulation_of, tensor_types
 from tasks.precisions.fp16 import fp16_from_onnx
 from tasks.precisions.int8 import int8_from_onnx
 from tasks.precisions.onnx_graph import named_nodes
-from tasks.repair import NodeError, _TensorError, next_nodes, node_errors
+from tasks.repair import Decision, NodeError, _stop_of, _TensorError, decide, next_nodes, node_errors
 
 FP16 = TensorProto.FLOAT16
 
@@ -109,6 +109,31 @@ def test_next_nodes_takes_every_overflow_at_once_else_the_worst():
     assert next_nodes([e("a", math.inf), e("c", 0.5), e("d", 0.1)], ["a"]) == ["c"]
     assert next_nodes([e("c", 0.0)], []) == []
     assert NodeError.from_dict(json.loads(json.dumps(e("a", math.inf).to_dict()))).contribution == math.inf
+
+
+def test_a_decision_keeps_what_next_nodes_adds_within_the_budget_else_says_why_it_stops():
+    e = lambda n, c: NodeError(n, "Gemm", 0.0, 0.0, c, "")  # noqa: E731
+    ranked = [e("a", math.inf), e("b", math.inf), e("c", 0.5)]
+    assert decide(ranked, [], budget=2) == Decision(["a", "b"], ["a", "b"])
+    assert decide(ranked, ["a", "b"], budget=3) == Decision(["a", "b", "c"], ["c"])
+    over = decide(ranked, ["a", "b"], budget=2)
+    assert over.keep_fp32 == ["a", "b"] and over.added == ["c"]
+    assert over.stop == "the next attempt would keep 3 nodes in fp32 (c added), over the budget of 2"
+    flat = decide([e("c", 0.0)], [], budget=4)
+    assert flat.added == [] and flat.stop is not None and "no node of the variant adds error" in flat.stop
+
+
+def test_a_verdict_stops_the_repair_when_it_passes_or_finds_too_few_operators_left_in_the_precision():
+    from tasks.errors import PrecisionShareError, VerificationError
+
+    tol = default_tolerances()[Precision.int8]
+    assert _stop_of(None, Precision.int8, tol, first=False) == ("verification passed", None)
+    assert _stop_of(VerificationError(["logits.top1_agreement = 0.5"], "r.json"), Precision.int8, tol, first=False) == (None, None)
+    share = PrecisionShareError("int8", "int8: 0 of 2 compute operators run in int8", ["x"], "r.json")
+    stop, finding = _stop_of(share, Precision.int8, tol, first=True)
+    assert finding == share.finding and stop == f"{share.finding}; keeping nodes in fp32 cannot add int8 operators"
+    stop, finding = _stop_of(share, Precision.int8, tol, first=False)
+    assert finding == share.finding and stop is not None and f"min_compute_share={tol.min_compute_share:g}" in stop
 
 
 @pytest.mark.slow
