@@ -43,6 +43,7 @@ def test_imports_are_read_everywhere_in_a_module_and_by_name():
         def f():
             from tasks.train import predict_split
         CMD = "tasks.backends._trt_build"
+        FACTORY = "tasks.models:default_model"
         DOC = "python -m tasks.not_a_name_alone"
         """
     ).encode()
@@ -51,6 +52,7 @@ def test_imports_are_read_everywhere_in_a_module_and_by_name():
     assert ("", ("sibling",), 1) in found and ("up", ("thing",), 2) in found
     assert ("tasks.train", ("predict_split",), 0) in found  # an import inside a function counts
     assert ("tasks.backends._trt_build", (), 0) in found  # a module run by name (python -m) counts
+    assert ("tasks.models", (), 0) in found  # and a factory named module:attribute, by its module
     assert not any(m == "tasks.not_a_name_alone" for m, _, _ in found)
 
 
@@ -237,6 +239,17 @@ def test_the_imports_cache_keeps_what_other_processes_added_and_survives_a_damag
     monkeypatch.setattr(code, "_IMPORTS", None)
     code.forget()
     assert project_code("tasks.errors") == project_code("tasks.errors")
+
+
+def test_a_users_module_inside_the_trtflow_checkout_is_still_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A model file beside tasks/ and flows/ (a user running from the checkout) is hashed as the user's code; the
+    imports cache is written however deep its folder is."""
+    (tmp_path / "cd_beside.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(code, "ROOT", tmp_path.resolve())
+    monkeypatch.setenv("TRTFLOW_CACHE_DIR", str(tmp_path / "a" / "b" / "cache"))
+    assert set(user_code("cd_beside:build").files) == {"cd_beside.py"}
+    assert (tmp_path / "a" / "b" / "cache" / "imports.json").is_file()
 
 
 def test_project_code_is_the_module_its_packages_and_imports_by_path(tmp_path: Path):
