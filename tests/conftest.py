@@ -102,3 +102,29 @@ def text_bundle(tmp_path_factory: pytest.TempPathFactory):
     from _bundle_kit import make_bundle
 
     return make_bundle("text", tmp_path_factory.mktemp("text-bundle") / "art")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (the real S3 HTTP API, not a mocked client) for the session.
+
+    Skips with the reason when obstore (the S3 store's client) or moto is not installed.
+    """
+    pytest.importorskip("obstore")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket, with the AWS variables of this process pointing at the server: (boto3 client, bucket name)."""
+    from _s3_kit import S3_CREDENTIALS, new_bucket
+
+    for name, value in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return new_bucket(s3_endpoint)

@@ -139,6 +139,25 @@ def _specs(nodes: Sequence[Any]) -> list[TensorSpec]:
     ]
 
 
+def _build_result(backend: str, sess: Any, batch: tuple[int, int, int], shapes: Mapping[str, Mapping[str, Any]] | None,
+                  graph_optimization: str, **extra: Any) -> BuildResult:
+    """What a build records of its session: providers, inputs and outputs, the profile, how the graph was optimized."""
+    return BuildResult(
+        engine_file=ENGINE_FILE,
+        info={
+            "backend": backend,
+            "providers": sess.get_providers(),
+            "inputs": [s.__dict__ for s in _specs(sess.get_inputs())],
+            "outputs": [s.__dict__ for s in _specs(sess.get_outputs())],
+            "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+            # ONNX Runtime runs any length; the runner holds feeds to the profile, as TensorRT does.
+            "shapes": {k: {lvl: list(v[lvl]) for lvl in ("min", "opt", "max")} for k, v in (shapes or {}).items()},
+            "graph_optimization": graph_optimization,
+            **extra,
+        },
+    )
+
+
 class OnnxRuntimeBuilder(EngineBuilder):
     """Optimizes an ONNX file with ONNX Runtime's portable (extended) graph optimizations."""
 
@@ -186,19 +205,7 @@ class OnnxRuntimeBuilder(EngineBuilder):
                 because=f"{onnx_path.name} uses something this onnxruntime does not support",
                 fix="check the opset and operators (the validate stage reports them), or upgrade onnxruntime",
             ) from exc
-        return BuildResult(
-            engine_file=ENGINE_FILE,
-            info={
-                "backend": self.name,
-                "providers": sess.get_providers(),
-                "inputs": [s.__dict__ for s in _specs(sess.get_inputs())],
-                "outputs": [s.__dict__ for s in _specs(sess.get_outputs())],
-                "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
-                # ONNX Runtime runs any length; the runner holds feeds to the profile, as TensorRT does.
-                "shapes": {k: {lvl: list(v[lvl]) for lvl in ("min", "opt", "max")} for k, v in (shapes or {}).items()},
-                "graph_optimization": "extended (saved) + all (at load)" if fuse_int8 else QDQ_IN_FP32,
-            },
-        )
+        return _build_result(self.name, sess, batch, shapes, "extended (saved) + all (at load)" if fuse_int8 else QDQ_IN_FP32)
 
     def _emulation_engine(
         self, onnx_path: Path, out_dir: Path, batch: tuple[int, int, int], shapes: Mapping[str, Mapping[str, Any]] | None, precision: str,
@@ -231,18 +238,9 @@ class OnnxRuntimeBuilder(EngineBuilder):
                 because=f"this CPU has no {precision} kernels, so the engine is the variant's {precision} rounding emulation",
                 fix="check the opset and operators (the validate stage reports them), or upgrade onnxruntime",
             ) from exc
-        return BuildResult(
-            engine_file=ENGINE_FILE,
-            info={
-                "backend": self.name,
-                "providers": sess.get_providers(),
-                "inputs": [s.__dict__ for s in _specs(sess.get_inputs())],
-                "outputs": [s.__dict__ for s in _specs(sess.get_outputs())],
-                "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
-                "shapes": {k: {lvl: list(v[lvl]) for lvl in ("min", "opt", "max")} for k, v in (shapes or {}).items()},
-                "graph_optimization": "none: the rounding emulation of the variant (fp32 arithmetic, reduced tensors rounded)",
-                "emulation": {"precision": precision, "label": rounding.label, **emulation.to_dict()},
-            },
+        return _build_result(
+            self.name, sess, batch, shapes, "none: the rounding emulation of the variant (fp32 arithmetic, reduced tensors rounded)",
+            emulation={"precision": precision, "label": rounding.label, **emulation.to_dict()},
         )
 
     def runner_from_engine(self, engine_path: Path, info: EngineInfo) -> BaseRunner:

@@ -6,13 +6,12 @@ A "machine" is an artifacts folder (its local read cache and report); both share
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 
 import pytest
 
 pytest.importorskip("obstore")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from test_pipeline import task_states  # noqa: E402
 
@@ -21,30 +20,10 @@ from tasks.config import Precision  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def bucket(endpoint, monkeypatch):
+def bucket(s3_bucket):
     """A fresh bucket; the AWS variables point at the server. Returns (boto3 client, bucket name)."""
-    import boto3
-
-    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    name = f"trtflow-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    return client, name
+    return s3_bucket
 
 
 def _run(config):

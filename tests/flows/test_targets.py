@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,22 +24,11 @@ TINY = ["--epochs", "1", "--min-batch", "1", "--opt-batch", "8", "--max-batch", 
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, str]]:
-    """moto's S3 server and a bucket; returns the AWS variables every "machine" sets, and the bucket."""
-    pytest.importorskip("obstore")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
+def s3(s3_endpoint: str) -> dict[str, str]:
+    """A bucket on the session's S3 server; returns the AWS variables every "machine" sets, and the bucket."""
+    from _s3_kit import S3_CREDENTIALS, new_bucket
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    bucket = f"trtflow-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
-    try:
-        yield {**env, "BUCKET": bucket}
-    finally:
-        server.stop()
+    return {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint, "BUCKET": new_bucket(s3_endpoint)[1]}
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +94,9 @@ def test_one_parent_run_over_two_targets_writes_one_report_and_reruns_cached(pre
         # so their fp32 engines have one key (the backend's environment is in it): the second finds the first's.
         assert built.count("Completed") >= 2
         # The artifacts are in the bucket, the parent's and the targets' reports too; each machine has its own local folder.
-        import boto3
+        from _s3_kit import client_of
 
-        client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+        client = client_of(s3["AWS_ENDPOINT_URL"])
         keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3["BUCKET"], Prefix="team/") for o in page.get("Contents", [])]
         for stage in ("train", "export", "precision", "build", "verify"):
             assert any(k.startswith(f"team/{stage}/") and k.endswith("manifest.json") for k in keys), stage

@@ -15,13 +15,14 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("obstore")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
+
+from _s3_kit import S3_CREDENTIALS  # noqa: E402
 
 from tasks.artifacts import KILL_AT_ENV, ArtifactRef, opened_store  # noqa: E402
 from tasks.errors import ArtifactError, ConfigError, StorageError, is_retryable  # noqa: E402
@@ -30,29 +31,12 @@ from tasks.stores.s3 import Lease, S3Store, parse_url  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "ab" * 32
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="session")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture
-def s3(endpoint, monkeypatch):
+def s3(s3_bucket):
     """A boto3 client on a fresh bucket; the AWS variables point at the server. Returns (client, bucket, url)."""
-    import boto3
-
-    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    bucket = f"trtflow-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket)
+    client, bucket = s3_bucket
     return client, bucket, f"s3://{bucket}/runs"
 
 
@@ -334,7 +318,7 @@ def _closed_port() -> int:
 
 
 def test_an_unreachable_endpoint_names_the_variable(monkeypatch, tmp_path):
-    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}.items():
+    for name, value in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}.items():
         monkeypatch.setenv(name, value)
     store = store_for("s3://some-bucket/x", tmp_path)
     with pytest.raises(StorageError) as err:
@@ -398,7 +382,7 @@ def test_server_errors_are_retryable_and_refusals_are_not(monkeypatch, tmp_path,
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}"}.items():
+        for name, value in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}"}.items():
             monkeypatch.setenv(name, value)
         with pytest.raises(StorageError) as err:
             S3Store("s3://some-bucket/x", tmp_path).get("reports/x.json")
