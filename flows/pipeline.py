@@ -14,6 +14,7 @@ true descendants (``GRAPH.refreshed``).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,13 @@ RECOVERED: dict[str, Task[..., Any]] = {
 }
 
 
+@functools.cache
+def _named_task(stage: str, run_name: str, recovered: bool) -> Task[..., Any]:
+    """A stage's task named for one instance (``verify-fp16``); made once per process (each ``with_options``
+    builds a new Task, ~4 ms, which a cached run would pay for every instance)."""
+    return (RECOVERED if recovered else TASKS)[stage].with_options(task_run_name=run_name)
+
+
 def preflight(config: PipelineConfig) -> tuple[Store, Any, str]:
     """Fail in milliseconds, before any training, on what can be checked up front.
 
@@ -167,7 +175,7 @@ class _Tasks:
         self.states: dict[str, str] = {}
 
     def _task(self, inst: Instance) -> Task[..., Any]:
-        return (RECOVERED if inst.id in self.recoverable else TASKS)[inst.node.name].with_options(task_run_name=inst.id)
+        return _named_task(inst.node.name, inst.id, inst.id in self.recoverable)
 
     def shared(self, inst: Instance, args: dict[str, Any]) -> Any:
         # Called directly, a task returns the State a Cached stage hands back; .result() unwraps either kind.
