@@ -31,7 +31,7 @@ TARGET_REPORTS = "reports/targets"
 POLL_S = 2.0
 
 
-def target_config(config: PipelineConfig, target: Target, root: Path) -> PipelineConfig:
+def target_config(config: PipelineConfig, target: Target, root: Path, bound: frozenset[str] = frozenset()) -> PipelineConfig:
     """The config of one target's run: the parent's, with that target's backend and precisions.
 
     Paths are made absolute: the target's worker starts the run in its own working folder.
@@ -50,6 +50,7 @@ def target_config(config: PipelineConfig, target: Target, root: Path) -> Pipelin
         train = train.model_copy(update={"weights": Path(train.weights).expanduser().resolve()})
     return config.model_copy(update={
         "targets": [], "target": target.name, "backend": target.backend, "precisions": list(target.precisions),
+        "refresh": [s for s in config.refresh if getattr(s, "value", s) in bound],
         "artifacts_dir": _target_folder(config, target, root),
         "store": config.store if config.store is not None or target.artifacts_dir is None else str(root.resolve()),
         "data": data, "train": train,
@@ -106,7 +107,7 @@ def check_targets(config: PipelineConfig) -> None:
                 )
 
 
-def start_targets(config: PipelineConfig, root: Path, parent_id: UUID | None) -> dict[str, Any]:
+def start_targets(config: PipelineConfig, root: Path, parent_id: UUID | None, bound: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Start every target's deployment run (they run concurrently on their pools); return them by target.
 
     Raises:
@@ -117,7 +118,7 @@ def start_targets(config: PipelineConfig, root: Path, parent_id: UUID | None) ->
 
     runs: dict[str, Any] = {}
     for t in config.targets:
-        child = target_config(config, t, root)
+        child = target_config(config, t, root, bound)
         try:
             runs[t.name] = run_deployment(
                 t.deployment_name, parameters={"config": child.model_dump(mode="json")}, timeout=0,

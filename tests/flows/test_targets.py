@@ -185,9 +185,11 @@ def test_a_target_that_left_no_report_is_a_failed_row_per_precision_never_a_gap(
     assert failed_targets({**report, "precisions": {"a/fp32": {"passed": True}}, "targets": {"a": {"state": "Completed", "passed": True}}}) is None
 
     # A target's run: its backend and precisions, absolute paths (its worker starts elsewhere), no targets of its own.
-    child = target_config(cfg.model_copy(update={"artifacts_dir": Path("rel")}), cfg.targets[1], Path("rel"))
+    child = target_config(PipelineConfig(**{**cfg.model_dump(), "artifacts_dir": Path("rel"), "refresh": ["train", "build"]}), cfg.targets[1], Path("rel"), frozenset({"build", "verify"}))
     assert (child.target, child.backend.value, [p.value for p in child.precisions], child.targets) == ("b", "onnxruntime", ["fp32", "int8"], [])
     assert child.artifacts_dir.is_absolute()
+    # --refresh train is the parent's to redo (once for all targets); build is each target's
+    assert [s.value for s in child.refresh] == ["build"]
 
 
 def test_a_target_with_its_own_folder_reads_the_parents_local_store(tmp_path: Path) -> None:
