@@ -899,6 +899,7 @@ def test_a_verification_is_kept_per_variant_and_a_rerun_names_the_input_that_cha
     with pytest.raises(PrecisionShareError):
         verification_of_engine(engine, checkpoint, small_data, Precision.fp16, tol, BATCH, root, variant=kept)
     looser = tol.model_copy(update={"atol": 0.0456})
+    caplog.clear()  # the calls above may have said why they ran (when another test left the logger at INFO)
     with caplog.at_level(logging.INFO, logger="trtflow"):
         verification_of_engine(engine, checkpoint, small_data, Precision.fp16, looser, BATCH, root, variant=variant)
         verification_of_engine(engine, checkpoint, small_data, Precision.fp16, looser, BatchProfile(min=1, opt=8, max=32), root, variant=variant)
