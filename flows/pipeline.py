@@ -300,9 +300,8 @@ def over_targets(config: PipelineConfig) -> dict[str, Any]:
         ctx_id = _flow_run_id()
         bound = frozenset(name for name, _ in GRAPH.device_bound())
         runs = start_targets(config, root, None if ctx_id == "local" else UUID(ctx_id), bound)
-        for name, fr in runs.items():
-            logger.info("target %s: started %s on pool %s (flow run %s)", name, next(t.deployment_name for t in config.targets if t.name == name),
-                        next(t.pool for t in config.targets if t.name == name), fr.id)
+        for t in config.targets:
+            logger.info("target %s: started %s on pool %s (flow run %s)", t.name, t.deployment_name, t.pool, runs[t.name].id)
         finished = wait_for_targets(runs, lambda line: _told(logger, progress, line))
     finally:
         progress.close()
