@@ -199,15 +199,25 @@ class Api:
         """Create a run of ``trtflow/<deployment>`` with ``config`` (the API call behind the UI's Run)."""
         return self.client.create_flow_run_from_deployment(self.deployment_id(f"trtflow/{deployment}"), parameters={"config": config}).id
 
-    def wait(self, run_id: UUID, timeout: float = 240, until: set[str] = FINAL) -> Any:
-        """Poll a flow run until its state type is in ``until``; returns the flow run."""
+    def wait(self, run_id: UUID, timeout: float = 240, until: set[str] = FINAL, attempt: int = 0) -> Any:
+        """Poll a flow run until it reaches a state type in ``until`` (in attempt ``attempt`` or later); returns it.
+
+        ``attempt`` 0 takes any state, also of a run refused before it started (its ``run_count`` stays 0).
+
+        A retried run is waited on by its attempt (``run_count``), never by a passing state such as
+        RUNNING: an attempt whose stages are all cached can pass through RUNNING between two polls.
+        """
         deadline = time.monotonic() + timeout
         while True:
             fr = self.client.read_flow_run(run_id)
-            if fr.state is not None and fr.state.type.value in until:
+            if fr.state is not None and fr.state.type.value in until and fr.run_count >= attempt:
                 return fr
             if time.monotonic() > deadline:
-                raise AssertionError(f"flow run {run_id} still {fr.state.name if fr.state else None} after {timeout} s; worker log:\n{_tail(self.server.home / 'worker.log')}")
+                history = " -> ".join(s.name or "?" for s in self.client.read_flow_run_states(run_id))
+                raise AssertionError(
+                    f"flow run {run_id} still {fr.state.name if fr.state else None} (attempt {fr.run_count}, waiting for"
+                    f" attempt {attempt}) after {timeout} s; states: {history}; worker log:\n{_tail(self.server.home / 'worker.log')}"
+                )
             time.sleep(1)
 
     def task_states(self, run_id: UUID, attempt: int | None = None) -> dict[str, list[str]]:

@@ -106,8 +106,7 @@ def test_retry_after_failure_reruns_only_the_failed_stage(prefect_server: Server
 
         # What the UI's Retry button does for a deployed run: the same run is scheduled again.
         prefect_server.cli("flow-run", "retry", str(run_id))
-        fr = api.wait(run_id, until={"RUNNING"}, timeout=60)
-        fr = api.wait(run_id)
+        fr = api.wait(run_id, attempt=2)
         assert fr.run_count == 2
         assert fr.state.type.value == "FAILED"
         again = api.task_states(run_id)
@@ -168,8 +167,7 @@ def test_run_of_a_killed_worker_completes_on_retry_reusing_finished_stages(prefe
         finally:
             worker.start()
         prefect_server.cli("flow-run", "retry", str(run_id))
-        api.wait(run_id, until={"RUNNING"}, timeout=60)
-        fr = api.wait(run_id)
+        fr = api.wait(run_id, attempt=2)
         assert fr.state.type.value == "COMPLETED", fr.state.message
         first, retried = api.task_states(run_id, attempt=1), api.task_states(run_id, attempt=2)
     assert first["train"] == ["Completed"]
