@@ -36,7 +36,7 @@ from tasks.datasource import labels_in, open_source
 from tasks.engine import engine_from_variant, profile_for
 from tasks.errors import DatasetError, StorageError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
-from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node, schedule
+from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node, Rerun, schedule
 from tasks.models import factory_from_path, state_dict_from_file
 from tasks.package import bundle_of_variants
 from tasks.policy import check_run
@@ -70,10 +70,11 @@ GRAPH = Graph(
                                                "tolerance": Config("tolerances.{precision}"), "batch": BATCH,
                                                "variant": "precision"}, per_precision=True),
     # Only when verify failed (fp16, int8): keep the worst nodes in fp32, rebuild, re-verify; its engine replaces build's.
-    Node("repair",    repair_of_variant,      {"model": "export", "checkpoint": "train", "data": "data", "variant": "precision",
-                                               "engine": "build", "precision": PRECISION, "tolerance": Config("tolerances.{precision}"),
-                                               "batch": BATCH, "options": Config("engine"),
-                                               "calibration_samples": Config("calibration_samples"), "repair": Config("repair")},
+    # It only decides what stays in fp32; the graph runs the branch again from precision (Rerun), each stage cached.
+    Node("repair",    repair_of_variant,      {"model": "export", "data": "data", "variant": "precision", "engine": "build",
+                                               "precision": PRECISION, "tolerance": Config("tolerances.{precision}"),
+                                               "repair": Config("repair"),
+                                               "rerun": Rerun("precision", {"variant": "precision", "engine": "build", "verification": "verify"})},
                                               per_precision=True, recovers="verify", stands_in=stand_ins, when=Config("repair.applies.{precision}")),
     # Timed alone, once every branch is done: a timing that shares the CPU with a build measures both.
     Node("profile",   profile_of_engine,      {"engine": "build", "checkpoint": "train", "data": "data", "batch": BATCH,

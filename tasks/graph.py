@@ -11,7 +11,11 @@ comes from:
   the branch's precision, e.g. ``Config("tolerances.{precision}")``); ``Config("")`` is the whole config;
 - ``PRECISION`` is the branch's precision;
 - ``Derived(fn, sources)`` is ``fn`` applied to other sources (config values, shared upstream
-  artifacts), e.g. the batch profile fitted to the memory the trained model needs.
+  artifacts), e.g. the batch profile fitted to the memory the trained model needs;
+- ``Rerun(vary, give)``, for a recovery node only: a callable that runs the node's branch again, as
+  this graph wires it, from ``vary`` with changed arguments (``BranchRerun``). The recovery decides
+  what to change (repair: which nodes stay in fp32); the graph re-runs the branch, each stage through
+  its own cache.
 
 A ``gather`` node is shared and runs once every branch is done: an argument naming a per-precision node
 gets ``{precision: artifact}`` over the branches that passed (verified, repaired or not), e.g. the
@@ -35,6 +39,7 @@ from typing import Any, Protocol
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Precision
+from tasks.errors import TrtflowError
 from tasks.stage import stage_instance
 from tasks.store import Store, store_for
 
@@ -78,11 +83,28 @@ class Derived:
     sources: tuple[Any, ...]
 
 
-Source = str | Config | _Precision | Derived
+@dataclass(frozen=True)
+class Rerun:
+    """A recovery node's argument: its branch, run again from ``vary`` with changed arguments.
+
+    Attributes:
+        vary: the branch node whose arguments a rerun changes.
+        give: what a rerun returns, in the recovery's own words: name -> branch node (its artifact).
+    """
+
+    vary: str
+    give: Mapping[str, str]
+
+
+Source = str | Config | _Precision | Derived | Rerun
 
 
 def _names(source: Source) -> list[str]:
-    """Upstream node names a source reads (a ``Derived`` reads those of its sources)."""
+    """Upstream node names a source reads (a ``Derived`` reads those of its sources).
+
+    A ``Rerun`` reads none: it makes its branch's artifacts again, and ``--refresh`` reaches its
+    recovery node through the node's other inputs, as before the rerun existed.
+    """
     if isinstance(source, str):
         return [source]
     if isinstance(source, Derived):
@@ -168,6 +190,8 @@ class Graph:
             for s in n.inputs.values():
                 if isinstance(s, Derived) and any((up, False) not in seen for up in _names(s)):
                     raise ValueError(f"node '{n.name}': {s.fn.__name__} may read shared nodes only, got {_names(s)}")
+                if isinstance(s, Rerun) and (not n.recovers or any((up, True) not in seen for up in [s.vary, *s.give.values()])):
+                    raise ValueError(f"node '{n.name}': a Rerun belongs to a recovery node and names its branch's nodes, got {[s.vary, *s.give.values()]}")
             seen.add((n.name, n.per_precision))
 
     def device_bound(self) -> set[tuple[str, bool]]:
@@ -246,18 +270,24 @@ class Graph:
                 out.add(inst.id)
         return out
 
-    def arguments(self, inst: Instance, config: PipelineConfig, done: Mapping[str, Any]) -> dict[str, Any]:
+    def arguments(
+        self, inst: Instance, config: PipelineConfig, done: Mapping[str, Any], extra: Callable[[Instance], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """The keyword arguments of an instance's stage function (without store and refresh).
 
         Args:
             inst: the instance.
             config: the run's config (backend already resolved).
             done: instance id -> its result (an ArtifactRef, or a future of one); for a gather node,
-                the branch instances present in ``done`` are the ones it gets.
+                the branch instances present in ``done`` are the ones it gets; for a ``Rerun``, the
+                artifacts themselves (no futures: a rerun runs inside the recovery's own task).
+            extra: store and refresh of each instance (for a ``Rerun``'s nodes).
         """
-        return {arg: self._value(inst, source, config, done) for arg, source in inst.node.inputs.items()}
+        return {arg: self._value(inst, source, config, done, extra) for arg, source in inst.node.inputs.items()}
 
-    def _value(self, inst: Instance, source: Source, config: PipelineConfig, done: Mapping[str, Any]) -> Any:
+    def _value(
+        self, inst: Instance, source: Source, config: PipelineConfig, done: Mapping[str, Any], extra: Callable[[Instance], dict[str, Any]] | None = None,
+    ) -> Any:
         if isinstance(source, str) and self._gathered(inst, source):
             return {p.value: done[i] for p in config.precisions if (i := f"{source}-{p.value}") in done}
         if isinstance(source, str):
@@ -266,6 +296,10 @@ class Graph:
             return source.read(config, inst.precision)
         if isinstance(source, Derived):
             return source.fn(*(self._value(inst, s, config, done) for s in source.sources))
+        if isinstance(source, Rerun):
+            if extra is None:
+                raise ValueError(f"node '{inst.node.name}': a Rerun needs each instance's store and refresh")
+            return BranchRerun(self, inst, source, config, done, extra)
         return inst.precision
 
     def describe(self) -> str:
@@ -278,6 +312,8 @@ class Graph:
                 return f"config.{s.path}" if s.path else "config"
             if isinstance(s, Derived):
                 return f"{s.fn.__name__}({', '.join(text(x) for x in s.sources)})"
+            if isinstance(s, Rerun):
+                return f"the branch again from {s.vary}"
             return "precision"
 
         lines = []
@@ -417,7 +453,9 @@ def schedule(graph: Graph, config: PipelineConfig, executor: Executor, extra: Ca
         if i.node.recovers and getattr(outcomes[graph.resolve(i, i.node.recovers).id][1], "recoverable", False)
     }
     executor.expect(sum(1 for i in plan if not i.node.recovers) + len(recovering))
-    recovered = {p: executor.submit(i, {**graph.arguments(i, config, done), **extra(i)}, []) for p, i in recovering.items()}
+    # A recovery gets the artifacts themselves: its branch has settled, and a ``Rerun`` holds no futures.
+    settled = {**{i: v for i, v in done.items() if i not in outcomes}, **{i: r for i, (r, _) in outcomes.items() if r is not None}}
+    recovered = {p: executor.submit(i, {**graph.arguments(i, config, settled, extra), **extra(i)}, []) for p, i in recovering.items()}
     executor.settle({i.id: recovered[p] for p, i in recovering.items()})
 
     branches = {p: _branch(graph, plan, p, outcomes, recovering.get(p), recovered.get(p), executor, extra) for p in config.precisions}
@@ -471,6 +509,60 @@ def schedule(graph: Graph, config: PipelineConfig, executor: Executor, extra: Ca
     refs = {**shared, **{k: v for b in branches.values() for k, v in _ids({**b.refs, **b.late}, b.precision).items()}}
     refs.update(gathered)
     return Outcome(shared, branches, gathered, not_gathered, errors + (gather_errors if not errors else []), refs)
+
+
+class BranchRerun:
+    """A branch run again in this process, from one node with changed arguments: a ``Rerun``'s value.
+
+    ``rerun(**changes)`` passes ``changes`` to the ``vary`` node and runs it and every node after it
+    in the branch, through the node the recovery recovers, as the graph wires them, each through its
+    own stage cache; with no changes only the recovered node runs again (its verdict, cached). A plain
+    object holding artifacts, never futures: Prefect passes it to the recovery's task untouched, and
+    it pickles for a distributed task runner.
+
+    Attributes:
+        key: the config values and derived arguments of those nodes: what a rerun depends on besides
+            the recovery's own artifacts (the recovery puts it in its cache key).
+    """
+
+    def __init__(
+        self, graph: Graph, inst: Instance, source: Rerun, config: PipelineConfig, done: Mapping[str, Any], extra: Callable[[Instance], dict[str, Any]],
+    ) -> None:
+        assert inst.node.recovers is not None and inst.precision is not None
+        branch = [i for i in graph.plan(config) if i.precision == inst.precision and not (i.node.last or i.node.recovers or i.node.gather)]
+        names = [i.node.name for i in branch]
+        self._chain = branch[names.index(source.vary):names.index(inst.node.recovers) + 1]
+        self._graph, self._inst, self._source, self._config = graph, inst, source, config
+        self._done = dict(done)
+        self._extra = {i.id: extra(i) for i in self._chain}
+        self.key = {
+            i.node.name: {a: graph._value(i, s, config, self._done) for a, s in i.node.inputs.items() if not isinstance(s, str)}
+            for i in self._chain
+        }
+
+    def __call__(self, **changes: Any) -> tuple[dict[str, ArtifactRef | None], TrtflowError | None]:
+        """Run the branch again with ``changes`` to the ``vary`` node's arguments.
+
+        Returns:
+            The ``give`` artifacts (None for a node that failed), and the recovered node's error (None: it passed).
+
+        Raises:
+            TrtflowError: another node of the branch failed.
+        """
+        view = dict(self._done)
+        error: TrtflowError | None = None
+        for inst in self._chain if changes else self._chain[-1:]:
+            args = {**self._graph.arguments(inst, self._config, view), **self._extra[inst.id]}
+            if inst.node.name == self._source.vary:
+                args.update(changes)
+            view.pop(inst.id, None)
+            try:
+                view[inst.id] = inst.node.fn(**args)
+            except TrtflowError as exc:
+                if inst is not self._chain[-1]:
+                    raise
+                error = exc
+        return {role: view.get(self._graph.resolve(self._inst, name).id) for role, name in self._source.give.items()}, error
 
 
 def _ids(refs: Mapping[str, ArtifactRef], precision: Precision | None) -> dict[str, ArtifactRef]:

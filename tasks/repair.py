@@ -6,10 +6,10 @@ registry entry declares) side by side on calibration samples with every intermed
 and charges each node with the error it adds: the error of its output minus the worst error of its
 inputs. ``next_nodes`` picks what the next attempt keeps in fp32: every node that writes or reads a
 tensor past the reduced type's range (emulated precisions only; nothing else can fix an overflow),
-otherwise the one node adding the most error. ``repair_of_variant`` then loops: a new variant keeping
-those nodes (the precision's ``convert`` with ``keep_fp32``: ``node_block_list`` for fp16,
-``nodes_to_exclude`` for int8), validate, build, verify,
-until the gate passes or the budget of kept nodes runs out. Each attempt's ranking, variant, engine
+otherwise the one node adding the most error. ``repair_of_variant`` then loops: it only decides which
+nodes to keep (``decide``), and the graph runs the branch again with that list (a ``Rerun``: a new
+variant keeping those nodes through the precision's ``convert`` with ``keep_fp32``, then validate,
+build, verify), until the gate passes or the budget of kept nodes runs out. Each attempt's ranking, variant, engine
 and (passing) verification are ordinary cached artifacts; the repair's own artifact records them all.
 
 Error of a tensor: per channel (axis 1), the RMS error relative to the channel's RMS, capped at 1 (the
@@ -30,12 +30,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tasks.artifacts import ArtifactRef
-from tasks.config import Backend, BatchProfile, EngineOptions, Precision, RepairConfig, Tolerance
+from tasks.config import Precision, RepairConfig, Tolerance
 from tasks.errors import PrecisionShareError, TrtflowError, VerificationError
 from tasks.emulation import EMULATION_SUFFIX, emulation_of, tensor_types
 from tasks.precisions import PrecisionSpec, precision_spec
@@ -398,18 +398,29 @@ class Attempt:
     failure: VerificationError | None
 
 
-def _verified(
-    engine: ArtifactRef, variant: ArtifactRef, checkpoint: ArtifactRef, data: ArtifactRef, precision: Precision,
-    tolerance: Tolerance, batch: BatchProfile, store: Store, refresh: bool,
-) -> Attempt:
-    """Verify an engine of ``variant``; a failing verdict is data (its summary is the manifest's metadata)."""
-    from tasks.verify import verification_of_engine
+class Rerun(Protocol):
+    """The branch run again by the graph (``tasks.graph.BranchRerun``): ``rerun(keep_fp32=[...])``.
 
-    try:
-        ref = verification_of_engine(engine, checkpoint, data, precision, tolerance, batch, store, refresh, variant=variant)
-        return Attempt(variant, engine, ref, {**ref.meta, "failures": []}, None)
-    except VerificationError as exc:
-        return Attempt(variant, engine, None, {**(exc.artifact.meta if exc.artifact is not None else {}), "failures": exc.failures}, exc)
+    Attributes:
+        key: what the reruns depend on besides the repair's own inputs (the branch's config values).
+    """
+
+    key: Any
+
+    def __call__(self, **changes: Any) -> tuple[dict[str, ArtifactRef | None], TrtflowError | None]: ...
+
+
+def _attempt(rerun: Rerun, **changes: Any) -> Attempt:
+    """The branch run again with ``changes``; a failing verdict is data (its summary is the manifest's metadata)."""
+    got, failure = rerun(**changes)
+    variant, engine, verify = got["variant"], got["engine"], got["verification"]
+    assert variant is not None and engine is not None
+    if failure is None:
+        assert verify is not None
+        return Attempt(variant, engine, verify, {**verify.meta, "failures": []}, None)
+    if not isinstance(failure, VerificationError):
+        raise failure
+    return Attempt(variant, engine, None, {**(failure.artifact.meta if failure.artifact is not None else {}), "failures": failure.failures}, failure)
 
 
 def _stop_of(failure: VerificationError | None, precision: Precision, tolerance: Tolerance, first: bool) -> tuple[str | None, str | None]:
@@ -430,65 +441,49 @@ SUMMARY = ("passed", "kept_fp32", "tried_fp32", "budget", "attempts", "stopped",
 
 def repair_of_variant(
     model: ArtifactRef,
-    checkpoint: ArtifactRef,
     data: ArtifactRef,
     variant: ArtifactRef,
     engine: ArtifactRef,
     precision: Precision,
     tolerance: Tolerance,
-    batch: BatchProfile,
-    options: EngineOptions,
-    calibration_samples: int,
     repair: RepairConfig,
+    rerun: Rerun,
     store: Store,
     refresh: bool = False,
 ) -> ArtifactRef:
     """Repair a variant that failed verification by keeping its worst nodes in fp32, attempt by attempt.
 
     A loop of decisions: rank the failing variant's nodes (``sensitivity_of_variant``), ``decide``
-    what to keep in fp32 (or stop), run the branch's stages again with that list (``attempt`` below:
-    precision with ``keep_fp32``, validate, build, verify, each through its own stage cache, keyed by
-    its own inputs), and decide again on the verdict. It stops when verification passes, when no node
+    what to keep in fp32 (or stop), have the graph run the branch again with that list (``rerun``:
+    precision with ``keep_fp32``, then every stage after it through verify, each through its own
+    stage cache, keyed by its own inputs), and decide again on the verdict. It stops when verification passes, when no node
     adds error any more, when the next attempt would keep more than ``repair.budget`` nodes, or on
     the int8-share finding. The outcome, passed or not, is an artifact: the same failing model is not
     repaired again on the next run.
 
     Args:
         model: the ``export`` artifact (fp32 graph).
-        checkpoint: the ``train`` artifact (the PyTorch reference of verification).
         data: the ``data`` artifact.
         variant: the failing ``precision`` artifact.
         engine: its ``build`` artifact.
         precision: a reduced precision (``PrecisionSpec.reduced``).
         tolerance: that precision's thresholds.
-        batch: the optimization profile.
-        options: backend build options (``EngineOptions``, as for ``engine_from_variant``).
-        calibration_samples: calibration samples of a precision that reads data (as for ``variant_from_onnx``).
         repair: budget and ranking samples.
+        rerun: the branch run again by the graph, giving ``variant``, ``engine`` and ``verification``.
         store: the artifact store.
-        refresh: recompute the repair and every attempt's stages.
+        refresh: recompute the repair and its rankings (the branch's stages follow their own ``--refresh``).
 
     Returns:
         The ``repair`` artifact with ``repair.json``; its meta says ``passed``, the ``kept_fp32`` nodes,
         the figures ``before`` and ``after``, and where the final ``engine`` and ``verify`` artifacts are.
     """
-    from tasks.engine import engine_from_variant, engine_info
-    from tasks.precision import variant_from_onnx
-    from tasks.validate import validated_onnx
+    from tasks.engine import engine_info
 
     precision = Precision(precision)
     info = engine_info(engine)
-    backend = Backend(info.backend)
-
-    def attempt(keep_fp32: list[str]) -> Attempt:
-        # The branch's own stages, wired as GRAPH wires them, with the decision's list for precision.
-        current = variant_from_onnx(model, data, precision, calibration_samples, store, refresh, keep_fp32=keep_fp32)
-        validated_onnx(current, data, store, refresh)
-        built = engine_from_variant(current, backend, batch, options, store, refresh)
-        return _verified(built, current, checkpoint, data, precision, tolerance, batch, store, refresh)
 
     def make(out: Path) -> dict[str, Any]:
-        first = last = _verified(engine, variant, checkpoint, data, precision, tolerance, batch, store, refresh)
+        first = last = _attempt(rerun)
         stop, finding = _stop_of(first.failure, precision, tolerance, first=True)
         kept: list[str] = []
         attempts: list[dict[str, Any]] = []
@@ -507,7 +502,7 @@ def repair_of_variant(
                 break
             kept = decision.keep_fp32
             log.info("repair %s: attempt %d keeps %s in fp32", precision.value, len(attempts) + 1, kept)
-            last = attempt(kept)
+            last = _attempt(rerun, keep_fp32=kept)
             stop, finding = _stop_of(last.failure, precision, tolerance, first=False)
             why = {e.node: e for e in errors}
             attempts.append({
@@ -543,8 +538,8 @@ def repair_of_variant(
         return meta
 
     inputs = {
-        "model": model, "checkpoint": checkpoint, "data": data, "variant": variant, "engine": engine, "precision": precision,
-        "tolerance": tolerance, "batch": batch, "options": options, "calibration_samples": calibration_samples, "repair": repair,
+        "model": model, "data": data, "variant": variant, "engine": engine, "precision": precision,
+        "tolerance": tolerance, "repair": repair, "branch": rerun.key,
     }
     return run_stage(SPEC, inputs, store, refresh, make)
 

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.pipeline import GRAPH
 from tasks.config import PipelineConfig, Precision, Stage
-from tasks.graph import PRECISION, Config, Graph, Instance, Node
+from tasks.graph import PRECISION, Config, Graph, Instance, Node, Rerun
 
 P = [Precision.fp32, Precision.int8]
 
@@ -207,9 +209,13 @@ def test_a_derived_argument_reads_config_and_shared_artifacts_and_counts_as_an_e
 def test_every_engine_stage_takes_the_batch_fitted_to_memory() -> None:
     from flows.pipeline import BATCH
 
-    for name in ("build", "verify", "repair", "profile"):
+    for name in ("build", "verify", "profile"):
         (node,) = [n for n in GRAPH.nodes if n.name == name]
         assert node.inputs["batch"] is BATCH and "train" in node.upstream
+    # repair builds and verifies through its rerun of the branch: those nodes, with their batch
+    (repair,) = [n for n in GRAPH.nodes if n.name == "repair"]
+    (rerun,) = [s for s in repair.inputs.values() if isinstance(s, Rerun)]
+    assert "batch" not in repair.inputs and (rerun.vary, rerun.give["engine"], rerun.give["verification"]) == ("precision", "build", "verify")
 
 
 def test_a_gather_node_takes_every_passed_branch_and_the_whole_config() -> None:
@@ -254,3 +260,45 @@ def test_run_plain_gives_a_gather_node_every_branch(tmp_path) -> None:
     g = Graph(Node("a", branch, {"precision": PRECISION}, per_precision=True), Node("all", gather, {"xs": "a"}, gather=True))  # type: ignore[arg-type]
     out = run_plain(g, PipelineConfig(artifacts_dir=tmp_path, precisions=P, backend="onnxruntime"))
     assert seen == {"fp32": "art-fp32", "int8": "art-int8"} and out["all"] == "all"
+
+
+def test_a_recovery_only_decides_and_the_graph_runs_its_branch_again(tmp_path) -> None:
+    """A ``Rerun`` gives the recovery its branch: the changed node and all after it through the recovered one."""
+    from tasks.errors import VerificationError
+    from tasks.graph import Rerun, _Plain, schedule
+
+    calls: list[tuple[str, bool]] = []
+
+    def stage(name: str):
+        def fn(store, refresh, precision, loose=False, **kw):  # noqa: ANN001, ANN202
+            calls.append((f"{name}-{precision.value}", loose))
+            if name == "check" and precision is Precision.int8 and "loose" not in str(kw.get("y")):
+                raise VerificationError([f"{name} too strict"], "r.json")
+            return f"{name}-{precision.value}" + ("(loose)" if loose else "") + (f"<{kw['y']}>" if "y" in kw else "")
+
+        return fn
+
+    seen: dict[str, object] = {}
+
+    def fix(store, refresh, precision, rerun, **_):  # noqa: ANN001, ANN202
+        seen["first"], seen["key"] = rerun(), rerun.key
+        got, error = rerun(loose=True)
+        assert error is None, error
+        return f"fix({got['variant']}, {got['verdict']})"
+
+    g = Graph(  # type: ignore[arg-type]
+        Node("b", stage("b"), {"precision": PRECISION, "n": Config("calibration_samples")}, per_precision=True),
+        Node("check", stage("check"), {"y": "b", "precision": PRECISION}, per_precision=True),
+        Node("fix", fix, {"precision": PRECISION, "rerun": Rerun("b", {"variant": "b", "verdict": "check"})},
+             per_precision=True, recovers="check", stands_in=lambda ref, store: {"check": ref}),
+    )
+    out = schedule(g, _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
+    # the fix ran once, for int8; without changes only the recovered node ran again, and failed as data
+    first_got, first_error = seen["first"]  # type: ignore[misc]
+    assert first_got == {"variant": "b-int8", "verdict": None} and isinstance(first_error, VerificationError)
+    assert calls[4:] == [("check-int8", False), ("b-int8", True), ("check-int8", False)], calls
+    assert out.branches[Precision.int8].passed and out.refs["check-int8"] == "fix(b-int8(loose), check-int8<b-int8(loose)>)"
+    # what the reruns depend on beyond the fix's own inputs: the branch's config values, per node
+    assert seen["key"] == {"b": {"precision": Precision.int8, "n": _cfg(tmp_path).calibration_samples}, "check": {"precision": Precision.int8}}
+    with pytest.raises(ValueError, match="Rerun belongs to a recovery node"):
+        Graph(Node("b", stage("b"), per_precision=True), Node("c", stage("c"), {"r": Rerun("b", {"x": "b"})}, per_precision=True))  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
 import json
 import math
+import pickle
 
 import numpy as np
 import onnx
@@ -16,6 +17,20 @@ from tasks.precisions.onnx_graph import named_nodes
 from tasks.repair import Decision, NodeError, _stop_of, _TensorError, decide, next_nodes, node_errors
 
 FP16 = TensorProto.FLOAT16
+
+
+def _rerun(root, batch, precision, data, ckpt, exported, variant, engine, calibration_samples=64):
+    """The branch rerun the graph hands the repair node (``Rerun`` in GRAPH), over these artifacts."""
+    from flows.pipeline import GRAPH
+    from tasks.config import PipelineConfig
+    from tasks.graph import BranchRerun, Instance, Rerun
+
+    config = PipelineConfig(precisions=[precision], batch=batch, calibration_samples=calibration_samples, backend="onnxruntime",
+                            engine={"threads": 1}, artifacts_dir=str(root))
+    node = next(n for n in GRAPH.nodes if n.recovers)
+    source = next(s for s in node.inputs.values() if isinstance(s, Rerun))
+    done = {"data": data, "train": ckpt, "export": exported, f"precision-{precision.value}": variant, f"build-{precision.value}": engine}
+    return BranchRerun(GRAPH, Instance(node, precision), source, config, done, lambda inst: {"store": root, "refresh": False})
 
 
 def _variant(tmp_path, model, precision, x, keep=()):
@@ -158,7 +173,9 @@ def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(
     with pytest.raises(VerificationError, match="top1_agreement"):
         verification_of_engine(engine, ckpt, data, Precision.int8, tol, batch, root, variant=variant)
 
-    repair = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(), root)
+    # pickled as a distributed task runner sends it to a worker
+    rerun = pickle.loads(pickle.dumps(_rerun(root, batch, Precision.int8, data, ckpt, exported, variant, engine)))
+    repair = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(), rerun, root)
     m = repair.meta
     ops = {n.name: n.op_type for n in onnx.load(str(exported.path("model.onnx"))).graph.node}
     assert m["passed"] and len(m["kept_fp32"]) == 2 and {ops[n] for n in m["kept_fp32"]} <= {"Gemm", "MatMul"}, m["kept_fp32"]
@@ -170,11 +187,14 @@ def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(
     # every attempt left its artifacts: one ranking and one variant per attempt
     assert len(list((root / "sensitivity").glob("*/node_errors.json"))) == len(report["attempts"])
     assert len(list((root / "precision").glob("*/model.onnx"))) == 1 + len(report["attempts"])
-    again = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(), root)
+    again = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(), rerun, root)
     assert again.digest == repair.digest
 
-    small = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(budget=1), root)
+    small = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(budget=1), rerun, root)
     assert not small.meta["passed"] and "budget of 1" in small.meta["stopped"] and repaired_refs(small, root) is None
+    # what the reruns read from the config is in the repair's key: other calibration, another repair
+    other = _rerun(root, batch, Precision.int8, data, ckpt, exported, variant, engine, calibration_samples=32)
+    assert repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(budget=1), other, root).key != small.key
 
     import tasks.repair
 
@@ -182,8 +202,8 @@ def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(
         raise RuntimeError("cannot expose tensor")
 
     monkeypatch.setattr(tasks.repair, "node_errors", unrankable)
-    # refresh: every inner stage again too (the cached rankings would hide the broken ranking)
-    stuck = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, batch, {"threads": 1}, 64, RepairConfig(budget=2), root, refresh=True)
+    # refresh: the repair and its rankings again (cached rankings would hide the broken ranking)
+    stuck = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(budget=2), rerun, root, refresh=True)
     assert not stuck.meta["passed"] and "could not be ranked (RuntimeError: cannot expose tensor)" in stuck.meta["stopped"]
 
 
@@ -223,7 +243,8 @@ def test_a_repair_that_needs_exactly_the_budget_passes_and_one_less_fails(overfl
     tol = default_tolerances()[Precision.fp16]
 
     def repair(budget):
-        return repair_of_variant(exported, ckpt, data, variant, engine, Precision.fp16, tol, batch, {"threads": 1}, 64, RepairConfig(budget=budget), root).meta
+        rerun = _rerun(root, batch, Precision.fp16, data, ckpt, exported, variant, engine)
+        return repair_of_variant(exported, data, variant, engine, Precision.fp16, tol, RepairConfig(budget=budget), rerun, root).meta
 
     generous = repair(10)
     needed = len(generous["kept_fp32"])
