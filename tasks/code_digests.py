@@ -67,13 +67,20 @@ _IMPORTS_NEW: dict[str, list[ImportRecord]] = {}
 _IMPORTS_BOUND = 20_000
 
 
+#: CPython 3.11's AST constructor keeps its recursion depth in shared state: two threads parsing at
+#: once can fail with "SystemError: AST constructor recursion depth mismatch" (cpython#106905), and a
+#: flow's branches hash their code in parallel threads. One parse at a time.
+_PARSE_LOCK = threading.Lock()
+
+
 def parse_imports(source: bytes) -> list[ImportRecord]:
     """Every import statement of a module's source, wherever it is (module level, functions, branches).
 
     A file that does not parse has no imports (its digest still enters the key).
     """
     try:
-        tree = ast.parse(source)
+        with _PARSE_LOCK:
+            tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return []
     out: list[ImportRecord] = []

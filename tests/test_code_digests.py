@@ -424,3 +424,30 @@ def test_hashing_a_model_that_imports_torch_does_not_import_torch(tmp_path: Path
     env = kit.child_env(TRTFLOW_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=f"{kit.REPO}:{tmp_path}")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False ['usernet.py'] ['torch']"
+
+
+def test_modules_are_parsed_one_at_a_time(monkeypatch) -> None:
+    """Python 3.11's AST constructor fails when two threads parse at once (the flow's branches hash in threads)."""
+    import ast
+    import threading
+    import time
+
+    from tasks import code_digests
+
+    inside, most = [0], [0]
+    real = ast.parse
+
+    def parse(source, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.1)  # long enough for the other thread to arrive, were it let in
+        inside[0] -= 1
+        return real(source, *a, **kw)
+
+    monkeypatch.setattr(code_digests.ast, "parse", parse)
+    threads = [threading.Thread(target=code_digests.parse_imports, args=(b"import os\n",)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
