@@ -71,8 +71,8 @@ GRAPH = Graph(
                                                "variant": "precision"}, per_precision=True),
     # Only when verify failed (fp16, int8): keep the worst nodes in fp32, rebuild, re-verify; its engine replaces build's.
     # It only decides what stays in fp32; the graph runs the branch again from precision (Rerun), each stage cached.
-    Node("repair",    repair_of_variant,      {"model": "export", "data": "data", "variant": "precision", "engine": "build",
-                                               "precision": PRECISION, "tolerance": Config("tolerances.{precision}"),
+    Node("repair",    repair_of_variant,      {"model": "export", "checkpoint": "train", "data": "data", "variant": "precision",
+                                               "engine": "build", "precision": PRECISION, "tolerance": Config("tolerances.{precision}"),
                                                "repair": Config("repair"),
                                                "rerun": Rerun("precision", {"variant": "precision", "engine": "build", "verification": "verify"})},
                                               per_precision=True, recovers="verify", stands_in=stand_ins, when=Config("repair.applies.{precision}")),

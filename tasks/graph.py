@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tasks.artifacts import ArtifactRef
+from tasks.code_digests import project_code
 from tasks.config import PipelineConfig, Precision
 from tasks.errors import TrtflowError
 from tasks.stage import stage_instance
@@ -521,8 +522,9 @@ class BranchRerun:
     it pickles for a distributed task runner.
 
     Attributes:
-        key: the config values and derived arguments of those nodes: what a rerun depends on besides
-            the recovery's own artifacts (the recovery puts it in its cache key).
+        key: what a rerun depends on besides the recovery's own artifacts (the recovery puts it in its
+            cache key): ``arguments``, the config values and derived arguments of those nodes, and
+            ``code``, their stage modules' import closures (file -> SHA-256).
     """
 
     def __init__(
@@ -535,9 +537,15 @@ class BranchRerun:
         self._graph, self._inst, self._source, self._config = graph, inst, source, config
         self._done = dict(done)
         self._extra = {i.id: extra(i) for i in self._chain}
+        code: dict[str, str] = {}
+        for i in self._chain:
+            code.update(project_code(i.node.fn.__module__))
         self.key = {
-            i.node.name: {a: graph._value(i, s, config, self._done) for a, s in i.node.inputs.items() if not isinstance(s, str)}
-            for i in self._chain
+            "arguments": {
+                i.node.name: {a: graph._value(i, s, config, self._done) for a, s in i.node.inputs.items() if not isinstance(s, str)}
+                for i in self._chain
+            },
+            "code": dict(sorted(code.items())),
         }
 
     def __call__(self, **changes: Any) -> tuple[dict[str, ArtifactRef | None], TrtflowError | None]:

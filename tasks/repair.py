@@ -441,6 +441,7 @@ SUMMARY = ("passed", "kept_fp32", "tried_fp32", "budget", "attempts", "stopped",
 
 def repair_of_variant(
     model: ArtifactRef,
+    checkpoint: ArtifactRef,
     data: ArtifactRef,
     variant: ArtifactRef,
     engine: ArtifactRef,
@@ -463,6 +464,8 @@ def repair_of_variant(
 
     Args:
         model: the ``export`` artifact (fp32 graph).
+        checkpoint: the ``train`` artifact, the reference the reruns verify against (so its model's
+            code is in the repair's key).
         data: the ``data`` artifact.
         variant: the failing ``precision`` artifact.
         engine: its ``build`` artifact.
@@ -538,7 +541,7 @@ def repair_of_variant(
         return meta
 
     inputs = {
-        "model": model, "data": data, "variant": variant, "engine": engine, "precision": precision,
+        "model": model, "checkpoint": checkpoint, "data": data, "variant": variant, "engine": engine, "precision": precision,
         "tolerance": tolerance, "repair": repair, "branch": rerun.key,
     }
     return run_stage(SPEC, inputs, store, refresh, make)

@@ -299,6 +299,9 @@ def test_a_recovery_only_decides_and_the_graph_runs_its_branch_again(tmp_path) -
     assert calls[4:] == [("check-int8", False), ("b-int8", True), ("check-int8", False)], calls
     assert out.branches[Precision.int8].passed and out.refs["check-int8"] == "fix(b-int8(loose), check-int8<b-int8(loose)>)"
     # what the reruns depend on beyond the fix's own inputs: the branch's config values, per node
-    assert seen["key"] == {"b": {"precision": Precision.int8, "n": _cfg(tmp_path).calibration_samples}, "check": {"precision": Precision.int8}}
+    assert seen["key"] == {
+        "arguments": {"b": {"precision": Precision.int8, "n": _cfg(tmp_path).calibration_samples}, "check": {"precision": Precision.int8}},
+        "code": {},  # the toy stages are no project modules
+    }
     with pytest.raises(ValueError, match="Rerun belongs to a recovery node"):
         Graph(Node("b", stage("b"), per_precision=True), Node("c", stage("c"), {"r": Rerun("b", {"x": "b"})}, per_precision=True))  # type: ignore[arg-type]

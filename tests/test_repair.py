@@ -175,7 +175,8 @@ def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(
 
     # pickled as a distributed task runner sends it to a worker
     rerun = pickle.loads(pickle.dumps(_rerun(root, batch, Precision.int8, data, ckpt, exported, variant, engine)))
-    repair = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(), rerun, root)
+    assert set(rerun.key["code"]) >= {"tasks/precision.py", "tasks/validate.py", "tasks/engine.py", "tasks/verify.py"}
+    repair = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, RepairConfig(), rerun, root)
     m = repair.meta
     ops = {n.name: n.op_type for n in onnx.load(str(exported.path("model.onnx"))).graph.node}
     assert m["passed"] and len(m["kept_fp32"]) == 2 and {ops[n] for n in m["kept_fp32"]} <= {"Gemm", "MatMul"}, m["kept_fp32"]
@@ -187,14 +188,14 @@ def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(
     # every attempt left its artifacts: one ranking and one variant per attempt
     assert len(list((root / "sensitivity").glob("*/node_errors.json"))) == len(report["attempts"])
     assert len(list((root / "precision").glob("*/model.onnx"))) == 1 + len(report["attempts"])
-    again = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(), rerun, root)
+    again = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, RepairConfig(), rerun, root)
     assert again.digest == repair.digest
 
-    small = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(budget=1), rerun, root)
+    small = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, RepairConfig(budget=1), rerun, root)
     assert not small.meta["passed"] and "budget of 1" in small.meta["stopped"] and repaired_refs(small, root) is None
     # what the reruns read from the config is in the repair's key: other calibration, another repair
     other = _rerun(root, batch, Precision.int8, data, ckpt, exported, variant, engine, calibration_samples=32)
-    assert repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(budget=1), other, root).key != small.key
+    assert repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, RepairConfig(budget=1), other, root).key != small.key
 
     import tasks.repair
 
@@ -203,7 +204,7 @@ def test_int8_repair_of_a_trained_model_keeps_two_nodes_and_caches_each_attempt(
 
     monkeypatch.setattr(tasks.repair, "node_errors", unrankable)
     # refresh: the repair and its rankings again (cached rankings would hide the broken ranking)
-    stuck = repair_of_variant(exported, data, variant, engine, Precision.int8, tol, RepairConfig(budget=2), rerun, root, refresh=True)
+    stuck = repair_of_variant(exported, ckpt, data, variant, engine, Precision.int8, tol, RepairConfig(budget=2), rerun, root, refresh=True)
     assert not stuck.meta["passed"] and "could not be ranked (RuntimeError: cannot expose tensor)" in stuck.meta["stopped"]
 
 
@@ -244,7 +245,7 @@ def test_a_repair_that_needs_exactly_the_budget_passes_and_one_less_fails(overfl
 
     def repair(budget):
         rerun = _rerun(root, batch, Precision.fp16, data, ckpt, exported, variant, engine)
-        return repair_of_variant(exported, data, variant, engine, Precision.fp16, tol, RepairConfig(budget=budget), rerun, root).meta
+        return repair_of_variant(exported, ckpt, data, variant, engine, Precision.fp16, tol, RepairConfig(budget=budget), rerun, root).meta
 
     generous = repair(10)
     needed = len(generous["kept_fp32"])
