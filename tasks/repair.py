@@ -402,7 +402,7 @@ class Rerun(Protocol):
     """The branch run again by the graph (``tasks.graph.BranchRerun``): ``rerun(keep_fp32=[...])``.
 
     Attributes:
-        key: what the reruns depend on besides the repair's own inputs (the branch's config values).
+        key: what the reruns depend on besides the repair's own inputs (the branch's config values and code).
     """
 
     key: Any

@@ -186,7 +186,7 @@ def _keys_of_every_node(cfg, tmp: Path, monkeypatch) -> dict[str, str]:
         if inst.precision is not None:
             p = inst.precision.value
             done.update({f"precision-{p}": _fake("precision", tmp, precision=p), f"validate-{p}": _fake("validate", tmp), f"build-{p}": _fake("build", tmp, **engine), f"verify-{p}": _fake("verify", tmp)})
-        args = GRAPH.arguments(inst, cfg, done)
+        args = GRAPH.arguments(inst, cfg, done, lambda i: {"store": tmp, "refresh": False})
         with pytest.raises(_Key) as key:
             inst.node.fn(**args, store=tmp, refresh=False)
         keys[inst.id] = str(key.value)
@@ -197,13 +197,23 @@ def test_every_config_field_a_stage_reads_changes_its_key(tmp_path, monkeypatch)
     """Any stage input (threads, epochs, a tolerance, a profile setting...) changes the key of the stages that read it."""
     from flows.pipeline import GRAPH
     from tasks.config import Backend, PipelineConfig, Precision
-    from tasks.graph import Config, Derived
+    from tasks.graph import Config, Derived, Rerun
 
     cfg = PipelineConfig(precisions=[Precision.int8], backend=Backend.onnxruntime)
     base = _keys_of_every_node(cfg, tmp_path, monkeypatch)
 
+    def sources_of(node) -> list:
+        out = [s for v in node.inputs.values() for s in ([*v.sources] if isinstance(v, Derived) else [v])]
+        for rerun in (v for v in node.inputs.values() if isinstance(v, Rerun)):
+            # a recovery's rerun reads what the branch's nodes from ``vary`` through the recovered one read
+            branch = [n for n in GRAPH.nodes if n.per_precision and not n.recovers and not n.last]
+            names = [n.name for n in branch]
+            for n in branch[names.index(rerun.vary):names.index(node.recovers) + 1]:
+                out += sources_of(n)
+        return out
+
     def reads(node, path: str) -> bool:
-        sources = [s for v in node.inputs.values() for s in ([*v.sources] if isinstance(v, Derived) else [v])]
+        sources = sources_of(node)
         return any(isinstance(s, Config) and (path + ".").startswith(s.path.format(precision="int8") + ".") for s in sources)
 
     checked = 0
