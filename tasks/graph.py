@@ -567,7 +567,7 @@ class BranchRerun:
             try:
                 view[inst.id] = inst.node.fn(**args)
             except TrtflowError as exc:
-                if inst is not self._chain[-1]:
+                if inst != self._chain[-1]:
                     raise
                 error = exc
         return {role: view.get(self._graph.resolve(self._inst, name).id) for role, name in self._source.give.items()}, error
