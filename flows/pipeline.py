@@ -18,33 +18,26 @@ import functools
 import json
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
 from flows.report import outcome_of, publish, run_report, shared_facts
-from flows.targets import check_targets, failed_targets, read_target_report, start_targets, target_report_name, targets_report, wait_for_targets
 from flows.runtime import reclaim_sigterm, started_by_deployment
+from flows.targets import check_target_deployments, run_targets, target_report_name, targets_report
 from flows.ui import Progress, failed_in_ui_terms, publish_figures, publish_links
-from tasks.artifacts import ensure_writable
-from tasks.backends.registry import choose_backend
 from tasks.caching import stage_task
-from tasks.config import Backend, PipelineConfig, check_ship_policy
+from tasks.config import PipelineConfig
 from tasks.data import splits_from_dataset
-from tasks.datasource import labels_in, open_source
 from tasks.engine import engine_from_variant, profile_for
-from tasks.errors import DatasetError, StorageError, TrtflowError, VerificationError
+from tasks.errors import StorageError, TrtflowError, VerificationError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node, Rerun, schedule
-from tasks.models import factory_from_path, state_dict_from_file
 from tasks.package import bundle_of_variants
-from tasks.policy import check_run
+from tasks.plan import plan_of
 from tasks.precision import variant_from_onnx
 from tasks.profile import profile_of_engine
 from tasks.repair import repair_of_variant, stand_ins
-from tasks.store import Store, store_for
-from tasks.stores.local import LocalStore
 from tasks.train import checkpoint_from_splits
 from tasks.validate import validated_onnx
 from tasks.verify import verification_of_engine
@@ -104,45 +97,6 @@ def _named_task(stage: str, run_name: str, recovered: bool) -> Task[..., Any]:
     return (RECOVERED if recovered else TASKS)[stage].with_options(task_run_name=run_name)
 
 
-def preflight(config: PipelineConfig) -> tuple[Store, Any, str]:
-    """Fail in milliseconds, before any training, on what can be checked up front.
-
-    Returns:
-        The run's store (``config.store``, else the local store in the artifacts folder), the engine
-        builder, and why that backend was chosen.
-
-    Raises:
-        ConfigError: unwritable artifacts folder, an unknown store URL, a ship policy this config cannot meet. DatasetError:
-        missing dataset file. ModelError: unknown model factory, unreadable weights.
-        BackendUnavailableError: requested backend missing. DatasetError: a dataset without labels and no weights.
-    """
-    check_ship_policy(config)
-    root = ensure_writable(config.artifacts_dir)
-    store = store_for(config.store, root)
-    if isinstance(store, LocalStore):
-        if store.root != root:
-            ensure_writable(store.root)
-    else:
-        store.get("report.json")  # one request: a missing bucket or refused credentials fail before any work
-    dataset = None if config.data.dataset is None else Path(config.data.dataset)
-    if dataset is not None and not dataset.expanduser().is_file():
-        open_source(dataset)  # raises the dataset error with its fix
-    # Whether it has labels (its table of contents only), read with the dataset; refused after the model's checks.
-    labelled = dataset is None or config.train.weights is not None or labels_in(dataset)
-    factory_from_path(config.train.model)
-    if config.train.weights is not None:
-        state_dict_from_file(Path(config.train.weights))  # readable, and a state_dict
-    elif dataset is not None and not labelled:
-        raise DatasetError(
-            got=f"dataset {dataset.name} without labels y, and no --weights",
-            expected="labels y to train on, or trained weights to convert",
-            because="training needs labels; without them trtflow can only convert a model that is already trained",
-            fix="add y to the dataset (numpy.savez(path, ..., y=labels)), or pass --weights FILE with your --model",
-        )
-    builder, reason = choose_backend(config.backend)
-    return store, builder, reason
-
-
 def _error_of(future: Any) -> BaseException | None:
     """The error of a finished task: the one it failed with, or a recorded failure it came back Cached with."""
     # wait() keeps the final state on the future; .state alone asks the API server (one call each).
@@ -166,28 +120,28 @@ class _Tasks:
     failure a planned recovery node repairs is the ``RECOVERED`` task, so a failure recorded in the
     store comes back Cached instead of failing again on every re-run.
 
+    Args:
+        progress: the run's progress bar.
+
     Attributes:
         states: each task run's final state name ("Cached", "Completed", "Failed") by instance id,
             in the order they finished (the report's ``tasks``).
     """
 
-    def __init__(self, recoverable: set[str], progress: Progress) -> None:
-        self.recoverable, self.progress = recoverable, progress
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
         self.states: dict[str, str] = {}
 
-    def _task(self, inst: Instance) -> Task[..., Any]:
-        return _named_task(inst.node.name, inst.id, inst.id in self.recoverable)
-
-    def shared(self, inst: Instance, args: dict[str, Any]) -> Any:
+    def shared(self, inst: Instance, args: dict[str, Any], recovered: bool = False) -> Any:
         # Called directly, a task returns the State a Cached stage hands back; .result() unwraps either kind.
-        state = self._task(inst)(**args, return_state=True)
+        state = _named_task(inst.node.name, inst.id, recovered)(**args, return_state=True)
         self.states[inst.id] = state.name
         ref = state.result()
         self.progress.step(inst.id)
         return ref
 
-    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any]) -> Any:
-        return self._task(inst).submit(**args, wait_for=[w for w in after if isinstance(w, PrefectFuture)])
+    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any], recovered: bool = False) -> Any:
+        return _named_task(inst.node.name, inst.id, recovered).submit(**args, wait_for=[w for w in after if isinstance(w, PrefectFuture)])
 
     def settle(self, handles: Any) -> None:
         _wait_all(handles, self.progress, self.states)
@@ -221,47 +175,51 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
 
 
 def _pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """One run: its plan, the graph's stages, then (a parent over several targets) every target's run."""
     reclaim_sigterm()
-    if started_by_deployment():
-        # Parameters from the API (the UI's form): only the worker's allowed factories and folders,
-        # checked before the run imports or reads anything it names.
-        check_run(config)
-    logger = get_run_logger()
-    if config.targets:
-        return over_targets(config)
-    store, builder, backend_reason = preflight(config)
-    root = store.local
-    logger.info("backend %s", backend_reason)
-    run_config = config.model_copy(update={"backend": builder.name})
-    forced = GRAPH.refreshed(config.refresh, config.precisions)
-    plan = GRAPH.plan(run_config)
-    # Instances a planned recovery node stands behind (verify-int8 when repair-int8 may run).
-    recoverable = {GRAPH.resolve(i, i.node.recovers).id for i in plan if i.node.recovers}
-    progress = Progress(len(plan))
-    executor = _Tasks(recoverable, progress)
+    # Parameters from the API (the UI's form) are untrusted: only the worker's allowed factories and folders.
+    plan = plan_of(config, GRAPH, untrusted=started_by_deployment())
+    if plan.over_targets:
+        check_target_deployments(config)  # before any work: each target's deployment, on its pool
+    else:
+        get_run_logger().info("backend %s", plan.backend)
+    progress = Progress()
+    executor = _Tasks(progress)
+    targets = None
     try:
-        outcome = schedule(GRAPH, run_config, executor, lambda inst: {"store": store, "refresh": inst.id in forced})
+        outcome = schedule(plan, executor)
+        if plan.over_targets:
+            if outcome.errors:
+                raise outcome.errors[0]  # a shared stage or a variant failed: no target is started
+            progress.expect(progress.done + len(config.targets))  # a step as each target's run ends
+            logger = get_run_logger()
+            targets = run_targets(plan, GRAPH.device_bound(), _flow_run_id(), lambda line: _told(logger, progress, line))
     finally:
         progress.close()
     progress.flush()  # the bar's last update was sent in the background
-    outcomes = {p: outcome_of(b) for p, b in outcome.branches.items()}
-    report = run_report(config, store, backend_reason, outcome.shared, outcomes, bundle=next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None), tasks=executor.states)
-    if config.target:
-        # A target's run (started by a parent over several targets): the parent reads this copy from the store.
-        store.put(target_report_name(_flow_run_id()), json.dumps(report, indent=2, default=str).encode())
-    publish(report, root)
-    publish_links(report)
-    publish_figures(root, outcome.shared, {p.value: o["verify"] for p, o in outcomes.items() if "engine" in o})
-    errors = outcome.errors
-    if errors:
+    root = plan.store.local
+    if targets is not None:
+        report, error = targets_report(config, plan.store, outcome.shared, *targets, executor.states)
+    else:
+        outcomes = {p: outcome_of(b) for p, b in outcome.branches.items()}
+        bundle = next(iter([*outcome.gathered.values(), *outcome.not_gathered.values()]), None)
+        report = run_report(config, plan.store, plan.backend, outcome.shared, outcomes, bundle=bundle, tasks=executor.states)
+        if config.target:
+            # A target's run (started by a parent over several targets): the parent reads this copy from the store.
+            plan.store.put(target_report_name(_flow_run_id()), json.dumps(report, indent=2, default=str).encode())
+        errors = outcome.errors
         # A full disk makes other stages fail in confusing ways (truncated files): name only the cause.
         storage = [e for e in errors if isinstance(e, StorageError)]
-        if storage:
-            raise storage[0]
         verification = [e for e in errors if isinstance(e, VerificationError)]
-        if len(verification) == len(errors) and len(errors) > 1:
-            raise VerificationError([f for e in verification for f in e.failures], str(root / report["report"]))
-        raise errors[0]
+        error = (storage[0] if storage else None) or (
+            VerificationError([f for e in verification for f in e.failures], str(root / report["report"]))
+            if len(verification) == len(errors) > 1 else next(iter(errors), None))
+    publish(report, root)
+    publish_links(report)
+    if targets is None:
+        publish_figures(root, outcome.shared, {p.value: o["verify"] for p, o in outcomes.items() if "engine" in o})
+    if error is not None:
+        raise error
     return report
 
 
@@ -272,51 +230,8 @@ def _flow_run_id() -> str:
     return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else "local"
 
 
-def over_targets(config: PipelineConfig) -> dict[str, Any]:
-    """The parent of a run over several targets: the portable stages here, each target on its pool.
-
-    Returns:
-        The report across targets (``<target>/<precision>`` rows; ``targets``: where each ran).
-
-    Raises:
-        TrtflowError: a shared stage's or a variant's error (no target is started then).
-        TargetError: a target's run did not pass.
-    """
-    logger = get_run_logger()
-    check_targets(config)
-    # The parent builds no engine: its own backend is not asked for (each target names its own).
-    store, _, _ = preflight(config.model_copy(update={"backend": Backend.auto}))
-    root = store.local
-    # The variants of every target's precisions, once; the backend stays a target's choice.
-    run_config = config.model_copy(update={"precisions": config.target_precisions})
-    portable = GRAPH.portable()
-    plan = portable.plan(run_config)
-    progress = Progress(len(plan) + len(config.targets))
-    executor = _Tasks(set(), progress)
-    forced = portable.refreshed(config.refresh, run_config.precisions)
-    try:
-        outcome = schedule(portable, run_config, executor, lambda inst: {"store": store, "refresh": inst.id in forced})
-        if outcome.errors:
-            raise outcome.errors[0]
-        ctx_id = _flow_run_id()
-        bound = frozenset(name for name, _ in GRAPH.device_bound())
-        runs = start_targets(config, root, None if ctx_id == "local" else UUID(ctx_id), bound)
-        for t in config.targets:
-            logger.info("target %s: started %s on pool %s (flow run %s)", t.name, t.deployment_name, t.pool, runs[t.name].id)
-        finished = wait_for_targets(runs, lambda line: _told(logger, progress, line))
-    finally:
-        progress.close()
-    progress.flush()
-    reports = {name: read_target_report(store, fr.id) for name, fr in finished.items()}
-    report = targets_report(config, store, shared_facts(outcome.shared, root), finished, reports, executor.states)
-    publish(report, root)
-    publish_links(report)
-    error = failed_targets(report)
-    if error is not None:
-        raise error
-    return report
-
-
 def _told(logger: Any, progress: Progress, line: str) -> None:
+    """A parent's line about a target: logged; a target's run that ended moves the bar one step."""
     logger.info(line)
-    progress.step(line)
+    if ": started " not in line:
+        progress.step(line)

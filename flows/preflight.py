@@ -126,7 +126,7 @@ def check_batch_axis(bound: Any, inputs: list[dict[str, Any]], onnx_path: Path) 
 def check_before_run(config: Any) -> Path:
     """Run every check that needs no Prefect server; returns the artifacts folder.
 
-    The flow's own ``preflight`` (folder, dataset file, factory, weights, labels, backend), then the
+    The flow's own checks (``tasks.plan.plan_of``: folder, dataset file, factory, weights, labels, backend), then the
     data stage itself (every dataset check; its artifact is what the run then reuses), then the model
     built, tried on two samples and exported once untrained.
 
@@ -134,10 +134,11 @@ def check_before_run(config: Any) -> Path:
         ConfigError, DatasetError, ModelError, ExportError, BackendUnavailableError: what a stage
         would raise later, with the same message.
     """
-    from flows.pipeline import preflight
+    from flows.pipeline import GRAPH
     from tasks.data import splits_from_dataset
+    from tasks.plan import plan_of
 
-    store, _, _ = preflight(config)
+    store = plan_of(config, GRAPH).store
     # The memo is of this machine's files (by identity): it stays in the local folder, not the store.
     root = store.local
     key = _memo_key(config)

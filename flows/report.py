@@ -14,8 +14,7 @@ from tasks.config import PipelineConfig, Precision
 from tasks.graph import Branch
 from tasks.repair import SUMMARY
 from tasks.engine import engine_info
-from tasks.artifacts import write_bytes_atomic
-from tasks.store import Store, as_store
+from tasks.store import Store
 
 REPORT = "report.json"
 #: each run's own report: ``reports/run-<UTC time>-<flow run id[:8] or pid>.json`` (report.json copies the latest)
@@ -52,7 +51,7 @@ def run_report(
 
     Args:
         config: the run's config.
-        store: the artifact store (a folder: the local store in it).
+        store: the run's store.
         backend_reason: which backend ran and why.
         shared: the shared stages' artifacts by stage name (data, train, export, ...).
         outcomes: per precision (``outcome_of``), either {"engine", "verify"} artifacts or {"failed_stage", "error"}.
@@ -65,7 +64,6 @@ def run_report(
     Raises:
         StorageError: a folder stands where a report file goes (named, with the fix).
     """
-    store = as_store(store)
     root = store.local
     created = dt.datetime.now(dt.timezone.utc)
     own = f"{RUN_REPORTS}/run-{created.strftime('%Y%m%dT%H%M%S')}-{_run_tag()}.json"
@@ -140,12 +138,9 @@ def put_report(store: Store, own: str, report: Mapping[str, Any]) -> None:
         own: the run's own report name (``reports/run-….json``).
         report: the report.
     """
-    root = store.local
     blob = json.dumps(report, indent=2, default=str).encode()
     for name in (own, REPORT):
-        store.put(name, blob)
-        if Path(store.where(name)) != root / name:
-            write_bytes_atomic(root / name, blob)  # this run's report, also where the user runs it
+        store.put(name, blob)  # a remote store keeps a copy in the local folder too: where the user runs it
 
 
 def shared_facts(shared: Mapping[str, ArtifactRef], root: Path) -> dict[str, Any]:

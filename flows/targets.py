@@ -16,14 +16,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, Target
 from tasks.errors import ConfigError, TargetError
-from tasks.store import Store, as_store
+from tasks.graph import RunPlan
+from tasks.store import Store
 
 #: where a target run leaves its report for the parent (relative to the artifacts folder / store)
 TARGET_REPORTS = "reports/targets"
@@ -83,7 +85,7 @@ def _missing_deployment(t: Target) -> ConfigError:
     )
 
 
-def check_targets(config: PipelineConfig) -> None:
+def check_target_deployments(config: PipelineConfig) -> None:
     """Fail before any work when a target's deployment is missing or on another pool than the target names.
 
     Raises:
@@ -131,6 +133,32 @@ def start_targets(config: PipelineConfig, root: Path, parent_id: UUID | None, bo
     return runs
 
 
+def run_targets(plan: RunPlan, device_bound: Iterable[tuple[str, bool]], parent_id: str,
+                told: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, dict[str, Any] | None]]:
+    """Start every target's run, wait until each is final, and read the report each left in the store.
+
+    Args:
+        plan: the parent's plan (its store, and the config every target's is made from).
+        device_bound: the graph's device-bound nodes (``Graph.device_bound``): of ``--refresh``, a target
+            recomputes only those (the parent recomputed the rest).
+        parent_id: the parent's flow run id ("local" outside a flow run: no idempotency key).
+        told: gets a line as each target's run starts and as it ends (``started`` / its final state).
+
+    Returns:
+        The final flow run of every target, and the report each left (None: it ended before writing one).
+
+    Raises:
+        ConfigError: a target's deployment does not exist.
+    """
+    config, store = plan.given, plan.store
+    bound = frozenset(name for name, _ in device_bound)
+    runs = start_targets(config, store.local, None if parent_id == "local" else UUID(parent_id), bound)
+    for t in config.targets:
+        told(f"target {t.name}: started {t.deployment_name} on pool {t.pool} (flow run {runs[t.name].id})")
+    finished = wait_for_targets(runs, told)
+    return finished, {name: read_target_report(store, fr.id) for name, fr in finished.items()}
+
+
 def wait_for_targets(runs: Mapping[str, Any], progress: Callable[[str], None], timeout_s: float | None = None) -> dict[str, Any]:
     """Poll the target runs until each is final; return the final flow runs by target.
 
@@ -168,8 +196,8 @@ def read_target_report(store: Store, flow_run_id: UUID | str) -> dict[str, Any] 
         return None
 
 
-def targets_report(config: PipelineConfig, store: Store | Path, facts: Mapping[str, Any], finished: Mapping[str, Any],
-                   reports: Mapping[str, dict[str, Any] | None], tasks: Mapping[str, str]) -> dict[str, Any]:
+def targets_report(config: PipelineConfig, store: Store, shared: Mapping[str, ArtifactRef], finished: Mapping[str, Any],
+                   reports: Mapping[str, dict[str, Any] | None], tasks: Mapping[str, str]) -> tuple[dict[str, Any], TargetError | None]:
     """The parent's report: one ``<target>/<precision>`` row per target and precision, and each target's run.
 
     A target whose run failed before verifying (a crashed worker, a missing backend) still has a row per
@@ -177,15 +205,17 @@ def targets_report(config: PipelineConfig, store: Store | Path, facts: Mapping[s
 
     Args:
         config: the parent's config.
-        store: the run's store (a folder: the local store in it).
-        facts: the shared stages' sections (``shared_facts``).
+        store: the run's store.
+        shared: the shared stages' artifacts by stage name (the report's data and model sections).
         finished: target name -> its final flow run.
         reports: target name -> its run's report (None: none was written).
         tasks: the parent's own task runs' final states.
-    """
-    from flows.report import RUN_REPORTS, _run_tag, put_report
 
-    store = as_store(store)
+    Returns:
+        The report (written to the store), and the error that ends the run when a target's
+        precisions did not all pass (``failed_targets``; None when they did).
+    """
+    from flows.report import RUN_REPORTS, _run_tag, put_report, shared_facts
 
     created = dt.datetime.now(dt.timezone.utc)
     own = f"{RUN_REPORTS}/run-{created.strftime('%Y%m%dT%H%M%S')}-{_run_tag()}.json"
@@ -211,7 +241,7 @@ def targets_report(config: PipelineConfig, store: Store | Path, facts: Mapping[s
         "report": own,
         "passed": all(v.get("passed") for v in precisions.values()),
         "backend": "; ".join(f"{n}: {e.get('backend') or e['state']}" for n, e in targets.items()),
-        **facts,
+        **shared_facts(shared, store.local),
         "targets": targets,
         "precisions": precisions,
         "tasks": dict(tasks),
@@ -220,7 +250,7 @@ def targets_report(config: PipelineConfig, store: Store | Path, facts: Mapping[s
     if config.store is not None:
         report["store"] = store.url
     put_report(store, own, report)
-    return report
+    return report, failed_targets(report)
 
 
 def failed_targets(report: Mapping[str, Any]) -> TargetError | None:

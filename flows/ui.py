@@ -189,11 +189,12 @@ class Progress:
     Outside a flow run every method does nothing, so the flow stays callable as a plain function.
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int = 0) -> None:
         """Create the artifact at 0 %.
 
         Args:
-            total: the number of stages the run will finish (shared stages + branch stages).
+            total: the number of stages the run will finish (shared stages + branch stages); 0 until
+                ``expect`` says (the scheduler does, from the run's plan).
         """
         self.total = max(total, 1)
         self.done = 0

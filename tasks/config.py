@@ -502,7 +502,7 @@ def parse_ship_policy(text: str) -> tuple[str, str | float | None]:
 
 
 def check_ship_policy(config: PipelineConfig) -> None:
-    """Refuse, before any work, a ship policy that cannot be met by this config.
+    """Refuse a ship policy that cannot be met by this config (``PipelineConfig`` checks it when it is made).
 
     Raises:
         ConfigError: a speed policy with the profile stage off, or a precision not among --precisions.
@@ -718,6 +718,13 @@ class PipelineConfig(_Strict):
         # chose is kept, and check_ship_policy refuses it with the fix.
         if not self.profile.enabled and "policy" not in self.ship.model_fields_set and self.ship.needs_timings:
             self.ship = self.ship.model_copy(update={"policy": "smallest"})
+        return self
+
+    @model_validator(mode="after")
+    def _ship_policy_met(self) -> PipelineConfig:
+        # A ConfigError, not a ValueError: pydantic passes it on unwrapped, with its fix (the CLI and the
+        # flow render it like any other), so a config that cannot ship is refused when it is made.
+        check_ship_policy(self)
         return self
 
     def tolerance(self, precision: Precision) -> Tolerance:

@@ -271,6 +271,13 @@ class Graph:
                 out.add(inst.id)
         return out
 
+    def decided(self, config: PipelineConfig, refresh: Iterable[str] = ()) -> tuple[frozenset[str], frozenset[str]]:
+        """What a run of ``config`` decides up front: the instances ``--refresh`` recomputes (``config.refresh``
+        and ``refresh``), and those a planned recovery node stands behind (``verify-int8`` for ``repair-int8``)."""
+        forced = self.refreshed([*config.refresh, *refresh], config.precisions)
+        recoverable = {self.resolve(i, i.node.recovers).id for i in self.plan(config) if i.node.recovers}
+        return frozenset(forced), frozenset(recoverable)
+
     def arguments(
         self, inst: Instance, config: PipelineConfig, done: Mapping[str, Any], extra: Callable[[Instance], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
@@ -342,17 +349,64 @@ def resolved(config: PipelineConfig) -> tuple[PipelineConfig, str]:
     return config.model_copy(update={"backend": builder.name}), reason
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, decided before any stage runs: what the graph executes, with which config, on which store.
+
+    Made by ``tasks.plan.plan_of`` (after every check that needs no Prefect: the flow, ``trtflow run``)
+    or by ``RunPlan.of`` (no checks: ``run_plain``); ``schedule`` runs it and the report reads it.
+
+    Attributes:
+        graph: the graph the run executes (``Graph.portable`` for a parent over several targets).
+        config: the run's config: the backend resolved; for a parent, every target's precisions.
+        given: the config as the user gave it (the report's).
+        store: where the stages' artifacts and the run's side files live.
+        backend: which backend runs the engines and why ("" for a parent: each target names its own).
+        forced: instance ids that ``--refresh`` recomputes (the named stages and their true descendants).
+        recoverable: instance ids a planned recovery node stands behind (``verify-int8`` when
+            ``repair-int8`` may run): their failure is the recovery's to mend.
+    """
+
+    graph: Graph
+    config: PipelineConfig
+    given: PipelineConfig
+    store: Store
+    backend: str
+    forced: frozenset[str]
+    recoverable: frozenset[str]
+
+    @classmethod
+    def of(cls, graph: Graph, config: PipelineConfig, store: Store, backend: str = "",
+           given: PipelineConfig | None = None, refresh: Iterable[str] = ()) -> RunPlan:
+        """The plan of ``config`` on ``graph`` (no checks; ``refresh``: stages to recompute besides ``config.refresh``)."""
+        forced, recoverable = graph.decided(config, refresh)
+        return cls(graph, config, given or config, store, backend, forced, recoverable)
+
+    @property
+    def over_targets(self) -> bool:
+        """Whether this is the parent of a run over several targets (``tasks.config.Target``)."""
+        return bool(self.given.targets)
+
+    def arguments(self, inst: Instance) -> dict[str, Any]:
+        """What every stage function takes besides its inputs: the store, and whether to recompute."""
+        return {"store": self.store, "refresh": inst.id in self.forced}
+
+
 class Executor(Protocol):
     """How ``schedule`` runs instances: plain calls (``run_plain``) or Prefect tasks (the flow)."""
 
-    def shared(self, inst: Instance, args: dict[str, Any]) -> ArtifactRef:
-        """Run a shared instance to its end and return its artifact; its error ends the run."""
+    def shared(self, inst: Instance, args: dict[str, Any], recovered: bool = False) -> ArtifactRef:
+        """Run a shared instance to its end and return its artifact; its error ends the run.
+
+        ``recovered``: a planned recovery node mends this instance's failure (``RunPlan.recoverable``).
+        """
         ...
 
-    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any]) -> Any:
+    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any], recovered: bool = False) -> Any:
         """Start a branch or gather instance once the handles in ``after`` are done; return its handle.
 
-        ``args`` may hold handles of upstream instances (futures), which the executor resolves.
+        ``args`` may hold handles of upstream instances (futures), which the executor resolves;
+        ``recovered`` as for ``shared``.
         """
         ...
 
@@ -419,31 +473,31 @@ class Outcome:
     refs: dict[str, ArtifactRef]
 
 
-def schedule(graph: Graph, config: PipelineConfig, executor: Executor, extra: Callable[[Instance], dict[str, Any]]) -> Outcome:
-    """Run a graph in the phases its declarations give; the one scheduler of the flow and ``run_plain``.
+def schedule(run: RunPlan, executor: Executor) -> Outcome:
+    """Run a plan in the phases its graph's declarations give; the one scheduler of the flow and ``run_plain``.
 
     Phases: shared nodes in order (each to its end); every branch's nodes submitted at once; recovery
     nodes for the branches whose node they recover failed recoverably; ``last`` nodes for the branches
     that passed (and once more on what a recovery replaced); gather nodes over the passed branches.
 
     Args:
-        graph: the stage graph.
-        config: the run's config, backend resolved.
+        run: the run's plan (its graph, config, store and ``--refresh``).
         executor: runs the instances.
-        extra: the arguments every stage function takes besides its inputs (store, refresh).
 
     Returns:
         The run's outcome.
     """
+    graph, config, extra = run.graph, run.config, run.arguments
     plan = graph.plan(config)
     executor.expect(sum(1 for i in plan if not i.node.recovers))
     done: dict[str, Any] = {}
     for inst in (i for i in plan if not (i.node.last or i.node.recovers or i.node.gather)):
         args = {**graph.arguments(inst, config, done), **extra(inst)}
+        recovered = inst.id in run.recoverable
         if inst.precision is None:
-            done[inst.id] = executor.shared(inst, args)
+            done[inst.id] = executor.shared(inst, args, recovered)
         else:
-            done[inst.id] = executor.submit(inst, args, [done[graph.resolve(inst, a).id] for a in inst.node.after])
+            done[inst.id] = executor.submit(inst, args, [done[graph.resolve(inst, a).id] for a in inst.node.after], recovered)
     branch_ids = [i.id for i in plan if i.id in done and i.precision is not None]
     executor.settle({i: done[i] for i in branch_ids})
     outcomes = {i: executor.outcome(done[i]) for i in branch_ids}
@@ -615,11 +669,11 @@ def _branch(graph: Graph, plan: list[Instance], precision: Precision, outcomes: 
 class _Plain:
     """The plain executor: each instance is a function call, in order, in this thread."""
 
-    def shared(self, inst: Instance, args: dict[str, Any]) -> ArtifactRef:
+    def shared(self, inst: Instance, args: dict[str, Any], recovered: bool = False) -> ArtifactRef:
         with stage_instance(inst.id):
             return inst.node.fn(**args)
 
-    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any]) -> Any:
+    def submit(self, inst: Instance, args: dict[str, Any], after: list[Any], recovered: bool = False) -> Any:
         upstream = [v for v in [*args.values(), *after] if isinstance(v, _Result) and v.error is not None]
         if upstream:
             # Not run: like a Prefect task whose upstream failed. Its own error is not the upstream's,
@@ -666,10 +720,9 @@ def run_plain(graph: Graph, config: PipelineConfig, refresh: Iterable[str] = ())
     Raises:
         TrtflowError: the run's first error (a shared stage's, else a branch's).
     """
-    config, _ = resolved(config)
-    store = store_for(config.store, Path(config.artifacts_dir))
-    forced = graph.refreshed([*config.refresh, *refresh], config.precisions)
-    outcome = schedule(graph, config, _Plain(), lambda inst: {"store": store, "refresh": inst.id in forced})
+    config, reason = resolved(config)
+    run = RunPlan.of(graph, config, store_for(config.store, Path(config.artifacts_dir)), reason, refresh=refresh)
+    outcome = schedule(run, _Plain())
     if outcome.errors:
         raise outcome.errors[0]
     return outcome.refs

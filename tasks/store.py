@@ -52,6 +52,15 @@ class Store(Protocol):
     #: the local folder of this run: its reports, and the read cache of a remote store
     local: Path
 
+    def ready(self) -> None:
+        """Prove, before any work, that a run can keep its artifacts and reports here (one cheap probe).
+
+        Raises:
+            ConfigError: the local folder (or the store's own folder) cannot be created or written.
+            StorageError: the store cannot be reached (a missing bucket, refused credentials).
+        """
+        ...
+
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
         """The committed artifact of a stage key, or None (absent, or its manifest unreadable)."""
         ...
@@ -81,7 +90,8 @@ class Store(Protocol):
         ...
 
     def put(self, name: str, data: bytes) -> None:
-        """Write a side file (``reports/run-….json``, ``train/.last-train.json``), replacing it atomically."""
+        """Write a side file (``reports/run-….json``, ``train/.last-train.json``), replacing it atomically;
+        a remote store also writes a copy into ``local`` (the run's reports are where the user runs it)."""
         ...
 
     def get(self, name: str) -> bytes | None:

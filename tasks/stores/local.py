@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from tasks.artifacts import MANIFEST, ArtifactRef, Staging, file_digest, load_ref, staging, write_bytes_atomic
+from tasks.artifacts import MANIFEST, ArtifactRef, Staging, ensure_writable, file_digest, load_ref, staging, write_bytes_atomic
 from tasks.errors import ArtifactError, ConfigError
 from tasks.locking import key_lock
 
@@ -38,6 +38,15 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
+
+    def ready(self) -> None:
+        """Create this run's folder and the store's, and prove both writable.
+
+        Raises:
+            ConfigError: a folder that cannot be created or written (a file in the way, read-only).
+        """
+        for folder in dict.fromkeys([self.local, self.root]):
+            ensure_writable(folder)
 
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
         """The committed artifact of a stage key, or None (absent, or its manifest unreadable)."""

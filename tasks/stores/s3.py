@@ -13,7 +13,8 @@ Layout in the bucket (``P`` is the URL's prefix):
 - ``P/<stage>/<key[:16]>/manifest.json``: the ``ArtifactRef`` (file name -> digest, meta) and the key's
   ingredients, written last with a conditional create: it is the commit;
 - ``P/<stage>/.leases/<key[:16]>.json``: the lock of a stage key (holder, ``expires_at``);
-- ``P/<name>``: side files (``put`` / ``get``: reports, run records, timing caches).
+- ``P/<name>``: side files (``put`` / ``get``: reports, run records, timing caches), each also copied to
+  ``<local>/<name>`` when written here.
 
 Locally (``local``, the ``--artifacts-dir``): ``.s3-cache/<bucket>/<prefix>/<stage>/<key[:16]>/<file>``
 holds each file fetched or committed here, reused while its digest matches the manifest, and
@@ -51,7 +52,7 @@ except ImportError:  # the optional extra: ``--store s3://`` then says how to in
     obs = None
 
 from tasks.artifacts import _HOST as _HOST_ID
-from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, clean_stale, file_digest, remember_store, sha256_file
+from tasks.artifacts import MANIFEST, ArtifactRef, _test_hook, clean_stale, ensure_writable, file_digest, remember_store, sha256_file, write_bytes_atomic
 from tasks.errors import ArtifactError, ConfigError, StorageError
 
 log = logging.getLogger("trtflow.s3")
@@ -340,9 +341,24 @@ class S3Store:
         finally:
             lease.release()
 
+    def ready(self) -> None:
+        """Prove the local read cache writable and the bucket reachable (one request).
+
+        Raises:
+            ConfigError: the local folder cannot be created or written.
+            StorageError: a missing bucket, refused credentials, an unreachable endpoint.
+        """
+        ensure_writable(self.local)
+        self.get("report.json")
+
     def put(self, name: str, data: bytes) -> None:
-        """Write a side file (one PUT: S3 replaces an object atomically)."""
+        """Write a side file (one PUT: S3 replaces an object atomically), and a copy in the local folder.
+
+        The copy is where the user runs trtflow: the run's ``report.json`` and ``reports/…`` are there,
+        as with a local store. Reads (``get``) always go to the bucket, which other machines write too.
+        """
         self._call(f"writing {name}", obs.put, name.lstrip("/"), data)
+        write_bytes_atomic(self.local.joinpath(*Path(name.lstrip("/")).parts), data)
 
     def get(self, name: str) -> bytes | None:
         """Read a side file, or None when there is none."""
