@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.report import outcome_of, publish, run_report, shared_facts
+from flows.report import outcome_of, publish, run_report
 from flows.runtime import reclaim_sigterm, started_by_deployment
 from flows.targets import check_target_deployments, run_targets, target_report_name, targets_report
 from flows.ui import Progress, failed_in_ui_terms, publish_figures, publish_links

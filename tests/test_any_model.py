@@ -214,11 +214,12 @@ def test_weights_for_another_model(tmp_path: Path) -> None:
 
 
 def test_labels_missing_without_weights(tmp_path: Path) -> None:
-    from flows.pipeline import preflight
+    from flows.pipeline import GRAPH
+    from tasks.plan import plan_of
 
     cfg = _config(tmp_path / "art", _text_data(tmp_path / "u.npz", labels=False), model="test_any_model:text_net")
     with pytest.raises(DatasetError, match="without labels y, and no --weights") as info:
-        preflight(cfg)
+        plan_of(cfg, GRAPH)
     assert "--weights FILE" in str(info.value)
     with pytest.raises(ModelError, match="without labels y and no --weights"):
         _train_only(tmp_path, cfg.data.dataset, model="test_any_model:text_net")

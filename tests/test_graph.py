@@ -11,7 +11,7 @@ import pytest
 
 from flows.pipeline import GRAPH
 from tasks.config import PipelineConfig, Precision, Stage
-from tasks.graph import PRECISION, Config, Graph, Instance, Node, Rerun
+from tasks.graph import PRECISION, Config, Graph, Instance, Node, Rerun, RunPlan
 
 P = [Precision.fp32, Precision.int8]
 
@@ -153,7 +153,7 @@ def test_run_plain_runs_the_flows_phases_and_a_recovery_only_where_it_is_needed(
     assert refs["b-int8"] == "fix-int8/b" and refs["check-int8"] == "fix-int8/check"
     assert refs["t-int8"] == "t(fix-int8/b)" and refs["t-fp32"] == "t(b-fp32)"
     assert refs["g"] == "g(fp32,int8)"
-    out = schedule(_toy_graph([], failing={"check-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
+    out = schedule(RunPlan.of(_toy_graph([], failing={"check-int8"}), _cfg(tmp_path), tmp_path), _Plain())  # type: ignore[arg-type]
     int8 = out.branches[Precision.int8]
     assert int8.passed and int8.recovered_by == "fix" and int8.recovery == "fix-int8"
     assert int8.replaced == {"b": "b-int8"} and int8.replaced_late == {"t": "t(b-int8)"}
@@ -163,7 +163,7 @@ def test_a_failed_recovery_fails_the_branch_and_the_others_still_finish(tmp_path
     from tasks.graph import _Plain, schedule
 
     calls: list[str] = []
-    out = schedule(_toy_graph(calls, failing={"check-int8"}, fixes=False), _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
+    out = schedule(RunPlan.of(_toy_graph(calls, failing={"check-int8"}, fixes=False), _cfg(tmp_path), tmp_path), _Plain())  # type: ignore[arg-type]
     int8, fp32 = out.branches[Precision.int8], out.branches[Precision.fp32]
     assert (int8.failed, str(int8.error), int8.verdict) == ("fix", "the fix did not pass", "verdict of check-int8")
     assert fp32.passed and fp32.late == {"t": "t(b-fp32)"}
@@ -175,7 +175,7 @@ def test_nothing_passed_skips_the_gather_and_raises_the_first_failure(tmp_path) 
     from tasks.graph import _Plain, run_plain, schedule
 
     calls: list[str] = []
-    out = schedule(_toy_graph(calls, failing={"b-fp32", "b-int8"}), _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
+    out = schedule(RunPlan.of(_toy_graph(calls, failing={"b-fp32", "b-int8"}), _cfg(tmp_path), tmp_path), _Plain())  # type: ignore[arg-type]
     assert calls == ["a", "b-fp32", "b-int8"]  # a failed upstream stops its branch; no recovery for a non-recovered node
     assert out.gathered == {} and out.not_gathered == {"g": "no variant passed its gates"} and out.branches[Precision.fp32].failed == "b"
     with pytest.raises(_Fixable, match="fails its gate"):
@@ -292,7 +292,7 @@ def test_a_recovery_only_decides_and_the_graph_runs_its_branch_again(tmp_path) -
         Node("fix", fix, {"precision": PRECISION, "rerun": Rerun("b", {"variant": "b", "verdict": "check"})},
              per_precision=True, recovers="check", stands_in=lambda ref, store: {"check": ref}),
     )
-    out = schedule(g, _cfg(tmp_path), _Plain(), lambda i: {"store": tmp_path, "refresh": False})
+    out = schedule(RunPlan.of(g, _cfg(tmp_path), tmp_path), _Plain())  # type: ignore[arg-type]
     # the fix ran once, for int8; without changes only the recovered node ran again, and failed as data
     first_got, first_error = seen["first"]  # type: ignore[misc]
     assert first_got == {"variant": "b-int8", "verdict": None} and isinstance(first_error, VerificationError)

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stages", ("tasks.export", "tasks.diagnose", "tasks.validate", "tasks.precision",
                 "tasks.compute_share", "tasks.engine", "tasks.train", "tasks.verify", "tasks.verify_*", "tasks.profile",
                 "tasks.repair", "tasks.package", "tasks.triton")),
-    ("schedule", ("tasks.graph", "tasks.caching")),
+    ("schedule", ("tasks.graph", "tasks.caching", "tasks.plan")),
     ("flows", ("flows", "flows.*")),
 ]
 #: libraries slow to import: loaded inside the functions that use them (plain ``import`` statements,

@@ -19,6 +19,7 @@ from tasks.profile import (
     timed_runs,
     torch_profile,
 )
+from tasks.store import store_for
 
 BATCH = BatchProfile(min=1, opt=8, max=32)
 #: the smallest budget: a handful of runs per measurement, so the whole file stays fast
@@ -161,11 +162,11 @@ def test_run_report_carries_profile_numbers(trained, fp32_engine):
     verified = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp32, cfg.tolerance(Precision.fp32), BATCH, root)
     prof = profile_of_engine(engine, trained.checkpoint, trained.data, BATCH, QUICK, 1, root)
     outcomes = {Precision.fp32: {"engine": engine, "verify": verified, "profile": prof}}
-    report = run_report(cfg, root, "test", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, outcomes)
+    report = run_report(cfg, store_for(None, root), "test", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, outcomes)
     speed = report["precisions"]["fp32"]["profile"]
     assert speed["latency_ms"]["p50"] > 0 and speed["samples_per_s"] > 0 and speed["speedup"]["throughput"] > 0
     assert speed["report"].startswith("profile/") and not Path(speed["report"]).is_absolute()
-    failed = run_report(cfg, root, "test", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, {Precision.fp32: {"engine": engine, "verify": verified, "profile_error": "boom"}})
+    failed = run_report(cfg, store_for(None, root), "test", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, {Precision.fp32: {"engine": engine, "verify": verified, "profile_error": "boom"}})
     assert failed["precisions"]["fp32"]["profile"] == {"error": "boom"}
 
 

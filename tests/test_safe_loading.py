@@ -168,13 +168,14 @@ def _forbidden() -> list[str]:
 def test_reports_and_shipped_files_hold_no_machine_paths_or_secrets(good: kit.Good, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.report import run_report, summary_markdown
     from tasks.config import Precision
+    from tasks.store import store_for
 
     monkeypatch.setenv("TRTFLOW_TEST_SECRET_TOKEN", "s3cr3t-value-never-written")
     root = kit.clone(good.root, tmp_path / "artifacts")
     cfg = kit.with_root(good.config, root)
     refs = kit.run_plain(cfg, refresh=("verify",))
     outcomes = {p: {"engine": refs[f"build-{p.value}"], "verify": refs[f"verify-{p.value}"]} for p in cfg.precisions}
-    report = run_report(cfg, root, "onnxruntime: requested explicitly", refs, outcomes)
+    report = run_report(cfg, store_for(None, root), "onnxruntime: requested explicitly", refs, outcomes)
     assert Precision.fp32.value in report["precisions"]
 
     shared = [root / "report.json", *root.glob("reports/*.json")]

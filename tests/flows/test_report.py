@@ -14,6 +14,7 @@ from flows.report import REPORT, batch_lines, compute_text, run_report, summary_
 from tasks.config import Backend, BatchProfile, Precision
 from tasks.engine import batch_for_memory, engine_from_variant
 from tasks.precision import variant_from_onnx
+from tasks.store import store_for
 from tasks.verify import batch_sizes, verification_of_engine
 
 
@@ -26,7 +27,7 @@ def test_a_profile_lowered_for_memory_is_reported_as_what_ran(trained, tmp_path,
     variant = variant_from_onnx(trained.onnx, trained.data, Precision.fp32, 64, root)
     engine = engine_from_variant(variant, Backend.onnxruntime, fitted, {"threads": 1}, root)
     verified = verification_of_engine(engine, trained.checkpoint, trained.data, Precision.fp32, cfg.tolerance(Precision.fp32), fitted, root, variant=variant)
-    report = run_report(cfg, root, "test", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, {Precision.fp32: {"engine": engine, "verify": verified}})
+    report = run_report(cfg, store_for(None, root), "test", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, {Precision.fp32: {"engine": engine, "verify": verified}})
     fp32 = report["precisions"]["fp32"]
     n = trained.data.meta["sizes"]["test"]
     assert fp32["batch"]["max"] == fitted.max and [r["batch"] for r in fp32["batches_run"]] == batch_sizes(fitted)
@@ -45,7 +46,7 @@ def test_a_profile_lowered_for_memory_is_reported_as_what_ran(trained, tmp_path,
         assert named <= set(batch_sizes(fitted)), named
 def _report(trained, root: Path, epochs: int) -> dict:  # type: ignore[no-untyped-def]
     cfg = trained.config.model_copy(update={"artifacts_dir": root, "train": trained.config.train.model_copy(update={"epochs": epochs})})
-    return run_report(cfg, root, "onnxruntime: requested", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, {})
+    return run_report(cfg, store_for(None, root), "onnxruntime: requested", {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}, {})
 
 
 def test_each_run_writes_its_own_report_and_report_json_copies_the_latest(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -164,24 +164,27 @@ def test_targets_parse_from_the_command_line_form() -> None:
         PipelineConfig(targets=[{"name": "GPU H100", "pool": "p", "precisions": ["fp32"]}])
 
 
-def test_a_target_that_left_no_report_is_a_failed_row_per_precision_never_a_gap(tmp_path: Path) -> None:
+def test_a_target_that_left_no_report_is_a_failed_row_per_precision_never_a_gap(tmp_path: Path, trained) -> None:  # type: ignore[no-untyped-def]
     from types import SimpleNamespace
 
     from flows.targets import failed_targets, target_config, targets_report
     from tasks.config import PipelineConfig, parse_targets
+    from tasks.store import store_for
 
     cfg = PipelineConfig(artifacts_dir=tmp_path, targets=parse_targets("a=pa:onnxruntime:fp32 b=pb:onnxruntime:fp32,int8"))
     ok = SimpleNamespace(id="1111", state=SimpleNamespace(name="Completed", message=None))
     crashed = SimpleNamespace(id="2222", state=SimpleNamespace(name="Crashed", message="worker lost"))
     verified = {"passed": True, "backend": "onnxruntime", "report": "reports/run-x.json", "precisions": {"fp32": {"passed": True, "samples": 9}}}
-    report = targets_report(cfg, tmp_path, {"data": {}, "model": {}}, {"a": ok, "b": crashed}, {"a": verified, "b": None}, {"data": "Cached"})
+    shared = {"data": trained.data, "train": trained.checkpoint, "export": trained.onnx}
+    report, error = targets_report(cfg, store_for(None, tmp_path), shared, {"a": ok, "b": crashed}, {"a": verified, "b": None}, {"data": "Cached"})
+    assert report["model"]["factory"] == trained.config.train.model and report["data"]["sizes"] == trained.data.meta["sizes"]
     assert report["precisions"]["a/fp32"] == {"passed": True, "samples": 9}
     assert {k: r["passed"] for k, r in report["precisions"].items()} == {"a/fp32": True, "b/fp32": False, "b/int8": False}
     assert "Crashed: worker lost" in report["precisions"]["b/int8"]["error"] and report["passed"] is False
     assert report["targets"]["b"] == {"pool": "pb", "deployment": "trtflow/target-b", "flow_run": "2222", "state": "Crashed", "passed": False, "error": "Crashed: worker lost"}
     assert json.loads((tmp_path / "report.json").read_text()) == report
     err = failed_targets(report)
-    assert err is not None and "b/fp32, b/int8" in str(err) and "b: Crashed" in str(err)
+    assert err is not None and "b/fp32, b/int8" in str(err) and "b: Crashed" in str(err) and str(error) == str(err)
     assert failed_targets({**report, "precisions": {"a/fp32": {"passed": True}}, "targets": {"a": {"state": "Completed", "passed": True}}}) is None
 
     # A target's run: its backend and precisions, absolute paths (its worker starts elsewhere), no targets of its own.
