@@ -140,7 +140,7 @@ def put_report(store: Store, own: str, report: Mapping[str, Any]) -> None:
     """
     blob = json.dumps(report, indent=2, default=str).encode()
     for name in (own, REPORT):
-        store.put(name, blob)  # a remote store keeps a copy in the local folder too: where the user runs it
+        store.put(name, blob, keep_local=True)  # this run's report, also where the user runs it
 
 
 def shared_facts(shared: Mapping[str, ArtifactRef], root: Path) -> dict[str, Any]:

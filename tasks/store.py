@@ -89,9 +89,12 @@ class Store(Protocol):
         """
         ...
 
-    def put(self, name: str, data: bytes) -> None:
-        """Write a side file (``reports/run-….json``, ``train/.last-train.json``), replacing it atomically;
-        a remote store also writes a copy into ``local`` (the run's reports are where the user runs it)."""
+    def put(self, name: str, data: bytes, keep_local: bool = False) -> None:
+        """Write a side file (``reports/run-….json``, ``train/.last-train.json``), replacing it atomically.
+
+        ``keep_local``: also a copy in ``local`` where the store keeps its side files elsewhere (a bucket,
+        another folder): the run's reports, found where the user runs trtflow.
+        """
         ...
 
     def get(self, name: str) -> bytes | None:

@@ -159,6 +159,27 @@ def test_run_plain_runs_the_flows_phases_and_a_recovery_only_where_it_is_needed(
     assert int8.replaced == {"b": "b-int8"} and int8.replaced_late == {"t": "t(b-int8)"}
 
 
+def test_schedule_tells_the_executor_which_instances_a_planned_recovery_stands_behind(tmp_path) -> None:
+    """The Prefect executor makes only those failures a Cached result that the recovery then reads."""
+    from tasks.graph import _Plain, schedule
+
+    told: dict[str, bool] = {}
+
+    class Recorder(_Plain):
+        def shared(self, inst, args, recovered=False):  # type: ignore[no-untyped-def]
+            told[inst.id] = recovered
+            return super().shared(inst, args, recovered)
+
+        def submit(self, inst, args, after, recovered=False):  # type: ignore[no-untyped-def]
+            told.setdefault(inst.id, recovered)
+            return super().submit(inst, args, after, recovered)
+
+    plan = RunPlan.of(_toy_graph([], failing={"check-int8"}), _cfg(tmp_path), tmp_path)  # type: ignore[arg-type]
+    assert plan.recoverable == {"check-fp32", "check-int8"}
+    schedule(plan, Recorder())
+    assert {i for i, r in told.items() if r} == {"check-fp32", "check-int8"} and told["a"] is False and told["b-int8"] is False
+
+
 def test_a_failed_recovery_fails_the_branch_and_the_others_still_finish(tmp_path) -> None:
     from tasks.graph import _Plain, schedule
 

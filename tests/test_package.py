@@ -80,12 +80,16 @@ def test_policies_are_parsed_and_refused_before_any_work():
     for bad in ("quickest", "latency-budget=0", "latency-budget=x", "fp64", "latency-budget=inf"):
         with pytest.raises(ValueError, match="ship policy"):
             ShipConfig(policy=bad)
+    # Refused when the config is made (the CLI's flags, a config file, a deployment's parameters) ...
     with pytest.raises(ConfigError) as e:
-        check_ship_policy(PipelineConfig.model_validate({"profile": {"enabled": False}, "ship": {"policy": "fastest"}}))
+        PipelineConfig.model_validate({"profile": {"enabled": False}, "ship": {"policy": "fastest"}})
     assert "--ship fastest needs the speed profile" in e.value.summary and "--no-package" in e.value.summary
     with pytest.raises(ConfigError) as e:
-        check_ship_policy(PipelineConfig.model_validate({"precisions": ["fp32"], "ship": {"policy": "int8"}}))
+        PipelineConfig.model_validate({"precisions": ["fp32"], "ship": {"policy": "int8"}})
     assert "--precisions has no int8" in e.value.summary
+    # ... and by the check itself, on a config changed without validation
+    with pytest.raises(ConfigError, match="--ship int8 with --precisions fp32"):
+        check_ship_policy(PipelineConfig(precisions=["fp32", "int8"], ship={"policy": "int8"}).model_copy(update={"precisions": [Precision.fp32]}))
     # No policy chosen and no profile: the smallest passed variant ships (the default compares speed).
     assert PipelineConfig.model_validate({"profile": {"enabled": False}}).ship.policy == "smallest"
     assert PipelineConfig.model_validate({}).ship.policy == "fastest"

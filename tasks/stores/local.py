@@ -97,13 +97,16 @@ class LocalStore:
             raise _damaged(ref, name, path, "digest mismatch")
         return path
 
-    def put(self, name: str, data: bytes) -> None:
-        """Write a side file under the root, replacing it atomically.
+    def put(self, name: str, data: bytes, keep_local: bool = False) -> None:
+        """Write a side file under the root, replacing it atomically; ``keep_local``: also under ``local``
+        when that is another folder (``--store`` elsewhere).
 
         Raises:
             StorageError: a folder (or a file on its path) is in the way.
         """
         write_bytes_atomic(self._side(name), data)
+        if keep_local and self.local != self.root:
+            write_bytes_atomic(self.local.joinpath(*Path(name).parts), data)
 
     def get(self, name: str) -> bytes | None:
         """Read a side file, or None when there is none (or it cannot be read)."""

@@ -13,8 +13,8 @@ Layout in the bucket (``P`` is the URL's prefix):
 - ``P/<stage>/<key[:16]>/manifest.json``: the ``ArtifactRef`` (file name -> digest, meta) and the key's
   ingredients, written last with a conditional create: it is the commit;
 - ``P/<stage>/.leases/<key[:16]>.json``: the lock of a stage key (holder, ``expires_at``);
-- ``P/<name>``: side files (``put`` / ``get``: reports, run records, timing caches), each also copied to
-  ``<local>/<name>`` when written here.
+- ``P/<name>``: side files (``put`` / ``get``: reports, run records, timing caches); the run's reports
+  also in ``<local>/<name>`` (``put(..., keep_local=True)``).
 
 Locally (``local``, the ``--artifacts-dir``): ``.s3-cache/<bucket>/<prefix>/<stage>/<key[:16]>/<file>``
 holds each file fetched or committed here, reused while its digest matches the manifest, and
@@ -351,14 +351,11 @@ class S3Store:
         ensure_writable(self.local)
         self.get("report.json")
 
-    def put(self, name: str, data: bytes) -> None:
-        """Write a side file (one PUT: S3 replaces an object atomically), and a copy in the local folder.
-
-        The copy is where the user runs trtflow: the run's ``report.json`` and ``reports/…`` are there,
-        as with a local store. Reads (``get``) always go to the bucket, which other machines write too.
-        """
+    def put(self, name: str, data: bytes, keep_local: bool = False) -> None:
+        """Write a side file (one PUT: S3 replaces an object atomically); ``keep_local``: a copy in the local folder too."""
         self._call(f"writing {name}", obs.put, name.lstrip("/"), data)
-        write_bytes_atomic(self.local.joinpath(*Path(name.lstrip("/")).parts), data)
+        if keep_local:
+            write_bytes_atomic(self.local.joinpath(*Path(name.lstrip("/")).parts), data)
 
     def get(self, name: str) -> bytes | None:
         """Read a side file, or None when there is none."""

@@ -162,3 +162,24 @@ def test_timing_caches_of_a_store_elsewhere_are_copied_in_and_what_a_build_chang
     same = LocalStore(tmp_path / "shared")
     with timing_caches(same, "tensorrt") as folder:
         assert folder == tmp_path / "shared" / ".cache" / "tensorrt"
+
+
+def test_ready_creates_both_folders_and_refuses_one_that_cannot_be_written(tmp_path):
+    store = store_for(str(tmp_path / "shared"), tmp_path / "run")
+    store.ready()
+    assert (tmp_path / "shared").is_dir() and (tmp_path / "run").is_dir()
+    (tmp_path / "file").write_text("not a folder")
+    for blocked in (store_for(str(tmp_path / "file" / "store"), tmp_path / "run2"), store_for(None, tmp_path / "file" / "run")):
+        with pytest.raises(ConfigError, match="cannot be written"):
+            blocked.ready()
+
+
+def test_keep_local_copies_a_side_file_into_the_run_folder_only_when_the_store_is_elsewhere(tmp_path):
+    elsewhere = store_for(str(tmp_path / "shared"), tmp_path / "run")
+    elsewhere.put("reports/run-1.json", b"1", keep_local=True)
+    elsewhere.put("train/.last-train.json", b"t")
+    assert (tmp_path / "shared" / "reports" / "run-1.json").read_bytes() == (tmp_path / "run" / "reports" / "run-1.json").read_bytes() == b"1"
+    assert (tmp_path / "shared" / "train" / ".last-train.json").is_file() and not (tmp_path / "run" / "train").exists()
+    here = store_for(None, tmp_path / "here")
+    here.put("report.json", b"r", keep_local=True)
+    assert (tmp_path / "here" / "report.json").read_bytes() == b"r"

@@ -281,6 +281,26 @@ def test_side_files_are_shared_and_replaced(s3, tmp_path):
     assert a.where("reports/run-1.json") == f"s3://{bucket}/runs/reports/run-1.json"
 
 
+def test_keep_local_also_writes_the_side_file_where_the_user_runs_trtflow(s3, tmp_path):
+    client, bucket, url = s3
+    store = S3Store(url, tmp_path / "run")
+    store.put("reports/run-1.json", b"1", keep_local=True)
+    store.put("train/.last-train.json", b"t")
+    assert {"runs/reports/run-1.json", "runs/train/.last-train.json"} <= set(keys(client, bucket))
+    assert (tmp_path / "run" / "reports" / "run-1.json").read_bytes() == b"1" and not (tmp_path / "run" / "train").exists()
+
+
+def test_ready_probes_the_bucket_and_the_local_folder(s3, tmp_path):
+    _, _, url = s3
+    S3Store(url, tmp_path / "run").ready()
+    assert (tmp_path / "run").is_dir()
+    with pytest.raises(StorageError, match="no bucket"):
+        S3Store("s3://no-such-bucket-here/x", tmp_path / "other").ready()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        S3Store(url, tmp_path / "file" / "run").ready()
+
+
 def test_a_store_sent_to_another_process_is_reopened_there(s3, tmp_path):
     import pickle
 
