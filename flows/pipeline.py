@@ -21,7 +21,7 @@ from typing import Any
 from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.report import outcome_of, publish, run_report
+from flows.report import outcome_of, publish, run_error, run_report
 from flows.runtime import reclaim_sigterm, started_by_deployment
 from flows.targets import check_target_deployments, run_targets, target_report_name, targets_report
 from flows.ui import Progress, failed_in_ui_terms, publish_figures, publish_links
@@ -29,7 +29,7 @@ from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.data import splits_from_dataset
 from tasks.engine import engine_from_variant, profile_for
-from tasks.errors import StorageError, TrtflowError, VerificationError
+from tasks.errors import TrtflowError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node, Rerun, schedule
 from tasks.package import bundle_of_variants
@@ -191,8 +191,7 @@ def _pipeline(config: PipelineConfig) -> dict[str, Any]:
             if outcome.errors:
                 raise outcome.errors[0]  # a shared stage or a variant failed: no target is started
             progress.expect(progress.done + len(config.targets))  # a step as each target's run ends
-            logger = get_run_logger()
-            targets = run_targets(plan, GRAPH.device_bound(), _flow_run_id(), lambda line: _told(logger, progress, line))
+            targets = run_targets(plan, GRAPH.device_bound(), _flow_run_id(), lambda line: _told(progress, line))
     finally:
         progress.close()
     progress.flush()  # the bar's last update was sent in the background
@@ -206,13 +205,7 @@ def _pipeline(config: PipelineConfig) -> dict[str, Any]:
         if config.target:
             # A target's run (started by a parent over several targets): the parent reads this copy from the store.
             plan.store.put(target_report_name(_flow_run_id()), json.dumps(report, indent=2, default=str).encode())
-        errors = outcome.errors
-        # A full disk makes other stages fail in confusing ways (truncated files): name only the cause.
-        storage = [e for e in errors if isinstance(e, StorageError)]
-        verification = [e for e in errors if isinstance(e, VerificationError)]
-        error = (storage[0] if storage else None) or (
-            VerificationError([f for e in verification for f in e.failures], str(root / report["report"]))
-            if len(verification) == len(errors) > 1 else next(iter(errors), None))
+        error = run_error(outcome.errors, root / report["report"])
     publish(report, root)
     publish_links(report)
     if targets is None:
@@ -229,8 +222,7 @@ def _flow_run_id() -> str:
     return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else "local"
 
 
-def _told(logger: Any, progress: Progress, line: str) -> None:
-    """A parent's line about a target: logged; a target's run that ended moves the bar one step."""
-    logger.info(line)
-    if ": started " not in line:
-        progress.step(line)
+def _told(progress: Progress, line: str) -> None:
+    """A target's run ended: logged, and the bar one step further."""
+    get_run_logger().info(line)
+    progress.step(line)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from tasks.config import PipelineConfig, Precision
 from tasks.graph import Branch
 from tasks.repair import SUMMARY
 from tasks.engine import engine_info
+from tasks.errors import StorageError, VerificationError
 from tasks.store import Store
 
 REPORT = "report.json"
@@ -128,6 +129,25 @@ def run_report(
         report["store"] = store.url
     put_report(store, own, report)
     return report
+
+
+def run_error(errors: Sequence[BaseException], report: Path) -> BaseException | None:
+    """The error that ends a run whose stages failed (None when none did).
+
+    A full disk alone (it makes other stages fail in confusing ways: truncated files), several failed
+    verifications as one (each precision's failures, under the run's report), else the first error.
+
+    Args:
+        errors: the run's errors in order (``tasks.graph.Outcome.errors``).
+        report: the run's own report file, named by a combined verification error.
+    """
+    storage = [e for e in errors if isinstance(e, StorageError)]
+    if storage:
+        return storage[0]
+    verification = [e for e in errors if isinstance(e, VerificationError)]
+    if len(verification) == len(errors) > 1:
+        return VerificationError([f for e in verification for f in e.failures], str(report))
+    return errors[0] if errors else None
 
 
 def put_report(store: Store, own: str, report: Mapping[str, Any]) -> None:

@@ -142,7 +142,7 @@ def run_targets(plan: RunPlan, device_bound: Iterable[tuple[str, bool]], parent_
         device_bound: the graph's device-bound nodes (``Graph.device_bound``): of ``--refresh``, a target
             recomputes only those (the parent recomputed the rest).
         parent_id: the parent's flow run id ("local" outside a flow run: no idempotency key).
-        told: gets a line as each target's run starts and as it ends (``started`` / its final state).
+        told: gets a line as each target's run ends (its final state).
 
     Returns:
         The final flow run of every target, and the report each left (None: it ended before writing one).
@@ -150,11 +150,14 @@ def run_targets(plan: RunPlan, device_bound: Iterable[tuple[str, bool]], parent_
     Raises:
         ConfigError: a target's deployment does not exist.
     """
+    from prefect import get_run_logger
+
     config, store = plan.given, plan.store
     bound = frozenset(name for name, _ in device_bound)
     runs = start_targets(config, store.local, None if parent_id == "local" else UUID(parent_id), bound)
+    logger = get_run_logger()
     for t in config.targets:
-        told(f"target {t.name}: started {t.deployment_name} on pool {t.pool} (flow run {runs[t.name].id})")
+        logger.info("target %s: started %s on pool %s (flow run %s)", t.name, t.deployment_name, t.pool, runs[t.name].id)
     finished = wait_for_targets(runs, told)
     return finished, {name: read_target_report(store, fr.id) for name, fr in finished.items()}
 

@@ -72,3 +72,18 @@ def test_the_summary_names_the_runs_own_report(tmp_path: Path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     _print_summary({"backend": "onnxruntime", "precisions": {}, "report": "reports/run-20261202T010203-abcd1234.json"}, tmp_path / "artifacts")
     assert "report: artifacts/reports/run-20261202T010203-abcd1234.json" in capsys.readouterr().out
+
+def test_the_error_that_ends_a_run_names_a_full_disk_alone_and_joins_failed_verifications(tmp_path: Path) -> None:
+    from flows.report import run_error
+    from tasks.errors import StorageError, VerificationError
+
+    report = tmp_path / "reports" / "run-1.json"
+    fp16, int8 = VerificationError(["fp16: max_abs 0.3 > 0.1"], "a"), VerificationError(["int8: top-1 0.9 < 0.99"], "b")
+    full = StorageError(got="no space left", expected="room", because="disk full", fix="free space")
+    assert run_error([], report) is None
+    assert run_error([fp16], report) is fp16
+    joined = run_error([fp16, int8], report)
+    assert isinstance(joined, VerificationError) and joined.failures == fp16.failures + int8.failures and str(report) in str(joined)
+    assert run_error([fp16, full, int8], report) is full
+    other = ValueError("boom")
+    assert run_error([other, fp16], report) is other
