@@ -3,7 +3,7 @@
 Run it from Python::
 
     from flows.pipeline import pipeline
-    from tasks.config import PipelineConfig
+    from tasks.config import PipelineConfig, validation_problems
     pipeline(PipelineConfig(precisions=["fp32", "int8"]))
 
 Every stage finds its artifact in the content-addressed store when its inputs are unchanged (the task
@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
+from pydantic import ValidationError
 
 from flows.report import outcome_of, publish, run_error, run_report
 from flows.runtime import reclaim_sigterm, started_by_deployment
 from flows.targets import check_target_deployments, run_targets, target_report_name, targets_report
 from flows.ui import Progress, failed_in_ui_terms, publish_figures, publish_links
 from tasks.caching import stage_task
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, validation_problems
 from tasks.data import splits_from_dataset
 from tasks.engine import engine_from_variant, profile_for
-from tasks.errors import TrtflowError
+from tasks.errors import ConfigError, TrtflowError
 from tasks.export import onnx_from_checkpoint
 from tasks.graph import PRECISION, Config, Derived, Graph, Instance, Node, Rerun, schedule
 from tasks.package import bundle_of_variants
@@ -153,24 +155,45 @@ class _Tasks:
         self.progress.expect(total)
 
 
-@flow(name="trtflow", validate_parameters=True)
+# The flow validates its parameters itself (``config_of``): a config the run cannot start with is then
+# refused like any other error, in one line that names the form's fields, instead of by Prefect's engine.
+@flow(name="trtflow", validate_parameters=False)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - a form default
     """Turn a PyTorch model into verified inference engines, one per precision.
 
     Args:
-        config: everything the run needs (the Prefect UI renders it as a form).
+        config: everything the run needs (the Prefect UI renders it as a form; a deployment's run
+            gets it as JSON).
 
     Returns:
         The run report (written to ``reports/run-….json`` of the store and the artifacts folder, copied to ``report.json``).
 
     Raises:
-        TrtflowError: the first failing stage's error; VerificationError lists every failing check.
+        TrtflowError: the first failing stage's error; VerificationError lists every failing check;
+        ConfigError: parameters the config refuses.
     """
     try:
+        config = config_of(config)
         return _pipeline(config)
     except TrtflowError as exc:
         # Its message in the UI names the form's fields (config.train.lr), not the CLI's flags.
         return failed_in_ui_terms(exc)
+
+
+def config_of(given: PipelineConfig | Mapping[str, Any]) -> PipelineConfig:
+    """The run's config: as given from Python, else validated from a deployment's parameters (JSON).
+
+    Raises:
+        ConfigError: every value the config refuses, named by its field; or a ship policy it cannot meet.
+    """
+    if isinstance(given, PipelineConfig):
+        return given
+    try:
+        return PipelineConfig.model_validate(given)
+    except ValidationError as exc:
+        problems = validation_problems(exc)
+        raise ConfigError(got=problems, expected="valid parameters", because="the run cannot start with them",
+                          fix="fix the fields named above in the run's parameters", summary=f"invalid parameters: {problems}") from None
 
 
 def _pipeline(config: PipelineConfig) -> dict[str, Any]:

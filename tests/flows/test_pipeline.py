@@ -229,3 +229,23 @@ def test_bf16_is_verified_on_a_cpu_through_its_emulation_and_named_in_the_report
 
     with pytest.raises(BundleError, match="the bf16 engine built here is its rounding emulation"):
         pipeline(config.model_copy(update={"ship": ShipConfig(policy="bf16")}))
+
+
+def test_parameters_the_config_refuses_fail_the_run_in_one_line_of_the_forms_terms(tmp_path):
+    """A deployment's run gets its config as JSON: the flow validates it itself, so a refusal is a
+    trtflow error rendered with the form's fields (never Prefect's dump, never a flag), before any stage."""
+    from flows.pipeline import config_of
+    from tasks.config import PipelineConfig
+    from tasks.errors import ConfigError
+
+    unmet = {"artifacts_dir": str(tmp_path / "a"), "profile": {"enabled": False}, "ship": {"policy": "fastest"}}
+    state = pipeline(config=unmet, return_state=True)
+    assert state.is_failed() and "ConfigError: got config.ship.policy=fastest with config.profile.enabled=false" in state.message
+    assert "--" not in state.message and not (tmp_path / "a").exists()
+    state = pipeline(config={"artifacts_dir": str(tmp_path / "b"), "train": {"epochs": 0}}, return_state=True)
+    assert state.is_failed() and "got train.epochs: Input should be greater than or equal to 1" in state.message
+    assert not (tmp_path / "b").exists()
+    given = PipelineConfig(artifacts_dir=tmp_path)
+    assert config_of(given) is given and config_of({"precisions": ["fp16"]}).precisions == [Precision.fp16]
+    with pytest.raises(ConfigError, match="train.epochs"):
+        config_of({"train": {"epochs": 0}})
