@@ -227,8 +227,16 @@ class Progress:
         self._sender.submit(lambda: update_progress_artifact(artifact, progress=value, description=description))
 
     def expect(self, total: int) -> None:
-        """Correct the number of planned stages once the branches are known (never below those done)."""
-        self.total = max(total, self.done, 1)
+        """Correct the number of planned stages once the branches are known (never below those done).
+
+        Before the first stage ends, the artifact shows the new total at once ("0/19 stages").
+        """
+        before, self.total = self.total, max(total, self.done, 1)
+        if self.id is not None and self.done == 0 and self.total != before:
+            from prefect.artifacts import update_progress_artifact
+
+            artifact, description = self.id, f"0/{self.total} stages"
+            self._sender.submit(lambda: update_progress_artifact(artifact, progress=0.0, description=description))
 
     def step(self, what: str) -> None:
         """Count one stage as finished and update the artifact.

@@ -113,6 +113,25 @@ def test_the_bar_never_moves_back_while_branches_report_concurrently(monkeypatch
     assert shown and shown == sorted(shown) and shown[-1] == 47.0 and set(shown) <= {45.0, 47.0}, shown
 
 
+def test_the_bar_shows_the_planned_total_before_the_first_stage_ends(monkeypatch):
+    import uuid
+
+    import prefect.artifacts
+
+    from flows import ui
+
+    bar = ui.Progress()  # made before the scheduler knows the plan's size
+    shown: list[str] = []
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", lambda _id, progress, description: shown.append(description))
+    bar.id = uuid.uuid4()
+    bar.expect(19)
+    assert bar.flush(30) and shown == ["0/19 stages"]
+    bar.expect(19)  # unchanged: nothing sent
+    bar.done = 1
+    bar.expect(23)  # a stage has ended: the next step shows the new total
+    assert bar.flush(30) and shown == ["0/19 stages"] and bar.total == 23
+
+
 def test_the_ui_shows_the_bundle_as_a_link_with_the_choice_and_its_reason(prefect_harness) -> None:  # type: ignore[no-untyped-def]
     from prefect import flow
     from prefect.client.orchestration import get_client
