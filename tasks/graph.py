@@ -376,11 +376,10 @@ class RunPlan:
     recoverable: frozenset[str]
 
     @classmethod
-    def of(cls, graph: Graph, config: PipelineConfig, store: Store, backend: str = "",
-           given: PipelineConfig | None = None, refresh: Iterable[str] = ()) -> RunPlan:
+    def of(cls, graph: Graph, config: PipelineConfig, store: Store, backend: str = "", refresh: Iterable[str] = ()) -> RunPlan:
         """The plan of ``config`` on ``graph`` (no checks; ``refresh``: stages to recompute besides ``config.refresh``)."""
         forced, recoverable = graph.decided(config, refresh)
-        return cls(graph, config, given or config, store, backend, forced, recoverable)
+        return cls(graph, config, config, store, backend, forced, recoverable)
 
     @property
     def over_targets(self) -> bool:
